@@ -1,0 +1,41 @@
+//! The domain of the Endpoint Register (EPR).
+//!
+//! Everything here is pure: no sockets, files, clocks or randomness. Time, identifiers and
+//! storage come in through the ports in [`ports`], so the same rules run unchanged on the
+//! embedded store, on PostgreSQL and in unit tests.
+//!
+//! Layout:
+//! - [`ids`]: validating newtypes for every identifier and constrained string.
+//! - [`metadata`]: the endpoint metadata document and its size limits.
+//! - [`endpoint`]: the endpoint record, ETags and preconditions.
+//! - [`command`]: write commands and [`command::plan`], the one function that decides what a
+//!   write does to an endpoint and which events it emits.
+//! - [`event`]: domain events (the outbox carries them; wire encoding lives elsewhere).
+//! - [`query`]: endpoint listing queries and the `metadataFilter` language.
+//! - [`apps`]: the application / application-version catalogue.
+//! - [`ports`]: the [`ports::Store`] trait and its error type.
+//! - [`registry`]: the use cases the HTTP and NATS front-ends call.
+
+pub mod apps;
+pub mod command;
+pub mod endpoint;
+pub mod error;
+pub mod event;
+pub mod ids;
+pub mod metadata;
+pub mod ports;
+pub mod query;
+pub mod registry;
+
+pub use error::{DomainError, ValidationError};
+
+/// Milliseconds since the UNIX epoch. Kaa's events carry time in this unit, so it is the
+/// one time type of the domain; adapters format it for their wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    pub fn millis(self) -> i64 {
+        self.0
+    }
+}

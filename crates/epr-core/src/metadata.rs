@@ -1,0 +1,215 @@
+//! Endpoint metadata: a free-form JSON object whose keys are validated and whose serialised
+//! size is bounded.
+
+use crate::{DomainError, ValidationError};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// Limits applied to every write. They come from configuration; the defaults are generous
+/// enough for device attributes and small enough to keep a record in one page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Serialised JSON size of an endpoint's whole metadata object.
+    pub metadata_max_bytes: usize,
+    /// Length of one metadata key, in bytes.
+    pub metadata_key_max_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            metadata_max_bytes: 64 * 1024,
+            metadata_key_max_len: 256,
+        }
+    }
+}
+
+/// A metadata key: non-empty, bounded, free of control characters. Any other character
+/// is allowed, since Kaa stores metadata as `{key, value}` pairs and keys such as
+/// `connectivity.ts` exist in the wild.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MetadataKey(String);
+
+impl MetadataKey {
+    pub fn parse(s: &str, limits: &Limits) -> Result<Self, ValidationError> {
+        if s.is_empty() {
+            return Err(ValidationError::new(
+                "metadataKey",
+                "required",
+                "metadata keys must not be empty",
+            ));
+        }
+        if s.len() > limits.metadata_key_max_len {
+            return Err(ValidationError::new(
+                "metadataKey",
+                "max-length",
+                format!(
+                    "metadata key '{}…' is longer than {} bytes",
+                    s.chars().take(32).collect::<String>(),
+                    limits.metadata_key_max_len
+                ),
+            ));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(ValidationError::new(
+                "metadataKey",
+                "pattern",
+                "metadata keys must not contain control characters",
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An endpoint's metadata document. Always a JSON object with valid keys and within
+/// [`Limits::metadata_max_bytes`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Metadata(Map<String, Value>);
+
+impl Metadata {
+    pub fn empty() -> Self {
+        Self(Map::new())
+    }
+
+    /// Validates a JSON value as a metadata document. `field` names it in errors.
+    pub fn parse(value: Value, field: &str, limits: &Limits) -> Result<Self, DomainError> {
+        let Value::Object(map) = value else {
+            return Err(ValidationError::new(field, "type", "metadata must be a JSON object").into());
+        };
+        Self::from_map(map, field, limits)
+    }
+
+    pub fn from_map(
+        map: Map<String, Value>,
+        field: &str,
+        limits: &Limits,
+    ) -> Result<Self, DomainError> {
+        for key in map.keys() {
+            MetadataKey::parse(key, limits).map_err(|e| e.at(format!("{field}.{key}")))?;
+        }
+        let md = Self(map);
+        let size = md.serialized_len();
+        if size > limits.metadata_max_bytes {
+            return Err(DomainError::TooLarge {
+                field: "metadata",
+                actual: size,
+                limit: limits.metadata_max_bytes,
+            });
+        }
+        Ok(md)
+    }
+
+    /// Trusted construction from the store, whose rows were validated when written.
+    pub fn from_stored(map: Map<String, Value>) -> Self {
+        Self(map)
+    }
+
+    pub fn as_map(&self) -> &Map<String, Value> {
+        &self.0
+    }
+
+    pub fn into_value(self) -> Value {
+        Value::Object(self.0)
+    }
+
+    pub fn to_value(&self) -> Value {
+        Value::Object(self.0.clone())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.keys()
+    }
+
+    pub fn serialized_len(&self) -> usize {
+        serde_json::to_vec(&self.0).map(|v| v.len()).unwrap_or(usize::MAX)
+    }
+
+    pub fn to_json_string(&self) -> String {
+        serde_json::to_string(&self.0).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+/// What changed between two metadata documents, in the shape of Kaa's 15/EME event:
+/// keys added with their values, keys removed with their former values, keys whose value
+/// changed with old and new values.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MetadataDiff {
+    pub added: BTreeMap<String, Value>,
+    pub removed: BTreeMap<String, Value>,
+    pub updated: BTreeMap<String, (Value, Value)>,
+}
+
+impl MetadataDiff {
+    pub fn between(old: &Metadata, new: &Metadata) -> Self {
+        let mut diff = Self::default();
+        for (k, v) in old.as_map() {
+            match new.get(k) {
+                None => {
+                    diff.removed.insert(k.clone(), v.clone());
+                }
+                Some(nv) if nv != v => {
+                    diff.updated.insert(k.clone(), (v.clone(), nv.clone()));
+                }
+                Some(_) => {}
+            }
+        }
+        for (k, v) in new.as_map() {
+            if !old.as_map().contains_key(k) {
+                diff.added.insert(k.clone(), v.clone());
+            }
+        }
+        diff
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.updated.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rejects_non_objects_and_oversize() {
+        let l = Limits::default();
+        assert!(Metadata::parse(json!([1]), "metadata", &l).is_err());
+        let small = Limits {
+            metadata_max_bytes: 10,
+            ..l
+        };
+        let err = Metadata::parse(json!({"k": "0123456789"}), "metadata", &small).unwrap_err();
+        assert!(matches!(err, DomainError::TooLarge { limit: 10, .. }));
+    }
+
+    #[test]
+    fn rejects_bad_keys_with_path() {
+        let l = Limits::default();
+        let err = Metadata::parse(json!({"": 1}), "metadata", &l).unwrap_err();
+        match err {
+            DomainError::Invalid(v) => assert_eq!(v.field, "metadata."),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn diff_classifies_keys() {
+        let l = Limits::default();
+        let a = Metadata::parse(json!({"a": 1, "b": 2, "c": 3}), "m", &l).unwrap();
+        let b = Metadata::parse(json!({"a": 1, "b": 5, "d": null}), "m", &l).unwrap();
+        let d = MetadataDiff::between(&a, &b);
+        assert_eq!(d.added.get("d"), Some(&Value::Null));
+        assert_eq!(d.removed.get("c"), Some(&json!(3)));
+        assert_eq!(d.updated.get("b"), Some(&(json!(2), json!(5))));
+        assert!(!d.updated.contains_key("a"));
+    }
+}

@@ -1,0 +1,141 @@
+//! Ports: what the domain needs from the outside world. Adapters implement them; only the
+//! server binary names the concrete types.
+
+use crate::command::{Command, Effect, Registration, WriteCtx};
+use crate::endpoint::Endpoint;
+use crate::event::DomainEvent;
+use crate::ids::{AppName, EndpointId, TenantId};
+use crate::metadata::Metadata;
+use crate::query::{EndpointQuery, Page, PageRequest};
+use crate::{DomainError, Timestamp};
+use async_trait::async_trait;
+use std::collections::{BTreeMap, BTreeSet};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The domain refused the write (checked inside the transaction); nothing changed.
+    #[error(transparent)]
+    Rejected(#[from] DomainError),
+    /// The backend failed (I/O, corruption, shut down). The write may not have happened.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+}
+
+/// One item of a batch registration, validated up front: either a registration to attempt
+/// or the reason it was refused before reaching the store.
+#[derive(Debug, Clone)]
+pub struct BatchItem {
+    pub registration: Result<Registration, String>,
+    /// The endpoint ID as given (or generated), for the report.
+    pub endpoint_id: Option<String>,
+    /// The metadata as given, as JSON text, for the report of failures.
+    pub metadata_text: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchRequest {
+    pub task_id: String,
+    pub app: AppName,
+    pub items: Vec<BatchItem>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchCreated {
+    pub index: usize,
+    pub endpoint_id: EndpointId,
+    pub metadata: Metadata,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchFailed {
+    pub index: usize,
+    pub endpoint_id: Option<String>,
+    pub metadata_text: String,
+    pub reason: String,
+}
+
+/// The durable record of a batch registration. Tokens are not part of it: they are never
+/// stored in plain text (see `Registry`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchOutcome {
+    pub task_id: String,
+    pub app: AppName,
+    pub created_at: Timestamp,
+    pub created: Vec<BatchCreated>,
+    pub failed: Vec<BatchFailed>,
+}
+
+/// An event waiting in the outbox, in commit order (`id` increases).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEntry {
+    pub id: i64,
+    pub event: DomainEvent,
+}
+
+/// Durable storage of endpoints. Every method is scoped by tenant, so a cross-tenant read
+/// cannot be written by accident. Writes are atomic with their events: a backend appends
+/// the events of a plan to its outbox in the same transaction as the change.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Executes one command: loads the current record, calls [`crate::command::plan`],
+    /// persists the effect and its events, commits durably, then answers.
+    async fn execute(&self, cmd: Command, ctx: WriteCtx) -> Result<Effect, StoreError>;
+
+    /// Registers many endpoints in one durable commit; an item that fails (duplicate ID or
+    /// token) is reported and does not affect the others.
+    async fn register_batch(
+        &self,
+        batch: BatchRequest,
+        ctx: WriteCtx,
+    ) -> Result<BatchOutcome, StoreError>;
+
+    async fn get(&self, tenant: &TenantId, id: &EndpointId)
+        -> Result<Option<Endpoint>, StoreError>;
+
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        query: &EndpointQuery,
+        page: PageRequest,
+    ) -> Result<Page<Endpoint>, StoreError>;
+
+    /// Metadata key names in use in an application, grouped by application version.
+    async fn metadata_keys(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>, StoreError>;
+
+    async fn batch_outcome(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+        task_id: &str,
+    ) -> Result<Option<BatchOutcome>, StoreError>;
+
+    /// Oldest undelivered events, at most `limit`.
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError>;
+
+    /// Marks events delivered (they may then be deleted).
+    async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError>;
+
+    /// Readiness probe: the store can serve reads and writes.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Wall-clock time, injected so tests control it.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Timestamp;
+}
+
+/// Sources of fresh identifiers and secrets.
+pub trait IdSource: Send + Sync {
+    /// A new endpoint ID (Kaa uses UUIDs).
+    fn endpoint_id(&self) -> String;
+    /// A new endpoint token with enough entropy to be a credential.
+    fn token(&self) -> String;
+    /// A new batch task ID.
+    fn task_id(&self) -> String;
+}

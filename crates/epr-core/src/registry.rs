@@ -1,0 +1,373 @@
+//! The use cases. Front-ends (REST now, NATS later) parse their wire format, call these, and
+//! map the results back; every rule lives here or in [`crate::command::plan`].
+
+use crate::apps::AppCatalog;
+use crate::command::{Command, Effect, MetadataChange, Registration, WriteCtx};
+use crate::endpoint::{Endpoint, Precondition};
+use crate::ids::{AppName, AppVersionName, EndpointId, EndpointToken, TenantId};
+use crate::metadata::{Limits, Metadata};
+use crate::ports::{BatchItem, BatchOutcome, BatchRequest, Clock, IdSource, Store, StoreError};
+use crate::query::{EndpointQuery, Page, PageRequest};
+use crate::{DomainError, Timestamp, ValidationError};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// The error of every use case: refused by the rules, or the store failed.
+pub type Error = StoreError;
+
+/// A registration request as received, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct RegisterInput {
+    pub endpoint_id: Option<String>,
+    pub app_version: String,
+    pub metadata: Option<Value>,
+    pub token: Option<String>,
+}
+
+/// A registered endpoint and its initial token, which is returned once and never stored in
+/// plain text.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub endpoint: Endpoint,
+    pub token: String,
+}
+
+/// One item of a batch registration request.
+#[derive(Debug, Clone, Default)]
+pub struct BatchInput {
+    pub endpoint_id: Option<String>,
+    pub metadata: Option<Value>,
+    pub token: Option<String>,
+}
+
+/// A batch outcome with the tokens of its items, while they are still held in memory.
+#[derive(Debug, Clone)]
+pub struct BatchReport {
+    pub outcome: BatchOutcome,
+    /// Token of each request item by index; `None` after a restart or once the retention
+    /// window has passed, since tokens are never persisted in plain text.
+    pub tokens: Option<Vec<Option<String>>>,
+}
+
+/// Settings of the registry that come from configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistrySettings {
+    pub limits: Limits,
+    pub batch_max_items: usize,
+    /// How long batch tokens stay available to the status call, in milliseconds.
+    pub batch_token_retention_ms: i64,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            batch_max_items: 1000,
+            batch_token_retention_ms: 3_600_000,
+        }
+    }
+}
+
+type BatchTokens = HashMap<(TenantId, String), (Timestamp, Vec<Option<String>>)>;
+
+pub struct Registry {
+    store: Arc<dyn Store>,
+    catalog: RwLock<Arc<AppCatalog>>,
+    settings: RegistrySettings,
+    clock: Arc<dyn Clock>,
+    ids: Arc<dyn IdSource>,
+    batch_tokens: Mutex<BatchTokens>,
+}
+
+impl Registry {
+    pub fn new(
+        store: Arc<dyn Store>,
+        catalog: AppCatalog,
+        settings: RegistrySettings,
+        clock: Arc<dyn Clock>,
+        ids: Arc<dyn IdSource>,
+    ) -> Self {
+        Self {
+            store,
+            catalog: RwLock::new(Arc::new(catalog)),
+            settings,
+            clock,
+            ids,
+            batch_tokens: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.settings.limits
+    }
+
+    pub fn settings(&self) -> &RegistrySettings {
+        &self.settings
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn catalog(&self) -> Arc<AppCatalog> {
+        self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the application catalogue (configuration reload).
+    pub fn set_catalog(&self, catalog: AppCatalog) {
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
+    }
+
+    fn ctx(&self, tenant: &TenantId, correlation_id: &str) -> WriteCtx {
+        WriteCtx {
+            tenant: tenant.clone(),
+            now: self.clock.now(),
+            correlation_id: correlation_id.to_owned(),
+            limits: self.settings.limits,
+        }
+    }
+
+    fn resolve_version(&self, name: &str) -> Result<(AppName, AppVersionName), DomainError> {
+        let version = AppVersionName::parse(name)?;
+        let app = self.catalog().resolve(&version)?;
+        Ok((app, version))
+    }
+
+    /// Validates one registration; field names follow Kaa's JSON (`endpointId`, ...).
+    fn registration(
+        &self,
+        app: &AppName,
+        app_version: &AppVersionName,
+        endpoint_id: Option<&str>,
+        metadata: Option<Value>,
+        token: Option<&str>,
+    ) -> Result<(Registration, String), DomainError> {
+        let id = match endpoint_id {
+            Some(id) => EndpointId::parse(id)?,
+            None => EndpointId::parse(&self.ids.endpoint_id())?,
+        };
+        let token = match token {
+            Some(t) => EndpointToken::parse(t)?,
+            None => EndpointToken::parse(&self.ids.token())?,
+        };
+        let metadata = match metadata {
+            None => Metadata::empty(),
+            Some(v) => Metadata::parse(v, "metadata", &self.settings.limits)?,
+        };
+        let reg = Registration {
+            id,
+            app: app.clone(),
+            app_version: app_version.clone(),
+            metadata,
+            token_hash: token.hash(app),
+        };
+        Ok((reg, token.into_string()))
+    }
+
+    pub async fn register(
+        &self,
+        tenant: &TenantId,
+        input: RegisterInput,
+        correlation_id: &str,
+    ) -> Result<Registered, Error> {
+        let (app, version) = self.resolve_version(&input.app_version)?;
+        let (reg, token) = self.registration(
+            &app,
+            &version,
+            input.endpoint_id.as_deref(),
+            input.metadata,
+            input.token.as_deref(),
+        )?;
+        let effect = self
+            .store
+            .execute(Command::Register(reg), self.ctx(tenant, correlation_id))
+            .await?;
+        Ok(Registered {
+            endpoint: effect.endpoint().clone(),
+            token,
+        })
+    }
+
+    pub async fn get(&self, tenant: &TenantId, id: &EndpointId) -> Result<Endpoint, Error> {
+        self.store
+            .get(tenant, id)
+            .await?
+            .ok_or_else(|| DomainError::not_found("endpoint", id.as_str()).into())
+    }
+
+    pub async fn list(
+        &self,
+        tenant: &TenantId,
+        query: &EndpointQuery,
+        page: PageRequest,
+    ) -> Result<Page<Endpoint>, Error> {
+        self.store.list(tenant, query, page).await
+    }
+
+    pub async fn unregister(
+        &self,
+        tenant: &TenantId,
+        id: EndpointId,
+        precondition: Precondition,
+        correlation_id: &str,
+    ) -> Result<Endpoint, Error> {
+        let cmd = Command::Unregister { id, precondition };
+        let effect = self.store.execute(cmd, self.ctx(tenant, correlation_id)).await?;
+        Ok(effect.endpoint().clone())
+    }
+
+    pub async fn set_app_version(
+        &self,
+        tenant: &TenantId,
+        id: EndpointId,
+        app_version: &str,
+        precondition: Precondition,
+        correlation_id: &str,
+    ) -> Result<Endpoint, Error> {
+        let version = AppVersionName::parse(app_version)
+            .map_err(|e| DomainError::from(e.at("name")))?;
+        let app = self
+            .catalog()
+            .resolve(&version)
+            .map_err(|e| match e {
+                DomainError::Invalid(v) => DomainError::Invalid(v.at("name")),
+                other => other,
+            })?;
+        let cmd = Command::SetAppVersion {
+            id,
+            app,
+            app_version: version,
+            precondition,
+        };
+        let effect = self.store.execute(cmd, self.ctx(tenant, correlation_id)).await?;
+        Ok(effect.endpoint().clone())
+    }
+
+    pub async fn update_metadata(
+        &self,
+        tenant: &TenantId,
+        id: EndpointId,
+        change: MetadataChange,
+        precondition: Precondition,
+        correlation_id: &str,
+    ) -> Result<Effect, Error> {
+        let cmd = Command::UpdateMetadata {
+            id,
+            change,
+            precondition,
+        };
+        self.store.execute(cmd, self.ctx(tenant, correlation_id)).await
+    }
+
+    pub async fn metadata_keys(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>, Error> {
+        self.store.metadata_keys(tenant, app).await
+    }
+
+    /// Registers up to `batch_max_items` endpoints into one application version. A refused
+    /// request (unknown version, too many items) is an error; refused items are reported in
+    /// the outcome. Returns the task ID.
+    pub async fn register_batch(
+        &self,
+        tenant: &TenantId,
+        app_version: &str,
+        inputs: Vec<BatchInput>,
+        correlation_id: &str,
+    ) -> Result<BatchReport, Error> {
+        let (app, version) = self.resolve_version(app_version)?;
+        if inputs.is_empty() || inputs.len() > self.settings.batch_max_items {
+            return Err(DomainError::from(ValidationError::new(
+                "endpoints",
+                "batch-size",
+                format!(
+                    "a batch holds 1 to {} endpoints, this one holds {}",
+                    self.settings.batch_max_items,
+                    inputs.len()
+                ),
+            ))
+            .into());
+        }
+        let mut tokens = Vec::with_capacity(inputs.len());
+        let mut items = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let metadata_text = input
+                .metadata
+                .as_ref()
+                .map(Value::to_string)
+                .unwrap_or_else(|| "{}".to_owned());
+            let given_id = input.endpoint_id.clone();
+            match self.registration(
+                &app,
+                &version,
+                input.endpoint_id.as_deref(),
+                input.metadata,
+                input.token.as_deref(),
+            ) {
+                Ok((reg, token)) => {
+                    tokens.push(Some(token));
+                    items.push(BatchItem {
+                        endpoint_id: Some(reg.id.to_string()),
+                        registration: Ok(reg),
+                        metadata_text,
+                    });
+                }
+                Err(e) => {
+                    tokens.push(input.token);
+                    items.push(BatchItem {
+                        endpoint_id: given_id,
+                        registration: Err(e.to_string()),
+                        metadata_text,
+                    });
+                }
+            }
+        }
+        let task_id = self.ids.task_id();
+        let request = BatchRequest {
+            task_id: task_id.clone(),
+            app,
+            items,
+        };
+        let ctx = self.ctx(tenant, correlation_id);
+        let now = ctx.now;
+        let outcome = self.store.register_batch(request, ctx).await?;
+        let mut held = self.batch_tokens.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|_, (expires, _)| *expires > now);
+        held.insert(
+            (tenant.clone(), task_id),
+            (
+                Timestamp(now.0 + self.settings.batch_token_retention_ms),
+                tokens.clone(),
+            ),
+        );
+        Ok(BatchReport {
+            outcome,
+            tokens: Some(tokens),
+        })
+    }
+
+    pub async fn batch_status(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+        task_id: &str,
+    ) -> Result<BatchReport, Error> {
+        let outcome = self
+            .store
+            .batch_outcome(tenant, app, task_id)
+            .await?
+            .ok_or_else(|| DomainError::not_found("batch task", task_id))?;
+        let now = self.clock.now();
+        let tokens = self
+            .batch_tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(tenant.clone(), task_id.to_owned()))
+            .filter(|(expires, _)| *expires > now)
+            .map(|(_, t)| t.clone());
+        Ok(BatchReport { outcome, tokens })
+    }
+}
