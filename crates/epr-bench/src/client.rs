@@ -67,7 +67,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
     let mut chunked = false;
     let mut close = version == "HTTP/1.0";
     for line in lines {
-        let Some((name, value)) = line.split_once(':') else { continue };
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
         let value = value.trim();
         if name.eq_ignore_ascii_case("content-length") {
             length = Some(value.parse::<usize>().context("bad Content-Length")?);
@@ -87,7 +89,12 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
     } else {
         Framing::UntilClose
     };
-    Ok(Some(Head { status, head_len: end + 4, framing, close }))
+    Ok(Some(Head {
+        status,
+        head_len: end + 4,
+        framing,
+        close,
+    }))
 }
 
 /// Decodes a complete chunked body starting at `buf[0]`; returns the body and
@@ -97,15 +104,20 @@ fn decode_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>> {
     let mut body = Vec::new();
     let mut pos = 0;
     loop {
-        let Some(nl) = buf[pos..].windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+        let Some(nl) = buf[pos..].windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
         let line = std::str::from_utf8(&buf[pos..pos + nl]).context("bad chunk size line")?;
         let size_hex = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_hex, 16).with_context(|| format!("bad chunk size {line:?}"))?;
+        let size = usize::from_str_radix(size_hex, 16)
+            .with_context(|| format!("bad chunk size {line:?}"))?;
         pos += nl + 2;
         if size == 0 {
             // Skip optional trailers up to the terminating empty line.
             loop {
-                let Some(nl) = buf[pos..].windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+                let Some(nl) = buf[pos..].windows(2).position(|w| w == b"\r\n") else {
+                    return Ok(None);
+                };
                 pos += nl + 2;
                 if nl == 0 {
                     return Ok(Some((body, pos)));
@@ -127,7 +139,9 @@ fn decode_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>> {
 /// `eof` says the peer has closed, which completes an `UntilClose` body.
 /// The bool in the result says the server wants the connection closed.
 fn take_response(buf: &mut BytesMut, eof: bool) -> Result<Option<(Response, bool)>> {
-    let Some(head) = parse_head(buf)? else { return Ok(None) };
+    let Some(head) = parse_head(buf)? else {
+        return Ok(None);
+    };
     let rest = &buf[head.head_len..];
     let (body, consumed) = match head.framing {
         Framing::Length(n) if rest.len() >= n => (None, n),
@@ -143,7 +157,13 @@ fn take_response(buf: &mut BytesMut, eof: bool) -> Result<Option<(Response, bool
     let raw = buf.split_to(consumed).freeze();
     let body = body.unwrap_or(raw);
     let close = head.close || head.framing == Framing::UntilClose;
-    Ok(Some((Response { status: head.status, body }, close)))
+    Ok(Some((
+        Response {
+            status: head.status,
+            body,
+        },
+        close,
+    )))
 }
 
 /// One keep-alive connection; reconnects transparently when the server
@@ -157,11 +177,18 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(addr: &str) -> Self {
-        Self { addr: addr.to_owned(), stream: None, rbuf: BytesMut::with_capacity(16 * 1024), wbuf: Vec::with_capacity(1024) }
+        Self {
+            addr: addr.to_owned(),
+            stream: None,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            wbuf: Vec::with_capacity(1024),
+        }
     }
 
     async fn connect(&mut self) -> Result<()> {
-        let s = TcpStream::connect(&self.addr).await.with_context(|| format!("connect {}", self.addr))?;
+        let s = TcpStream::connect(&self.addr)
+            .await
+            .with_context(|| format!("connect {}", self.addr))?;
         // Small request/response pairs: Nagle would add delayed-ACK stalls.
         s.set_nodelay(true)?;
         self.stream = Some(s);
@@ -170,11 +197,24 @@ impl Conn {
     }
 
     /// Sends one request and reads the full response. `body` is sent as JSON.
-    pub async fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response> {
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response> {
         self.wbuf.clear();
-        write!(self.wbuf, "{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr)?;
+        write!(
+            self.wbuf,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n",
+            self.addr
+        )?;
         if let Some(b) = body {
-            write!(self.wbuf, "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n", b.len())?;
+            write!(
+                self.wbuf,
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                b.len()
+            )?;
             self.wbuf.extend_from_slice(b);
         } else {
             self.wbuf.extend_from_slice(b"\r\n");
@@ -212,7 +252,10 @@ impl Conn {
                 return Ok(r);
             }
             if eof {
-                bail!("connection closed mid-response ({} bytes buffered)", self.rbuf.len());
+                bail!(
+                    "connection closed mid-response ({} bytes buffered)",
+                    self.rbuf.len()
+                );
             }
             self.rbuf.reserve(8 * 1024);
             eof = stream.read_buf(&mut self.rbuf).await? == 0;
@@ -221,7 +264,7 @@ impl Conn {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
@@ -246,12 +289,22 @@ mod tests {
             b":1}HTTP/1.1 204 No Content\r\nServer: x\r\n\r\n",
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno",
         ]);
-        assert_eq!(got, vec![(201, b"{\"a\":1}".to_vec()), (204, vec![]), (404, b"no".to_vec())]);
+        assert_eq!(
+            got,
+            vec![
+                (201, b"{\"a\":1}".to_vec()),
+                (204, vec![]),
+                (404, b"no".to_vec())
+            ]
+        );
     }
 
     #[test]
     fn parses_chunked_body() {
-        let got = feed(&[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab", b"cd\r\n2;x=y\r\nef\r\n0\r\n\r\n"]);
+        let got = feed(&[
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab",
+            b"cd\r\n2;x=y\r\nef\r\n0\r\n\r\n",
+        ]);
         assert_eq!(got, vec![(200, b"abcdef".to_vec())]);
     }
 
@@ -261,20 +314,23 @@ mod tests {
         assert!(take_response(&mut buf, false).is_err());
     }
 
-    /// End to end against a tiny in-test responder that answers with odd
-    /// write boundaries and closes the connection after 3 responses, so the
-    /// keep-alive reuse and the transparent reconnect are both exercised.
-    #[tokio::test]
-    async fn keep_alive_and_reconnect() {
+    /// A tiny in-test HTTP/1.1 responder: echoes POST/GET request bodies with
+    /// 200 (201 for POST), answers PUT with a bodyless 204, splits every
+    /// response over two writes, and closes a connection after
+    /// `per_conn` responses (so keep-alive reuse and reconnects both happen).
+    pub(crate) async fn spawn_responder(per_conn: usize) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = listener.accept().await.unwrap();
+                // Without this, Nagle holds the second half of each split
+                // response until the client's delayed ACK (~40 ms).
+                s.set_nodelay(true).unwrap();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut tmp = [0u8; 4096];
-                    for _ in 0..3 {
+                    for _ in 0..per_conn {
                         // Read one request: headers plus Content-Length body.
                         let (head_end, len) = loop {
                             if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -287,36 +343,59 @@ mod tests {
                                     break (p + 4, len);
                                 }
                             }
-                            let n = s.read(&mut tmp).await.unwrap();
-                            if n == 0 {
-                                return;
+                            match s.read(&mut tmp).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&tmp[..n]),
                             }
-                            buf.extend_from_slice(&tmp[..n]);
                         };
                         let req: Vec<u8> = buf.drain(..head_end + len).collect();
                         let resp = if req.starts_with(b"PUT ") {
                             b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()
                         } else {
+                            let status = if req.starts_with(b"POST ") {
+                                "201 Created"
+                            } else {
+                                "200 OK"
+                            };
                             let body = &req[head_end..];
-                            let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+                            let mut r = format!(
+                                "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n",
+                                body.len()
+                            )
+                            .into_bytes();
                             r.extend_from_slice(body);
                             r
                         };
                         let (a, b) = resp.split_at(resp.len() / 2);
-                        s.write_all(a).await.unwrap();
-                        s.flush().await.unwrap();
+                        if s.write_all(a).await.is_err() {
+                            return;
+                        }
                         tokio::task::yield_now().await;
-                        s.write_all(b).await.unwrap();
+                        if s.write_all(b).await.is_err() {
+                            return;
+                        }
                     }
                 });
             }
         });
+        addr
+    }
+
+    #[tokio::test]
+    async fn keep_alive_and_reconnect() {
+        let addr = spawn_responder(3).await;
         let mut c = Conn::new(&addr);
         for i in 0..10 {
             let body = format!("{{\"n\":{i}}}");
-            let r = c.request("POST", "/echo", Some(body.as_bytes())).await.unwrap();
-            assert_eq!((r.status, &r.body[..]), (200, body.as_bytes()));
-            let r = c.request("PUT", "/x/metadata/temp", Some(b"1")).await.unwrap();
+            let r = c
+                .request("POST", "/echo", Some(body.as_bytes()))
+                .await
+                .unwrap();
+            assert_eq!((r.status, &r.body[..]), (201, body.as_bytes()));
+            let r = c
+                .request("PUT", "/x/metadata/temp", Some(b"1"))
+                .await
+                .unwrap();
             assert!(r.is_success() && r.body.is_empty());
         }
     }

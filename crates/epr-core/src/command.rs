@@ -405,6 +405,10 @@ mod tests {
             &p.events[0].kind,
             EventKind::AppVersionUpdated { previous } if previous.as_str() == "demo-v1"
         ));
-        assert_eq!(p.effect.endpoint().metadata_version, 1, "metadata tag unchanged");
+        assert_eq!(
+            p.effect.endpoint().metadata_version,
+            1,
+            "metadata tag unchanged"
+        );
     }
 }

@@ -45,7 +45,10 @@ pub enum DomainError {
     #[error("{what} '{id}' not found")]
     NotFound { what: &'static str, id: String },
     #[error("{message}")]
-    Conflict { field: &'static str, message: String },
+    Conflict {
+        field: &'static str,
+        message: String,
+    },
     #[error("precondition failed: the current entity tag is {current}")]
     PreconditionFailed { current: String },
     #[error("{field} is {actual} bytes, more than the limit of {limit} bytes")]

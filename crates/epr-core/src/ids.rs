@@ -26,7 +26,10 @@ fn check(
         return Err(ValidationError::new(
             field,
             "pattern",
-            format!("must match {rule_text}; '{}' is not allowed", bad.escape_default()),
+            format!(
+                "must match {rule_text}; '{}' is not allowed",
+                bad.escape_default()
+            ),
         ));
     }
     Ok(())
@@ -133,14 +136,26 @@ impl EndpointId {
 
 impl AppName {
     pub fn parse(s: &str) -> Result<Self, ValidationError> {
-        check("applicationName", s, NAME_MAX, is_name_char, "^[a-z0-9_-]+$")?;
+        check(
+            "applicationName",
+            s,
+            NAME_MAX,
+            is_name_char,
+            "^[a-z0-9_-]+$",
+        )?;
         Ok(Self(s.to_owned()))
     }
 }
 
 impl AppVersionName {
     pub fn parse(s: &str) -> Result<Self, ValidationError> {
-        check("appVersion.name", s, NAME_MAX, is_name_char, "^[a-z0-9_-]+$")?;
+        check(
+            "appVersion.name",
+            s,
+            NAME_MAX,
+            is_name_char,
+            "^[a-z0-9_-]+$",
+        )?;
         Ok(Self(s.to_owned()))
     }
 }

@@ -78,7 +78,9 @@ impl Metadata {
     /// Validates a JSON value as a metadata document. `field` names it in errors.
     pub fn parse(value: Value, field: &str, limits: &Limits) -> Result<Self, DomainError> {
         let Value::Object(map) = value else {
-            return Err(ValidationError::new(field, "type", "metadata must be a JSON object").into());
+            return Err(
+                ValidationError::new(field, "type", "metadata must be a JSON object").into(),
+            );
         };
         Self::from_map(map, field, limits)
     }
@@ -129,7 +131,9 @@ impl Metadata {
     }
 
     pub fn serialized_len(&self) -> usize {
-        serde_json::to_vec(&self.0).map(|v| v.len()).unwrap_or(usize::MAX)
+        serde_json::to_vec(&self.0)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX)
     }
 
     pub fn to_json_string(&self) -> String {

@@ -98,9 +98,15 @@ impl EndpointQuery {
     /// Reference semantics; backends may push parts of it down but must agree with this.
     pub fn matches(&self, ep: &Endpoint) -> bool {
         self.app.as_ref().is_none_or(|a| &ep.app == a)
-            && self.app_version.as_ref().is_none_or(|v| &ep.app_version == v)
+            && self
+                .app_version
+                .as_ref()
+                .is_none_or(|v| &ep.app_version == v)
             && (self.endpoint_ids.is_empty() || self.endpoint_ids.contains(&ep.id))
-            && self.metadata.iter().all(|c| c.matches(ep.metadata.as_map()))
+            && self
+                .metadata
+                .iter()
+                .all(|c| c.matches(ep.metadata.as_map()))
     }
 }
 

@@ -111,7 +111,10 @@ impl Registry {
     }
 
     pub fn catalog(&self) -> Arc<AppCatalog> {
-        self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Replaces the application catalogue (configuration reload).
@@ -213,7 +216,10 @@ impl Registry {
         correlation_id: &str,
     ) -> Result<Endpoint, Error> {
         let cmd = Command::Unregister { id, precondition };
-        let effect = self.store.execute(cmd, self.ctx(tenant, correlation_id)).await?;
+        let effect = self
+            .store
+            .execute(cmd, self.ctx(tenant, correlation_id))
+            .await?;
         Ok(effect.endpoint().clone())
     }
 
@@ -225,22 +231,22 @@ impl Registry {
         precondition: Precondition,
         correlation_id: &str,
     ) -> Result<Endpoint, Error> {
-        let version = AppVersionName::parse(app_version)
-            .map_err(|e| DomainError::from(e.at("name")))?;
-        let app = self
-            .catalog()
-            .resolve(&version)
-            .map_err(|e| match e {
-                DomainError::Invalid(v) => DomainError::Invalid(v.at("name")),
-                other => other,
-            })?;
+        let version =
+            AppVersionName::parse(app_version).map_err(|e| DomainError::from(e.at("name")))?;
+        let app = self.catalog().resolve(&version).map_err(|e| match e {
+            DomainError::Invalid(v) => DomainError::Invalid(v.at("name")),
+            other => other,
+        })?;
         let cmd = Command::SetAppVersion {
             id,
             app,
             app_version: version,
             precondition,
         };
-        let effect = self.store.execute(cmd, self.ctx(tenant, correlation_id)).await?;
+        let effect = self
+            .store
+            .execute(cmd, self.ctx(tenant, correlation_id))
+            .await?;
         Ok(effect.endpoint().clone())
     }
 
@@ -257,7 +263,9 @@ impl Registry {
             change,
             precondition,
         };
-        self.store.execute(cmd, self.ctx(tenant, correlation_id)).await
+        self.store
+            .execute(cmd, self.ctx(tenant, correlation_id))
+            .await
     }
 
     pub async fn metadata_keys(

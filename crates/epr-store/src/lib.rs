@@ -1,1 +1,13 @@
+//! Storage adapters of the Endpoint Register.
+//!
+//! - [`embedded`]: the zero-setup default, SQLite in WAL mode with `synchronous=FULL` behind
+//!   one group-committing writer thread and a pool of reader connections.
+//! - [`conformance`]: the behaviour every backend of [`epr_core::ports::Store`] must show,
+//!   written against the trait only.
+//! - [`codec`]: the stored (JSON) form of outbox events and batch outcomes.
 
+pub mod codec;
+pub mod conformance;
+pub mod embedded;
+
+pub use embedded::{EmbeddedConfig, EmbeddedStore};

@@ -1,0 +1,883 @@
+//! The embedded backend: SQLite in WAL mode with `synchronous=FULL`, so every acknowledged
+//! commit is on disk and a torn write is rolled back by SQLite's recovery on open.
+//!
+//! Writes go through one writer thread that drains its queue and commits everything queued
+//! in one transaction (group commit): a durable commit costs one fsync, so batching is what
+//! lifts throughput above the few thousand commits per second a disk allows. Each command
+//! runs in its own savepoint, so a refused command does not affect its neighbours. Reads use
+//! a pool of read-only connections on blocking threads; WAL lets them run beside the writer.
+
+use crate::codec;
+use async_trait::async_trait;
+use epr_core::command::{plan, Command, Effect, WriteCtx};
+use epr_core::endpoint::Endpoint;
+use epr_core::event::DomainEvent;
+use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
+use epr_core::metadata::Metadata;
+use epr_core::ports::{
+    BatchCreated, BatchFailed, BatchOutcome, BatchRequest, OutboxEntry, Store, StoreError,
+};
+use epr_core::query::{EndpointQuery, Page, PageRequest};
+use epr_core::{DomainError, Timestamp};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Settings of the embedded store.
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    pub data_dir: PathBuf,
+    /// Most commands committed together in one transaction.
+    pub max_group: usize,
+    /// Read connections kept open.
+    pub readers: usize,
+    /// How long batch outcomes are kept, in milliseconds.
+    pub batch_retention_ms: i64,
+}
+
+impl EmbeddedConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            max_group: 1024,
+            readers: 8,
+            batch_retention_ms: 7 * 24 * 3_600_000,
+        }
+    }
+}
+
+const DB_FILE: &str = "epr.sqlite3";
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS schema_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS endpoints(
+    incarnation INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    endpoint_id TEXT NOT NULL,
+    app TEXT NOT NULL,
+    app_version TEXT NOT NULL,
+    app_version_registered INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    metadata_updated INTEGER,
+    version INTEGER NOT NULL,
+    metadata_version INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS endpoints_by_id ON endpoints(tenant, endpoint_id);
+CREATE INDEX IF NOT EXISTS endpoints_by_app ON endpoints(tenant, app, incarnation);
+CREATE INDEX IF NOT EXISTS endpoints_by_version ON endpoints(tenant, app_version, incarnation);
+CREATE TABLE IF NOT EXISTS tokens(
+    tenant TEXT NOT NULL,
+    app TEXT NOT NULL,
+    token_hash BLOB NOT NULL,
+    endpoint_id TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    PRIMARY KEY(tenant, app, token_hash)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tokens_by_endpoint ON tokens(tenant, endpoint_id);
+CREATE TABLE IF NOT EXISTS outbox(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_tasks(
+    tenant TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    app TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    PRIMARY KEY(tenant, task_id)
+) WITHOUT ROWID;
+";
+
+const ENDPOINT_COLUMNS: &str = "incarnation, endpoint_id, app, app_version, \
+    app_version_registered, created, metadata, metadata_updated, version, metadata_version";
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Job {
+    Execute(Command, WriteCtx, Reply<Effect>),
+    Batch(BatchRequest, WriteCtx, Reply<BatchOutcome>),
+    OutboxAck(Vec<i64>, Reply<()>),
+    Ping(Reply<()>),
+    Shutdown(Reply<()>),
+}
+
+/// The embedded store. Cheap to share behind an `Arc`; [`EmbeddedStore::shutdown`] drains
+/// the writer.
+pub struct EmbeddedStore {
+    jobs: mpsc::Sender<Job>,
+    readers: Arc<ReaderPool>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Unavailable(Box::new(e))
+}
+
+fn unavailable_msg(msg: impl Into<String>) -> StoreError {
+    StoreError::Unavailable(msg.into().into())
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in `config.data_dir` and starts its writer.
+    pub fn open(config: EmbeddedConfig) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(unavailable)?;
+        let path = config.data_dir.join(DB_FILE);
+        let mut conn = Connection::open(&path).map_err(unavailable)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;",
+        )
+        .map_err(unavailable)?;
+        migrate(&mut conn)?;
+        let next_incarnation: i64 = conn
+            .query_row(
+                "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name='endpoints'), 0)",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(unavailable)?
+            + 1;
+        let readers = Arc::new(ReaderPool {
+            path: path.clone(),
+            idle: Mutex::new(Vec::new()),
+            keep: config.readers,
+        });
+        let (tx, rx) = mpsc::channel(config.max_group.max(1) * 4);
+        let mut writer = Writer {
+            conn,
+            next_incarnation,
+            max_group: config.max_group.max(1),
+            batch_retention_ms: config.batch_retention_ms,
+            last_prune: None,
+        };
+        let handle = std::thread::Builder::new()
+            .name("epr-store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(unavailable)?;
+        tracing::info!(path = %path.display(), "embedded store open");
+        Ok(Self {
+            jobs: tx,
+            readers,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Commits everything queued before this call, then stops the writer and joins it.
+    /// Writes sent afterwards fail with [`StoreError::Unavailable`].
+    pub async fn shutdown(&self) {
+        let _ = self.send(Job::Shutdown).await;
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+
+    async fn send<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(make(tx))
+            .await
+            .map_err(|_| unavailable_msg("the store is shut down"))?;
+        rx.await
+            .map_err(|_| unavailable_msg("the store writer stopped"))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let pool = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.take()?;
+            let result = f(&conn);
+            pool.give_back(conn);
+            result
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    conn.execute_batch(SCHEMA).map_err(unavailable)?;
+    let found: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM schema_meta WHERE key='schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    match found {
+        None => {
+            conn.execute(
+                "INSERT INTO schema_meta(key, value) VALUES('schema_version', ?1)",
+                [SCHEMA_VERSION],
+            )
+            .map_err(unavailable)?;
+        }
+        Some(v) if v == SCHEMA_VERSION => {}
+        Some(v) => {
+            return Err(unavailable_msg(format!(
+                "the data directory holds schema version {v}, this build knows {SCHEMA_VERSION}"
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// Read-only connections, opened on demand and kept up to `keep`.
+struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    keep: usize,
+}
+
+impl ReaderPool {
+    fn take(&self) -> Result<Connection, StoreError> {
+        if let Some(c) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(c);
+        }
+        open_reader(&self.path)
+    }
+
+    fn give_back(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.keep {
+            idle.push(conn);
+        }
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(unavailable)?;
+    conn.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")
+        .map_err(unavailable)?;
+    Ok(conn)
+}
+
+fn endpoint_from_row(row: &Row<'_>) -> rusqlite::Result<Endpoint> {
+    let text = |i: usize| -> rusqlite::Result<String> { row.get(i) };
+    let corrupt = |i: usize, e: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
+    };
+    let metadata_text = text(6)?;
+    let metadata: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&metadata_text).map_err(|e| corrupt(6, e.to_string()))?;
+    Ok(Endpoint {
+        incarnation: row.get(0)?,
+        id: EndpointId::parse(&text(1)?).map_err(|e| corrupt(1, e.to_string()))?,
+        app: AppName::parse(&text(2)?).map_err(|e| corrupt(2, e.to_string()))?,
+        app_version: AppVersionName::parse(&text(3)?).map_err(|e| corrupt(3, e.to_string()))?,
+        app_version_registered: Timestamp(row.get(4)?),
+        created: Timestamp(row.get(5)?),
+        metadata: Metadata::from_stored(metadata),
+        metadata_updated: row.get::<_, Option<i64>>(7)?.map(Timestamp),
+        version: row.get::<_, i64>(8)? as u64,
+        metadata_version: row.get::<_, i64>(9)? as u64,
+    })
+}
+
+fn load(conn: &Connection, tenant: &str, id: &str) -> rusqlite::Result<Option<Endpoint>> {
+    conn.prepare_cached(&format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE tenant=?1 AND endpoint_id=?2"
+    ))?
+    .query_row(params![tenant, id], endpoint_from_row)
+    .optional()
+}
+
+/// The single writer. Owns the read-write connection.
+struct Writer {
+    conn: Connection,
+    next_incarnation: i64,
+    max_group: usize,
+    batch_retention_ms: i64,
+    last_prune: Option<Instant>,
+}
+
+/// A job's answer, held until the group commits.
+enum Pending {
+    Effect(Reply<Effect>, Result<Effect, StoreError>),
+    Batch(Reply<BatchOutcome>, Result<BatchOutcome, StoreError>),
+    Unit(Reply<()>, Result<(), StoreError>),
+}
+
+impl Pending {
+    fn fail(self, msg: &str) {
+        let err = || unavailable_msg(msg.to_owned());
+        match self {
+            Self::Effect(r, _) => drop(r.send(Err(err()))),
+            Self::Batch(r, _) => drop(r.send(Err(err()))),
+            Self::Unit(r, _) => drop(r.send(Err(err()))),
+        }
+    }
+
+    fn deliver(self) {
+        match self {
+            Self::Effect(r, v) => drop(r.send(v)),
+            Self::Batch(r, v) => drop(r.send(v)),
+            Self::Unit(r, v) => drop(r.send(v)),
+        }
+    }
+}
+
+impl Writer {
+    fn run(&mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut stop = false;
+        while !stop {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut jobs = vec![first];
+            while jobs.len() < self.max_group {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            stop = jobs.iter().any(|j| matches!(j, Job::Shutdown(_)));
+            self.commit_group(jobs);
+        }
+        tracing::info!("embedded store writer stopped");
+    }
+
+    fn commit_group(&mut self, jobs: Vec<Job>) {
+        let started = Instant::now();
+        let size = jobs.len();
+        let mut pending = Vec::with_capacity(size);
+        let tx = match self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+        {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot begin a write transaction");
+                for job in jobs {
+                    reply_unavailable(job, &e.to_string());
+                }
+                return;
+            }
+        };
+        for job in jobs {
+            match job {
+                Job::Execute(cmd, ctx, reply) => {
+                    let inc = self.next_incarnation;
+                    self.next_incarnation += 1;
+                    let result = in_savepoint(&tx, |c| execute(c, &cmd, &ctx, inc));
+                    pending.push(Pending::Effect(reply, result));
+                }
+                Job::Batch(batch, ctx, reply) => {
+                    let result = register_batch(&tx, batch, &ctx, &mut self.next_incarnation);
+                    pending.push(Pending::Batch(reply, result));
+                }
+                Job::OutboxAck(ids, reply) => {
+                    let result = in_savepoint(&tx, |c| outbox_delete(c, &ids));
+                    pending.push(Pending::Unit(reply, result));
+                }
+                Job::Ping(reply) | Job::Shutdown(reply) => {
+                    pending.push(Pending::Unit(reply, Ok(())))
+                }
+            }
+        }
+        if self
+            .last_prune
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(3600))
+        {
+            self.last_prune = Some(Instant::now());
+            let cutoff = now_millis() - self.batch_retention_ms;
+            if let Err(e) = tx.execute("DELETE FROM batch_tasks WHERE created < ?1", [cutoff]) {
+                tracing::warn!(error = %e, "pruning old batch outcomes failed");
+            }
+        }
+        match tx.commit() {
+            Ok(()) => pending.into_iter().for_each(Pending::deliver),
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed");
+                let msg = format!("commit failed: {e}");
+                pending.into_iter().for_each(|p| p.fail(&msg));
+            }
+        }
+        metrics::histogram!("epr_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("epr_store_commit_group_size").record(size as f64);
+    }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn reply_unavailable(job: Job, msg: &str) {
+    let err = || unavailable_msg(msg.to_owned());
+    match job {
+        Job::Execute(_, _, r) => drop(r.send(Err(err()))),
+        Job::Batch(_, _, r) => drop(r.send(Err(err()))),
+        Job::OutboxAck(_, r) | Job::Ping(r) | Job::Shutdown(r) => drop(r.send(Err(err()))),
+    }
+}
+
+/// Runs `f` in a savepoint: its writes are kept if it succeeds, rolled back if not.
+fn in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.execute_batch("SAVEPOINT job").map_err(unavailable)?;
+    let result = f(conn);
+    let end = if result.is_ok() {
+        "RELEASE job"
+    } else {
+        "ROLLBACK TO job; RELEASE job"
+    };
+    conn.execute_batch(end).map_err(unavailable)?;
+    result
+}
+
+fn execute(
+    conn: &Connection,
+    cmd: &Command,
+    ctx: &WriteCtx,
+    incarnation: i64,
+) -> Result<Effect, StoreError> {
+    let tenant = ctx.tenant.as_str();
+    let current = load(conn, tenant, cmd.endpoint_id().as_str()).map_err(unavailable)?;
+    let plan = plan(current, cmd, ctx, incarnation)?;
+    match (&plan.effect, cmd) {
+        (Effect::Insert(ep), Command::Register(reg)) => {
+            let taken: bool = conn
+                .prepare_cached(
+                    "SELECT EXISTS(SELECT 1 FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3)",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![tenant, ep.app.as_str(), &reg.token_hash.0[..]], |r| {
+                        r.get(0)
+                    })
+                })
+                .map_err(unavailable)?;
+            if taken {
+                return Err(DomainError::Conflict {
+                    field: "endpointToken",
+                    message: format!(
+                        "the endpoint token is already in use in application '{}'",
+                        ep.app
+                    ),
+                }
+                .into());
+            }
+            insert_endpoint(conn, tenant, ep).map_err(unavailable)?;
+            conn.prepare_cached(
+                "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, created) VALUES(?1,?2,?3,?4,?5)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    tenant,
+                    ep.app.as_str(),
+                    &reg.token_hash.0[..],
+                    ep.id.as_str(),
+                    ep.created.0
+                ])
+            })
+            .map_err(unavailable)?;
+        }
+        (Effect::Update(ep), _) => {
+            conn.prepare_cached(
+                "UPDATE endpoints SET app_version=?3, app_version_registered=?4, metadata=?5, \
+                 metadata_updated=?6, version=?7, metadata_version=?8 WHERE tenant=?1 AND endpoint_id=?2",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    tenant,
+                    ep.id.as_str(),
+                    ep.app_version.as_str(),
+                    ep.app_version_registered.0,
+                    ep.metadata.to_json_string(),
+                    ep.metadata_updated.map(|t| t.0),
+                    ep.version as i64,
+                    ep.metadata_version as i64
+                ])
+            })
+            .map_err(unavailable)?;
+        }
+        (Effect::Delete(ep), _) => {
+            conn.prepare_cached("DELETE FROM endpoints WHERE tenant=?1 AND endpoint_id=?2")
+                .and_then(|mut s| s.execute(params![tenant, ep.id.as_str()]))
+                .map_err(unavailable)?;
+            conn.prepare_cached("DELETE FROM tokens WHERE tenant=?1 AND endpoint_id=?2")
+                .and_then(|mut s| s.execute(params![tenant, ep.id.as_str()]))
+                .map_err(unavailable)?;
+        }
+        (Effect::Unchanged(_), _) => {}
+        (Effect::Insert(_), _) => {
+            return Err(unavailable_msg(
+                "plan inserted for a non-registration command",
+            ))
+        }
+    }
+    append_events(conn, &plan.events).map_err(unavailable)?;
+    Ok(plan.effect)
+}
+
+fn insert_endpoint(conn: &Connection, tenant: &str, ep: &Endpoint) -> rusqlite::Result<usize> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO endpoints(tenant, {ENDPOINT_COLUMNS}) VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)"
+    ))?
+    .execute(params![
+        tenant,
+        ep.incarnation,
+        ep.id.as_str(),
+        ep.app.as_str(),
+        ep.app_version.as_str(),
+        ep.app_version_registered.0,
+        ep.created.0,
+        ep.metadata.to_json_string(),
+        ep.metadata_updated.map(|t| t.0),
+        ep.version as i64,
+        ep.metadata_version as i64
+    ])
+}
+
+fn append_events(conn: &Connection, events: &[DomainEvent]) -> rusqlite::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut stmt = conn.prepare_cached("INSERT INTO outbox(event) VALUES(?1)")?;
+    for e in events {
+        stmt.execute([codec::encode_event(e)])?;
+    }
+    Ok(())
+}
+
+fn outbox_delete(conn: &Connection, ids: &[i64]) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare_cached("DELETE FROM outbox WHERE id=?1")
+        .map_err(unavailable)?;
+    for id in ids {
+        stmt.execute([id]).map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+fn register_batch(
+    conn: &Connection,
+    batch: BatchRequest,
+    ctx: &WriteCtx,
+    next_incarnation: &mut i64,
+) -> Result<BatchOutcome, StoreError> {
+    let mut outcome = BatchOutcome {
+        task_id: batch.task_id,
+        app: batch.app,
+        created_at: ctx.now,
+        created: Vec::new(),
+        failed: Vec::new(),
+    };
+    for (index, item) in batch.items.into_iter().enumerate() {
+        let result = match item.registration {
+            Err(reason) => Err(reason),
+            Ok(reg) => {
+                let inc = *next_incarnation;
+                *next_incarnation += 1;
+                let cmd = Command::Register(reg);
+                match in_savepoint(conn, |c| execute(c, &cmd, ctx, inc)) {
+                    Ok(effect) => Ok(effect),
+                    Err(StoreError::Rejected(e)) => Err(e.to_string()),
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        match result {
+            Ok(effect) => {
+                let ep = effect.endpoint();
+                outcome.created.push(BatchCreated {
+                    index,
+                    endpoint_id: ep.id.clone(),
+                    metadata: ep.metadata.clone(),
+                });
+            }
+            Err(reason) => outcome.failed.push(BatchFailed {
+                index,
+                endpoint_id: item.endpoint_id,
+                metadata_text: item.metadata_text,
+                reason,
+            }),
+        }
+    }
+    conn.execute(
+        "INSERT INTO batch_tasks(tenant, task_id, app, created, outcome) VALUES(?1,?2,?3,?4,?5)",
+        params![
+            ctx.tenant.as_str(),
+            outcome.task_id,
+            outcome.app.as_str(),
+            ctx.now.0,
+            codec::encode_outcome(&outcome)
+        ],
+    )
+    .map_err(unavailable)?;
+    Ok(outcome)
+}
+
+/// SQL condition and parameters for the parts of a query SQLite can evaluate.
+fn where_clause(tenant: &TenantId, q: &EndpointQuery) -> (String, Vec<String>) {
+    let mut sql = String::from("tenant=?1");
+    let mut args = vec![tenant.to_string()];
+    if let Some(app) = &q.app {
+        args.push(app.to_string());
+        sql.push_str(&format!(" AND app=?{}", args.len()));
+    }
+    if let Some(v) = &q.app_version {
+        args.push(v.to_string());
+        sql.push_str(&format!(" AND app_version=?{}", args.len()));
+    }
+    if !q.endpoint_ids.is_empty() {
+        let mut marks = Vec::new();
+        for id in &q.endpoint_ids {
+            args.push(id.to_string());
+            marks.push(format!("?{}", args.len()));
+        }
+        sql.push_str(&format!(" AND endpoint_id IN ({})", marks.join(",")));
+    }
+    (sql, args)
+}
+
+fn list(
+    conn: &Connection,
+    tenant: &TenantId,
+    q: &EndpointQuery,
+    page: PageRequest,
+) -> rusqlite::Result<Page<Endpoint>> {
+    let (cond, args) = where_clause(tenant, q);
+    let params = rusqlite::params_from_iter(args.iter());
+    if q.metadata.is_empty() {
+        let total: i64 = conn
+            .prepare_cached(&format!("SELECT COUNT(*) FROM endpoints WHERE {cond}"))?
+            .query_row(rusqlite::params_from_iter(args.iter()), |r| r.get(0))?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE {cond} ORDER BY incarnation \
+             LIMIT {} OFFSET {}",
+            page.limit, page.offset
+        ))?;
+        let items = stmt
+            .query_map(params, endpoint_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        return Ok(Page {
+            total: total as u64,
+            items,
+        });
+    }
+    // Metadata conditions are evaluated here with the domain's reference semantics.
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE {cond} ORDER BY incarnation"
+    ))?;
+    let mut total = 0u64;
+    let mut items = Vec::new();
+    let mut rows = stmt.query(params)?;
+    while let Some(row) = rows.next()? {
+        let ep = endpoint_from_row(row)?;
+        if !q.matches(&ep) {
+            continue;
+        }
+        if total >= page.offset && items.len() < page.limit as usize {
+            items.push(ep);
+        }
+        total += 1;
+    }
+    Ok(Page { total, items })
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn execute(&self, cmd: Command, ctx: WriteCtx) -> Result<Effect, StoreError> {
+        self.send(|r| Job::Execute(cmd, ctx, r)).await
+    }
+
+    async fn register_batch(
+        &self,
+        batch: BatchRequest,
+        ctx: WriteCtx,
+    ) -> Result<BatchOutcome, StoreError> {
+        self.send(|r| Job::Batch(batch, ctx, r)).await
+    }
+
+    async fn get(
+        &self,
+        tenant: &TenantId,
+        id: &EndpointId,
+    ) -> Result<Option<Endpoint>, StoreError> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        self.read(move |c| load(c, tenant.as_str(), id.as_str()).map_err(unavailable))
+            .await
+    }
+
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        query: &EndpointQuery,
+        page: PageRequest,
+    ) -> Result<Page<Endpoint>, StoreError> {
+        let (tenant, query) = (tenant.clone(), query.clone());
+        self.read(move |c| list(c, &tenant, &query, page).map_err(unavailable))
+            .await
+    }
+
+    async fn metadata_keys(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>, StoreError> {
+        let (tenant, app) = (tenant.clone(), app.clone());
+        self.read(move |c| {
+            let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT DISTINCT e.app_version, j.key FROM endpoints e, json_each(e.metadata) j \
+                     WHERE e.tenant=?1 AND e.app=?2",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(params![tenant.as_str(), app.as_str()], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(unavailable)?;
+            for row in rows {
+                let (version, key) = row.map_err(unavailable)?;
+                out.entry(version).or_default().insert(key);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn batch_outcome(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+        task_id: &str,
+    ) -> Result<Option<BatchOutcome>, StoreError> {
+        let (tenant, app, task_id) = (tenant.clone(), app.clone(), task_id.to_owned());
+        self.read(move |c| {
+            let text: Option<String> = c
+                .prepare_cached(
+                    "SELECT outcome FROM batch_tasks WHERE tenant=?1 AND task_id=?2 AND app=?3",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![tenant.as_str(), task_id, app.as_str()], |r| {
+                        r.get(0)
+                    })
+                    .optional()
+                })
+                .map_err(unavailable)?;
+            text.map(|t| codec::decode_outcome(&t).map_err(unavailable_msg))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT id, event FROM outbox ORDER BY id LIMIT ?1")
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([limit as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, text) = row.map_err(unavailable)?;
+                let event = codec::decode_event(&text).map_err(unavailable_msg)?;
+                out.push(OutboxEntry { id, event });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let ids = ids.to_vec();
+        self.send(|r| Job::OutboxAck(ids, r)).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.send(Job::Ping).await?;
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance() {
+        let dirs = Arc::new(Mutex::new(Vec::new()));
+        crate::conformance::run_all(|| {
+            let dirs = dirs.clone();
+            async move {
+                let dir = tempfile::tempdir().unwrap();
+                let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+                dirs.lock().unwrap().push(dir);
+                Arc::new(store) as Arc<dyn Store>
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn reopen_keeps_data_and_incarnations_grow() {
+        use crate::conformance::CASES;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+        (CASES[0].1)(store.clone()).await;
+        let before = store
+            .get(
+                &TenantId::parse("t1").unwrap(),
+                &EndpointId::parse("ep-1").unwrap(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        store.shutdown().await;
+        assert!(store.ping().await.is_err(), "writes fail after shutdown");
+        drop(store);
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        let after = store
+            .get(
+                &TenantId::parse("t1").unwrap(),
+                &EndpointId::parse("ep-1").unwrap(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(before, after);
+        // Incarnations keep growing across restarts, so old entity tags never match again.
+        let app = AppName::parse("app").unwrap();
+        let reg = epr_core::command::Registration {
+            id: EndpointId::parse("ep-2").unwrap(),
+            app: app.clone(),
+            app_version: AppVersionName::parse("app-v1").unwrap(),
+            metadata: Metadata::empty(),
+            token_hash: epr_core::ids::EndpointToken::parse("t2")
+                .unwrap()
+                .hash(&app),
+        };
+        let ctx = WriteCtx {
+            tenant: TenantId::parse("t1").unwrap(),
+            now: Timestamp(1),
+            correlation_id: "c".into(),
+            limits: Default::default(),
+        };
+        let next = store.execute(Command::Register(reg), ctx).await.unwrap();
+        assert!(next.endpoint().incarnation > before.incarnation);
+        store.shutdown().await;
+    }
+}
