@@ -1,1 +1,164 @@
+//! The REST adapter of the Endpoint Register.
+//!
+//! [`router`] builds the whole HTTP surface: the Kaa-compatible API under both `/api/v1`
+//! (service-native) and `/epr/api/v1` (as behind Kaa's ingress), plus the operational routes
+//! `/health`, `/health/live`, `/health/ready`, `/metrics` and `/openapi.json`.
 
+pub mod dto;
+pub mod error;
+pub mod extract;
+mod handlers;
+mod ops;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use epr_core::ids::TenantId;
+use epr_core::registry::Registry;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Renders the Prometheus exposition; the server supplies it so this crate does not pick
+/// an exporter.
+pub type MetricsRenderer = Arc<dyn Fn() -> String + Send + Sync>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct HttpSettings {
+    pub page_default: u64,
+    pub page_max: u64,
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            page_default: 20,
+            page_max: 1000,
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Shared state of all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    /// The tenant of every request while authentication is off.
+    pub tenant: TenantId,
+    pub settings: HttpSettings,
+    /// False while starting and once shutdown begins; readiness reports it.
+    pub ready: Arc<AtomicBool>,
+    pub metrics: Option<MetricsRenderer>,
+}
+
+/// Every API route as (method, path template) relative to the API prefix. The OpenAPI
+/// document is checked against this list by a test.
+pub const API_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/endpoints"),
+    ("GET", "/endpoints"),
+    ("POST", "/endpoints/batch"),
+    ("GET", "/endpoints/batch/status"),
+    ("GET", "/endpoints/{endpointId}"),
+    ("DELETE", "/endpoints/{endpointId}"),
+    ("GET", "/endpoints/{endpointId}/app-version"),
+    ("PUT", "/endpoints/{endpointId}/app-version"),
+    ("GET", "/endpoints/{endpointId}/metadata"),
+    ("PUT", "/endpoints/{endpointId}/metadata"),
+    ("PATCH", "/endpoints/{endpointId}/metadata"),
+    ("GET", "/endpoints/{endpointId}/metadata/{metadataKey}"),
+    ("PUT", "/endpoints/{endpointId}/metadata/{metadataKey}"),
+    ("DELETE", "/endpoints/{endpointId}/metadata/{metadataKey}"),
+    ("GET", "/endpoints/{endpointId}/metadata-keys"),
+    ("GET", "/applications/{applicationName}/metadata-keys"),
+];
+
+/// Operational routes, served at the root only.
+pub const OPS_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/health"),
+    ("GET", "/health/live"),
+    ("GET", "/health/ready"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+];
+
+pub use ops::OPENAPI;
+
+/// The API prefixes every route of [`API_ROUTES`] is served under.
+pub const API_PREFIXES: &[&str] = &["/api/v1", "/epr/api/v1"];
+
+fn api() -> Router<AppState> {
+    use handlers as h;
+    Router::new()
+        .route("/endpoints", post(h::register).get(h::list))
+        .route("/endpoints/batch", post(h::batch_register))
+        .route("/endpoints/batch/status", get(h::batch_status))
+        .route("/endpoints/{endpointId}", get(h::get).delete(h::unregister))
+        .route(
+            "/endpoints/{endpointId}/app-version",
+            get(h::get_app_version).put(h::put_app_version),
+        )
+        .route(
+            "/endpoints/{endpointId}/metadata",
+            get(h::get_metadata)
+                .put(h::put_metadata)
+                .patch(h::patch_metadata),
+        )
+        .route(
+            "/endpoints/{endpointId}/metadata/{metadataKey}",
+            get(h::get_metadata_key)
+                .put(h::put_metadata_key)
+                .delete(h::delete_metadata_key),
+        )
+        .route(
+            "/endpoints/{endpointId}/metadata-keys",
+            get(h::endpoint_metadata_keys),
+        )
+        .route(
+            "/applications/{applicationName}/metadata-keys",
+            get(h::application_metadata_keys),
+        )
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.settings.max_body_bytes;
+    let mut app = Router::new()
+        .route("/health", get(ops::live))
+        .route("/health/live", get(ops::live))
+        .route("/health/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi));
+    for prefix in API_PREFIXES {
+        app = app.nest(prefix, api());
+    }
+    app.fallback(ops::no_route)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}
+
+/// Request metrics by route template and status, and a trace line per request.
+async fn track(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    let secs = started.elapsed().as_secs_f64();
+    let labels = [("method", method), ("route", route), ("status", status)];
+    metrics::counter!("epr_http_requests_total", &labels).increment(1);
+    metrics::histogram!("epr_http_request_duration_seconds", &labels).record(secs);
+    tracing::debug!(
+        method = %labels[0].1, route = %labels[1].1, status = %labels[2].1,
+        micros = (secs * 1e6) as u64, "request"
+    );
+    resp
+}

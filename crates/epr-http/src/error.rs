@@ -1,0 +1,120 @@
+//! The one place where domain and store errors become HTTP responses.
+//!
+//! Body: `{"status", "error", "message", "field"?, "rule"?}`. `message` is Kaa's error
+//! field; `field` and `rule` say which input broke which rule. 5xx bodies are opaque and
+//! the cause is logged.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use epr_core::ports::StoreError;
+use epr_core::{DomainError, ValidationError};
+use serde::Serialize;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub field: Option<String>,
+    pub rule: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    status: u16,
+    error: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            field: None,
+            rule: None,
+        }
+    }
+
+    pub fn with(mut self, field: impl Into<String>, rule: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self.rule = Some(rule.into());
+        self
+    }
+
+    pub fn bad_request(field: impl Into<String>, rule: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message).with(field, rule)
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(v: ValidationError) -> Self {
+        let message = v.to_string();
+        Self::new(StatusCode::BAD_REQUEST, message).with(v.field, v.rule)
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        let message = e.to_string();
+        match e {
+            DomainError::Invalid(v) => v.into(),
+            DomainError::NotFound { what, .. } => {
+                let field = match what {
+                    "endpoint" => "endpointId",
+                    "metadata key" => "metadataKey",
+                    "batch task" => "taskId",
+                    "application" => "applicationName",
+                    other => other,
+                };
+                Self::new(StatusCode::NOT_FOUND, message).with(field, "exists")
+            }
+            DomainError::Conflict { field, .. } => {
+                Self::new(StatusCode::CONFLICT, message).with(field, "unique")
+            }
+            DomainError::PreconditionFailed { .. } => {
+                Self::new(StatusCode::PRECONDITION_FAILED, message).with("If-Match", "etag-match")
+            }
+            DomainError::TooLarge { field, .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, message).with(field, "max-bytes")
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Rejected(d) => d.into(),
+            StoreError::Unavailable(cause) => {
+                tracing::error!(error = %cause, "store unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the store is unavailable; retry later",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body {
+            status: self.status.as_u16(),
+            error: self.status.canonical_reason().unwrap_or("Error"),
+            message: &self.message,
+            field: self.field.as_deref(),
+            rule: self.rule.as_deref(),
+        };
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let mut resp = (self.status, bytes).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+}

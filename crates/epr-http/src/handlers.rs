@@ -1,0 +1,509 @@
+//! Endpoint, metadata and batch handlers. Thin: parse the wire format, call the registry,
+//! shape the answer.
+
+use crate::dto::{self, EndpointDto, Include, PageDto};
+use crate::error::ApiError;
+use crate::extract::{
+    correlation_id, list_param, not_modified, number_param, parse_json, precondition,
+    query_pairs, single_param, BodyKind, RawBody,
+};
+use crate::AppState;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{OriginalUri, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use epr_core::command::MetadataChange;
+use epr_core::ids::{AppName, AppVersionName, EndpointId};
+use epr_core::metadata::{Metadata, MetadataKey};
+use epr_core::query::{EndpointQuery, MetadataCondition, PageRequest};
+use epr_core::registry::{BatchInput, RegisterInput};
+use epr_core::ValidationError;
+use serde::Serialize;
+use serde_json::Value;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+fn path<T>(p: std::result::Result<Path<T>, PathRejection>) -> Result<T> {
+    p.map(|Path(v)| v).map_err(|rej| {
+        ApiError::new(StatusCode::BAD_REQUEST, rej.body_text()).with("path", "path-parameter")
+    })
+}
+
+fn endpoint_id(raw: &str) -> Result<EndpointId> {
+    Ok(EndpointId::parse(raw)?)
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize, etag: Option<&str>) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = (status, bytes).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(tag) = etag.and_then(|t| HeaderValue::from_str(t).ok()) {
+        h.insert(header::ETAG, tag);
+    }
+    resp
+}
+
+/// A read answer honouring `If-None-Match`.
+fn read_response(headers: &HeaderMap, body: &impl Serialize, etag: &str) -> Response {
+    if not_modified(headers, etag) {
+        let mut resp = StatusCode::NOT_MODIFIED.into_response();
+        if let Ok(v) = HeaderValue::from_str(etag) {
+            resp.headers_mut().insert(header::ETAG, v);
+        }
+        return resp;
+    }
+    json_response(StatusCode::OK, body, Some(etag))
+}
+
+fn no_content(etag: &str) -> Response {
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+fn require_json(body: &RawBody) -> Result<()> {
+    if body.kind != BodyKind::Json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "this operation takes application/json",
+        )
+        .with("Content-Type", "media-type"));
+    }
+    Ok(())
+}
+
+fn include_param(pairs: &[(String, String)]) -> Result<Include> {
+    let mut include = Include::default();
+    for v in list_param(pairs, "include") {
+        match v.as_str() {
+            "metadata" => include.metadata = true,
+            "filters" => include.filters = true,
+            other => {
+                return Err(ApiError::bad_request(
+                    "include",
+                    "enum",
+                    format!("include takes 'metadata' and/or 'filters', not '{other}'"),
+                ))
+            }
+        }
+    }
+    Ok(include)
+}
+
+fn required_name(
+    v: Option<dto::AppVersionRef>,
+    field: &str,
+) -> Result<String> {
+    v.and_then(|a| a.name)
+        .ok_or_else(|| ApiError::bad_request(field, "required", format!("{field} is required")))
+}
+
+/// `POST /endpoints`
+pub async fn register(
+    State(s): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: RawBody,
+) -> Result<Response> {
+    require_json(&body)?;
+    let req: dto::RegisterBody = parse_json(&body.bytes)?;
+    let input = RegisterInput {
+        app_version: required_name(req.app_version, "appVersion.name")?,
+        endpoint_id: req.endpoint_id,
+        metadata: req.metadata.filter(|m| !m.is_null()),
+        token: req.endpoint_token,
+    };
+    let corr = correlation_id(&headers);
+    let done = s.registry.register(&s.tenant, input, &corr).await?;
+    let ep = &done.endpoint;
+    let base = uri.path().trim_end_matches('/').trim_end_matches("/endpoints");
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("http");
+    let location = format!("{scheme}://{host}{base}/endpoints/{}", ep.id);
+    let mut resp = json_response(
+        StatusCode::CREATED,
+        &dto::RegisterResponse {
+            endpoint_id: ep.id.to_string(),
+            token: done.token,
+            status: "Inactive",
+        },
+        Some(&ep.etag()),
+    );
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+/// `GET /endpoints`
+pub async fn list(
+    State(s): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let pairs = query_pairs(uri.query());
+    let include = include_param(&pairs)?;
+    let mut q = EndpointQuery::default();
+    if let Some(app) = single_param(&pairs, "applicationName")? {
+        q.app = Some(AppName::parse(app)?);
+    }
+    if let Some(v) = single_param(&pairs, "applicationVersionName")? {
+        q.app_version =
+            Some(AppVersionName::parse(v).map_err(|e| e.at("applicationVersionName"))?);
+    }
+    for id in list_param(&pairs, "endpointId") {
+        q.endpoint_ids.push(EndpointId::parse(&id)?);
+    }
+    for (k, v) in &pairs {
+        if k == "metadataFilter" {
+            q.metadata.extend(MetadataCondition::parse_param(v)?);
+        }
+    }
+    if let Some(f) = single_param(&pairs, "filterId")? {
+        // No endpoint filters exist yet, so no filter ID can be found.
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("endpoint filter '{f}' not found"),
+        )
+        .with("filterId", "exists"));
+    }
+    let limit = number_param(&pairs, "limit", s.settings.page_default, 1, s.settings.page_max)?;
+    let offset = number_param(&pairs, "offset", 0, 0, u64::MAX >> 1)?;
+    let page = s
+        .registry
+        .list(
+            &s.tenant,
+            &q,
+            PageRequest {
+                offset,
+                limit: limit as u32,
+            },
+        )
+        .await?;
+    let dto = PageDto {
+        total_elements: page.total,
+        content: page
+            .items
+            .iter()
+            .map(|e| EndpointDto::from_endpoint(e, include))
+            .collect(),
+    };
+    let bytes = serde_json::to_vec(&dto).unwrap_or_default();
+    let etag = body_etag(&bytes);
+    if not_modified(&headers, &etag) {
+        return Ok(read_response(&headers, &(), &etag));
+    }
+    let mut resp = (StatusCode::OK, bytes).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    Ok(resp)
+}
+
+/// A weak tag over a computed body: equal bodies, equal tags.
+fn body_etag(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(bytes);
+    format!("W/\"{}\"", hex::encode(&digest[..12]))
+}
+
+/// `GET /endpoints/{endpointId}`
+pub async fn get(
+    State(s): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    p: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let id = endpoint_id(&path(p)?)?;
+    let include = include_param(&query_pairs(uri.query()))?;
+    let ep = s.registry.get(&s.tenant, &id).await?;
+    Ok(read_response(
+        &headers,
+        &EndpointDto::from_endpoint(&ep, include),
+        &ep.etag(),
+    ))
+}
+
+/// `DELETE /endpoints/{endpointId}`
+pub async fn unregister(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    p: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let id = endpoint_id(&path(p)?)?;
+    let pre = precondition(&headers)?;
+    s.registry
+        .unregister(&s.tenant, id, pre, &correlation_id(&headers))
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /endpoints/{endpointId}/app-version`
+pub async fn get_app_version(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    p: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let id = endpoint_id(&path(p)?)?;
+    let ep = s.registry.get(&s.tenant, &id).await?;
+    let body = dto::AppVersionDto {
+        name: ep.app_version.to_string(),
+        registered_date: dto::iso(ep.app_version_registered),
+    };
+    Ok(read_response(&headers, &body, &ep.etag()))
+}
+
+/// `PUT /endpoints/{endpointId}/app-version`, body `{"name": "<appVersionName>"}`
+pub async fn put_app_version(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    p: std::result::Result<Path<String>, PathRejection>,
+    body: RawBody,
+) -> Result<Response> {
+    let id = endpoint_id(&path(p)?)?;
+    require_json(&body)?;
+    let req: dto::AppVersionBody = parse_json(&body.bytes)?;
+    let name = req
+        .name
+        .ok_or_else(|| ApiError::bad_request("name", "required", "name is required"))?;
+    let pre = precondition(&headers)?;
+    let ep = s
+        .registry
+        .set_app_version(&s.tenant, id, &name, pre, &correlation_id(&headers))
+        .await?;
+    Ok(no_content(&ep.etag()))
+}
+
+/// `GET /endpoints/{endpointId}/metadata[?include=k1,k2]`
+pub async fn get_metadata(
+    State(s): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    p: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let id = endpoint_id(&path(p)?)?;
+    let keys = list_param(&query_pairs(uri.query()), "include");
+    let ep = s.registry.get(&s.tenant, &id).await?;
+    let body = if keys.is_empty() {
+        ep.metadata.to_value()
+    } else {
+        Value::Object(
+            ep.metadata
+                .as_map()
+                .iter()
+                .filter(|(k, _)| keys.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    };
+    Ok(read_response(&headers, &body, &ep.metadata_etag()))
+}
+
+async fn change_metadata(
+    s: &AppState,
+    headers: &HeaderMap,
+    id: EndpointId,
+    change: MetadataChange,
+) -> Result<Response> {
+    let pre = precondition(headers)?;
+    let effect = s
+        .registry
+        .update_metadata(&s.tenant, id, change, pre, &correlation_id(headers))
+        .await?;
+    Ok(no_content(&effect.endpoint().metadata_etag()))
+}
+
+/// `PUT /endpoints/{endpointId}/metadata`: replaces the whole document.
+pub async fn put_metadata(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    p: std::result::Result<Path<String>, PathRejection>,
+    body: RawBody,
+) -> Result<Response> {
+    let id = endpoint_id(&path(p)?)?;
+    require_json(&body)?;
+    let value: Value = parse_json(&body.bytes)?;
+    let md = Metadata::parse(value, "body", s.registry.limits())?;
+    change_metadata(&s, &headers, id, MetadataChange::Replace(md)).await
+}
+
+/// `PATCH /endpoints/{endpointId}/metadata`: RFC 6902 JSON Patch
+/// (`application/json-patch+json`) or RFC 7396 JSON Merge Patch
+/// (`application/merge-patch+json`). With plain `application/json`, an array is taken as
+/// a JSON Patch and an object as a merge patch.
+pub async fn patch_metadata(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    p: std::result::Result<Path<String>, PathRejection>,
+    body: RawBody,
+) -> Result<Response> {
+    let id = endpoint_id(&path(p)?)?;
+    let value: Value = parse_json(&body.bytes)?;
+    let as_json_patch = match body.kind {
+        BodyKind::JsonPatch => true,
+        BodyKind::MergePatch => false,
+        BodyKind::Json => value.is_array(),
+    };
+    let change = if as_json_patch {
+        let patch: json_patch::Patch = parse_json(&body.bytes).map_err(|mut e| {
+            e.rule = Some("json-patch".into());
+            e.message = format!("not a valid RFC 6902 JSON Patch: {}", e.message);
+            e
+        })?;
+        MetadataChange::JsonPatch(patch)
+    } else {
+        MetadataChange::MergePatch(value)
+    };
+    change_metadata(&s, &headers, id, change).await
+}
+
+fn metadata_key(s: &AppState, raw: &str) -> Result<MetadataKey> {
+    Ok(MetadataKey::parse(raw, s.registry.limits())?)
+}
+
+/// `GET /endpoints/{endpointId}/metadata/{metadataKey}`: the key's raw JSON value.
+pub async fn get_metadata_key(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    p: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response> {
+    let (raw_id, raw_key) = path(p)?;
+    let id = endpoint_id(&raw_id)?;
+    let key = metadata_key(&s, &raw_key)?;
+    let ep = s.registry.get(&s.tenant, &id).await?;
+    let value = ep.metadata.get(key.as_str()).ok_or_else(|| {
+        ApiError::from(epr_core::DomainError::not_found("metadata key", key.as_str()))
+    })?;
+    Ok(read_response(&headers, value, &ep.metadata_etag()))
+}
+
+/// `PUT /endpoints/{endpointId}/metadata/{metadataKey}`: body is the raw JSON value.
+pub async fn put_metadata_key(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    p: std::result::Result<Path<(String, String)>, PathRejection>,
+    body: RawBody,
+) -> Result<Response> {
+    let (raw_id, raw_key) = path(p)?;
+    let id = endpoint_id(&raw_id)?;
+    let key = metadata_key(&s, &raw_key)?;
+    require_json(&body)?;
+    let value: Value = parse_json(&body.bytes)?;
+    change_metadata(&s, &headers, id, MetadataChange::PutKey(key, value)).await
+}
+
+/// `DELETE /endpoints/{endpointId}/metadata/{metadataKey}`
+pub async fn delete_metadata_key(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    p: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response> {
+    let (raw_id, raw_key) = path(p)?;
+    let id = endpoint_id(&raw_id)?;
+    let key = metadata_key(&s, &raw_key)?;
+    change_metadata(&s, &headers, id, MetadataChange::DeleteKey(key)).await
+}
+
+/// `GET /endpoints/{endpointId}/metadata-keys`
+pub async fn endpoint_metadata_keys(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    p: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let id = endpoint_id(&path(p)?)?;
+    let ep = s.registry.get(&s.tenant, &id).await?;
+    let keys: Vec<&String> = ep.metadata.keys().collect();
+    Ok(read_response(&headers, &keys, &ep.metadata_etag()))
+}
+
+/// `GET /applications/{applicationName}/metadata-keys`: `{appVersionName: [keys]}`.
+pub async fn application_metadata_keys(
+    State(s): State<AppState>,
+    p: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let app = AppName::parse(&path(p)?)?;
+    let catalog = s.registry.catalog();
+    if !catalog.knows_app(&app) && !catalog.allows_unknown() {
+        return Err(epr_core::DomainError::not_found("application", app.as_str()).into());
+    }
+    let keys = s.registry.metadata_keys(&s.tenant, &app).await?;
+    Ok(json_response(StatusCode::OK, &keys, None))
+}
+
+/// `POST /endpoints/batch`: registers up to the configured number of endpoints in one
+/// durable commit and answers `202` with the task ID; the result is then available at
+/// `GET /endpoints/batch/status`.
+pub async fn batch_register(
+    State(s): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: RawBody,
+) -> Result<Response> {
+    require_json(&body)?;
+    let req: dto::BatchBody = parse_json(&body.bytes)?;
+    let version = required_name(req.app_version, "appVersion.name")?;
+    let endpoints = req
+        .endpoints
+        .ok_or_else(|| ApiError::bad_request("endpoints", "required", "endpoints is required"))?;
+    let inputs = endpoints
+        .into_iter()
+        .map(|e| BatchInput {
+            endpoint_id: e.endpoint_id,
+            metadata: e.metadata.filter(|m| !m.is_null()),
+            token: e.endpoint_token,
+        })
+        .collect();
+    let report = s
+        .registry
+        .register_batch(&s.tenant, &version, inputs, &correlation_id(&headers))
+        .await?;
+    let base = uri.path().trim_end_matches('/').trim_end_matches("/batch");
+    let location = format!(
+        "{base}/batch/status?appName={}&taskId={}",
+        report.outcome.app, report.outcome.task_id
+    );
+    let mut resp = json_response(
+        StatusCode::ACCEPTED,
+        &dto::BatchAccepted {
+            task_id: report.outcome.task_id.clone(),
+        },
+        None,
+    );
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+/// `GET /endpoints/batch/status?appName=&taskId=`
+pub async fn batch_status(
+    State(s): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+) -> Result<Response> {
+    let pairs = query_pairs(uri.query());
+    let required = |name: &str| -> Result<String> {
+        single_param(&pairs, name)?
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| ApiError::bad_request(name, "required", format!("{name} is required")))
+    };
+    let app = AppName::parse(&required("appName")?).map_err(|e: ValidationError| e.at("appName"))?;
+    let task_id = required("taskId")?;
+    let report = s.registry.batch_status(&s.tenant, &app, &task_id).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &dto::BatchStatusDto::from_report(&report),
+        None,
+    ))
+}

@@ -1,0 +1,82 @@
+//! Operational routes: health, metrics, the OpenAPI document, and JSON answers for
+//! unknown routes.
+
+use crate::error::ApiError;
+use crate::AppState;
+use axum::extract::{OriginalUri, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use std::sync::atomic::Ordering;
+
+/// The OpenAPI 3 document of the API; `tests` check it against the router.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Liveness: the process serves HTTP. Cheap on purpose (also the benchmark baseline).
+pub async fn live() -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        concat!(r#"{"status":"UP","version":""#, env!("CARGO_PKG_VERSION"), r#""}"#),
+    )
+        .into_response()
+}
+
+/// Readiness: started, not shutting down, and the store answers.
+pub async fn ready(State(s): State<AppState>) -> Response {
+    let accepting = s.ready.load(Ordering::Acquire);
+    let store = s.registry.store().ping().await;
+    let up = accepting && store.is_ok();
+    let body = json!({
+        "status": if up { "UP" } else { "DOWN" },
+        "checks": {
+            "accepting": if accepting { "UP" } else { "DOWN" },
+            "store": match &store { Ok(()) => "UP".to_owned(), Err(e) => format!("DOWN: {e}") },
+        }
+    });
+    let status = if up {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+pub async fn metrics(State(s): State<AppState>) -> Response {
+    match &s.metrics {
+        Some(render) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            )],
+            render(),
+        )
+            .into_response(),
+        None => ApiError::new(StatusCode::NOT_FOUND, "metrics are disabled").into_response(),
+    }
+}
+
+pub async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+pub async fn no_route(method: Method, OriginalUri(uri): OriginalUri) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route for {method} {}", uri.path()),
+    )
+    .with("path", "route")
+    .into_response()
+}
+
+pub async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .with("method", "allowed-method")
+    .into_response()
+}
