@@ -63,7 +63,11 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
 /// Parses JSON into `T`, naming the offending field on error.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request("body", "required", "the request body is empty"));
+        return Err(ApiError::bad_request(
+            "body",
+            "required",
+            "the request body is empty",
+        ));
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|err| {
@@ -77,7 +81,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             _ if msg.starts_with("missing field `") => {
                 let name = msg.trim_start_matches("missing field `");
                 let name = name.split('`').next().unwrap_or("");
-                let field = if path == "." { name.to_owned() } else { format!("{path}.{name}") };
+                let field = if path == "." {
+                    name.to_owned()
+                } else {
+                    format!("{path}.{name}")
+                };
                 (field, "required")
             }
             _ => (if path == "." { "body".to_owned() } else { path }, "type"),
@@ -115,7 +123,10 @@ pub fn single_param<'a>(
     pairs: &'a [(String, String)],
     name: &str,
 ) -> Result<Option<&'a str>, ApiError> {
-    let mut values = pairs.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let mut values = pairs
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str());
     let first = values.next();
     if values.next().is_some() {
         return Err(ApiError::bad_request(
@@ -138,7 +149,11 @@ pub fn number_param(
         return Ok(default);
     };
     let n: u64 = raw.trim().parse().map_err(|_| {
-        ApiError::bad_request(name, "integer", format!("{name} must be a non-negative integer"))
+        ApiError::bad_request(
+            name,
+            "integer",
+            format!("{name} must be a non-negative integer"),
+        )
     })?;
     if n < min || n > max {
         return Err(ApiError::bad_request(
@@ -165,7 +180,10 @@ pub fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
 
 /// Whether `If-None-Match` names the current tag (weak comparison, RFC 9110 §13.1.2).
 pub fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
-    let Some(v) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) else {
+    let Some(v) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
     let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();

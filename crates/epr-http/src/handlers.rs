@@ -4,8 +4,8 @@
 use crate::dto::{self, EndpointDto, Include, PageDto};
 use crate::error::ApiError;
 use crate::extract::{
-    correlation_id, list_param, not_modified, number_param, parse_json, precondition,
-    query_pairs, single_param, BodyKind, RawBody,
+    correlation_id, list_param, not_modified, number_param, parse_json, precondition, query_pairs,
+    single_param, BodyKind, RawBody,
 };
 use crate::AppState;
 use axum::extract::rejection::PathRejection;
@@ -37,7 +37,10 @@ fn json_response(status: StatusCode, body: &impl Serialize, etag: Option<&str>) 
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut resp = (status, bytes).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Some(tag) = etag.and_then(|t| HeaderValue::from_str(t).ok()) {
         h.insert(header::ETAG, tag);
     }
@@ -93,10 +96,7 @@ fn include_param(pairs: &[(String, String)]) -> Result<Include> {
     Ok(include)
 }
 
-fn required_name(
-    v: Option<dto::AppVersionRef>,
-    field: &str,
-) -> Result<String> {
+fn required_name(v: Option<dto::AppVersionRef>, field: &str) -> Result<String> {
     v.and_then(|a| a.name)
         .ok_or_else(|| ApiError::bad_request(field, "required", format!("{field} is required")))
 }
@@ -119,7 +119,10 @@ pub async fn register(
     let corr = correlation_id(&headers);
     let done = s.registry.register(&s.tenant, input, &corr).await?;
     let ep = &done.endpoint;
-    let base = uri.path().trim_end_matches('/').trim_end_matches("/endpoints");
+    let base = uri
+        .path()
+        .trim_end_matches('/')
+        .trim_end_matches("/endpoints");
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -157,8 +160,7 @@ pub async fn list(
         q.app = Some(AppName::parse(app)?);
     }
     if let Some(v) = single_param(&pairs, "applicationVersionName")? {
-        q.app_version =
-            Some(AppVersionName::parse(v).map_err(|e| e.at("applicationVersionName"))?);
+        q.app_version = Some(AppVersionName::parse(v).map_err(|e| e.at("applicationVersionName"))?);
     }
     for id in list_param(&pairs, "endpointId") {
         q.endpoint_ids.push(EndpointId::parse(&id)?);
@@ -176,7 +178,13 @@ pub async fn list(
         )
         .with("filterId", "exists"));
     }
-    let limit = number_param(&pairs, "limit", s.settings.page_default, 1, s.settings.page_max)?;
+    let limit = number_param(
+        &pairs,
+        "limit",
+        s.settings.page_default,
+        1,
+        s.settings.page_max,
+    )?;
     let offset = number_param(&pairs, "offset", 0, 0, u64::MAX >> 1)?;
     let page = s
         .registry
@@ -204,7 +212,10 @@ pub async fn list(
     }
     let mut resp = (StatusCode::OK, bytes).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
     }
@@ -383,7 +394,10 @@ pub async fn get_metadata_key(
     let key = metadata_key(&s, &raw_key)?;
     let ep = s.registry.get(&s.tenant, &id).await?;
     let value = ep.metadata.get(key.as_str()).ok_or_else(|| {
-        ApiError::from(epr_core::DomainError::not_found("metadata key", key.as_str()))
+        ApiError::from(epr_core::DomainError::not_found(
+            "metadata key",
+            key.as_str(),
+        ))
     })?;
     Ok(read_response(&headers, value, &ep.metadata_etag()))
 }
@@ -498,7 +512,8 @@ pub async fn batch_status(
             .map(str::to_owned)
             .ok_or_else(|| ApiError::bad_request(name, "required", format!("{name} is required")))
     };
-    let app = AppName::parse(&required("appName")?).map_err(|e: ValidationError| e.at("appName"))?;
+    let app =
+        AppName::parse(&required("appName")?).map_err(|e: ValidationError| e.at("appName"))?;
     let task_id = required("taskId")?;
     let report = s.registry.batch_status(&s.tenant, &app, &task_id).await?;
     Ok(json_response(

@@ -15,8 +15,15 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 /// Liveness: the process serves HTTP. Cheap on purpose (also the benchmark baseline).
 pub async fn live() -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        concat!(r#"{"status":"UP","version":""#, env!("CARGO_PKG_VERSION"), r#""}"#),
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        concat!(
+            r#"{"status":"UP","version":""#,
+            env!("CARGO_PKG_VERSION"),
+            r#""}"#
+        ),
     )
         .into_response()
 }
@@ -57,7 +64,10 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
 
 pub async fn openapi() -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         OPENAPI,
     )
         .into_response()
