@@ -1,0 +1,205 @@
+//! Checks the OpenAPI document (`openapi.json`) against the router's route lists.
+
+use epr_http::{API_PREFIXES, API_ROUTES, OPENAPI, OPS_ROUTES};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+
+const METHODS: &[&str] = &[
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+fn doc() -> Value {
+    serde_json::from_str(OPENAPI).expect("openapi.json is valid JSON")
+}
+
+fn paths(doc: &Value) -> &serde_json::Map<String, Value> {
+    doc["paths"].as_object().expect("`paths` is an object")
+}
+
+/// Every operation as ((METHOD, path), operation object).
+fn operations(doc: &Value) -> Vec<((String, String), &Value)> {
+    let mut out = Vec::new();
+    for (path, item) in paths(doc) {
+        let item = item.as_object().expect("a path item is an object");
+        for (key, op) in item {
+            if METHODS.contains(&key.as_str()) {
+                out.push(((key.to_uppercase(), path.clone()), op));
+            }
+        }
+    }
+    out
+}
+
+fn route_set(routes: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+    routes
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect()
+}
+
+#[test]
+fn is_openapi_3_0_3() {
+    let doc = doc();
+    assert_eq!(doc["openapi"], "3.0.3");
+    assert!(doc["info"]["title"].is_string());
+    assert!(doc["info"]["version"].is_string());
+}
+
+#[test]
+fn paths_match_the_routes_exactly() {
+    let doc = doc();
+    let documented: BTreeSet<_> = operations(&doc).into_iter().map(|(k, _)| k).collect();
+    let mut expected = route_set(API_ROUTES);
+    expected.extend(route_set(OPS_ROUTES));
+    assert_eq!(
+        expected.len(),
+        API_ROUTES.len() + OPS_ROUTES.len(),
+        "API and ops routes overlap"
+    );
+    let missing: Vec<_> = expected.difference(&documented).collect();
+    let extra: Vec<_> = documented.difference(&expected).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "undocumented routes: {missing:?}; documented but not routed: {extra:?}"
+    );
+}
+
+#[test]
+fn ops_routes_override_servers_to_root() {
+    let doc = doc();
+    let ops: BTreeSet<&str> = OPS_ROUTES.iter().map(|(_, p)| *p).collect();
+    for (path, item) in paths(&doc) {
+        let servers = item.get("servers");
+        if ops.contains(path.as_str()) {
+            let urls: Vec<_> = servers
+                .and_then(Value::as_array)
+                .unwrap_or_else(|| panic!("{path} has no servers override"))
+                .iter()
+                .map(|s| s["url"].as_str().unwrap_or_default())
+                .collect();
+            assert_eq!(urls, ["/"], "{path} must be served at the root only");
+        } else {
+            assert!(
+                servers.is_none(),
+                "API path {path} must use the top-level servers"
+            );
+        }
+    }
+}
+
+#[test]
+fn servers_are_the_api_prefixes() {
+    let doc = doc();
+    let urls: Vec<&str> = doc["servers"]
+        .as_array()
+        .expect("top-level `servers` is an array")
+        .iter()
+        .map(|s| s["url"].as_str().expect("a server has a url"))
+        .collect();
+    assert_eq!(urls, API_PREFIXES);
+}
+
+fn collect_refs<'a>(v: &'a Value, at: String, out: &mut Vec<(String, &'a str)>) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                if k == "$ref" {
+                    let target = child
+                        .as_str()
+                        .unwrap_or_else(|| panic!("$ref at {at} is not a string"));
+                    out.push((at.clone(), target));
+                } else {
+                    collect_refs(child, format!("{at}/{k}"), out);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                collect_refs(child, format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_ref_resolves_into_components() {
+    let doc = doc();
+    let mut refs = Vec::new();
+    collect_refs(&doc, String::new(), &mut refs);
+    assert!(!refs.is_empty(), "the document uses no $ref at all");
+    for (at, target) in refs {
+        assert!(
+            target.starts_with("#/components/"),
+            "$ref at {at} points outside #/components: {target}"
+        );
+        assert!(
+            doc.pointer(&target[1..]).is_some(),
+            "$ref at {at} does not resolve: {target}"
+        );
+    }
+}
+
+#[test]
+fn operation_ids_are_present_and_unique() {
+    let doc = doc();
+    let mut seen: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for (route, op) in operations(&doc) {
+        let id = op["operationId"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| panic!("{route:?} has no operationId"));
+        if let Some(prev) = seen.insert(id.to_owned(), route.clone()) {
+            panic!("operationId {id} is used by both {prev:?} and {route:?}");
+        }
+        assert!(
+            op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+            "{route:?} documents no responses"
+        );
+    }
+}
+
+/// Resolves a local `$ref` (one level) so parameters can be inspected.
+fn deref<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => doc.pointer(&r[1..]).expect("$ref resolves"),
+        None => v,
+    }
+}
+
+#[test]
+fn path_parameters_match_the_templates() {
+    let doc = doc();
+    for (path, item) in paths(&doc) {
+        let template: BTreeSet<&str> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+            .collect();
+        let path_level: Vec<&Value> = item
+            .get("parameters")
+            .and_then(Value::as_array)
+            .map(|ps| ps.iter().map(|p| deref(&doc, p)).collect())
+            .unwrap_or_default();
+        for (method, op) in item.as_object().unwrap() {
+            if !METHODS.contains(&method.as_str()) {
+                continue;
+            }
+            let mut declared = BTreeSet::new();
+            let op_level = op
+                .get("parameters")
+                .and_then(Value::as_array)
+                .map(|ps| ps.iter().map(|p| deref(&doc, p)).collect::<Vec<_>>())
+                .unwrap_or_default();
+            for p in path_level.iter().chain(op_level.iter()) {
+                if p["in"] == "path" {
+                    assert_eq!(
+                        p["required"], true,
+                        "{method} {path}: path params are required"
+                    );
+                    declared.insert(p["name"].as_str().expect("a parameter has a name"));
+                }
+            }
+            assert_eq!(declared, template, "{method} {path}: path parameters");
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! `spawn_app()` and typed request helpers.
+
+use epr_server::{Application, Settings};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tokio::sync::oneshot;
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub data_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Settings every test starts from: port 0, applications `demo` (demo-v1, demo-v2) and
+/// `other` (other-v1), no environment variables read.
+pub fn test_settings(data_dir: &Path) -> Settings {
+    let mut s = Settings::default();
+    s.server.listen = "127.0.0.1:0".into();
+    s.store.data_dir = data_dir.to_path_buf();
+    s.add_applications("demo:demo-v1,demo-v2;other:other-v1")
+        .unwrap();
+    s
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(|_| {}).await
+}
+
+/// Spawns with adjusted settings, in a fresh temporary data directory.
+pub async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = test_settings(dir.path());
+    adjust(&mut s);
+    let mut app = spawn_settings(s).await;
+    app._dir = Some(dir);
+    app
+}
+
+/// Spawns on the given settings (the caller owns the data directory).
+pub async fn spawn_settings(s: Settings) -> TestApp {
+    if std::env::var_os("TEST_LOG").is_some() {
+        epr_server::telemetry::init_logging(&s.log);
+    }
+    let app = Application::build(&s).await.expect("the app builds");
+    let addr = app.addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        addr,
+        client: reqwest::Client::new(),
+        data_dir: s.store.data_dir.clone(),
+        _dir: None,
+        stop: Some(stop),
+        handle: Some(handle),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// A request to an API path under `/api/v1`.
+    pub fn api(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client.request(method, self.url(&format!("/api/v1{path}")))
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.api(Method::GET, path).send().await.unwrap()
+    }
+
+    pub async fn send_json(&self, method: Method, path: &str, body: &Value) -> Response {
+        self.api(method, path)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_endpoint(&self, body: &Value) -> Response {
+        self.send_json(Method::POST, "/endpoints", body).await
+    }
+
+    /// Registers `id` in `version` with `metadata`, asserting success; returns the body.
+    pub async fn register(&self, id: &str, version: &str, metadata: Value) -> Value {
+        let r = self
+            .post_endpoint(&json!({"endpointId": id, "appVersion": {"name": version}, "metadata": metadata}))
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+        r.json().await.unwrap()
+    }
+
+    pub async fn total(&self, query: &str) -> u64 {
+        let r = self.get(&format!("/endpoints?{query}")).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json::<Value>().await.unwrap()["totalElements"].as_u64().unwrap()
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// Asserts an error response: status, JSON body naming `field` and `rule`.
+pub async fn assert_error(r: Response, status: StatusCode, field: &str, rule: &str) -> Value {
+    assert_eq!(r.status(), status);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ct.starts_with("application/json"), "{ct}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    assert_eq!(body["field"], field, "{body}");
+    assert_eq!(body["rule"], rule, "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    body
+}

@@ -1,0 +1,9 @@
+//! Black-box tests: the real server on port 0 with a temporary data directory, driven over
+//! HTTP. One test binary (faster to link); one module per area.
+
+mod batch;
+mod crash;
+mod endpoints;
+mod helpers;
+mod metadata;
+mod ops;
