@@ -13,6 +13,9 @@ pub struct Limits {
     pub metadata_max_bytes: usize,
     /// Length of one metadata key, in bytes.
     pub metadata_key_max_len: usize,
+    /// Nesting depth of a metadata value (a scalar under a key is depth 1). Bounded so that
+    /// every stored document can be parsed back (serde_json stops at 128 levels).
+    pub metadata_max_depth: usize,
 }
 
 impl Default for Limits {
@@ -20,6 +23,7 @@ impl Default for Limits {
         Self {
             metadata_max_bytes: 64 * 1024,
             metadata_key_max_len: 256,
+            metadata_max_depth: 32,
         }
     }
 }
@@ -93,6 +97,19 @@ impl Metadata {
         for key in map.keys() {
             MetadataKey::parse(key, limits).map_err(|e| e.at(format!("{field}.{key}")))?;
         }
+        for (key, value) in &map {
+            if depth(value) > limits.metadata_max_depth {
+                return Err(ValidationError::new(
+                    format!("{field}.{key}"),
+                    "max-depth",
+                    format!(
+                        "metadata values may nest at most {} levels deep",
+                        limits.metadata_max_depth
+                    ),
+                )
+                .into());
+            }
+        }
         let md = Self(map);
         let size = md.serialized_len();
         if size > limits.metadata_max_bytes {
@@ -139,6 +156,22 @@ impl Metadata {
     pub fn to_json_string(&self) -> String {
         serde_json::to_string(&self.0).unwrap_or_else(|_| "{}".to_owned())
     }
+}
+
+/// Nesting depth of a JSON value: scalars are 1, `[1]` is 2. Iterative, so a hostile
+/// document cannot overflow the stack.
+fn depth(v: &Value) -> usize {
+    let mut max = 0;
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, d)) = stack.pop() {
+        max = max.max(d);
+        match v {
+            Value::Array(a) => stack.extend(a.iter().map(|x| (x, d + 1))),
+            Value::Object(o) => stack.extend(o.values().map(|x| (x, d + 1))),
+            _ => {}
+        }
+    }
+    max
 }
 
 /// What changed between two metadata documents, in the shape of Kaa's 15/EME event:
@@ -201,6 +234,21 @@ mod tests {
         let err = Metadata::parse(json!({"": 1}), "metadata", &l).unwrap_err();
         match err {
             DomainError::Invalid(v) => assert_eq!(v.field, "metadata."),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn depth_is_bounded() {
+        let l = Limits {
+            metadata_max_depth: 3,
+            ..Limits::default()
+        };
+        assert!(Metadata::parse(json!({"a": [[1]]}), "metadata", &l).is_ok());
+        match Metadata::parse(json!({"a": [[[1]]]}), "metadata", &l).unwrap_err() {
+            DomainError::Invalid(v) => {
+                assert_eq!((v.field.as_str(), v.rule), ("metadata.a", "max-depth"))
+            }
             other => panic!("{other:?}"),
         }
     }

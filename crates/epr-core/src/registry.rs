@@ -300,8 +300,10 @@ impl Registry {
             .into());
         }
         let mut tokens = Vec::with_capacity(inputs.len());
+        let mut generated = Vec::with_capacity(inputs.len());
         let mut items = Vec::with_capacity(inputs.len());
         for input in inputs {
+            generated.push(input.token.is_none());
             let metadata_text = input
                 .metadata
                 .as_ref()
@@ -342,6 +344,12 @@ impl Registry {
         let ctx = self.ctx(tenant, correlation_id);
         let now = ctx.now;
         let outcome = self.store.register_batch(request, ctx).await?;
+        // A generated token of an item that was not registered was never issued.
+        for f in &outcome.failed {
+            if generated[f.index] {
+                tokens[f.index] = None;
+            }
+        }
         let mut held = self.batch_tokens.lock().unwrap_or_else(|p| p.into_inner());
         held.retain(|_, (expires, _)| *expires > now);
         held.insert(

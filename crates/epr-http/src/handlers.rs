@@ -4,8 +4,8 @@
 use crate::dto::{self, EndpointDto, Include, PageDto};
 use crate::error::ApiError;
 use crate::extract::{
-    correlation_id, list_param, not_modified, number_param, parse_json, precondition, query_pairs,
-    single_param, BodyKind, RawBody,
+    correlation_id, list_param, not_modified, number_param, parse_json, parse_object, precondition,
+    query_pairs, single_param, BodyKind, RawBody,
 };
 use crate::AppState;
 use axum::extract::rejection::PathRejection;
@@ -109,7 +109,7 @@ pub async fn register(
     body: RawBody,
 ) -> Result<Response> {
     require_json(&body)?;
-    let req: dto::RegisterBody = parse_json(&body.bytes)?;
+    let req: dto::RegisterBody = parse_object(&body.bytes)?;
     let input = RegisterInput {
         app_version: required_name(req.app_version, "appVersion.name")?,
         endpoint_id: req.endpoint_id,
@@ -284,7 +284,7 @@ pub async fn put_app_version(
 ) -> Result<Response> {
     let id = endpoint_id(&path(p)?)?;
     require_json(&body)?;
-    let req: dto::AppVersionBody = parse_json(&body.bytes)?;
+    let req: dto::AppVersionBody = parse_object(&body.bytes)?;
     let name = req
         .name
         .ok_or_else(|| ApiError::bad_request("name", "required", "name is required"))?;
@@ -465,7 +465,7 @@ pub async fn batch_register(
     body: RawBody,
 ) -> Result<Response> {
     require_json(&body)?;
-    let req: dto::BatchBody = parse_json(&body.bytes)?;
+    let req: dto::BatchBody = parse_object(&body.bytes)?;
     let version = required_name(req.app_version, "appVersion.name")?;
     let endpoints = req
         .endpoints

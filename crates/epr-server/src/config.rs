@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
@@ -58,10 +58,11 @@ pub struct StoreSettings {
 pub struct LimitSettings {
     pub metadata_max_bytes: usize,
     pub metadata_key_max_length: usize,
+    pub metadata_max_depth: usize,
     pub batch_max_items: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistrationSettings {
     /// Accept application versions that are not configured, deriving the application from
@@ -128,15 +129,8 @@ impl Default for LimitSettings {
         Self {
             metadata_max_bytes: l.metadata_max_bytes,
             metadata_key_max_length: l.metadata_key_max_len,
+            metadata_max_depth: l.metadata_max_depth,
             batch_max_items: 1000,
-        }
-    }
-}
-
-impl Default for RegistrationSettings {
-    fn default() -> Self {
-        Self {
-            allow_unknown_app_versions: false,
         }
     }
 }
@@ -154,20 +148,6 @@ impl Default for LogSettings {
         Self {
             level: "info".into(),
             format: "human".into(),
-        }
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            server: ServerSettings::default(),
-            store: StoreSettings::default(),
-            limits: LimitSettings::default(),
-            registration: RegistrationSettings::default(),
-            tenant: TenantSettings::default(),
-            log: LogSettings::default(),
-            kaa: KaaSettings::default(),
         }
     }
 }
@@ -274,6 +254,7 @@ impl Settings {
             limits: Limits {
                 metadata_max_bytes: self.limits.metadata_max_bytes,
                 metadata_key_max_len: self.limits.metadata_key_max_length,
+                metadata_max_depth: self.limits.metadata_max_depth,
             },
             batch_max_items: self.limits.batch_max_items,
             ..RegistrySettings::default()

@@ -119,7 +119,11 @@ async fn acknowledged_writes_survive_sigkill() {
         t.await.unwrap();
     }
     let acked = Arc::try_unwrap(acked).ok().unwrap().into_inner();
-    assert!(acked.registered.len() > 100, "the load ran ({} acked)", acked.registered.len());
+    assert!(
+        acked.registered.len() > 100,
+        "the load ran ({} acked)",
+        acked.registered.len()
+    );
 
     let server = start(dir.path()).await;
     for (id, n) in &acked.registered {
@@ -134,7 +138,10 @@ async fn acknowledged_writes_survive_sigkill() {
     }
     for (counter, last_acked, last_tried) in &acked.counters {
         let r = client
-            .get(format!("{}/api/v1/endpoints/{counter}/metadata", server.base))
+            .get(format!(
+                "{}/api/v1/endpoints/{counter}/metadata",
+                server.base
+            ))
             .send()
             .await
             .unwrap();

@@ -69,7 +69,8 @@ impl TestApp {
 
     /// A request to an API path under `/api/v1`.
     pub fn api(&self, method: Method, path: &str) -> RequestBuilder {
-        self.client.request(method, self.url(&format!("/api/v1{path}")))
+        self.client
+            .request(method, self.url(&format!("/api/v1{path}")))
     }
 
     pub async fn get(&self, path: &str) -> Response {
@@ -92,16 +93,25 @@ impl TestApp {
     /// Registers `id` in `version` with `metadata`, asserting success; returns the body.
     pub async fn register(&self, id: &str, version: &str, metadata: Value) -> Value {
         let r = self
-            .post_endpoint(&json!({"endpointId": id, "appVersion": {"name": version}, "metadata": metadata}))
+            .post_endpoint(
+                &json!({"endpointId": id, "appVersion": {"name": version}, "metadata": metadata}),
+            )
             .await;
-        assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
         r.json().await.unwrap()
     }
 
     pub async fn total(&self, query: &str) -> u64 {
         let r = self.get(&format!("/endpoints?{query}")).await;
         assert_eq!(r.status(), StatusCode::OK);
-        r.json::<Value>().await.unwrap()["totalElements"].as_u64().unwrap()
+        r.json::<Value>().await.unwrap()["totalElements"]
+            .as_u64()
+            .unwrap()
     }
 
     /// Stops the server gracefully and waits for it.
