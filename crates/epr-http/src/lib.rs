@@ -150,7 +150,12 @@ async fn track(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let resp = next.run(req).await;
+    let request_id = req.headers().get("x-request-id").cloned();
+    let mut resp = next.run(req).await;
+    // Echo the caller's request ID; it is also the correlation ID of the events it causes.
+    if let Some(id) = request_id {
+        resp.headers_mut().insert("x-request-id", id);
+    }
     let status = resp.status().as_u16().to_string();
     let secs = started.elapsed().as_secs_f64();
     let labels = [("method", method), ("route", route), ("status", status)];
