@@ -59,6 +59,13 @@ fn read_response(headers: &HeaderMap, body: &impl Serialize, etag: &str) -> Resp
     json_response(StatusCode::OK, body, Some(etag))
 }
 
+fn with_location(mut resp: Response, location: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
 fn no_content(etag: &str) -> Response {
     let mut resp = StatusCode::NO_CONTENT.into_response();
     if let Ok(v) = HeaderValue::from_str(etag) {
@@ -132,7 +139,7 @@ pub async fn register(
         .and_then(|h| h.to_str().ok())
         .unwrap_or("http");
     let location = format!("{scheme}://{host}{base}/endpoints/{}", ep.id);
-    let mut resp = json_response(
+    let resp = json_response(
         StatusCode::CREATED,
         &dto::RegisterResponse {
             endpoint_id: ep.id.to_string(),
@@ -141,10 +148,7 @@ pub async fn register(
         },
         Some(&ep.etag()),
     );
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        resp.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(resp)
+    Ok(with_location(resp, &location))
 }
 
 /// `GET /endpoints`
@@ -487,17 +491,14 @@ pub async fn batch_register(
         "{base}/batch/status?appName={}&taskId={}",
         report.outcome.app, report.outcome.task_id
     );
-    let mut resp = json_response(
+    let resp = json_response(
         StatusCode::ACCEPTED,
         &dto::BatchAccepted {
             task_id: report.outcome.task_id.clone(),
         },
         None,
     );
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        resp.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(resp)
+    Ok(with_location(resp, &location))
 }
 
 /// `GET /endpoints/batch/status?appName=&taskId=`

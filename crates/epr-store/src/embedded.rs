@@ -923,32 +923,24 @@ mod tests {
         .await;
     }
 
+    async fn ep1(store: &EmbeddedStore) -> Endpoint {
+        let t1 = TenantId::parse("t1").unwrap();
+        let id = EndpointId::parse("ep-1").unwrap();
+        store.get(&t1, &id).await.unwrap().unwrap()
+    }
+
     #[tokio::test]
     async fn reopen_keeps_data_and_incarnations_grow() {
         use crate::conformance::CASES;
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
         (CASES[0].1)(store.clone()).await;
-        let before = store
-            .get(
-                &TenantId::parse("t1").unwrap(),
-                &EndpointId::parse("ep-1").unwrap(),
-            )
-            .await
-            .unwrap()
-            .unwrap();
+        let before = ep1(&store).await;
         store.shutdown().await;
         assert!(store.ping().await.is_err(), "writes fail after shutdown");
         drop(store);
         let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
-        let after = store
-            .get(
-                &TenantId::parse("t1").unwrap(),
-                &EndpointId::parse("ep-1").unwrap(),
-            )
-            .await
-            .unwrap()
-            .unwrap();
+        let after = ep1(&store).await;
         assert_eq!(before, after);
         // Incarnations keep growing across restarts, so old entity tags never match again.
         let app = AppName::parse("app").unwrap();

@@ -125,48 +125,18 @@ async fn batch_with_mixed_items_reports_created_and_failed() {
         assert!(f["metadata"].is_string(), "{f}");
         assert!(!f["statusReason"].as_str().unwrap().is_empty(), "{f}");
     }
-    let bad_id = item(failed, "bad id!");
-    assert!(
-        bad_id["statusReason"]
-            .as_str()
-            .unwrap()
-            .contains("endpointId"),
-        "{bad_id}"
-    );
-    assert_eq!(bad_id["metadata"], r#"{"m":1}"#);
-    let pre = item(failed, "pre-existing");
-    assert!(
-        pre["statusReason"]
-            .as_str()
-            .unwrap()
-            .contains("already exists"),
-        "{pre}"
-    );
-    assert_eq!(pre["metadata"], r#"{"orig":false}"#);
-    let dup = item(failed, "dup");
-    assert!(
-        dup["statusReason"]
-            .as_str()
-            .unwrap()
-            .contains("already exists"),
-        "{dup}"
-    );
-    assert_eq!(dup["metadata"], r#"{"second":true}"#);
-    let tok_b = item(failed, "tok-b");
-    assert!(
-        tok_b["statusReason"].as_str().unwrap().contains("token"),
-        "{tok_b}"
-    );
-    assert_eq!(tok_b["metadata"], "{}");
-    let md_bad = item(failed, "md-bad");
-    assert!(
-        md_bad["statusReason"]
-            .as_str()
-            .unwrap()
-            .contains("metadata"),
-        "{md_bad}"
-    );
-    assert_eq!(md_bad["metadata"], "[1,2]");
+    for (id, reason, metadata) in [
+        ("bad id!", "endpointId", r#"{"m":1}"#),
+        ("pre-existing", "already exists", r#"{"orig":false}"#),
+        ("dup", "already exists", r#"{"second":true}"#),
+        ("tok-b", "token", "{}"),
+        ("md-bad", "metadata", "[1,2]"),
+    ] {
+        let f = item(failed, id);
+        let why = f["statusReason"].as_str().unwrap();
+        assert!(why.contains(reason), "{f}");
+        assert_eq!(f["metadata"], metadata, "{f}");
+    }
 
     // Created endpoints are readable, in the batch's version.
     for id in ["given", "dup", "tok-a", "md-null", generated_id.as_str()] {
