@@ -131,10 +131,6 @@ impl Metadata {
         &self.0
     }
 
-    pub fn into_value(self) -> Value {
-        Value::Object(self.0)
-    }
-
     pub fn to_value(&self) -> Value {
         Value::Object(self.0.clone())
     }

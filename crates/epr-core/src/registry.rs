@@ -102,10 +102,6 @@ impl Registry {
         &self.settings.limits
     }
 
-    pub fn settings(&self) -> &RegistrySettings {
-        &self.settings
-    }
-
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }

@@ -34,7 +34,11 @@ fn endpoint_id(raw: &str) -> Result<EndpointId> {
 }
 
 fn json_response(status: StatusCode, body: &impl Serialize, etag: Option<&str>) -> Response {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    json_bytes_response(status, serde_json::to_vec(body).unwrap_or_default(), etag)
+}
+
+/// A JSON answer from already serialised bytes (when the tag is computed from them).
+fn json_bytes_response(status: StatusCode, bytes: Vec<u8>, etag: Option<&str>) -> Response {
     let mut resp = (status, bytes).into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -50,13 +54,17 @@ fn json_response(status: StatusCode, body: &impl Serialize, etag: Option<&str>) 
 /// A read answer honouring `If-None-Match`.
 fn read_response(headers: &HeaderMap, body: &impl Serialize, etag: &str) -> Response {
     if not_modified(headers, etag) {
-        let mut resp = StatusCode::NOT_MODIFIED.into_response();
-        if let Ok(v) = HeaderValue::from_str(etag) {
-            resp.headers_mut().insert(header::ETAG, v);
-        }
-        return resp;
+        return not_modified_response(etag);
     }
     json_response(StatusCode::OK, body, Some(etag))
+}
+
+fn not_modified_response(etag: &str) -> Response {
+    let mut resp = StatusCode::NOT_MODIFIED.into_response();
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
 }
 
 fn with_location(mut resp: Response, location: &str) -> Response {
@@ -212,18 +220,9 @@ pub async fn list(
     let bytes = serde_json::to_vec(&dto).unwrap_or_default();
     let etag = body_etag(&bytes);
     if not_modified(&headers, &etag) {
-        return Ok(read_response(&headers, &(), &etag));
+        return Ok(not_modified_response(&etag));
     }
-    let mut resp = (StatusCode::OK, bytes).into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Ok(v) = HeaderValue::from_str(&etag) {
-        h.insert(header::ETAG, v);
-    }
-    Ok(resp)
+    Ok(json_bytes_response(StatusCode::OK, bytes, Some(&etag)))
 }
 
 /// A weak tag over a computed body: equal bodies, equal tags.

@@ -8,7 +8,7 @@ use anyhow::Context;
 use epr_core::ports::{Clock, IdSource, Store};
 use epr_core::registry::Registry;
 use epr_core::Timestamp;
-use epr_http::{AppState, HttpSettings, MetricsRenderer};
+use epr_http::{AppState, HttpSettings};
 use epr_store::{EmbeddedConfig, EmbeddedStore};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -125,7 +125,7 @@ impl Application {
             let _ = tcp.set_nodelay(true);
         });
         let ready = self.ready.clone();
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let signal = async move {
             shutdown.await;
             ready.store(false, Ordering::Release);
@@ -135,12 +135,11 @@ impl Application {
         self.ready.store(true, Ordering::Release);
         tracing::info!(addr = %self.addr, "EPR listening");
         let server = axum::serve(listener, self.router).with_graceful_shutdown(signal);
-        let mut stop_rx2 = stop_rx.clone();
         let timeout = self.shutdown_timeout;
         let result = tokio::select! {
             r = server => r.context("HTTP server failed"),
             _ = async move {
-                let _ = stop_rx2.wait_for(|v| *v).await;
+                let _ = stop_rx.wait_for(|v| *v).await;
                 tokio::time::sleep(timeout).await;
             } => {
                 tracing::warn!("in-flight requests did not finish within the shutdown timeout");
@@ -174,6 +173,3 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
 }
-
-/// For tests: the metrics renderer type re-exported.
-pub type Metrics = MetricsRenderer;
