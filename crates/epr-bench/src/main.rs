@@ -156,7 +156,7 @@ impl Worker {
         let mut new_id = None;
         let method = match phase {
             Phase::Health => {
-                self.path.push_str("/health");
+                self.path.push_str("/health/live");
                 "GET"
             }
             Phase::Register => {

@@ -134,7 +134,13 @@ pub fn plan(
                 version: 1,
                 metadata_version: 1,
             };
-            let events = vec![event(&ep, EventKind::Registered)];
+            // Initial metadata is a metadata change too (15/EME: "any change"): consumers
+            // that track metadata from events would otherwise never learn it.
+            let mut events = vec![event(&ep, EventKind::Registered)];
+            let initial = MetadataDiff::between(&Metadata::empty(), &ep.metadata);
+            if !initial.is_empty() {
+                events.push(event(&ep, EventKind::MetadataUpdated(initial)));
+            }
             Ok(Plan {
                 effect: Effect::Insert(ep),
                 events,
@@ -264,6 +270,7 @@ mod tests {
     use super::*;
     use crate::ids::EndpointToken;
     use serde_json::json;
+    use std::collections::BTreeMap;
 
     fn ctx() -> WriteCtx {
         WriteCtx {
@@ -283,8 +290,29 @@ mod tests {
             metadata: Metadata::parse(md, "metadata", &Limits::default()).unwrap(),
             token_hash: EndpointToken::parse("t").unwrap().hash(&app),
         };
+        let has_metadata = !reg.metadata.as_map().is_empty();
         let p = plan(None, &Command::Register(reg), &ctx(), 7).unwrap();
-        assert_eq!(p.events.len(), 1);
+        assert_eq!(p.events[0].kind, EventKind::Registered);
+        // Initial metadata is announced as added keys, right after `registered`.
+        match &p.events[1..] {
+            [] => assert!(!has_metadata),
+            [e] => match &e.kind {
+                EventKind::MetadataUpdated(d) => {
+                    assert!(has_metadata);
+                    let all: BTreeMap<_, _> = p
+                        .effect
+                        .endpoint()
+                        .metadata
+                        .as_map()
+                        .clone()
+                        .into_iter()
+                        .collect();
+                    assert_eq!(d.added, all);
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            more => panic!("unexpected events {more:?}"),
+        }
         p.effect.endpoint().clone()
     }
 

@@ -121,9 +121,23 @@ pub trait Store: Send + Sync {
     /// Marks events delivered (they may then be deleted).
     async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError>;
 
+    /// Number of undelivered events (for metrics and health; may be approximate).
+    async fn outbox_depth(&self) -> Result<u64, StoreError>;
+
+    /// Registers a callback run after every commit that appended events, so a relay can
+    /// publish at once instead of polling. Replaces any earlier waker. Backends that cannot
+    /// tell keep the default (no call): the relay's polling still finds the events.
+    fn set_outbox_waker(&self, waker: OutboxWaker) {
+        let _ = waker;
+    }
+
     /// Readiness probe: the store can serve reads and writes.
     async fn ping(&self) -> Result<(), StoreError>;
 }
+
+/// Called by a store after a commit appended events. Must be cheap and must not block: it runs
+/// on the store's commit path.
+pub type OutboxWaker = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// Wall-clock time, injected so tests control it.
 pub trait Clock: Send + Sync {

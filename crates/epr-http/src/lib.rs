@@ -42,6 +42,21 @@ impl Default for HttpSettings {
     }
 }
 
+/// A dependency that health reports on (NATS), beside the store. It is informative: the
+/// service keeps serving while it is down (events wait in the outbox), so it does not make
+/// readiness fail.
+pub trait HealthComponent: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// `UP`, `DOWN` or `DISABLED`, and details for the readiness body.
+    fn check(&self) -> ComponentHealth;
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComponentHealth {
+    pub status: &'static str,
+    pub details: serde_json::Value,
+}
+
 /// Shared state of all handlers.
 #[derive(Clone)]
 pub struct AppState {
@@ -52,6 +67,8 @@ pub struct AppState {
     /// False while starting and once shutdown begins; readiness reports it.
     pub ready: Arc<AtomicBool>,
     pub metrics: Option<MetricsRenderer>,
+    /// Reported by `/health` and `/health/ready`.
+    pub components: Vec<Arc<dyn HealthComponent>>,
 }
 
 /// Every API route as (method, path template) relative to the API prefix. The OpenAPI
@@ -126,7 +143,7 @@ fn api() -> Router<AppState> {
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
     let mut app = Router::new()
-        .route("/health", get(ops::live))
+        .route("/health", get(ops::health))
         .route("/health/live", get(ops::live))
         .route("/health/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))

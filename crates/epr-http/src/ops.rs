@@ -28,17 +28,52 @@ pub async fn live() -> Response {
         .into_response()
 }
 
-/// Readiness: started, not shutting down, and the store answers.
+/// Health: the process serves HTTP, with the state of each component (NATS). Cheap: no
+/// store round trip (that is readiness).
+pub async fn health(State(s): State<AppState>) -> Response {
+    let mut components = serde_json::Map::new();
+    for c in &s.components {
+        components.insert(c.name().to_owned(), json!(c.check().status));
+    }
+    let body = json!({
+        "status": "UP",
+        "version": env!("CARGO_PKG_VERSION"),
+        "components": components,
+    });
+    axum::Json(body).into_response()
+}
+
+/// Readiness: started, not shutting down, and the store answers. Components (NATS) are
+/// reported with details but do not decide readiness: writes are accepted while NATS is
+/// down and their events wait in the outbox.
 pub async fn ready(State(s): State<AppState>) -> Response {
     let accepting = s.ready.load(Ordering::Acquire);
     let store = s.registry.store().ping().await;
     let up = accepting && store.is_ok();
+    let mut checks = serde_json::Map::new();
+    checks.insert(
+        "accepting".into(),
+        json!(if accepting { "UP" } else { "DOWN" }),
+    );
+    checks.insert(
+        "store".into(),
+        json!(match &store {
+            Ok(()) => "UP".to_owned(),
+            Err(e) => format!("DOWN: {e}"),
+        }),
+    );
+    let mut components = serde_json::Map::new();
+    for c in &s.components {
+        let h = c.check();
+        components.insert(
+            c.name().to_owned(),
+            json!({"status": h.status, "details": h.details}),
+        );
+    }
     let body = json!({
         "status": if up { "UP" } else { "DOWN" },
-        "checks": {
-            "accepting": if accepting { "UP" } else { "DOWN" },
-            "store": match &store { Ok(()) => "UP".to_owned(), Err(e) => format!("DOWN: {e}") },
-        }
+        "checks": checks,
+        "components": components,
     });
     let status = if up {
         StatusCode::OK

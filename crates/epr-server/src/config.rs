@@ -24,7 +24,49 @@ pub struct Settings {
     pub registration: RegistrationSettings,
     pub tenant: TenantSettings,
     pub log: LogSettings,
+    pub service: ServiceSettings,
+    pub nats: NatsConfig,
     pub kaa: KaaSettings,
+}
+
+/// Identity on the Kaa message bus (3/ISM).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceSettings {
+    /// The service instance name: the `{originator}` token of event subjects, the
+    /// `kaa.v1.service.{instance}` request subjects, and the queue group of replicas.
+    pub instance_name: String,
+    /// This replica's ID (`originatorReplicaId`). Empty: `$HOSTNAME` (the pod name under
+    /// Kubernetes), else a random ID chosen at start.
+    pub replica_id: String,
+}
+
+/// NATS: where events go and where requests come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated. Empty: NATS is off, events are not published (they
+    /// are removed from the outbox and counted) and no requests are served.
+    pub url: String,
+    /// Publish events through JetStream and drop them from the outbox only on the stream's
+    /// acknowledgement (a stream must capture `kaa.v1.events.{instance}.>`).
+    pub jetstream: bool,
+    /// Most events published per relay round.
+    pub publish_batch: usize,
+    /// Longest wait for NATS to confirm a batch, in milliseconds.
+    pub confirm_timeout_ms: u64,
+    /// Longest pause between publish retries and reconnection attempts, in milliseconds.
+    pub max_backoff_ms: u64,
+    /// Messages a subscription may buffer; beyond it the client drops (slow consumer).
+    pub subscription_capacity: usize,
+    /// Requests and connected events handled at once.
+    pub max_in_flight: usize,
+    /// Handle 9/ELCE `connected` events (update app versions).
+    pub connected_listener: bool,
+    /// Serve 19/EPMMP requests.
+    pub epmmp: bool,
+    /// Metadata keys that 19/EPMMP may not create or change (answered with 403).
+    pub restricted_metadata_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +185,32 @@ impl Default for TenantSettings {
     }
 }
 
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            instance_name: "epr".into(),
+            replica_id: String::new(),
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            jetstream: false,
+            publish_batch: 1024,
+            confirm_timeout_ms: 5000,
+            max_backoff_ms: 5000,
+            subscription_capacity: 1 << 20,
+            max_in_flight: 256,
+            connected_listener: true,
+            epmmp: true,
+            restricted_metadata_keys: Vec::new(),
+        }
+    }
+}
+
 impl Default for LogSettings {
     fn default() -> Self {
         Self {
@@ -220,7 +288,36 @@ impl Settings {
         if self.limits.batch_max_items == 0 {
             bail!("limits.batch_max_items must be at least 1");
         }
+        subject_token("service.instance_name", &self.service.instance_name)?;
+        if !self.service.replica_id.is_empty() {
+            subject_token("service.replica_id", &self.service.replica_id)?;
+        }
+        if self.nats.publish_batch == 0 || self.nats.max_in_flight == 0 {
+            bail!("nats.publish_batch and nats.max_in_flight must be at least 1");
+        }
+        if self.nats.subscription_capacity < 1024 {
+            bail!("nats.subscription_capacity must be at least 1024");
+        }
         Ok(())
+    }
+
+    /// The replica ID in effect: configured, else `$HOSTNAME`, else random (chosen once).
+    pub fn replica_id(&self) -> String {
+        static RANDOM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        if !self.service.replica_id.is_empty() {
+            return self.service.replica_id.clone();
+        }
+        std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| subject_token("HOSTNAME", h).is_ok())
+            .unwrap_or_else(|| {
+                RANDOM
+                    .get_or_init(|| {
+                        let id = uuid::Uuid::new_v4().simple().to_string();
+                        format!("{}-{}", self.service.instance_name, &id[..12])
+                    })
+                    .clone()
+            })
     }
 
     pub fn listen_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -262,6 +359,19 @@ impl Settings {
     }
 }
 
+/// Names that become one NATS subject token (or a queue group) must not split or widen
+/// the subject.
+fn subject_token(key: &str, value: &str) -> anyhow::Result<()> {
+    if value.is_empty()
+        || value
+            .chars()
+            .any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace())
+    {
+        bail!("{key} '{value}' must be one NATS subject token: non-empty, without '.', '*', '>' or spaces");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +407,12 @@ mod tests {
         let err = Settings::load(Some(&file)).unwrap_err();
         assert!(
             format!("{err:#}").contains("kaa.applications.Bad"),
+            "{err:#}"
+        );
+        std::fs::write(&file, "service:\n  instance_name: a.b\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("service.instance_name"),
             "{err:#}"
         );
     }

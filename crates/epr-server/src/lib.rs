@@ -8,11 +8,12 @@ use anyhow::Context;
 use epr_core::ports::{Clock, IdSource, Store};
 use epr_core::registry::Registry;
 use epr_core::Timestamp;
-use epr_http::{AppState, HttpSettings};
+use epr_http::{AppState, ComponentHealth, HealthComponent, HttpSettings};
+use epr_nats::{ConnectionState, Nats, NatsSettings, Relay, RelaySettings, Sink};
 use epr_store::{EmbeddedConfig, EmbeddedStore};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,12 +46,50 @@ impl IdSource for UuidIds {
     }
 }
 
+/// Health of the NATS connection, with the outbox depth (events not yet published).
+struct NatsHealth {
+    url: String,
+    state: Option<Arc<ConnectionState>>,
+    outbox_depth: Arc<AtomicU64>,
+}
+
+impl HealthComponent for NatsHealth {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    fn check(&self) -> ComponentHealth {
+        let depth = self.outbox_depth.load(Ordering::Relaxed);
+        match &self.state {
+            None => ComponentHealth {
+                status: "DISABLED",
+                details: serde_json::json!({
+                    "reason": "nats.url is not set: events are not published",
+                }),
+            },
+            Some(state) => ComponentHealth {
+                status: if state.is_connected() { "UP" } else { "DOWN" },
+                details: serde_json::json!({
+                    "url": self.url,
+                    "outboxDepth": depth,
+                    "lastError": state.last_error(),
+                    "slowConsumerEvents": state.slow_consumer_events(),
+                }),
+            },
+        }
+    }
+}
+
+/// How long shutdown keeps publishing queued events before leaving them for the next start.
+const RELAY_DRAIN_LIMIT: Duration = Duration::from_secs(3);
+
 /// A built, bound, not yet running server.
 pub struct Application {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     router: axum::Router,
     store: Arc<EmbeddedStore>,
+    relay: Relay,
     ready: Arc<AtomicBool>,
     shutdown_timeout: Duration,
 }
@@ -81,6 +120,46 @@ impl Application {
             Arc::new(SystemClock),
             Arc::new(UuidIds),
         ));
+        let nats = if settings.nats.url.is_empty() {
+            tracing::warn!(
+                "nats.url is not set: events are not published and no NATS requests are served"
+            );
+            None
+        } else {
+            let nats_settings = NatsSettings {
+                url: settings.nats.url.clone(),
+                client_name: format!(
+                    "{}/{}",
+                    settings.service.instance_name,
+                    settings.replica_id()
+                ),
+                subscription_capacity: settings.nats.subscription_capacity,
+                max_reconnect_delay: Duration::from_millis(settings.nats.max_backoff_ms),
+            };
+            Some(
+                Nats::connect(&nats_settings)
+                    .await
+                    .with_context(|| format!("nats.url '{}'", settings.nats.url))?,
+            )
+        };
+        let mut relay_settings = RelaySettings::new(epr_events::Originator {
+            instance_name: settings.service.instance_name.clone(),
+            replica_id: settings.replica_id(),
+        });
+        relay_settings.batch = settings.nats.publish_batch;
+        relay_settings.jetstream = settings.nats.jetstream;
+        relay_settings.confirm_timeout = Duration::from_millis(settings.nats.confirm_timeout_ms);
+        relay_settings.max_backoff = Duration::from_millis(settings.nats.max_backoff_ms);
+        let sink = match &nats {
+            Some(n) => Sink::Nats(n.clone()),
+            None => Sink::Discard,
+        };
+        let relay = Relay::new(store.clone() as Arc<dyn Store>, sink, relay_settings);
+        let nats_health = NatsHealth {
+            url: settings.nats.url.clone(),
+            state: nats.as_ref().map(|n| n.state.clone()),
+            outbox_depth: relay.depth(),
+        };
         let ready = Arc::new(AtomicBool::new(false));
         let state = AppState {
             registry,
@@ -92,6 +171,7 @@ impl Application {
             },
             ready: ready.clone(),
             metrics: Some(telemetry::metrics_renderer()),
+            components: vec![Arc::new(nats_health)],
         };
         let router = epr_http::router(state);
         let listener = tokio::net::TcpListener::bind(settings.listen_addr()?)
@@ -103,6 +183,7 @@ impl Application {
             addr,
             router,
             store,
+            relay,
             ready,
             shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_secs),
         })
@@ -125,6 +206,8 @@ impl Application {
             let _ = tcp.set_nodelay(true);
         });
         let ready = self.ready.clone();
+        let (relay_stop_tx, relay_stop) = tokio::sync::watch::channel(false);
+        let relay = tokio::spawn(self.relay.run(relay_stop, RELAY_DRAIN_LIMIT));
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let signal = async move {
             shutdown.await;
@@ -146,6 +229,10 @@ impl Application {
                 Ok(())
             }
         };
+        // Publish what the last requests committed while the store can still acknowledge;
+        // anything left goes out at the next start.
+        let _ = relay_stop_tx.send(true);
+        let _ = relay.await;
         self.store.shutdown().await;
         tracing::info!("stopped");
         result

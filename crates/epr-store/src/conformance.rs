@@ -133,9 +133,16 @@ async fn register_then_get(s: Arc<dyn Store>) {
     assert_eq!(got.created, Timestamp(1_700_000_000_000));
     assert!(s.get(&tenant("t1"), &id("nope")).await.unwrap().is_none());
     let out = s.outbox_pending(10).await.unwrap();
-    assert_eq!(out.len(), 1);
+    assert_eq!(out.len(), 2, "registered, then the initial metadata");
     assert_eq!(out[0].event.kind, EventKind::Registered);
     assert_eq!(out[0].event.correlation_id, "corr-1");
+    match &out[1].event.kind {
+        EventKind::MetadataUpdated(d) => {
+            assert_eq!(d.added.len(), 2);
+            assert!(d.removed.is_empty() && d.updated.is_empty());
+        }
+        other => panic!("expected metadata.updated, got {other:?}"),
+    }
 }
 
 async fn duplicate_id_is_refused(s: Arc<dyn Store>) {
@@ -161,8 +168,8 @@ async fn duplicate_id_is_refused(s: Arc<dyn Store>) {
     );
     assert_eq!(
         s.outbox_pending(10).await.unwrap().len(),
-        1,
-        "no event for a refusal"
+        2,
+        "registered + initial metadata of the first; no event for a refusal"
     );
 }
 
@@ -256,8 +263,12 @@ async fn metadata_updates(s: Arc<dyn Store>) {
     assert_eq!(got.metadata.to_value(), json!({"b": 3, "c": "x"}));
     assert_eq!(got.metadata_version, 3);
     let events = s.outbox_pending(10).await.unwrap();
-    assert_eq!(events.len(), 3, "registered + two real changes");
-    match &events[2].event.kind {
+    assert_eq!(
+        events.len(),
+        4,
+        "registered + initial metadata + two real changes"
+    );
+    match &events[3].event.kind {
         EventKind::MetadataUpdated(d) => {
             assert_eq!(d.removed.get("a"), Some(&json!(1)));
             assert_eq!(d.updated.get("b"), Some(&(json!(2), json!(3))));
@@ -585,6 +596,7 @@ async fn outbox_order_and_ack(s: Arc<dyn Store>) {
         .map(|e| e.event.endpoint_id.to_string())
         .collect();
     assert_eq!(ids, vec!["e0", "e1", "e2"]);
+    assert_eq!(s.outbox_depth().await.unwrap(), 5);
     s.outbox_ack(&first.iter().map(|e| e.id).collect::<Vec<_>>())
         .await
         .unwrap();
@@ -594,6 +606,12 @@ async fn outbox_order_and_ack(s: Arc<dyn Store>) {
         .map(|e| e.event.endpoint_id.to_string())
         .collect();
     assert_eq!(ids, vec!["e3", "e4"]);
+    assert_eq!(s.outbox_depth().await.unwrap(), 2);
+    // Acknowledging twice (a relay retrying after a lost answer) is harmless.
+    s.outbox_ack(&first.iter().map(|e| e.id).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(s.outbox_depth().await.unwrap(), 2);
 }
 
 async fn concurrent_writes(s: Arc<dyn Store>) {
@@ -631,5 +649,6 @@ async fn concurrent_writes(s: Arc<dyn Store>) {
         .items
         .iter()
         .all(|e| e.metadata.get("j") == e.metadata.get("i")));
-    assert_eq!(s.outbox_pending(1000).await.unwrap().len(), 400);
+    // registered + initial metadata + one update, per endpoint
+    assert_eq!(s.outbox_pending(1000).await.unwrap().len(), 600);
 }

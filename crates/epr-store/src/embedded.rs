@@ -3,8 +3,9 @@
 //!
 //! Writes go through one writer thread that drains its queue and commits everything queued
 //! in one transaction (group commit): a durable commit costs one fsync, so batching is what
-//! lifts throughput above the few thousand commits per second a disk allows. Each command
-//! runs in its own savepoint, so a refused command does not affect its neighbours. Reads use
+//! lifts throughput above the few thousand commits per second a disk allows. Every command
+//! checks all its rules before its first write, so a refused command leaves nothing behind
+//! and does not affect its neighbours. Reads use
 //! a pool of read-only connections on blocking threads; WAL lets them run beside the writer.
 
 use crate::codec;
@@ -15,7 +16,8 @@ use epr_core::event::DomainEvent;
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use epr_core::metadata::Metadata;
 use epr_core::ports::{
-    BatchCreated, BatchFailed, BatchOutcome, BatchRequest, OutboxEntry, Store, StoreError,
+    BatchCreated, BatchFailed, BatchOutcome, BatchRequest, OutboxEntry, OutboxWaker, Store,
+    StoreError,
 };
 use epr_core::query::{EndpointQuery, Page, PageRequest};
 use epr_core::{DomainError, Timestamp};
@@ -113,6 +115,7 @@ pub struct EmbeddedStore {
     readers: Arc<ReaderPool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     stop_checkpointer: Arc<std::sync::atomic::AtomicBool>,
+    waker: Arc<Mutex<Option<OutboxWaker>>>,
 }
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -153,7 +156,9 @@ impl EmbeddedStore {
             keep: config.readers,
         });
         let (tx, rx) = mpsc::channel(config.max_group.max(1) * 4);
+        let waker: Arc<Mutex<Option<OutboxWaker>>> = Arc::default();
         let mut writer = Writer {
+            waker: waker.clone(),
             conn,
             next_incarnation,
             max_group: config.max_group.max(1),
@@ -180,6 +185,7 @@ impl EmbeddedStore {
             readers,
             writer: Mutex::new(Some(handle)),
             stop_checkpointer,
+            waker,
         })
     }
 
@@ -367,6 +373,8 @@ struct Writer {
     max_group: usize,
     batch_retention_ms: i64,
     last_prune: Option<Instant>,
+    /// Told after a commit that appended events (the outbox relay's wake-up).
+    waker: Arc<Mutex<Option<OutboxWaker>>>,
 }
 
 /// A job's answer, held until the group commits.
@@ -450,11 +458,13 @@ impl Writer {
         // nothing behind and needs no savepoint. An unexpected SQLite error mid-command
         // aborts the whole group: nothing in it was acknowledged, all of it is rolled back.
         let mut failure: Option<String> = None;
+        let mut appended = false;
         for job in jobs {
             if let Some(msg) = &failure {
                 reply_unavailable(job, msg);
                 continue;
             }
+            appended |= matches!(job, Job::Execute(..) | Job::Batch(..));
             let outcome = match job {
                 Job::Execute(cmd, ctx, reply) => {
                     let inc = self.next_incarnation;
@@ -494,7 +504,12 @@ impl Writer {
             }
         }
         match tx.commit() {
-            Ok(()) => pending.into_iter().for_each(Pending::deliver),
+            Ok(()) => {
+                pending.into_iter().for_each(Pending::deliver);
+                if appended {
+                    self.wake_relay();
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed");
                 let msg = format!("commit failed: {e}");
@@ -503,6 +518,15 @@ impl Writer {
         }
         metrics::histogram!("epr_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("epr_store_commit_group_size").record(size as f64);
+    }
+}
+
+impl Writer {
+    fn wake_relay(&self) {
+        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(wake) = waker {
+            wake();
+        }
     }
 }
 
@@ -895,6 +919,19 @@ impl Store for EmbeddedStore {
     async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError> {
         let ids = ids.to_vec();
         self.send(|r| Job::OutboxAck(ids, r)).await
+    }
+
+    async fn outbox_depth(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))
+                .map(|n| n.max(0) as u64)
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    fn set_outbox_waker(&self, waker: OutboxWaker) {
+        *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker);
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

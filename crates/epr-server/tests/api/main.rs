@@ -4,6 +4,8 @@
 mod batch;
 mod crash;
 mod endpoints;
+mod events;
 mod helpers;
 mod metadata;
+mod nats_support;
 mod ops;

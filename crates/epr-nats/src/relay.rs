@@ -1,0 +1,284 @@
+//! The outbox relay: publishes the events that the store committed with each change, in
+//! commit order, and deletes them from the outbox only once NATS has them.
+//!
+//! Delivery is at least once. An event is removed from the outbox only after its batch is
+//! confirmed: with core NATS, after the client flushed it and a request on the same
+//! connection came back from the server (the server handles a connection's messages in
+//! order, so every earlier publish reached it); with JetStream, after the stream acked every
+//! message. A failed or unconfirmed batch is published again from its first event, so a
+//! consumer can see an event twice after a failure, but never a later event of an endpoint
+//! before an earlier one on the first delivery. While NATS is down nothing is published:
+//! events wait in the outbox and go out, in order, after reconnection.
+
+use crate::connection::Nats;
+use epr_core::ports::{OutboxEntry, Store, StoreError};
+use epr_events::Originator;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+
+/// How events leave the outbox.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub origin: Originator,
+    /// Most events read and published per round.
+    pub batch: usize,
+    /// Publish through JetStream and wait for the stream's acknowledgement.
+    pub jetstream: bool,
+    /// Longest wait for a batch's confirmation (flush round trip or JetStream acks).
+    pub confirm_timeout: Duration,
+    /// Longest pause between retries while publishing fails.
+    pub max_backoff: Duration,
+    /// How often the outbox is read even without a wake-up (covers writes from another
+    /// process and any missed signal).
+    pub poll_interval: Duration,
+}
+
+impl RelaySettings {
+    pub fn new(origin: Originator) -> Self {
+        Self {
+            origin,
+            batch: 1024,
+            jetstream: false,
+            confirm_timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(5),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Where the relay sends events.
+pub enum Sink {
+    Nats(Nats),
+    /// Events are not published (no NATS configured): they are removed from the outbox and
+    /// counted, so the outbox does not grow without bound.
+    Discard,
+}
+
+/// Why a batch was not confirmed.
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    #[error("NATS is not connected")]
+    NotConnected,
+    #[error("publish failed: {0}")]
+    Publish(String),
+    #[error("no confirmation within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The running relay. Stops when `stop` turns true, after one last attempt to drain.
+pub struct Relay {
+    store: Arc<dyn Store>,
+    sink: Sink,
+    settings: RelaySettings,
+    wake: Arc<Notify>,
+    depth: Arc<AtomicU64>,
+}
+
+impl Relay {
+    /// Builds the relay and registers its wake-up with the store.
+    pub fn new(store: Arc<dyn Store>, sink: Sink, settings: RelaySettings) -> Self {
+        let wake = Arc::new(Notify::new());
+        let waker = wake.clone();
+        store.set_outbox_waker(Arc::new(move || waker.notify_one()));
+        Self {
+            store,
+            sink,
+            settings,
+            wake,
+            depth: Arc::default(),
+        }
+    }
+
+    /// The outbox depth as last sampled (every 2 s), for health.
+    pub fn depth(&self) -> Arc<AtomicU64> {
+        self.depth.clone()
+    }
+
+    /// Publishes until `stop` is set; then drains what it can within `drain_limit`.
+    pub async fn run(self, mut stop: watch::Receiver<bool>, drain_limit: Duration) {
+        let mut backoff = Duration::ZERO;
+        let mut last_depth = Instant::now() - Duration::from_secs(60);
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            if last_depth.elapsed() >= Duration::from_secs(2) {
+                last_depth = Instant::now();
+                if let Ok(depth) = self.store.outbox_depth().await {
+                    self.depth.store(depth, Ordering::Relaxed);
+                    metrics::gauge!("epr_outbox_depth").set(depth as f64);
+                }
+            }
+            match self.round().await {
+                Ok(n) if n >= self.settings.batch => {
+                    backoff = Duration::ZERO;
+                    continue; // more are waiting
+                }
+                Ok(_) => {
+                    backoff = Duration::ZERO;
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+                Err(e) => {
+                    backoff = (backoff * 2)
+                        .max(Duration::from_millis(50))
+                        .min(self.settings.max_backoff);
+                    if !matches!(e, PublishError::NotConnected) {
+                        metrics::counter!("epr_events_publish_failures_total").increment(1);
+                        tracing::warn!(error = %e, retry_in = ?backoff, "event publishing failed");
+                    }
+                    let reconnected = async {
+                        match &self.sink {
+                            Sink::Nats(n) => {
+                                n.state.wait_connected(backoff).await;
+                                // A fresh connection still gets the rest of the backoff for
+                                // non-connection errors, so a failing stream is not hammered.
+                                if !matches!(e, PublishError::NotConnected) {
+                                    tokio::time::sleep(backoff).await;
+                                }
+                            }
+                            Sink::Discard => tokio::time::sleep(backoff).await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = reconnected => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+        }
+        let deadline = Instant::now() + drain_limit;
+        while Instant::now() < deadline {
+            match tokio::time::timeout(deadline - Instant::now(), self.round()).await {
+                Ok(Ok(n)) if n >= self.settings.batch => continue,
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "events left in the outbox for the next start");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Reads one batch, publishes and confirms it, then removes it from the outbox.
+    /// Returns how many events were handled.
+    async fn round(&self) -> Result<usize, PublishError> {
+        if let Sink::Nats(n) = &self.sink {
+            if !n.state.is_connected() {
+                return Err(PublishError::NotConnected);
+            }
+        }
+        let batch = self.store.outbox_pending(self.settings.batch).await?;
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let handled = batch.len();
+        let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
+        match &self.sink {
+            Sink::Discard => {
+                metrics::counter!("epr_events_discarded_total").increment(handled as u64);
+            }
+            Sink::Nats(n) => {
+                let sent = self.publish(n, &batch).await?;
+                metrics::counter!("epr_events_published_total").increment(sent as u64);
+                record_lag(&batch);
+            }
+        }
+        self.store.outbox_ack(&ids).await?;
+        Ok(handled)
+    }
+
+    /// Publishes the batch in order and waits for its confirmation. Returns the number of
+    /// messages published; events that cannot be encoded are logged, counted and skipped
+    /// (they would block every later event forever).
+    async fn publish(&self, nats: &Nats, batch: &[OutboxEntry]) -> Result<usize, PublishError> {
+        let limit = self.settings.confirm_timeout;
+        let mut sent = 0;
+        let js = self
+            .settings
+            .jetstream
+            .then(|| async_nats::jetstream::new(nats.client.clone()));
+        let mut acks = Vec::new();
+        for entry in batch {
+            let encoded = match epr_events::encode(&entry.event, &self.settings.origin) {
+                Ok(e) => e,
+                Err(e) => {
+                    metrics::counter!("epr_events_undeliverable_total").increment(1);
+                    tracing::error!(outbox_id = entry.id, error = %e, endpoint = %entry.event.endpoint_id,
+                        "event cannot be encoded; it is dropped");
+                    continue;
+                }
+            };
+            let publish = async {
+                match &js {
+                    Some(js) => js
+                        .publish(encoded.subject, encoded.payload.into())
+                        .await
+                        .map(|ack| acks.push(ack))
+                        .map_err(|e| PublishError::Publish(e.to_string())),
+                    None => nats
+                        .client
+                        .publish(encoded.subject, encoded.payload.into())
+                        .await
+                        .map_err(|e| PublishError::Publish(e.to_string())),
+                }
+            };
+            // The client's buffer is bounded; if the connection is gone a publish can wait.
+            tokio::time::timeout(limit, publish)
+                .await
+                .map_err(|_| PublishError::Timeout(limit))??;
+            sent += 1;
+        }
+        let confirm = async {
+            if js.is_some() {
+                for ack in acks {
+                    ack.await
+                        .map_err(|e| PublishError::Publish(e.to_string()))?;
+                }
+                Ok(())
+            } else {
+                confirm_core(nats).await
+            }
+        };
+        tokio::time::timeout(limit, confirm)
+            .await
+            .map_err(|_| PublishError::Timeout(limit))??;
+        Ok(sent)
+    }
+}
+
+/// Confirms that the server has read everything published so far on this connection: a
+/// request to a subject nobody serves comes back as "no responders" from the server itself,
+/// and the server processes a connection's messages in order.
+async fn confirm_core(nats: &Nats) -> Result<(), PublishError> {
+    use async_nats::RequestErrorKind;
+    let inbox = nats.client.new_inbox();
+    match nats.client.request(inbox, bytes::Bytes::new()).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+        Err(e) => Err(PublishError::Publish(format!("confirmation failed: {e}"))),
+    }
+}
+
+fn record_lag(batch: &[OutboxEntry]) {
+    let now = now_millis();
+    for e in batch {
+        let lag = (now - e.event.timestamp.millis()).max(0) as f64 / 1000.0;
+        metrics::histogram!("epr_events_publish_lag_seconds").record(lag);
+    }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
