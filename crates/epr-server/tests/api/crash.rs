@@ -1,6 +1,7 @@
 //! Durability under `kill -9`: a child server process under concurrent write load is killed
 //! with SIGKILL; after a restart on the same data directory, every write that was
-//! acknowledged with a 2xx is present and intact.
+//! acknowledged with a 2xx is present and intact, and (with NATS) every event of every
+//! acknowledged write is published.
 
 use serde_json::{json, Value};
 use std::path::Path;
@@ -29,12 +30,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start(data_dir: &Path) -> Server {
+async fn start(data_dir: &Path, env: &[(&str, String)]) -> Server {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_epr"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .arg("--data-dir")
         .arg(data_dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("EPR_APPLICATIONS", "crash:crash-v1")
         .env("EPR__LOG__LEVEL", "warn")
         .env_remove("EPR_CONFIG")
@@ -65,10 +67,10 @@ struct Acked {
     counters: Vec<(String, u64, u64)>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_writes_survive_sigkill() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path()).await;
+/// Runs 16 writers against `server` (each: registrations with metadata, and a counter key
+/// updated after each one), kills the server with SIGKILL after 1.5 s, and returns what was
+/// acknowledged.
+async fn load_then_kill(server: Server) -> Acked {
     let acked = Arc::new(Mutex::new(Acked::default()));
     let client = reqwest::Client::new();
     let writers = 16;
@@ -124,8 +126,15 @@ async fn acknowledged_writes_survive_sigkill() {
         "the load ran ({} acked)",
         acked.registered.len()
     );
+    acked
+}
 
-    let server = start(dir.path()).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let acked = load_then_kill(start(dir.path(), &[]).await).await;
+    let client = reqwest::Client::new();
+    let server = start(dir.path(), &[]).await;
     for (id, n) in &acked.registered {
         let r = client
             .get(format!("{}/api/v1/endpoints/{id}/metadata", server.base))
@@ -154,6 +163,84 @@ async fn acknowledged_writes_survive_sigkill() {
     }
     eprintln!(
         "crash test: {} acknowledged registrations and {} counters verified after SIGKILL",
+        acked.registered.len(),
+        acked.counters.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_acknowledged_writes_are_published_after_sigkill() {
+    use crate::nats_support::{
+        capture_stream, stream_messages, unique_instance, Event, PrivateNats,
+    };
+    use std::collections::{HashMap, HashSet};
+    let dir = tempfile::tempdir().unwrap();
+    let nats_dir = tempfile::tempdir().unwrap();
+    let nats = PrivateNats::start(nats_dir.path());
+    let instance = unique_instance("crash");
+    let observer = nats.client().await;
+    let mut stream = capture_stream(&observer, "CRASH", &instance).await;
+    let env = [
+        ("EPR__NATS__URL", nats.url()),
+        ("EPR__SERVICE__INSTANCE_NAME", instance.clone()),
+    ];
+    let acked = load_then_kill(start(dir.path(), &env).await).await;
+    // Restart: the relay publishes whatever the killed process left in the outbox.
+    let _server = start(dir.path(), &env).await;
+    let wanted: HashSet<&str> = acked.registered.iter().map(|(id, _)| id.as_str()).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (registered, seqs) = loop {
+        let mut registered = HashSet::new();
+        // counter → every `seq` value announced by a metadata.updated event
+        let mut seqs: HashMap<String, HashSet<String>> = HashMap::new();
+        for (subject, payload) in stream_messages(&mut stream).await {
+            let e = Event::from_message(&subject, &payload);
+            let id = e.str("endpointId");
+            match e.kind().as_str() {
+                "lifecycle.registered" => {
+                    registered.insert(id);
+                }
+                "metadata.updated" => {
+                    let mut values = e.json_map("added");
+                    values.extend(e.updated().into_iter().map(|(k, (_, new))| (k, new)));
+                    if let Some(Some(v)) = values.remove("seq") {
+                        seqs.entry(id).or_default().insert(v);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let complete = wanted.iter().all(|id| registered.contains(*id))
+            && acked.counters.iter().all(|(c, last, _)| {
+                *last == 0 || seqs.get(c).is_some_and(|s| s.contains(&last.to_string()))
+            });
+        if complete || Instant::now() > deadline {
+            break (registered, seqs);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let missing: Vec<&&str> = wanted
+        .iter()
+        .filter(|id| !registered.contains(**id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged registrations have no `registered` event, e.g. {:?}",
+        missing.len(),
+        wanted.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+    for (counter, last_acked, _) in &acked.counters {
+        for n in 1..=*last_acked {
+            assert!(
+                seqs.get(counter)
+                    .is_some_and(|s| s.contains(&n.to_string())),
+                "{counter}: acknowledged seq={n} has no metadata.updated event"
+            );
+        }
+    }
+    eprintln!(
+        "crash test: events of {} acknowledged registrations and {} counters verified after SIGKILL",
         acked.registered.len(),
         acked.counters.len()
     );
