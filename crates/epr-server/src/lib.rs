@@ -90,9 +90,19 @@ pub struct Application {
     router: axum::Router,
     store: Arc<EmbeddedStore>,
     relay: Relay,
+    /// NATS front-ends (connected listener, 19/EPMMP), started by `run_until_stopped`.
+    listeners: Vec<Listener>,
     ready: Arc<AtomicBool>,
     shutdown_timeout: Duration,
 }
+
+/// A NATS front-end, started with a stop signal.
+type Listener = Box<
+    dyn FnOnce(
+            tokio::sync::watch::Receiver<bool>,
+        ) -> tokio::task::JoinHandle<Result<(), async_nats::SubscribeError>>
+        + Send,
+>;
 
 impl Application {
     /// Opens the store, builds the registry and router, binds the listener (port 0 picks a
@@ -160,6 +170,39 @@ impl Application {
             state: nats.as_ref().map(|n| n.state.clone()),
             outbox_depth: relay.depth(),
         };
+        let mut listeners: Vec<Listener> = Vec::new();
+        if let Some(nats) = &nats {
+            let tenant = settings.tenant()?;
+            if settings.nats.connected_listener {
+                let (nats, registry) = (nats.clone(), registry.clone());
+                let cfg = epr_nats::connected::ConnectedSettings {
+                    instance_name: settings.service.instance_name.clone(),
+                    tenant: tenant.clone(),
+                    shards: 16,
+                };
+                listeners.push(Box::new(move |stop| {
+                    tokio::spawn(epr_nats::connected::listen(nats, registry, cfg, stop))
+                }));
+            }
+            if settings.nats.epmmp {
+                let (nats, registry) = (nats.clone(), registry.clone());
+                let cfg = epr_nats::epmmp::EpmmpSettings {
+                    instance_name: settings.service.instance_name.clone(),
+                    tenant,
+                    restricted_keys: settings
+                        .nats
+                        .restricted_metadata_keys
+                        .iter()
+                        .cloned()
+                        .collect(),
+                    max_in_flight: settings.nats.max_in_flight,
+                    max_endpoint_ids: 10_000,
+                };
+                listeners.push(Box::new(move |stop| {
+                    tokio::spawn(epr_nats::epmmp::serve(nats, registry, cfg, stop))
+                }));
+            }
+        }
         let ready = Arc::new(AtomicBool::new(false));
         let state = AppState {
             registry,
@@ -184,6 +227,7 @@ impl Application {
             router,
             store,
             relay,
+            listeners,
             ready,
             shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_secs),
         })
@@ -208,6 +252,12 @@ impl Application {
         let ready = self.ready.clone();
         let (relay_stop_tx, relay_stop) = tokio::sync::watch::channel(false);
         let relay = tokio::spawn(self.relay.run(relay_stop, RELAY_DRAIN_LIMIT));
+        let (listeners_stop_tx, listeners_stop) = tokio::sync::watch::channel(false);
+        let listeners: Vec<_> = self
+            .listeners
+            .into_iter()
+            .map(|start| start(listeners_stop.clone()))
+            .collect();
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let signal = async move {
             shutdown.await;
@@ -229,6 +279,15 @@ impl Application {
                 Ok(())
             }
         };
+        // NATS front-ends stop taking work and finish what they hold.
+        let _ = listeners_stop_tx.send(true);
+        for l in listeners {
+            match l.await {
+                Ok(Err(e)) => tracing::error!(error = %e, "a NATS listener could not subscribe"),
+                Err(e) => tracing::error!(error = %e, "a NATS listener panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
         // Publish what the last requests committed while the store can still acknowledge;
         // anything left goes out at the next start.
         let _ = relay_stop_tx.send(true);

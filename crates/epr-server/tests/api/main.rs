@@ -7,5 +7,6 @@ mod endpoints;
 mod events;
 mod helpers;
 mod metadata;
+mod nats_protocols;
 mod nats_support;
 mod ops;

@@ -12,7 +12,16 @@ use tokio::net::TcpStream;
 #[tokio::test]
 async fn health_and_liveness_report_up_with_version() {
     let app = spawn_app().await;
-    for path in ["/health", "/health/live"] {
+    for (path, want) in [
+        (
+            "/health",
+            json!({"status": "UP", "version": env!("CARGO_PKG_VERSION"), "components": {"nats": "DISABLED"}}),
+        ),
+        (
+            "/health/live",
+            json!({"status": "UP", "version": env!("CARGO_PKG_VERSION")}),
+        ),
+    ] {
         let r = app.client.get(app.url(path)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{path}");
         assert!(r.headers()["content-type"]
@@ -20,11 +29,7 @@ async fn health_and_liveness_report_up_with_version() {
             .unwrap()
             .starts_with("application/json"));
         let body: Value = r.json().await.unwrap();
-        assert_eq!(
-            body,
-            json!({"status": "UP", "version": env!("CARGO_PKG_VERSION")}),
-            "{path}"
-        );
+        assert_eq!(body, want, "{path}");
     }
 }
 
@@ -41,7 +46,14 @@ async fn readiness_reports_up_with_checks() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(
         body,
-        json!({"status": "UP", "checks": {"accepting": "UP", "store": "UP"}})
+        json!({
+            "status": "UP",
+            "checks": {"accepting": "UP", "store": "UP"},
+            "components": {"nats": {
+                "status": "DISABLED",
+                "details": {"reason": "nats.url is not set: events are not published"}
+            }}
+        })
     );
 }
 

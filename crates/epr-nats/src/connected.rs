@@ -1,0 +1,175 @@
+//! The 9/ELCE `connected` listener: when a connected endpoint reports an application
+//! version other than the stored one, the stored version is updated (which publishes
+//! `appversion-updated` through the outbox). Unknown endpoints are logged and counted, never
+//! created.
+//!
+//! Subscribed in the instance's queue group, so each event is handled by one replica. Work is
+//! spread over shards by endpoint ID: one endpoint's reports are applied in arrival order,
+//! different endpoints in parallel (their writes share group commits).
+
+use crate::connection::Nats;
+use epr_core::endpoint::Precondition;
+use epr_core::ids::{EndpointId, TenantId};
+use epr_core::ports::StoreError;
+use epr_core::registry::Registry;
+use epr_core::DomainError;
+use epr_events::connectivity::{connected_subject_wildcard, decode_connected};
+use futures_util::StreamExt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Debug, Clone)]
+pub struct ConnectedSettings {
+    pub instance_name: String,
+    /// The tenant of every event: 9/ELCE carries none (see docs/events.md).
+    pub tenant: TenantId,
+    /// Parallel workers (each applies its endpoints' reports in order).
+    pub shards: usize,
+}
+
+/// One endpoint's report from one `connected` event.
+struct Report {
+    endpoint_id: String,
+    app_version: String,
+    correlation_id: String,
+}
+
+fn count(outcome: &'static str) {
+    metrics::counter!("epr_connected_endpoints_total", "outcome" => outcome).increment(1);
+}
+
+/// Listens until `stop` turns true, then finishes the reports already received.
+pub async fn listen(
+    nats: Nats,
+    registry: Arc<Registry>,
+    settings: ConnectedSettings,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), async_nats::SubscribeError> {
+    let mut sub = nats
+        .client
+        .queue_subscribe(
+            connected_subject_wildcard().to_owned(),
+            settings.instance_name.clone(),
+        )
+        .await?;
+    let shards = settings.shards.max(1);
+    let mut senders = Vec::with_capacity(shards);
+    let mut workers = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let (tx, rx) = mpsc::channel::<Report>(1024);
+        senders.push(tx);
+        workers.push(tokio::spawn(worker(
+            rx,
+            registry.clone(),
+            settings.tenant.clone(),
+        )));
+    }
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => m,
+            _ = stop.changed() => None,
+        };
+        let Some(msg) = msg else { break };
+        let event = match decode_connected(&msg.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                metrics::counter!("epr_connected_events_invalid_total").increment(1);
+                tracing::warn!(subject = %msg.subject, error = %e, "undecodable 9/ELCE connected event ignored");
+                continue;
+            }
+        };
+        if event.timeout > 0 && event.timestamp.saturating_add(event.timeout) < now_millis() {
+            metrics::counter!("epr_connected_events_expired_total").increment(1);
+            tracing::info!(correlation_id = %event.correlation_id, "expired connected event dropped");
+            continue;
+        }
+        for (endpoint_id, app_version) in event.endpoints {
+            let shard = shard_of(&endpoint_id, shards);
+            let report = Report {
+                endpoint_id,
+                app_version,
+                correlation_id: event.correlation_id.clone(),
+            };
+            // A full shard makes the subscription wait, and the client's buffer absorbs it.
+            if senders[shard].send(report).await.is_err() {
+                break;
+            }
+        }
+    }
+    drop(sub);
+    drop(senders);
+    for w in workers {
+        let _ = w.await;
+    }
+    Ok(())
+}
+
+fn shard_of(id: &str, shards: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    (h.finish() % shards as u64) as usize
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+async fn worker(mut rx: mpsc::Receiver<Report>, registry: Arc<Registry>, tenant: TenantId) {
+    while let Some(r) = rx.recv().await {
+        apply(&registry, &tenant, r).await;
+    }
+}
+
+async fn apply(registry: &Registry, tenant: &TenantId, r: Report) {
+    let Ok(id) = EndpointId::parse(&r.endpoint_id) else {
+        count("unknown");
+        tracing::info!(endpoint = %r.endpoint_id, "connected event names an invalid endpoint ID");
+        return;
+    };
+    // A read first: most connections report the version already stored, and a read costs
+    // far less than a write through the commit queue.
+    match registry.get(tenant, &id).await {
+        Ok(ep) if ep.app_version.as_str() == r.app_version => {
+            count("unchanged");
+            return;
+        }
+        Ok(_) => {}
+        Err(StoreError::Rejected(DomainError::NotFound { .. })) => {
+            count("unknown");
+            tracing::info!(endpoint = %id, correlation_id = %r.correlation_id,
+                "connected event for an unknown endpoint ignored");
+            return;
+        }
+        Err(e) => {
+            count("failed");
+            tracing::warn!(endpoint = %id, error = %e, "connected event not applied");
+            return;
+        }
+    }
+    match registry
+        .set_app_version(
+            tenant,
+            id.clone(),
+            &r.app_version,
+            Precondition::None,
+            &r.correlation_id,
+        )
+        .await
+    {
+        Ok(_) => count("updated"),
+        Err(StoreError::Rejected(DomainError::NotFound { .. })) => count("unknown"),
+        Err(StoreError::Rejected(e)) => {
+            count("rejected");
+            tracing::warn!(endpoint = %id, app_version = %r.app_version, error = %e,
+                "connected event reports an app version that cannot be applied");
+        }
+        Err(e) => {
+            count("failed");
+            tracing::warn!(endpoint = %id, error = %e, "connected event not applied");
+        }
+    }
+}

@@ -1,0 +1,504 @@
+//! The 19/EPMMP repository: answers metadata requests on
+//! `kaa.v1.service.{instance}.epmmp.*-request`, in the instance's queue group so replicas
+//! share the work.
+//!
+//! Every request gets a reply on its reply subject unless it has none or has expired (both
+//! are dropped, logged and counted): an undecodable request gets `400` with the decoder's
+//! message, never silence. Changes go through the same [`Registry`] use cases as REST, so they
+//! emit 15/EME `metadata.updated` through the outbox like any other change.
+
+use crate::connection::Nats;
+use epr_core::command::MetadataChange;
+use epr_core::endpoint::Precondition;
+use epr_core::ids::{EndpointId, TenantId};
+use epr_core::metadata::MetadataKey;
+use epr_core::ports::StoreError;
+use epr_core::registry::Registry;
+use epr_core::DomainError;
+use epr_events::epmmp::{
+    decode_request, decode_request_envelope, encode_response, request_subject, Envelope,
+    KeyUpdateCommand, Request, RequestType, Response, Status,
+};
+use futures_util::StreamExt;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Semaphore};
+
+#[derive(Debug, Clone)]
+pub struct EpmmpSettings {
+    pub instance_name: String,
+    /// The tenant of every request: 19/EPMMP messages carry none (see docs/events.md).
+    pub tenant: TenantId,
+    /// Keys that requests may not create, change or delete (answered with 403).
+    pub restricted_keys: BTreeSet<String>,
+    /// Requests handled at once.
+    pub max_in_flight: usize,
+    /// Most endpoint IDs in one app-versions request (a bigger reply could exceed the NATS
+    /// message size limit).
+    pub max_endpoint_ids: usize,
+}
+
+/// A reply: status and body.
+type Answer = (Status, Response);
+
+fn status(code: i32, reason: impl Into<String>) -> Status {
+    Status {
+        code,
+        reason: Some(reason.into()),
+    }
+}
+
+/// The status of a refused or failed use case. The RFC lists no codes; these follow the HTTP
+/// meaning of each refusal, as the REST API does.
+fn error_status(e: &StoreError) -> Status {
+    match e {
+        StoreError::Rejected(d) => match d {
+            DomainError::Invalid(v) => status(400, v.to_string()),
+            DomainError::NotFound { .. } => status(404, d.to_string()),
+            DomainError::Conflict { .. } => status(409, d.to_string()),
+            DomainError::PreconditionFailed { .. } => status(412, d.to_string()),
+            DomainError::TooLarge { .. } => status(413, d.to_string()),
+        },
+        StoreError::Unavailable(_) => status(503, e.to_string()),
+    }
+}
+
+/// Serves until `stop` turns true, then stops taking requests and waits (briefly) for the
+/// ones in flight.
+pub async fn serve(
+    nats: Nats,
+    registry: Arc<Registry>,
+    settings: EpmmpSettings,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), async_nats::SubscribeError> {
+    let mut subs = Vec::new();
+    for t in RequestType::ALL {
+        let sub = nats
+            .client
+            .queue_subscribe(
+                request_subject(&settings.instance_name, t),
+                settings.instance_name.clone(),
+            )
+            .await?;
+        subs.push(sub.map(move |m| (t, m)));
+    }
+    let mut requests = futures_util::stream::select_all(subs);
+    let slots = Arc::new(Semaphore::new(settings.max_in_flight));
+    let ctx = Arc::new(Handler {
+        nats,
+        registry,
+        settings,
+    });
+    loop {
+        let next = tokio::select! {
+            next = requests.next() => next,
+            _ = stop.changed() => None,
+        };
+        let Some((t, msg)) = next else { break };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            ctx.handle(t, msg).await;
+            drop(permit);
+        });
+    }
+    drop(requests); // unsubscribes
+    let all = u32::try_from(ctx.settings.max_in_flight).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(Duration::from_secs(5), slots.acquire_many(all)).await;
+    Ok(())
+}
+
+struct Handler {
+    nats: Nats,
+    registry: Arc<Registry>,
+    settings: EpmmpSettings,
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Handler {
+    async fn handle(&self, t: RequestType, msg: async_nats::Message) {
+        let started = Instant::now();
+        let kind = t.request_token();
+        let Some(reply_to) = msg.reply.clone() else {
+            metrics::counter!("epr_epmmp_dropped_total", "type" => kind, "reason" => "no-reply-subject")
+                .increment(1);
+            tracing::warn!(subject = %msg.subject, "19/EPMMP request without a reply subject dropped");
+            return;
+        };
+        let (env, (reply_status, body)) = match decode_request(t, &msg.payload) {
+            Ok((env, req)) => {
+                if env.expired(now_millis()) {
+                    metrics::counter!("epr_epmmp_dropped_total", "type" => kind, "reason" => "expired")
+                        .increment(1);
+                    tracing::info!(correlation_id = %env.correlation_id, kind, "expired 19/EPMMP request dropped");
+                    return;
+                }
+                let answer = self.answer(req, &env.correlation_id).await;
+                (env, answer)
+            }
+            Err(e) => {
+                // Echo the correlation ID if at least the envelope decodes, so the client
+                // can match the error to its request.
+                let env = decode_request_envelope(t, &msg.payload).unwrap_or(Envelope {
+                    correlation_id: String::new(),
+                    timestamp: 0,
+                    timeout: 0,
+                });
+                tracing::info!(correlation_id = %env.correlation_id, kind, error = %e, "undecodable 19/EPMMP request");
+                (
+                    env,
+                    (
+                        status(400, format!("undecodable {kind}: {e}")),
+                        Response::empty(t),
+                    ),
+                )
+            }
+        };
+        let out = Envelope {
+            correlation_id: env.correlation_id.clone(),
+            timestamp: now_millis(),
+            timeout: 0,
+        };
+        let code = reply_status.code;
+        let payload = match encode_response(&out, &reply_status, &body) {
+            Ok(p) => p,
+            Err(e) => {
+                // A reply that cannot be encoded (a bug) still gets an answer.
+                tracing::error!(error = %e, kind, "19/EPMMP response cannot be encoded");
+                match encode_response(
+                    &out,
+                    &status(500, format!("response cannot be encoded: {e}")),
+                    &Response::empty(t),
+                ) {
+                    Ok(p) => p,
+                    Err(_) => return,
+                }
+            }
+        };
+        if let Err(e) = self.nats.client.publish(reply_to, payload.into()).await {
+            tracing::warn!(error = %e, kind, "19/EPMMP reply not sent");
+        }
+        metrics::counter!("epr_epmmp_requests_total", "type" => kind, "status" => code.to_string())
+            .increment(1);
+        metrics::histogram!("epr_epmmp_request_duration_seconds", "type" => kind)
+            .record(started.elapsed().as_secs_f64());
+        tracing::debug!(correlation_id = %env.correlation_id, kind, code, "19/EPMMP request");
+    }
+
+    async fn answer(&self, req: Request, corr: &str) -> Answer {
+        let t = req.request_type();
+        let asked_for = match &req {
+            Request::MetadataGet { endpoint_id, .. }
+            | Request::MetadataPatch { endpoint_id, .. }
+            | Request::KeyUpdate { endpoint_id, .. }
+            | Request::KeysGet { endpoint_id } => Some(endpoint_id.clone()),
+            Request::KeyBatchUpdate { .. } => None,
+            Request::AppVersionsGet { endpoint_ids } => {
+                // Echoed on errors too, as on success.
+                let ids = endpoint_ids.clone();
+                return match self.app_versions(ids).await {
+                    Ok(body) => (Status::OK, body),
+                    Err(s) => (
+                        s,
+                        Response::AppVersionsGet {
+                            endpoint_ids: endpoint_ids.clone(),
+                            app_versions_to_endpoints: BTreeMap::new(),
+                        },
+                    ),
+                };
+            }
+        };
+        let result = match req {
+            Request::MetadataGet {
+                endpoint_id,
+                include,
+                include_metadata,
+            } => self.get(endpoint_id, include, include_metadata).await,
+            Request::MetadataPatch {
+                endpoint_id,
+                if_match,
+                patch,
+            } => self.patch(endpoint_id, if_match, &patch, corr).await,
+            Request::KeyUpdate {
+                endpoint_id,
+                key,
+                value,
+            } => {
+                let cmd = KeyUpdateCommand {
+                    endpoint_id: endpoint_id.clone(),
+                    key,
+                    value,
+                };
+                self.key_update(&[cmd], corr)
+                    .await
+                    .map(|()| Response::KeyUpdate { endpoint_id })
+            }
+            Request::KeyBatchUpdate { commands } => self
+                .key_update(&commands, corr)
+                .await
+                .map(|()| Response::KeyBatchUpdate),
+            Request::KeysGet { endpoint_id } => self.keys(endpoint_id).await,
+            Request::AppVersionsGet { .. } => unreachable!("answered above"),
+        };
+        match result {
+            Ok(body) => (Status::OK, body),
+            Err(s) => {
+                // An error reply still names the endpoint it is about.
+                let mut body = Response::empty(t);
+                if let (
+                    Some(id),
+                    Response::MetadataGet { endpoint_id, .. }
+                    | Response::MetadataPatch { endpoint_id }
+                    | Response::KeyUpdate { endpoint_id }
+                    | Response::KeysGet { endpoint_id, .. },
+                ) = (asked_for, &mut body)
+                {
+                    *endpoint_id = id;
+                }
+                (s, body)
+            }
+        }
+    }
+
+    fn endpoint_id(&self, raw: &str) -> Result<EndpointId, Status> {
+        EndpointId::parse(raw).map_err(|e| status(400, e.at("endpointId").to_string()))
+    }
+
+    async fn get(
+        &self,
+        endpoint_id: String,
+        include: Vec<String>,
+        include_metadata: bool,
+    ) -> Result<Response, Status> {
+        let id = self.endpoint_id(&endpoint_id)?;
+        let ep = self
+            .registry
+            .get(&self.settings.tenant, &id)
+            .await
+            .map_err(|e| error_status(&e))?;
+        let payload = include_metadata.then(|| {
+            let map = ep.metadata.as_map();
+            let selected: serde_json::Map<String, Value> = if include.is_empty() {
+                map.clone()
+            } else {
+                include
+                    .iter()
+                    .filter_map(|k| map.get(k).map(|v| (k.clone(), v.clone())))
+                    .collect()
+            };
+            Value::Object(selected).to_string().into_bytes()
+        });
+        Ok(Response::MetadataGet {
+            endpoint_id,
+            e_tag: Some(ep.metadata_etag()),
+            payload,
+            app_version_name: Some(ep.app_version.to_string()),
+        })
+    }
+
+    fn check_restricted(&self, key: &str) -> Result<(), Status> {
+        if self.settings.restricted_keys.contains(key) {
+            return Err(status(
+                403,
+                format!("metadata key '{key}' is restricted: it cannot be changed over 19/EPMMP"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn patch(
+        &self,
+        endpoint_id: String,
+        if_match: Option<String>,
+        patch: &[u8],
+        corr: &str,
+    ) -> Result<Response, Status> {
+        let id = self.endpoint_id(&endpoint_id)?;
+        let patch: json_patch::Patch = serde_json::from_slice(patch).map_err(|e| {
+            status(
+                400,
+                format!("patch: not an RFC 6902 JSON Patch document: {e}"),
+            )
+        })?;
+        for op in &patch.0 {
+            for key in touched_keys(op) {
+                if key.is_empty() && !self.settings.restricted_keys.is_empty() {
+                    // Metadata keys are never empty: "" is the whole document.
+                    return Err(status(
+                        403,
+                        "the patch replaces the whole metadata document, which holds restricted keys",
+                    ));
+                }
+                self.check_restricted(&key)?;
+            }
+        }
+        let precondition = match if_match {
+            None => Precondition::None,
+            Some(tag) if tag.trim() == "*" => Precondition::Any,
+            Some(tag) => Precondition::OneOf(vec![tag]),
+        };
+        self.registry
+            .update_metadata(
+                &self.settings.tenant,
+                id,
+                MetadataChange::JsonPatch(patch),
+                precondition,
+                corr,
+            )
+            .await
+            .map_err(|e| error_status(&e))?;
+        Ok(Response::MetadataPatch { endpoint_id })
+    }
+
+    /// Sets keys. All commands are validated first (a bad one refuses the whole request and
+    /// changes nothing), and all endpoints must exist; then each endpoint's keys are set in
+    /// one atomic change (one 15/EME event per endpoint).
+    async fn key_update(&self, commands: &[KeyUpdateCommand], corr: &str) -> Result<(), Status> {
+        let limits = *self.registry.limits();
+        let mut per_endpoint: BTreeMap<EndpointId, Vec<json_patch::PatchOperation>> =
+            BTreeMap::new();
+        for (i, c) in commands.iter().enumerate() {
+            let at = |field: &str| {
+                if commands.len() > 1 {
+                    format!("commands[{i}].{field}")
+                } else {
+                    field.to_owned()
+                }
+            };
+            let id = EndpointId::parse(&c.endpoint_id)
+                .map_err(|e| status(400, e.at(at("endpointId")).to_string()))?;
+            let key = MetadataKey::parse(&c.key, &limits)
+                .map_err(|e| status(400, e.at(at("metadataKey")).to_string()))?;
+            self.check_restricted(key.as_str())?;
+            let value: Value = serde_json::from_slice(&c.value).map_err(|e| {
+                status(
+                    400,
+                    format!("{}: must be UTF-8 JSON text: {e}", at("metadataValue")),
+                )
+            })?;
+            let op = json_patch::PatchOperation::Add(json_patch::AddOperation {
+                path: json_patch::jsonptr::PointerBuf::from_tokens([key.as_str()]),
+                value,
+            });
+            per_endpoint.entry(id).or_default().push(op);
+        }
+        let mut missing = Vec::new();
+        for id in per_endpoint.keys() {
+            match self.registry.get(&self.settings.tenant, id).await {
+                Ok(_) => {}
+                Err(StoreError::Rejected(DomainError::NotFound { .. })) => {
+                    missing.push(id.to_string())
+                }
+                Err(e) => return Err(error_status(&e)),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(status(
+                404,
+                format!(
+                    "endpoint(s) not found, nothing was changed: {}",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        let updates = per_endpoint.into_iter().map(|(id, ops)| {
+            self.registry.update_metadata(
+                &self.settings.tenant,
+                id,
+                MetadataChange::JsonPatch(json_patch::Patch(ops)),
+                Precondition::None,
+                corr,
+            )
+        });
+        // Concurrently, so the store commits them together.
+        for result in futures_util::future::join_all(updates).await {
+            result.map_err(|e| error_status(&e))?;
+        }
+        Ok(())
+    }
+
+    async fn keys(&self, endpoint_id: String) -> Result<Response, Status> {
+        let id = self.endpoint_id(&endpoint_id)?;
+        let ep = self
+            .registry
+            .get(&self.settings.tenant, &id)
+            .await
+            .map_err(|e| error_status(&e))?;
+        Ok(Response::KeysGet {
+            endpoint_id,
+            keys: ep.metadata.as_map().keys().cloned().collect(),
+        })
+    }
+
+    async fn app_versions(&self, endpoint_ids: Vec<String>) -> Result<Response, Status> {
+        if endpoint_ids.len() > self.settings.max_endpoint_ids {
+            return Err(status(
+                400,
+                format!(
+                    "endpointIds: at most {} IDs per request, got {}",
+                    self.settings.max_endpoint_ids,
+                    endpoint_ids.len()
+                ),
+            ));
+        }
+        let mut by_version: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for raw in &endpoint_ids {
+            // Unknown or malformed IDs are simply absent from the map; duplicates count once.
+            let Ok(id) = EndpointId::parse(raw) else {
+                continue;
+            };
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            match self.registry.get(&self.settings.tenant, &id).await {
+                Ok(ep) => by_version
+                    .entry(ep.app_version.to_string())
+                    .or_default()
+                    .push(raw.clone()),
+                Err(StoreError::Rejected(DomainError::NotFound { .. })) => {}
+                Err(e) => return Err(error_status(&e)),
+            }
+        }
+        Ok(Response::AppVersionsGet {
+            endpoint_ids,
+            app_versions_to_endpoints: by_version,
+        })
+    }
+}
+
+/// The top-level metadata keys a JSON Patch operation creates, changes or removes (`test`
+/// only reads). The root path `""` touches every key.
+fn touched_keys(op: &json_patch::PatchOperation) -> Vec<String> {
+    use json_patch::PatchOperation as Op;
+    let first = |p: &json_patch::jsonptr::Pointer| -> Option<String> {
+        p.tokens().next().map(|t| t.decoded().into_owned())
+    };
+    let mut out = Vec::new();
+    let mut push = |p: &json_patch::jsonptr::Pointer| match first(p) {
+        Some(k) => out.push(k),
+        None => out.push(String::new()),
+    };
+    match op {
+        Op::Add(o) => push(&o.path),
+        Op::Remove(o) => push(&o.path),
+        Op::Replace(o) => push(&o.path),
+        Op::Move(o) => {
+            push(&o.from);
+            push(&o.path);
+        }
+        Op::Copy(o) => push(&o.path),
+        Op::Test(_) => {}
+    }
+    out
+}
