@@ -43,4 +43,6 @@ as_pg "$PGBIN/pg_ctl" -D "$RUN_DIR/pg/data" status >/dev/null 2>&1 || \
 "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres
 
 echo "export EPR_TEST_NATS_URL=nats://127.0.0.1:$NATS_PORT"
+# Tests that stop and restart a broker (outage, crash) start their own from this binary.
+echo "export EPR_TEST_NATS_BIN=$NATS_BIN"
 echo "export EPR_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres"

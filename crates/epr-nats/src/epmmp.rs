@@ -502,3 +502,65 @@ fn touched_keys(op: &json_patch::PatchOperation) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn keys(op: Value) -> Vec<String> {
+        let op: json_patch::PatchOperation = serde_json::from_value(op).unwrap();
+        touched_keys(&op)
+    }
+
+    #[test]
+    fn patch_operations_name_the_top_level_keys_they_change() {
+        assert_eq!(
+            keys(json!({"op": "add", "path": "/a/b/0", "value": 1})),
+            ["a"]
+        );
+        assert_eq!(keys(json!({"op": "remove", "path": "/a~1b"})), ["a/b"]);
+        assert_eq!(
+            keys(json!({"op": "replace", "path": "/m~0n", "value": 1})),
+            ["m~n"]
+        );
+        assert_eq!(
+            keys(json!({"op": "move", "from": "/x", "path": "/y"})),
+            ["x", "y"]
+        );
+        assert_eq!(
+            keys(json!({"op": "copy", "from": "/x", "path": "/y"})),
+            ["y"]
+        );
+        assert!(keys(json!({"op": "test", "path": "/x", "value": 1})).is_empty());
+        // The root: the whole document.
+        assert_eq!(
+            keys(json!({"op": "replace", "path": "", "value": {}})),
+            [""]
+        );
+    }
+
+    #[test]
+    fn refusals_map_to_http_status_codes() {
+        let code = |e: DomainError| error_status(&StoreError::Rejected(e)).code;
+        assert_eq!(code(DomainError::not_found("endpoint", "x")), 404);
+        assert_eq!(
+            code(DomainError::PreconditionFailed {
+                current: "\"1-m1\"".into()
+            }),
+            412
+        );
+        assert_eq!(
+            code(DomainError::TooLarge {
+                field: "metadata",
+                actual: 2,
+                limit: 1
+            }),
+            413
+        );
+        assert_eq!(
+            error_status(&StoreError::Unavailable("down".into())).code,
+            503
+        );
+    }
+}

@@ -282,3 +282,58 @@ fn now_millis() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use epr_core::command::{Command, Registration, WriteCtx};
+    use epr_core::ids::{AppName, AppVersionName, EndpointId, EndpointToken, TenantId};
+    use epr_core::metadata::Metadata;
+    use epr_store::{EmbeddedConfig, EmbeddedStore};
+
+    async fn register(store: &EmbeddedStore, id: &str) {
+        let app = AppName::parse("app").unwrap();
+        let reg = Registration {
+            id: EndpointId::parse(id).unwrap(),
+            app: app.clone(),
+            app_version: AppVersionName::parse("app-v1").unwrap(),
+            metadata: Metadata::empty(),
+            token_hash: EndpointToken::parse(id).unwrap().hash(&app),
+        };
+        let ctx = WriteCtx {
+            tenant: TenantId::parse("t").unwrap(),
+            now: epr_core::Timestamp(1),
+            correlation_id: "c".into(),
+            limits: Default::default(),
+        };
+        store.execute(Command::Register(reg), ctx).await.unwrap();
+    }
+
+    /// Without NATS the outbox is emptied (bounded), and the store's wake-up, not polling,
+    /// makes the relay act at once.
+    #[tokio::test]
+    async fn discard_sink_empties_the_outbox_on_wake_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+        register(&store, "before-start").await;
+        let mut settings = RelaySettings::new(Originator {
+            instance_name: "epr".into(),
+            replica_id: "r".into(),
+        });
+        settings.poll_interval = Duration::from_secs(3600);
+        let relay = Relay::new(store.clone() as Arc<dyn Store>, Sink::Discard, settings);
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(relay.run(stop, Duration::from_secs(1)));
+        for i in 0..3 {
+            register(&store, &format!("ep-{i}")).await;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while store.outbox_depth().await.unwrap() > 0 {
+                assert!(Instant::now() < deadline, "the relay was not woken");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        store.shutdown().await;
+    }
+}
