@@ -101,13 +101,13 @@ impl Relay {
     /// Publishes until `stop` is set; then drains what it can within `drain_limit`.
     pub async fn run(self, mut stop: watch::Receiver<bool>, drain_limit: Duration) {
         let mut backoff = Duration::ZERO;
-        let mut last_depth = Instant::now() - Duration::from_secs(60);
+        let mut last_depth: Option<Instant> = None;
         loop {
             if *stop.borrow() {
                 break;
             }
-            if last_depth.elapsed() >= Duration::from_secs(2) {
-                last_depth = Instant::now();
+            if last_depth.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+                last_depth = Some(Instant::now());
                 if let Ok(depth) = self.store.outbox_depth().await {
                     self.depth.store(depth, Ordering::Relaxed);
                     metrics::gauge!("epr_outbox_depth").set(depth as f64);

@@ -80,6 +80,18 @@ impl HealthComponent for NatsHealth {
     }
 }
 
+/// Runs a NATS front-end and reports at once if it cannot start (it then stays off).
+async fn logged(
+    what: &'static str,
+    run: impl Future<Output = Result<(), async_nats::SubscribeError>>,
+) -> Result<(), async_nats::SubscribeError> {
+    let result = run.await;
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "{what} could not subscribe; it is not running");
+    }
+    result
+}
+
 /// How long shutdown keeps publishing queued events before leaving them for the next start.
 const RELAY_DRAIN_LIMIT: Duration = Duration::from_secs(3);
 
@@ -181,7 +193,10 @@ impl Application {
                     shards: 16,
                 };
                 listeners.push(Box::new(move |stop| {
-                    tokio::spawn(epr_nats::connected::listen(nats, registry, cfg, stop))
+                    tokio::spawn(logged(
+                        "9/ELCE connected listener",
+                        epr_nats::connected::listen(nats, registry, cfg, stop),
+                    ))
                 }));
             }
             if settings.nats.epmmp {
@@ -199,7 +214,10 @@ impl Application {
                     max_endpoint_ids: 10_000,
                 };
                 listeners.push(Box::new(move |stop| {
-                    tokio::spawn(epr_nats::epmmp::serve(nats, registry, cfg, stop))
+                    tokio::spawn(logged(
+                        "19/EPMMP server",
+                        epr_nats::epmmp::serve(nats, registry, cfg, stop),
+                    ))
                 }));
             }
         }
@@ -282,10 +300,8 @@ impl Application {
         // NATS front-ends stop taking work and finish what they hold.
         let _ = listeners_stop_tx.send(true);
         for l in listeners {
-            match l.await {
-                Ok(Err(e)) => tracing::error!(error = %e, "a NATS listener could not subscribe"),
-                Err(e) => tracing::error!(error = %e, "a NATS listener panicked"),
-                Ok(Ok(())) => {}
+            if let Err(e) = l.await {
+                tracing::error!(error = %e, "a NATS listener panicked");
             }
         }
         // Publish what the last requests committed while the store can still acknowledge;
