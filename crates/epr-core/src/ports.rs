@@ -124,6 +124,10 @@ pub trait Store: Send + Sync {
     /// Number of undelivered events (for metrics and health; may be approximate).
     async fn outbox_depth(&self) -> Result<u64, StoreError>;
 
+    /// A stable identity of this store's data (made once, kept across restarts). With an
+    /// outbox ID it names one event for consumers that deduplicate (JetStream `Nats-Msg-Id`).
+    fn store_id(&self) -> String;
+
     /// Registers a callback run after every commit that appended events, so a relay can
     /// publish at once instead of polling. Replaces any earlier waker. Backends that cannot
     /// tell keep the default (no call): the relay's polling still finds the events.

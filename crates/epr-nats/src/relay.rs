@@ -76,6 +76,7 @@ pub struct Relay {
     settings: RelaySettings,
     wake: Arc<Notify>,
     depth: Arc<AtomicU64>,
+    store_id: String,
 }
 
 impl Relay {
@@ -85,6 +86,7 @@ impl Relay {
         let waker = wake.clone();
         store.set_outbox_waker(Arc::new(move || waker.notify_one()));
         Self {
+            store_id: store.store_id(),
             store,
             sink,
             settings,
@@ -219,8 +221,15 @@ impl Relay {
             };
             let publish = async {
                 match &js {
+                    // The stream drops a republished event (after a lost ack or a crash
+                    // before the outbox was cleared) within its duplicate window.
                     Some(js) => js
-                        .publish(encoded.subject, encoded.payload.into())
+                        .send_publish(
+                            encoded.subject,
+                            async_nats::jetstream::message::PublishMessage::build()
+                                .payload(encoded.payload.into())
+                                .message_id(format!("{}-{}", self.store_id, entry.id)),
+                        )
                         .await
                         .map(|ack| acks.push(ack))
                         .map_err(|e| PublishError::Publish(e.to_string())),

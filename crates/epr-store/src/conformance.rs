@@ -597,6 +597,8 @@ async fn outbox_order_and_ack(s: Arc<dyn Store>) {
         .collect();
     assert_eq!(ids, vec!["e0", "e1", "e2"]);
     assert_eq!(s.outbox_depth().await.unwrap(), 5);
+    assert!(!s.store_id().is_empty());
+    assert_eq!(s.store_id(), s.store_id(), "stable");
     s.outbox_ack(&first.iter().map(|e| e.id).collect::<Vec<_>>())
         .await
         .unwrap();

@@ -116,6 +116,7 @@ pub struct EmbeddedStore {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     stop_checkpointer: Arc<std::sync::atomic::AtomicBool>,
     waker: Arc<Mutex<Option<OutboxWaker>>>,
+    store_id: String,
 }
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -141,6 +142,20 @@ impl EmbeddedStore {
         )
         .map_err(unavailable)?;
         migrate(&mut conn)?;
+        // A random identity made once per data directory: outbox IDs are unique only within
+        // one store, so `{store_id}-{outbox id}` names an event across replicas and restarts.
+        conn.execute(
+            "INSERT OR IGNORE INTO schema_meta(key, value) VALUES('store_id', abs(random()))",
+            [],
+        )
+        .map_err(unavailable)?;
+        let store_id: i64 = conn
+            .query_row(
+                "SELECT value FROM schema_meta WHERE key='store_id'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(unavailable)?;
         let next_incarnation: i64 = conn
             .query_row(
                 "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name='endpoints'), 0)",
@@ -186,6 +201,7 @@ impl EmbeddedStore {
             writer: Mutex::new(Some(handle)),
             stop_checkpointer,
             waker,
+            store_id: format!("{store_id:x}"),
         })
     }
 
@@ -928,6 +944,10 @@ impl Store for EmbeddedStore {
                 .map_err(unavailable)
         })
         .await
+    }
+
+    fn store_id(&self) -> String {
+        self.store_id.clone()
     }
 
     fn set_outbox_waker(&self, waker: OutboxWaker) {

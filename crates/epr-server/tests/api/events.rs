@@ -294,6 +294,31 @@ async fn with_jetstream_events_leave_the_outbox_only_when_a_stream_acknowledges_
     let e = Event::from_message(&events[0].0, &events[0].1);
     assert_eq!(e.kind(), "lifecycle.registered");
     assert_eq!(e.str("endpointId"), "ep-js");
+    // Each event carries a stable ID, so the stream drops a republished copy.
+    let raw = stream.get_raw_message(1).await.unwrap();
+    let id = raw
+        .headers
+        .get("Nats-Msg-Id")
+        .map(|v| v.to_string())
+        .expect("Nats-Msg-Id header");
+    let (store, seq) = id.rsplit_once('-').unwrap();
+    assert!(!store.is_empty() && seq.parse::<u64>().is_ok(), "{id}");
+    let js = async_nats::jetstream::new(observer.clone());
+    let ack = js
+        .send_publish(
+            events[0].0.clone(),
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload(events[0].1.clone().into())
+                .message_id(&id),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        ack.duplicate,
+        "a republished event is recognised as a duplicate"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let body = wait_nats(&app, "UP").await;
