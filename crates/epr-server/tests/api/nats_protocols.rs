@@ -572,3 +572,66 @@ async fn connected_events_update_changed_app_versions_only() {
     assert!(metrics.contains("epr_connected_events_invalid_total"));
     app.stop().await;
 }
+
+/// Replicas of one instance share a queue group: each `connected` event is handled by one
+/// of them. Here two replicas have separate stores holding the same endpoint, so exactly one
+/// store sees the update.
+#[tokio::test]
+async fn replicas_of_one_instance_share_connected_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats_server = PrivateNats::start(dir.path());
+    let instance = unique_instance("rep");
+    let a = spawn_nats(&nats_server.url(), &instance).await;
+    let b = spawn_nats(&nats_server.url(), &instance).await;
+    let n = 20;
+    for app in [&a, &b] {
+        for i in 0..n {
+            app.register(&format!("ep-{i}"), "demo-v1", json!({})).await;
+        }
+    }
+    let nats = nats_server.client().await;
+    for i in 0..n {
+        let event = ConnectedEvent {
+            correlation_id: format!("conn-{i}"),
+            timestamp: now_ms(),
+            timeout: 0,
+            endpoints: BTreeMap::from([(format!("ep-{i}"), "demo-v2".into())]),
+            originator_replica_id: "kpc-0".into(),
+        };
+        nats.publish(
+            "kaa.v1.events.kpc.endpoint.connectivity.connected",
+            encode_connected(&event).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    }
+    nats.flush().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mut in_a, mut in_b) = (0, 0);
+        for i in 0..n {
+            for (app, count) in [(&a, &mut in_a), (&b, &mut in_b)] {
+                let r = app.get(&format!("/endpoints/ep-{i}/app-version")).await;
+                if r.json::<Value>().await.unwrap()["name"] == "demo-v2" {
+                    *count += 1;
+                }
+            }
+        }
+        if in_a + in_b == n {
+            // Settle: a duplicate delivery would show up as a total above n.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let again = a.total("applicationVersionName=demo-v2").await
+                + b.total("applicationVersionName=demo-v2").await;
+            assert_eq!(again, n as u64, "each event handled exactly once");
+            break;
+        }
+        assert!(in_a + in_b < n, "an event was handled by both replicas");
+        assert!(
+            Instant::now() < deadline,
+            "events not handled: {in_a} + {in_b} of {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
