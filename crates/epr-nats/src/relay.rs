@@ -51,8 +51,9 @@ impl RelaySettings {
 /// Where the relay sends events.
 pub enum Sink {
     Nats(Nats),
-    /// Events are not published (no NATS configured): they are removed from the outbox and
-    /// counted, so the outbox does not grow without bound.
+    /// Events are not published (no NATS configured): events left in the outbox by an
+    /// earlier run with NATS are removed and counted, so they do not stay forever. (The
+    /// server also stops recording new events in this mode.)
     Discard,
 }
 

@@ -45,8 +45,8 @@ pub struct ServiceSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
-    /// Server URL(s), comma-separated. Empty: NATS is off, events are not published (they
-    /// are removed from the outbox and counted) and no requests are served.
+    /// Server URL(s), comma-separated. Empty: NATS is off, events are neither recorded nor
+    /// published, and no requests are served.
     pub url: String,
     /// Publish events through JetStream and drop them from the outbox only on the stream's
     /// acknowledgement (a stream must capture `kaa.v1.events.{instance}.>`).

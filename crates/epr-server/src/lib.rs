@@ -132,6 +132,7 @@ impl Application {
         store_cfg.max_group = settings.store.max_group;
         store_cfg.readers = settings.store.readers;
         store_cfg.batch_retention_ms = settings.store.batch_retention_hours as i64 * 3_600_000;
+        store_cfg.record_events = !settings.nats.url.is_empty();
         let store = Arc::new(EmbeddedStore::open(store_cfg).with_context(|| {
             format!("opening the store in {}", settings.store.data_dir.display())
         })?);

@@ -38,6 +38,9 @@ pub struct EmbeddedConfig {
     pub readers: usize,
     /// How long batch outcomes are kept, in milliseconds.
     pub batch_retention_ms: i64,
+    /// Write each change's events to the outbox. Off when nothing publishes them (no NATS):
+    /// an outbox nobody reads would only cost writes.
+    pub record_events: bool,
 }
 
 impl EmbeddedConfig {
@@ -47,6 +50,7 @@ impl EmbeddedConfig {
             max_group: 1024,
             readers: 8,
             batch_retention_ms: 7 * 24 * 3_600_000,
+            record_events: true,
         }
     }
 }
@@ -178,6 +182,7 @@ impl EmbeddedStore {
             next_incarnation,
             max_group: config.max_group.max(1),
             batch_retention_ms: config.batch_retention_ms,
+            record_events: config.record_events,
             last_prune: None,
         };
         let handle = std::thread::Builder::new()
@@ -388,6 +393,7 @@ struct Writer {
     next_incarnation: i64,
     max_group: usize,
     batch_retention_ms: i64,
+    record_events: bool,
     last_prune: Option<Instant>,
     /// Told after a commit that appended events (the outbox relay's wake-up).
     waker: Arc<Mutex<Option<OutboxWaker>>>,
@@ -485,11 +491,17 @@ impl Writer {
                 Job::Execute(cmd, ctx, reply) => {
                     let inc = self.next_incarnation;
                     self.next_incarnation += 1;
-                    let result = execute(&tx, &cmd, &ctx, inc);
+                    let result = execute(&tx, &cmd, &ctx, inc, self.record_events);
                     Pending::Effect(reply, result)
                 }
                 Job::Batch(batch, ctx, reply) => {
-                    let result = register_batch(&tx, batch, &ctx, &mut self.next_incarnation);
+                    let result = register_batch(
+                        &tx,
+                        batch,
+                        &ctx,
+                        &mut self.next_incarnation,
+                        self.record_events,
+                    );
                     Pending::Batch(reply, result)
                 }
                 Job::OutboxAck(ids, reply) => Pending::Unit(reply, outbox_delete(&tx, &ids)),
@@ -567,6 +579,7 @@ fn execute(
     cmd: &Command,
     ctx: &WriteCtx,
     incarnation: i64,
+    record_events: bool,
 ) -> Result<Effect, StoreError> {
     let tenant = ctx.tenant.as_str();
     let current = load(conn, tenant, cmd.endpoint_id().as_str()).map_err(unavailable)?;
@@ -645,7 +658,9 @@ fn execute(
             ))
         }
     }
-    append_events(conn, &plan.events).map_err(unavailable)?;
+    if record_events {
+        append_events(conn, &plan.events).map_err(unavailable)?;
+    }
     Ok(plan.effect)
 }
 
@@ -701,6 +716,7 @@ fn register_batch(
     batch: BatchRequest,
     ctx: &WriteCtx,
     next_incarnation: &mut i64,
+    record_events: bool,
 ) -> Result<BatchOutcome, StoreError> {
     let mut outcome = BatchOutcome {
         task_id: batch.task_id,
@@ -716,7 +732,7 @@ fn register_batch(
                 let inc = *next_incarnation;
                 *next_incarnation += 1;
                 let cmd = Command::Register(reg);
-                match execute(conn, &cmd, ctx, inc) {
+                match execute(conn, &cmd, ctx, inc, record_events) {
                     Ok(effect) => Ok(effect),
                     Err(StoreError::Rejected(e)) => Err(e.to_string()),
                     Err(e) => return Err(e),
@@ -984,6 +1000,36 @@ mod tests {
         let t1 = TenantId::parse("t1").unwrap();
         let id = EndpointId::parse("ep-1").unwrap();
         store.get(&t1, &id).await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn without_event_recording_the_outbox_stays_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = EmbeddedConfig::new(dir.path());
+        cfg.record_events = false;
+        let store = EmbeddedStore::open(cfg).unwrap();
+        let app = AppName::parse("app").unwrap();
+        let reg = epr_core::command::Registration {
+            id: EndpointId::parse("ep-1").unwrap(),
+            app: app.clone(),
+            app_version: AppVersionName::parse("app-v1").unwrap(),
+            metadata: Metadata::parse(serde_json::json!({"k": 1}), "metadata", &Default::default())
+                .unwrap(),
+            token_hash: epr_core::ids::EndpointToken::parse("t").unwrap().hash(&app),
+        };
+        let ctx = WriteCtx {
+            tenant: TenantId::parse("t1").unwrap(),
+            now: Timestamp(1),
+            correlation_id: "c".into(),
+            limits: Default::default(),
+        };
+        store.execute(Command::Register(reg), ctx).await.unwrap();
+        assert_eq!(
+            ep1(&store).await.metadata.get("k"),
+            Some(&serde_json::json!(1))
+        );
+        assert_eq!(store.outbox_depth().await.unwrap(), 0);
+        store.shutdown().await;
     }
 
     #[tokio::test]
