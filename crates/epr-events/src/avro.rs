@@ -57,6 +57,15 @@ compiled_schemas! {
     EPMMP_KEYS_GET_RESPONSE => "0019-endpoint-metadata-keys-get-response.avsc",
     EPMMP_APP_VERSIONS_REQUEST => "0019-endpoints-app-version-request.avsc",
     EPMMP_APP_VERSIONS_RESPONSE => "0019-endpoints-app-version-response.avsc",
+    EFE_PENDING => "0018-epf-pending.avsc",
+    EFE_ACTIVATED => "0018-epf-activated.avsc",
+    EFE_DELETED => "0018-epf-deleted.avsc",
+    EFE_EP_MATCHED => "0018-epf-ep-matched.avsc",
+    EFE_EP_UNMATCHED => "0018-epf-ep-unmatched.avsc",
+    EFMP_ENDPOINT_FILTERS_REQUEST => "0020-endpoint-filters-request.avsc",
+    EFMP_ENDPOINT_FILTERS_RESPONSE => "0020-endpoint-filters-response.avsc",
+    EFMP_LIST_BY_FILTER_REQUEST => "0020-endpoint-list-by-filter-request.avsc",
+    EFMP_LIST_BY_FILTER_RESPONSE => "0020-endpoint-list-by-filter-response.avsc",
 }
 
 impl CompiledSchema {
@@ -216,6 +225,15 @@ impl Datum {
         Datum::Array(items.into_iter().map(Datum::String).collect())
     }
 
+    /// A `map<array<string>>`.
+    pub(crate) fn string_lists(map: &BTreeMap<String, Vec<String>>) -> Datum {
+        Datum::Map(
+            map.iter()
+                .map(|(k, items)| (k.clone(), Datum::strings(items.iter().cloned())))
+                .collect(),
+        )
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Datum::Null => "null",
@@ -354,6 +372,56 @@ fn mismatch(path: &str, datum: &Datum, schema: &Schema) -> EncodeError {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Encoded sizes
+
+/// Lengths of Avro binary encodings, as apache-avro writes them, for computing the size of a
+/// datum without building it. These follow the Avro specification's binary encoding; tests
+/// compare every caller's result with the real encoder's output.
+pub(crate) mod size {
+    /// A `long` (or an `int`, a length, a count, a union index): a zig-zag varint, 1 to 10
+    /// bytes.
+    pub(crate) fn long(n: i64) -> usize {
+        let zigzag = ((n << 1) ^ (n >> 63)) as u64;
+        let bits = 64 - zigzag.leading_zeros() as usize;
+        bits.div_ceil(7).max(1)
+    }
+
+    /// An `int`: the same varint as a `long` of the same value.
+    pub(crate) fn int(n: i32) -> usize {
+        long(n.into())
+    }
+
+    /// A `string` (or `bytes`): its byte length as a `long`, then the bytes.
+    pub(crate) fn string(s: &str) -> usize {
+        len_prefix(s.len()) + s.len()
+    }
+
+    /// A `["null","string"]` or `["string","null"]` union: the branch index (0 or 1, one byte
+    /// either way), then the string if there is one.
+    pub(crate) fn optional_string(s: Option<&str>) -> usize {
+        1 + s.map_or(0, string)
+    }
+
+    /// An `array` or `map` of `count` items whose encodings take `items` bytes. apache-avro
+    /// writes one block (the count, then the items) followed by the terminating 0; an empty
+    /// one is just the 0.
+    pub(crate) fn block(count: usize, items: usize) -> usize {
+        let header = if count == 0 { 0 } else { len_prefix(count) };
+        header + items + 1
+    }
+
+    /// An `array<string>`.
+    pub(crate) fn strings<S: AsRef<str>>(items: &[S]) -> usize {
+        block(items.len(), items.iter().map(|s| string(s.as_ref())).sum())
+    }
+
+    fn len_prefix(len: usize) -> usize {
+        // A length beyond i64::MAX cannot exist in memory; saturate rather than wrap.
+        long(i64::try_from(len).unwrap_or(i64::MAX))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Decoding
 
 /// A decoded record whose fields are taken out by name. Fields nobody asks for are ignored,
@@ -399,6 +467,18 @@ impl Record {
 
     pub(crate) fn strings(&mut self, name: &str) -> Result<Vec<String>, DecodeError> {
         self.field(name)?.strings()
+    }
+
+    /// A `map<array<string>>`.
+    pub(crate) fn string_lists(
+        &mut self,
+        name: &str,
+    ) -> Result<BTreeMap<String, Vec<String>>, DecodeError> {
+        self.field(name)?
+            .map()?
+            .into_iter()
+            .map(|(k, items)| Ok((k, items.strings()?)))
+            .collect()
     }
 
     pub(crate) fn opt_string(&mut self, name: &str) -> Result<Option<String>, DecodeError> {
@@ -572,6 +652,79 @@ mod tests {
 
     fn parse(text: &str) -> Schema {
         Schema::parse_str(text).unwrap()
+    }
+
+    #[test]
+    fn varint_sizes_match_apache_avro() {
+        let write = |schema: &Schema, value: Value| {
+            GenericDatumWriter::builder(schema)
+                .build()
+                .unwrap()
+                .write_value_to_vec(value)
+                .unwrap()
+                .len()
+        };
+        let long = parse(r#""long""#);
+        let int = parse(r#""int""#);
+        let mut values = vec![0, 1, -1, i64::MAX, i64::MIN, i64::MAX - 1, i64::MIN + 1];
+        // Both sides of every 7-bit boundary of the zig-zag value.
+        for bits in (7..64).step_by(7) {
+            let edge = 1i64 << (bits - 1);
+            values.extend([edge - 1, edge, -edge, -edge - 1]);
+        }
+        for n in values {
+            assert_eq!(size::long(n), write(&long, Value::Long(n)), "{n}");
+            if let Ok(small) = i32::try_from(n) {
+                assert_eq!(size::int(small), write(&int, Value::Int(small)), "{n}");
+            }
+        }
+        assert_eq!(size::long(i64::MIN), 10);
+        assert_eq!(size::long(63), 1);
+        assert_eq!(size::long(64), 2);
+        assert_eq!(size::long(-64), 1);
+        assert_eq!(size::long(-65), 2);
+    }
+
+    #[test]
+    fn string_and_block_sizes_match_apache_avro() {
+        let schema = parse(
+            r#"{"type":"record","name":"R","fields":[
+                {"name":"s","type":"string"},
+                {"name":"o","type":["string","null"]},
+                {"name":"a","type":{"type":"array","items":"string"}}]}"#,
+        );
+        let long_text = "é".repeat(40); // 80 bytes: a 2-byte length
+        for (text, optional, items) in [
+            ("", None, 0),
+            ("x", Some(""), 1),
+            (long_text.as_str(), Some(long_text.as_str()), 63),
+            ("ü", Some("abc"), 64),
+            ("", None, 200),
+        ] {
+            let array: Vec<String> = (0..items).map(|i| format!("item-{i}")).collect();
+            let value = to_avro(
+                Datum::Record(Fields::from([
+                    ("s", Datum::String(text.to_owned())),
+                    (
+                        "o",
+                        Datum::optional(optional, |o| Datum::String(o.to_owned())),
+                    ),
+                    ("a", Datum::strings(array.iter().cloned())),
+                ])),
+                &schema,
+                "R",
+            )
+            .unwrap();
+            let expected = GenericDatumWriter::builder(&schema)
+                .build()
+                .unwrap()
+                .write_value_to_vec(value)
+                .unwrap()
+                .len();
+            let computed =
+                size::string(text) + size::optional_string(optional) + size::strings(&array);
+            assert_eq!(computed, expected, "{text:?} {optional:?} {items}");
+        }
     }
 
     #[test]

@@ -10,8 +10,11 @@
 //! `0019-*.avsc` files, and every value is mapped to its field by name.
 
 use crate::avro::{self, CompiledSchema, Datum, Fields, Record};
-use crate::{DecodeError, EncodeError};
+use crate::rpc;
+use crate::DecodeError;
 use std::collections::BTreeMap;
+
+pub use crate::rpc::{Envelope, Status};
 
 /// The six request/response pairs of 19/EPMMP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -98,57 +101,7 @@ impl RequestType {
     }
 }
 
-/// `kaa.v1.service.{instance}.epmmp.{request_token}`: where a repository named `instance`
-/// receives requests of type `t`. `instance` must be one NATS subject token.
-pub fn request_subject(instance: &str, t: RequestType) -> String {
-    format!("kaa.v1.service.{instance}.epmmp.{}", t.request_token())
-}
-
-/// `kaa.v1.replica.{client_replica}.epmmp.{response_token}`: the reply subject the RFC
-/// recommends to clients. A client may use any other (e.g. a NATS `_INBOX`).
-pub fn reply_subject(client_replica: &str, t: RequestType) -> String {
-    format!(
-        "kaa.v1.replica.{client_replica}.epmmp.{}",
-        t.response_token()
-    )
-}
-
-/// The three fields every 19/EPMMP message starts with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    /// Tracing ID. A server echoes the request's value in its response.
-    pub correlation_id: String,
-    /// Message creation time, Unix milliseconds.
-    pub timestamp: i64,
-    /// Milliseconds after `timestamp` at which the message expires; 0 (or less) = never.
-    pub timeout: i64,
-}
-
-impl Envelope {
-    /// Whether the message had expired at `now_ms`: `timeout > 0` and
-    /// `timestamp + timeout < now_ms`. A message is still valid at exactly its deadline.
-    pub fn expired(&self, now_ms: i64) -> bool {
-        self.timeout > 0 && self.timestamp.saturating_add(self.timeout) < now_ms
-    }
-
-    fn fields(&self) -> Fields {
-        Fields::from([
-            ("correlationId", Datum::String(self.correlation_id.clone())),
-            ("timestamp", Datum::Long(self.timestamp)),
-            ("timeout", Datum::Long(self.timeout)),
-        ])
-    }
-
-    const FIELD_NAMES: [&'static str; 3] = ["correlationId", "timestamp", "timeout"];
-
-    fn read(r: &mut Record) -> Result<Self, DecodeError> {
-        Ok(Envelope {
-            correlation_id: r.string("correlationId")?,
-            timestamp: r.long("timestamp")?,
-            timeout: r.long("timeout")?,
-        })
-    }
-}
+rpc::request_reply_api!("epmmp");
 
 /// One command of a batch key update.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,24 +255,6 @@ fn key_update_fields(f: &mut Fields, endpoint_id: &str, key: &str, value: &[u8])
     f.insert("metadataValue", Datum::Bytes(value.to_vec()));
 }
 
-/// `statusCode` and `reasonPhrase`, present in every response. The RFC lists no codes; EPR
-/// uses HTTP semantics (see README).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Status {
-    /// An HTTP status code.
-    pub code: i32,
-    /// A human-readable reason; `None` is Avro `null`.
-    pub reason: Option<String>,
-}
-
-impl Status {
-    /// 200 without a reason phrase.
-    pub const OK: Status = Status {
-        code: 200,
-        reason: None,
-    };
-}
-
 /// The body of a 19/EPMMP response (everything but the [`Envelope`] and the [`Status`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
@@ -421,11 +356,10 @@ impl Response {
                 app_versions_to_endpoints,
             } => {
                 f.insert("endpointIds", Datum::strings(endpoint_ids.iter().cloned()));
-                let map = app_versions_to_endpoints
-                    .iter()
-                    .map(|(version, ids)| (version.clone(), Datum::strings(ids.iter().cloned())))
-                    .collect();
-                f.insert("appVersionsToEndpoints", Datum::Map(map));
+                f.insert(
+                    "appVersionsToEndpoints",
+                    Datum::string_lists(app_versions_to_endpoints),
+                );
             }
         }
         f
@@ -452,70 +386,10 @@ impl Response {
             },
             RequestType::AppVersionsGet => Response::AppVersionsGet {
                 endpoint_ids: r.strings("endpointIds")?,
-                app_versions_to_endpoints: r
-                    .field("appVersionsToEndpoints")?
-                    .map()?
-                    .into_iter()
-                    .map(|(version, ids)| Ok((version, ids.strings()?)))
-                    .collect::<Result<_, DecodeError>>()?,
+                app_versions_to_endpoints: r.string_lists("appVersionsToEndpoints")?,
             },
         })
     }
-}
-
-/// Server side: decodes a request of type `t` (known from the subject it arrived on).
-pub fn decode_request(t: RequestType, payload: &[u8]) -> Result<(Envelope, Request), DecodeError> {
-    let mut r = t.request_schema().decode(payload)?;
-    let envelope = Envelope::read(&mut r)?;
-    Ok((envelope, Request::read(t, &mut r)?))
-}
-
-/// Server side: reads only the [`Envelope`] at the start of a request of type `t`, ignoring
-/// the rest. For when [`decode_request`] fails: the error reply can still echo the
-/// `correlationId`, which a client sharing one reply subject needs to match it.
-pub fn decode_request_envelope(t: RequestType, payload: &[u8]) -> Result<Envelope, DecodeError> {
-    let mut r = t
-        .request_schema()
-        .decode_prefix(payload, &Envelope::FIELD_NAMES)?;
-    Envelope::read(&mut r)
-}
-
-/// Server side: encodes the response with `body`'s type. `env` is the response's own envelope
-/// (the server echoes the request's `correlationId` and puts its own `timestamp`).
-pub fn encode_response(
-    env: &Envelope,
-    status: &Status,
-    body: &Response,
-) -> Result<Vec<u8>, EncodeError> {
-    let mut f = env.fields();
-    f.insert("statusCode", Datum::Int(status.code));
-    f.insert(
-        "reasonPhrase",
-        Datum::optional(status.reason.clone(), Datum::String),
-    );
-    f.append(&mut body.fields());
-    body.request_type().response_schema().encode(f)
-}
-
-/// Client side: encodes a request with `req`'s type.
-pub fn encode_request(env: &Envelope, req: &Request) -> Result<Vec<u8>, EncodeError> {
-    let mut f = env.fields();
-    f.append(&mut req.fields());
-    req.request_type().request_schema().encode(f)
-}
-
-/// Client side: decodes a response to a request of type `t`.
-pub fn decode_response(
-    t: RequestType,
-    payload: &[u8],
-) -> Result<(Envelope, Status, Response), DecodeError> {
-    let mut r = t.response_schema().decode(payload)?;
-    let envelope = Envelope::read(&mut r)?;
-    let status = Status {
-        code: r.int("statusCode")?,
-        reason: r.opt_string("reasonPhrase")?,
-    };
-    Ok((envelope, status, Response::read(t, &mut r)?))
 }
 
 #[cfg(test)]

@@ -5,6 +5,9 @@
 //! - [`epmmp`] decodes 19/EPMMP requests and encodes their responses (and the reverse, for
 //!   clients and tests).
 //! - [`connectivity`] decodes the 9/ELCE `connected` event that EPR listens to.
+//! - [`efe`] encodes the 18/EFE endpoint filter events (filter status, endpoint matched or
+//!   unmatched) and decodes them for tests and tools.
+//! - [`efmp`] decodes 20/EFMP requests and encodes their responses (and the reverse).
 //!
 //! All of it is pure (no NATS client, no clock).
 //!
@@ -27,7 +30,10 @@
 
 mod avro;
 pub mod connectivity;
+pub mod efe;
+pub mod efmp;
 pub mod epmmp;
+mod rpc;
 
 use avro::{CompiledSchema, Datum, Fields};
 use epr_core::event::{DomainEvent, EventKind};
@@ -53,7 +59,8 @@ pub struct Originator {
 /// A ready-to-publish event: the subject and the raw Avro datum.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
-    /// `kaa.v1.events.{instance}.endpoint.{group}.{type}`.
+    /// `kaa.v1.events.{instance}.endpoint.{group}.{type}` (9/ELCE, 15/EME) or
+    /// `kaa.v1.events.{instance}.endpoint-filter.{filter id}.{type}` (18/EFE).
     pub subject: String,
     /// The Avro binary datum, encoded with the event's schema and nothing else around it.
     pub payload: Vec<u8>,
@@ -71,6 +78,10 @@ pub enum EncodeError {
     /// The instance name cannot be a single NATS subject token.
     #[error("instance name {name:?} cannot be used in a NATS subject: {reason}")]
     InvalidInstanceName { name: String, reason: &'static str },
+    /// The filter ID of an 18/EFE event cannot be a single NATS subject token (it is the
+    /// event group, the 6th token of the subject).
+    #[error("filter ID {id:?} cannot be used in a NATS subject: {reason}")]
+    InvalidFilterId { id: String, reason: &'static str },
     /// The schema has a field that the message does not provide a value for, and the field
     /// has no default. Typically a schema was updated and this crate was not.
     #[error("schema field {path} has no value in the message and no default")]
@@ -170,7 +181,7 @@ static METADATA_UPDATED: WireEvent = WireEvent {
 /// The subject is `kaa.v1.events.{origin.instance_name}.endpoint.{group}.{type}` (9/ELCE
 /// layout, reused by 15/EME); the payload is a raw Avro datum of the matching schema.
 pub fn encode(event: &DomainEvent, origin: &Originator) -> Result<Encoded, EncodeError> {
-    check_subject_token(&origin.instance_name)?;
+    check_instance_name(&origin.instance_name)?;
     let wire = match event.kind {
         EventKind::Registered => &REGISTERED,
         EventKind::Unregistered => &UNREGISTERED,
@@ -187,25 +198,49 @@ pub fn encode(event: &DomainEvent, origin: &Originator) -> Result<Encoded, Encod
     })
 }
 
-/// A NATS subject token must be non-empty and free of separators, wildcards and whitespace;
-/// otherwise the subject would have a different token structure and Kaa's subscribers
-/// (`kaa.v1.events.*.endpoint.…`) would never see the event.
-fn check_subject_token(name: &str) -> Result<(), EncodeError> {
-    let reason = if name.is_empty() {
-        "it is empty"
-    } else if name.contains('.') {
-        "it contains '.', the subject token separator"
-    } else if name.contains(['*', '>']) {
-        "it contains a NATS wildcard ('*' or '>')"
-    } else if name.chars().any(char::is_whitespace) {
-        "it contains whitespace"
+/// Why `token` cannot be one NATS subject token, if it cannot. A token must be non-empty and
+/// free of separators, wildcards and whitespace; otherwise the subject would have a different
+/// token structure and Kaa's subscribers (`kaa.v1.events.*.endpoint.…`) would never see the
+/// event.
+fn subject_token_problem(token: &str) -> Option<&'static str> {
+    if token.is_empty() {
+        Some("it is empty")
+    } else if token.contains('.') {
+        Some("it contains '.', the subject token separator")
+    } else if token.contains(['*', '>']) {
+        Some("it contains a NATS wildcard ('*' or '>')")
+    } else if token.chars().any(char::is_whitespace) {
+        Some("it contains whitespace")
     } else {
-        return Ok(());
-    };
-    Err(EncodeError::InvalidInstanceName {
-        name: name.to_owned(),
-        reason,
-    })
+        None
+    }
+}
+
+/// The publisher's instance name must be one subject token
+/// ([`EncodeError::InvalidInstanceName`] otherwise).
+fn check_instance_name(name: &str) -> Result<(), EncodeError> {
+    match subject_token_problem(name) {
+        None => Ok(()),
+        Some(reason) => Err(EncodeError::InvalidInstanceName {
+            name: name.to_owned(),
+            reason,
+        }),
+    }
+}
+
+/// The fields every event EPR publishes carries, whatever their position in the schema:
+/// tracing ID, creation time in Unix milliseconds, and the emitting replica. `timeout` is
+/// deliberately absent: the schema default applies (0, "never expires"); EPR's events do not
+/// expire.
+fn event_fields(correlation_id: &str, timestamp: i64, origin: &Originator) -> Fields {
+    Fields::from([
+        ("correlationId", Datum::String(correlation_id.to_owned())),
+        ("timestamp", Datum::Long(timestamp)),
+        (
+            "originatorReplicaId",
+            Datum::String(origin.replica_id.clone()),
+        ),
+    ])
 }
 
 /// What the event knows, under Kaa's field names. This is a name → value mapping, not a
@@ -217,15 +252,8 @@ fn check_subject_token(name: &str) -> Result<(), EncodeError> {
 ///   a field for them. Kaa consumers derive app and tenant from `appVersionName` (unique
 ///   within a tenant) via their configuration; see README.md.
 fn event_values(event: &DomainEvent, origin: &Originator) -> Result<Fields, EncodeError> {
-    let mut f = Fields::new();
-    // Every current Kaa event: tracing ID (the triggering request's), creation time in Unix
-    // milliseconds, and the emitting replica.
-    f.insert("correlationId", Datum::String(event.correlation_id.clone()));
-    f.insert("timestamp", Datum::Long(event.timestamp.millis()));
-    f.insert(
-        "originatorReplicaId",
-        Datum::String(origin.replica_id.clone()),
-    );
+    // The tracing ID is the triggering request's.
+    let mut f = event_fields(&event.correlation_id, event.timestamp.millis(), origin);
     f.insert(
         "endpointId",
         Datum::String(event.endpoint_id.as_str().to_owned()),

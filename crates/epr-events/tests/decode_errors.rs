@@ -1,11 +1,13 @@
 //! Whatever arrives on NATS, the decoders return an error instead of panicking.
 
 use epr_events::connectivity::decode_connected;
+use epr_events::efe::{self, EndpointFilterEvent, FilterEventKind, FilterStatusEvent};
+use epr_events::efmp;
 use epr_events::epmmp::{
     decode_request, decode_request_envelope, decode_response, encode_request, Envelope,
     KeyUpdateCommand, Request, RequestType,
 };
-use epr_events::DecodeError;
+use epr_events::{DecodeError, Originator};
 use proptest::prelude::*;
 
 /// Runs every decoder of the crate on `bytes`; returns how many succeeded.
@@ -15,6 +17,17 @@ fn decode_everything(bytes: &[u8]) -> usize {
         ok += usize::from(decode_request(t, bytes).is_ok());
         ok += usize::from(decode_request_envelope(t, bytes).is_ok());
         ok += usize::from(decode_response(t, bytes).is_ok());
+    }
+    for t in efmp::RequestType::ALL {
+        ok += usize::from(efmp::decode_request(t, bytes).is_ok());
+        ok += usize::from(efmp::decode_request_envelope(t, bytes).is_ok());
+        ok += usize::from(efmp::decode_response(t, bytes).is_ok());
+    }
+    for kind in FilterEventKind::ALL {
+        ok += usize::from(efe::decode_filter_status(kind, bytes).is_ok());
+    }
+    for matched in [true, false] {
+        ok += usize::from(efe::decode_endpoint_filter(matched, bytes).is_ok());
     }
     ok
 }
@@ -84,6 +97,70 @@ fn request() -> impl Strategy<Value = Request> {
     ]
 }
 
+/// Valid 18/EFE and 20/EFMP datums, to corrupt.
+fn filter_message() -> impl Strategy<Value = Vec<u8>> {
+    let origin = || Originator {
+        instance_name: "epr".into(),
+        replica_id: "r".into(),
+    };
+    let env = || efmp::Envelope {
+        correlation_id: "c".into(),
+        timestamp: 1,
+        timeout: 0,
+    };
+    let status = (
+        prop::sample::select(FilterEventKind::ALL.to_vec()),
+        text(),
+        proptest::option::of(text()),
+    )
+        .prop_map(move |(kind, application_name, filter_name)| {
+            let ev = FilterStatusEvent {
+                correlation_id: "c".into(),
+                timestamp: 1,
+                filter_id: "f".into(),
+                application_name,
+                filter_name,
+                kind,
+            };
+            efe::encode_filter_status(&ev, &origin()).unwrap().payload
+        });
+    let endpoint = (any::<bool>(), text(), proptest::option::of(text()), text()).prop_map(
+        move |(matched, app_version_name, filter_name, endpoint_id)| {
+            let ev = EndpointFilterEvent {
+                correlation_id: "c".into(),
+                timestamp: 1,
+                filter_id: "f".into(),
+                application_name: "a".into(),
+                app_version_name,
+                filter_name,
+                endpoint_id,
+                matched,
+            };
+            efe::encode_endpoint_filter(&ev, &origin()).unwrap().payload
+        },
+    );
+    let request = (any::<bool>(), text()).prop_map(move |(by_filter, id)| {
+        let req = if by_filter {
+            efmp::Request::ListByFilter { filter_id: id }
+        } else {
+            efmp::Request::EndpointFilters { endpoint_id: id }
+        };
+        efmp::encode_request(&env(), &req).unwrap()
+    });
+    let response = (
+        text(),
+        proptest::collection::btree_map(text(), proptest::collection::vec(text(), 0..3), 0..3),
+    )
+        .prop_map(move |(filter_id, app_versions_to_endpoints)| {
+            let body = efmp::Response::ListByFilter {
+                filter_id,
+                app_versions_to_endpoints,
+            };
+            efmp::encode_response(&env(), &efmp::Status::OK, &body).unwrap()
+        });
+    prop_oneof![status, endpoint, request, response]
+}
+
 proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
@@ -100,6 +177,17 @@ proptest! {
     ) {
         let env = Envelope { correlation_id: "c".into(), timestamp: 1, timeout: 0 };
         let mut payload = encode_request(&env, &req).unwrap();
+        let at = at.index(payload.len() + 1);
+        payload.splice(at..at, noise);
+        decode_everything(&payload);
+    }
+
+    #[test]
+    fn corrupted_filter_messages_never_panic(
+        mut payload in filter_message(),
+        at in any::<prop::sample::Index>(),
+        noise in proptest::collection::vec(any::<u8>(), 1..12),
+    ) {
         let at = at.index(payload.len() + 1);
         payload.splice(at..at, noise);
         decode_everything(&payload);

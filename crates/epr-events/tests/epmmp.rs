@@ -2,10 +2,11 @@
 //! crate's encoding is read back with apache-avro and checked field by field in wire order,
 //! and hand-built datums written with apache-avro are decoded by the crate.
 
+#[macro_use]
 mod common;
 
 use apache_avro::types::Value;
-use common::{b, branch, fields, map, read, s, strings, write};
+use common::{b, branch, fields, map, s, strings, write};
 use epr_events::epmmp::{
     decode_request, decode_request_envelope, decode_response, encode_request, encode_response,
     reply_subject, request_subject, Envelope, KeyUpdateCommand, Request, RequestType, Response,
@@ -297,82 +298,6 @@ fn with_env(timeout: i64, body: Wire) -> Wire {
 }
 
 #[test]
-fn every_request_type_is_covered_by_the_cases() {
-    for t in RequestType::ALL {
-        assert!(request_cases().iter().any(|(r, _)| r.request_type() == t));
-        assert!(response_cases()
-            .iter()
-            .any(|(_, r, _)| r.request_type() == t));
-    }
-}
-
-#[test]
-fn encoded_requests_decode_independently_field_by_field() {
-    for (req, body) in request_cases() {
-        let payload = encode_request(&env(500), &req).unwrap();
-        let file = request_file(req.request_type());
-        assert_eq!(read(file, &payload), with_env(500, body), "{req:?}");
-    }
-}
-
-#[test]
-fn independently_written_requests_decode() {
-    for (req, body) in request_cases() {
-        let t = req.request_type();
-        let payload = write(request_file(t), with_env(0, body));
-        assert_eq!(decode_request(t, &payload).unwrap(), (env(0), req.clone()));
-        // And the crate's own round trip is byte-identical (no maps in requests).
-        assert_eq!(encode_request(&env(0), &req).unwrap(), payload, "{req:?}");
-    }
-}
-
-#[test]
-fn encoded_responses_decode_independently_field_by_field() {
-    for (status, resp, wire) in response_cases() {
-        let payload = encode_response(&env(0), &status, &resp).unwrap();
-        let file = response_file(resp.request_type());
-        assert_eq!(read(file, &payload), with_env(0, wire), "{resp:?}");
-    }
-}
-
-#[test]
-fn independently_written_responses_decode() {
-    for (status, resp, wire) in response_cases() {
-        let t = resp.request_type();
-        let payload = write(response_file(t), with_env(30_000, wire));
-        assert_eq!(
-            decode_response(t, &payload).unwrap(),
-            (env(30_000), status, resp)
-        );
-    }
-}
-
-#[test]
-fn empty_responses_encode_for_every_type() {
-    for t in RequestType::ALL {
-        let status = Status {
-            code: 400,
-            reason: Some("undecodable request".into()),
-        };
-        let payload = encode_response(&env(0), &status, &Response::empty(t)).unwrap();
-        let decoded = read(response_file(t), &payload);
-        let by_name = |name: &str| decoded.iter().find(|(n, _)| n == name).map(|(_, v)| v);
-        assert_eq!(by_name("statusCode"), Some(&Value::Int(400)));
-        assert_eq!(
-            by_name("reasonPhrase"),
-            Some(&branch(1, s("undecodable request")))
-        );
-        if t != RequestType::KeyBatchUpdate && t != RequestType::AppVersionsGet {
-            assert_eq!(by_name("endpointId"), Some(&s("")), "{t:?}");
-        }
-        assert_eq!(
-            decode_response(t, &payload).unwrap(),
-            (env(0), status, Response::empty(t))
-        );
-    }
-}
-
-#[test]
 fn a_request_of_one_type_does_not_decode_as_another() {
     // KeysGet's datum is a prefix of MetadataGet's layout: decoding must see the cut.
     let keys_get = encode_request(
@@ -417,9 +342,15 @@ fn the_envelope_of_a_broken_request_can_still_be_read() {
     ));
 }
 
-#[test]
-fn subjects_and_tokens() {
-    let expected = [
+fn empty_id_field(t: RequestType) -> Option<&'static str> {
+    match t {
+        RequestType::KeyBatchUpdate | RequestType::AppVersionsGet => None,
+        _ => Some("endpointId"),
+    }
+}
+
+fn tokens() -> [(RequestType, &'static str, &'static str); 6] {
+    [
         (
             RequestType::MetadataGet,
             "ep-metadata-get-request",
@@ -450,26 +381,10 @@ fn subjects_and_tokens() {
             "ep-app-version-get-request",
             "ep-app-version-get-response",
         ),
-    ];
-    assert_eq!(expected.map(|(t, _, _)| t), RequestType::ALL);
-    for (t, request, response) in expected {
-        assert_eq!(t.request_token(), request);
-        assert_eq!(t.response_token(), response);
-        assert_eq!(RequestType::from_request_token(request), Some(t));
-        assert_eq!(
-            request_subject("epr", t),
-            format!("kaa.v1.service.epr.epmmp.{request}")
-        );
-        assert_eq!(
-            reply_subject("epl-7", t),
-            format!("kaa.v1.replica.epl-7.epmmp.{response}")
-        );
-    }
-    assert_eq!(
-        RequestType::from_request_token("ep-metadata-get-response"),
-        None
-    );
+    ]
 }
+
+request_reply_tests!("epmmp");
 
 #[test]
 fn envelope_expiry() {
@@ -491,51 +406,6 @@ fn envelope_expiry() {
     // No overflow panic at the edges.
     assert!(!e(i64::MAX, i64::MAX).expired(i64::MAX));
     assert!(e(i64::MIN, 1).expired(i64::MIN + 2));
-}
-
-/// Every proper prefix of every datum is an error (never a silently shortened message), and
-/// so is a complete datum followed by one more byte.
-#[test]
-fn truncated_and_padded_datums_are_errors() {
-    let mut payloads: Vec<(RequestType, bool, Vec<u8>)> = Vec::new();
-    for (req, _) in request_cases() {
-        payloads.push((
-            req.request_type(),
-            true,
-            encode_request(&env(9), &req).unwrap(),
-        ));
-    }
-    for (status, resp, _) in response_cases() {
-        let payload = encode_response(&env(9), &status, &resp).unwrap();
-        payloads.push((resp.request_type(), false, payload));
-    }
-    let decode = |t, is_request, bytes: &[u8]| {
-        if is_request {
-            decode_request(t, bytes).map(drop)
-        } else {
-            decode_response(t, bytes).map(drop)
-        }
-    };
-    for (t, is_request, payload) in payloads {
-        decode(t, is_request, &payload).unwrap();
-        for len in 0..payload.len() {
-            let err = decode(t, is_request, &payload[..len]).unwrap_err();
-            assert!(
-                matches!(
-                    err,
-                    DecodeError::Truncated { .. } | DecodeError::Malformed { .. }
-                ),
-                "{t:?} request={is_request} cut at {len}: {err}"
-            );
-        }
-        let mut padded = payload.clone();
-        padded.extend([0, 0]);
-        let err = decode(t, is_request, &padded).unwrap_err();
-        assert!(
-            matches!(err, DecodeError::TrailingBytes { count: 2, .. }),
-            "{t:?}: {err}"
-        );
-    }
 }
 
 #[test]
