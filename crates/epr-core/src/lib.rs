@@ -12,6 +12,7 @@
 //!   write does to an endpoint and which events it emits.
 //! - [`event`]: domain events (the outbox carries them; wire encoding lives elsewhere).
 //! - [`query`]: endpoint listing queries and the `metadataFilter` language.
+//! - [`filter`]: endpoint filters, Kaa's MongoDB-query criteria language.
 //! - [`apps`]: the application / application-version catalogue.
 //! - [`ports`]: the [`ports::Store`] trait and its error type.
 //! - [`registry`]: the use cases the HTTP and NATS front-ends call.
@@ -21,6 +22,7 @@ pub mod command;
 pub mod endpoint;
 pub mod error;
 pub mod event;
+pub mod filter;
 pub mod ids;
 pub mod metadata;
 pub mod ports;
