@@ -115,11 +115,18 @@ pub trait Store: Send + Sync {
         task_id: &str,
     ) -> Result<Option<BatchOutcome>, StoreError>;
 
-    /// Oldest undelivered events, at most `limit`.
-    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// The oldest events with an ID above `after`, in ID (commit) order, at most `limit`.
+    /// A relay passes the last ID it has published, so it can go on while its
+    /// acknowledgements are still being committed.
+    async fn outbox_pending(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError>;
 
-    /// Marks events delivered (they may then be deleted).
-    async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError>;
+    /// Marks every event up to and including `last_id` delivered; they are deleted. The
+    /// outbox is delivered in order, so a prefix is all a relay ever acknowledges.
+    async fn outbox_ack_through(&self, last_id: i64) -> Result<(), StoreError>;
 
     /// Number of undelivered events (for metrics and health; may be approximate).
     async fn outbox_depth(&self) -> Result<u64, StoreError>;

@@ -103,6 +103,25 @@ impl Relay {
 
     /// Publishes until `stop` is set; then drains what it can within `drain_limit`.
     pub async fn run(self, mut stop: watch::Receiver<bool>, drain_limit: Duration) {
+        // Deletions run beside publishing: the next batch goes out as soon as it is
+        // committed instead of waiting for the previous batch's delete to commit.
+        let (confirmed_tx, confirmed) = watch::channel(0i64);
+        let acker = tokio::spawn(acknowledge(self.store.clone(), confirmed));
+        let mut cursor = Cursor {
+            published: 0,
+            confirmed: confirmed_tx,
+        };
+        self.publish_loop(&mut cursor, &mut stop, drain_limit).await;
+        drop(cursor); // the acker commits the last acknowledgement, then ends
+        let _ = acker.await;
+    }
+
+    async fn publish_loop(
+        &self,
+        cursor: &mut Cursor,
+        stop: &mut watch::Receiver<bool>,
+        drain_limit: Duration,
+    ) {
         let mut backoff = Duration::ZERO;
         let mut last_depth: Option<Instant> = None;
         loop {
@@ -116,7 +135,7 @@ impl Relay {
                     metrics::gauge!("epr_outbox_depth").set(depth as f64);
                 }
             }
-            match self.round().await {
+            match self.round(cursor).await {
                 Ok(n) if n >= self.settings.batch => {
                     backoff = Duration::ZERO;
                     continue; // more are waiting
@@ -159,7 +178,7 @@ impl Relay {
         }
         let deadline = Instant::now() + drain_limit;
         while Instant::now() < deadline {
-            match tokio::time::timeout(deadline - Instant::now(), self.round()).await {
+            match tokio::time::timeout(deadline - Instant::now(), self.round(cursor)).await {
                 Ok(Ok(n)) if n >= self.settings.batch => continue,
                 Ok(Ok(_)) => break,
                 Ok(Err(e)) => {
@@ -171,20 +190,22 @@ impl Relay {
         }
     }
 
-    /// Reads one batch, publishes and confirms it, then removes it from the outbox.
-    /// Returns how many events were handled.
-    async fn round(&self) -> Result<usize, PublishError> {
+    /// Reads the next batch, publishes and confirms it, then hands it to the acker for
+    /// deletion. Returns how many events were handled.
+    async fn round(&self, cursor: &mut Cursor) -> Result<usize, PublishError> {
         if let Sink::Nats(n) = &self.sink {
             if !n.state.is_connected() {
                 return Err(PublishError::NotConnected);
             }
         }
-        let batch = self.store.outbox_pending(self.settings.batch).await?;
-        if batch.is_empty() {
+        let batch = self
+            .store
+            .outbox_pending(cursor.published, self.settings.batch)
+            .await?;
+        let Some(last) = batch.last().map(|e| e.id) else {
             return Ok(0);
-        }
+        };
         let handled = batch.len();
-        let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
         match &self.sink {
             Sink::Discard => {
                 metrics::counter!("epr_events_discarded_total").increment(handled as u64);
@@ -195,7 +216,8 @@ impl Relay {
                 record_lag(&batch);
             }
         }
-        self.store.outbox_ack(&ids).await?;
+        cursor.published = last;
+        let _ = cursor.confirmed.send(last);
         Ok(handled)
     }
 
@@ -262,6 +284,34 @@ impl Relay {
             .await
             .map_err(|_| PublishError::Timeout(limit))??;
         Ok(sent)
+    }
+}
+
+/// How far the relay has got: the last event confirmed by NATS. Everything up to it may be
+/// deleted; after a restart the relay starts again from what is still in the outbox.
+struct Cursor {
+    published: i64,
+    confirmed: watch::Sender<i64>,
+}
+
+/// Deletes confirmed events, always up to the newest confirmation (so acknowledgements that
+/// arrive while a delete commits are merged into the next one). A failed delete is not
+/// retried on its own: the next confirmation covers it, and anything left over is
+/// republished after a restart (at least once).
+async fn acknowledge(store: Arc<dyn Store>, mut confirmed: watch::Receiver<i64>) {
+    let mut deleted = 0;
+    loop {
+        let closed = confirmed.changed().await.is_err();
+        let last = *confirmed.borrow_and_update();
+        if last > deleted {
+            match store.outbox_ack_through(last).await {
+                Ok(()) => deleted = last,
+                Err(e) => tracing::warn!(error = %e, "deleting published events failed"),
+            }
+        }
+        if closed {
+            break;
+        }
     }
 }
 

@@ -132,7 +132,7 @@ async fn register_then_get(s: Arc<dyn Store>) {
     assert_eq!(got.metadata.get("city"), Some(&json!("Kyiv")));
     assert_eq!(got.created, Timestamp(1_700_000_000_000));
     assert!(s.get(&tenant("t1"), &id("nope")).await.unwrap().is_none());
-    let out = s.outbox_pending(10).await.unwrap();
+    let out = s.outbox_pending(0, 10).await.unwrap();
     assert_eq!(out.len(), 2, "registered, then the initial metadata");
     assert_eq!(out[0].event.kind, EventKind::Registered);
     assert_eq!(out[0].event.correlation_id, "corr-1");
@@ -167,7 +167,7 @@ async fn duplicate_id_is_refused(s: Arc<dyn Store>) {
         "the first registration stands"
     );
     assert_eq!(
-        s.outbox_pending(10).await.unwrap().len(),
+        s.outbox_pending(0, 10).await.unwrap().len(),
         2,
         "registered + initial metadata of the first; no event for a refusal"
     );
@@ -262,7 +262,7 @@ async fn metadata_updates(s: Arc<dyn Store>) {
     let got = s.get(&tenant("t1"), &id("ep")).await.unwrap().unwrap();
     assert_eq!(got.metadata.to_value(), json!({"b": 3, "c": "x"}));
     assert_eq!(got.metadata_version, 3);
-    let events = s.outbox_pending(10).await.unwrap();
+    let events = s.outbox_pending(0, 10).await.unwrap();
     assert_eq!(
         events.len(),
         4,
@@ -337,7 +337,7 @@ async fn app_version_update(s: Arc<dyn Store>) {
         s.execute(cmd, ctx("t1")).await.unwrap(),
         Effect::Unchanged(_)
     ));
-    let events = s.outbox_pending(10).await.unwrap();
+    let events = s.outbox_pending(0, 10).await.unwrap();
     assert_eq!(events.len(), 2);
     assert!(
         matches!(&events[1].event.kind, EventKind::AppVersionUpdated { previous } if previous.as_str() == "app-v1")
@@ -373,7 +373,7 @@ async fn unregister_frees_id_and_token(s: Arc<dyn Store>) {
         "a new registration, a new tag"
     );
     let kinds: Vec<_> = s
-        .outbox_pending(10)
+        .outbox_pending(0, 10)
         .await
         .unwrap()
         .into_iter()
@@ -590,7 +590,7 @@ async fn outbox_order_and_ack(s: Arc<dyn Store>) {
     for i in 0..5 {
         register(&*s, "t1", &format!("e{i}"), "app-v1", json!({})).await;
     }
-    let first = s.outbox_pending(3).await.unwrap();
+    let first = s.outbox_pending(0, 3).await.unwrap();
     let ids: Vec<_> = first
         .iter()
         .map(|e| e.event.endpoint_id.to_string())
@@ -599,10 +599,12 @@ async fn outbox_order_and_ack(s: Arc<dyn Store>) {
     assert_eq!(s.outbox_depth().await.unwrap(), 5);
     assert!(!s.store_id().is_empty());
     assert_eq!(s.store_id(), s.store_id(), "stable");
-    s.outbox_ack(&first.iter().map(|e| e.id).collect::<Vec<_>>())
-        .await
-        .unwrap();
-    let rest = s.outbox_pending(10).await.unwrap();
+    // Reading on from the last published ID does not need the acknowledgement first.
+    let after = s.outbox_pending(first[2].id, 10).await.unwrap();
+    assert_eq!(after.len(), 2);
+    assert!(after.iter().all(|e| e.id > first[2].id));
+    s.outbox_ack_through(first[2].id).await.unwrap();
+    let rest = s.outbox_pending(0, 10).await.unwrap();
     let ids: Vec<_> = rest
         .iter()
         .map(|e| e.event.endpoint_id.to_string())
@@ -610,9 +612,7 @@ async fn outbox_order_and_ack(s: Arc<dyn Store>) {
     assert_eq!(ids, vec!["e3", "e4"]);
     assert_eq!(s.outbox_depth().await.unwrap(), 2);
     // Acknowledging twice (a relay retrying after a lost answer) is harmless.
-    s.outbox_ack(&first.iter().map(|e| e.id).collect::<Vec<_>>())
-        .await
-        .unwrap();
+    s.outbox_ack_through(first[2].id).await.unwrap();
     assert_eq!(s.outbox_depth().await.unwrap(), 2);
 }
 
@@ -652,5 +652,5 @@ async fn concurrent_writes(s: Arc<dyn Store>) {
         .iter()
         .all(|e| e.metadata.get("j") == e.metadata.get("i")));
     // registered + initial metadata + one update, per endpoint
-    assert_eq!(s.outbox_pending(1000).await.unwrap().len(), 600);
+    assert_eq!(s.outbox_pending(0, 1000).await.unwrap().len(), 600);
 }

@@ -107,7 +107,7 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Job {
     Execute(Command, WriteCtx, Reply<Effect>),
     Batch(BatchRequest, WriteCtx, Reply<BatchOutcome>),
-    OutboxAck(Vec<i64>, Reply<()>),
+    OutboxAck(i64, Reply<()>),
     Ping(Reply<()>),
     Shutdown(Reply<()>),
 }
@@ -504,7 +504,7 @@ impl Writer {
                     );
                     Pending::Batch(reply, result)
                 }
-                Job::OutboxAck(ids, reply) => Pending::Unit(reply, outbox_delete(&tx, &ids)),
+                Job::OutboxAck(last, reply) => Pending::Unit(reply, outbox_delete(&tx, last)),
                 Job::Ping(reply) | Job::Shutdown(reply) => Pending::Unit(reply, Ok(())),
             };
             match outcome.unexpected_error() {
@@ -701,14 +701,11 @@ fn append_events(conn: &Connection, events: &[DomainEvent]) -> rusqlite::Result<
     Ok(())
 }
 
-fn outbox_delete(conn: &Connection, ids: &[i64]) -> Result<(), StoreError> {
-    let mut stmt = conn
-        .prepare_cached("DELETE FROM outbox WHERE id=?1")
-        .map_err(unavailable)?;
-    for id in ids {
-        stmt.execute([id]).map_err(unavailable)?;
-    }
-    Ok(())
+fn outbox_delete(conn: &Connection, through: i64) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM outbox WHERE id<=?1")
+        .and_then(|mut s| s.execute([through]))
+        .map(|_| ())
+        .map_err(unavailable)
 }
 
 fn register_batch(
@@ -927,13 +924,17 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+    async fn outbox_pending(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
         self.read(move |c| {
             let mut stmt = c
-                .prepare_cached("SELECT id, event FROM outbox ORDER BY id LIMIT ?1")
+                .prepare_cached("SELECT id, event FROM outbox WHERE id>?1 ORDER BY id LIMIT ?2")
                 .map_err(unavailable)?;
             let rows = stmt
-                .query_map([limit as i64], |r| {
+                .query_map([after, limit as i64], |r| {
                     Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
                 })
                 .map_err(unavailable)?;
@@ -948,9 +949,8 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError> {
-        let ids = ids.to_vec();
-        self.send(|r| Job::OutboxAck(ids, r)).await
+    async fn outbox_ack_through(&self, last_id: i64) -> Result<(), StoreError> {
+        self.send(|r| Job::OutboxAck(last_id, r)).await
     }
 
     async fn outbox_depth(&self) -> Result<u64, StoreError> {
