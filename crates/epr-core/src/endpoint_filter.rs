@@ -1,0 +1,251 @@
+//! Saved endpoint filters: a named [`Filter`] query in one application, with its status
+//! (`pending` while the back-fill evaluates it over the application's endpoints, then
+//! `active`) and its membership count.
+//!
+//! Filter IDs become a token of 18/EFE subjects (`kaa.v1.events.{epr}.endpoint-filter.{id}.…`),
+//! so they are restricted to characters that are valid there.
+
+use crate::filter::Filter;
+use crate::ids::AppName;
+use crate::{DomainError, Timestamp, ValidationError};
+use serde_json::{Map, Value};
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+/// A filter's ID: 1 to 64 of `A-Z a-z 0-9 _ -`, so it is one NATS subject token and safe
+/// in a URL path.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FilterId(String);
+
+impl FilterId {
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        if s.is_empty() || s.len() > 64 {
+            return Err(ValidationError::new(
+                "filterId",
+                "pattern",
+                "a filter ID has 1 to 64 characters",
+            ));
+        }
+        if let Some(bad) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+        {
+            return Err(ValidationError::new(
+                "filterId",
+                "pattern",
+                format!(
+                    "a filter ID may hold only A-Z, a-z, 0-9, '_' and '-'; '{}' is not allowed",
+                    bad.escape_default()
+                ),
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for FilterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterStatus {
+    /// Being evaluated over the application's endpoints; listing by it is refused.
+    Pending,
+    /// Membership is complete and kept up to date by every write.
+    Active,
+}
+
+impl FilterStatus {
+    /// Kaa's wire form (`"pending"`, `"active"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FilterStatus::Pending => "pending",
+            FilterStatus::Active => "active",
+        }
+    }
+}
+
+/// Longest filter name, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+/// Longest description, in bytes.
+pub const MAX_DESCRIPTION_LEN: usize = 4096;
+
+/// A validated filter definition: what create and update set.
+#[derive(Debug, Clone)]
+pub struct FilterSpec {
+    pub name: String,
+    pub description: String,
+    /// The query as given (returned as is by reads).
+    pub query: Map<String, Value>,
+    pub compiled: Arc<Filter>,
+}
+
+impl FilterSpec {
+    /// Validates a definition. `mongoQuery` is accepted as a JSON object or as a string
+    /// holding one (Kaa's UI sends a string, its API returns an object).
+    pub fn parse(name: &str, description: &str, mongo_query: &Value) -> Result<Self, DomainError> {
+        let name = check_name(name)?;
+        if description.len() > MAX_DESCRIPTION_LEN {
+            return Err(ValidationError::new(
+                "description",
+                "max-length",
+                format!("a description has at most {MAX_DESCRIPTION_LEN} bytes"),
+            )
+            .into());
+        }
+        let query = match mongo_query {
+            Value::String(text) => serde_json::from_str::<Value>(text).map_err(|e| {
+                ValidationError::new(
+                    "mongoQuery",
+                    "type",
+                    format!("mongoQuery is a string but not JSON: {e}"),
+                )
+            })?,
+            other => other.clone(),
+        };
+        let compiled = Filter::parse(&query)?;
+        let Value::Object(query) = query else {
+            // Filter::parse accepts only objects; kept for the type.
+            return Err(ValidationError::new("mongoQuery", "type", "must be a JSON object").into());
+        };
+        Ok(Self {
+            name,
+            description: description.to_owned(),
+            query,
+            compiled: Arc::new(compiled),
+        })
+    }
+}
+
+fn check_name(name: &str) -> Result<String, DomainError> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() {
+        return Err(ValidationError::new("name", "required", "a filter needs a name").into());
+    }
+    if trimmed.len() > MAX_NAME_LEN {
+        return Err(ValidationError::new(
+            "name",
+            "max-length",
+            format!("a filter name has at most {MAX_NAME_LEN} bytes"),
+        )
+        .into());
+    }
+    if trimmed.chars().any(char::is_control) {
+        return Err(ValidationError::new(
+            "name",
+            "pattern",
+            "a filter name must not contain control characters",
+        )
+        .into());
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// A saved filter.
+#[derive(Debug, Clone)]
+pub struct EndpointFilter {
+    pub id: FilterId,
+    pub app: AppName,
+    pub spec: FilterSpec,
+    pub status: FilterStatus,
+    /// Endpoints that match (complete once `active`).
+    pub matched: u64,
+    pub created: Timestamp,
+    pub updated: Timestamp,
+    /// Bumped by every change of the definition; the entity tag.
+    pub version: u64,
+}
+
+impl EndpointFilter {
+    /// Strong entity tag of the definition.
+    pub fn etag(&self) -> String {
+        format!("\"f{}\"", self.version)
+    }
+}
+
+/// How one endpoint's membership changes: the filters it newly matches and those it no
+/// longer matches. `before` is the stored membership; `after` the filters that match the new
+/// state (empty when the endpoint is removed).
+pub fn membership_changes(
+    before: &BTreeSet<FilterId>,
+    after: &BTreeSet<FilterId>,
+) -> (Vec<FilterId>, Vec<FilterId>) {
+    let matched = after.difference(before).cloned().collect();
+    let unmatched = before.difference(after).cloned().collect();
+    (matched, unmatched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn filter_ids_are_subject_tokens() {
+        assert!(FilterId::parse("a1_B-2").is_ok());
+        for bad in ["", "a.b", "a*", "a>", "a b", &"x".repeat(65), "é"] {
+            let e = FilterId::parse(bad).unwrap_err();
+            assert_eq!(e.field, "filterId", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn spec_accepts_an_object_or_a_json_string() {
+        let q = json!({"application_version": "demo-v1"});
+        let a = FilterSpec::parse(" n ", "", &q).unwrap();
+        let b = FilterSpec::parse("n", "", &json!(q.to_string())).unwrap();
+        assert_eq!(a.name, "n", "trimmed");
+        assert_eq!(a.query, b.query);
+        assert!(a.compiled.matches("demo-v1", &Map::new()));
+    }
+
+    #[test]
+    fn spec_rejections_name_the_field() {
+        let q = json!({});
+        let field = |r: Result<FilterSpec, DomainError>| match r.unwrap_err() {
+            DomainError::Invalid(v) => (v.field, v.rule),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(FilterSpec::parse(" ", "", &q)),
+            ("name".into(), "required")
+        );
+        assert_eq!(
+            field(FilterSpec::parse(&"n".repeat(300), "", &q)),
+            ("name".into(), "max-length")
+        );
+        assert_eq!(
+            field(FilterSpec::parse("n", &"d".repeat(5000), &q)),
+            ("description".into(), "max-length")
+        );
+        assert_eq!(
+            field(FilterSpec::parse("n", "", &json!("{not json"))),
+            ("mongoQuery".into(), "type")
+        );
+        assert_eq!(
+            field(FilterSpec::parse("n", "", &json!([1]))).0,
+            "mongoQuery"
+        );
+        assert_eq!(
+            field(FilterSpec::parse("n", "", &json!({"$where": "1"}))).1,
+            "unsupported-operator"
+        );
+    }
+
+    #[test]
+    fn membership_changes_are_set_differences() {
+        let ids = |v: &[&str]| -> BTreeSet<FilterId> {
+            v.iter().map(|s| FilterId::parse(s).unwrap()).collect()
+        };
+        let (m, u) = membership_changes(&ids(&["a", "b"]), &ids(&["b", "c"]));
+        assert_eq!(m, vec![FilterId::parse("c").unwrap()]);
+        assert_eq!(u, vec![FilterId::parse("a").unwrap()]);
+    }
+}
