@@ -7,7 +7,7 @@
 //! spread over shards by endpoint ID: one endpoint's reports are applied in arrival order,
 //! different endpoints in parallel (their writes share group commits).
 
-use crate::connection::Nats;
+use crate::connection::{now_millis, Nats};
 use epr_core::endpoint::Precondition;
 use epr_core::ids::{EndpointId, TenantId};
 use epr_core::ports::StoreError;
@@ -109,13 +109,6 @@ fn shard_of(id: &str, shards: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     id.hash(&mut h);
     (h.finish() % shards as u64) as usize
-}
-
-fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 async fn worker(mut rx: mpsc::Receiver<Report>, registry: Arc<Registry>, tenant: TenantId) {

@@ -6,6 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
+/// Wall-clock Unix milliseconds, for message timestamps and expiry checks.
+pub(crate) fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Connection settings.
 #[derive(Debug, Clone)]
 pub struct NatsSettings {

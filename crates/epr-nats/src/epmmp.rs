@@ -7,7 +7,7 @@
 //! message, never silence. Changes go through the same [`Registry`] use cases as REST, so they
 //! emit 15/EME `metadata.updated` through the outbox like any other change.
 
-use crate::connection::Nats;
+use crate::connection::{now_millis, Nats};
 use epr_core::command::MetadataChange;
 use epr_core::endpoint::Precondition;
 use epr_core::ids::{EndpointId, TenantId};
@@ -116,13 +116,6 @@ struct Handler {
     nats: Nats,
     registry: Arc<Registry>,
     settings: EpmmpSettings,
-}
-
-fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl Handler {
@@ -274,18 +267,22 @@ impl Handler {
         EndpointId::parse(raw).map_err(|e| status(400, e.at("endpointId").to_string()))
     }
 
+    /// The endpoint a request names: 400 for a malformed ID, 404 for an unknown one.
+    async fn endpoint(&self, raw: &str) -> Result<epr_core::endpoint::Endpoint, Status> {
+        let id = self.endpoint_id(raw)?;
+        self.registry
+            .get(&self.settings.tenant, &id)
+            .await
+            .map_err(|e| error_status(&e))
+    }
+
     async fn get(
         &self,
         endpoint_id: String,
         include: Vec<String>,
         include_metadata: bool,
     ) -> Result<Response, Status> {
-        let id = self.endpoint_id(&endpoint_id)?;
-        let ep = self
-            .registry
-            .get(&self.settings.tenant, &id)
-            .await
-            .map_err(|e| error_status(&e))?;
+        let ep = self.endpoint(&endpoint_id).await?;
         let payload = include_metadata.then(|| {
             let map = ep.metadata.as_map();
             let selected: serde_json::Map<String, Value> = if include.is_empty() {
@@ -428,12 +425,7 @@ impl Handler {
     }
 
     async fn keys(&self, endpoint_id: String) -> Result<Response, Status> {
-        let id = self.endpoint_id(&endpoint_id)?;
-        let ep = self
-            .registry
-            .get(&self.settings.tenant, &id)
-            .await
-            .map_err(|e| error_status(&e))?;
+        let ep = self.endpoint(&endpoint_id).await?;
         Ok(Response::KeysGet {
             endpoint_id,
             keys: ep.metadata.as_map().keys().cloned().collect(),

@@ -10,7 +10,7 @@
 //! before an earlier one on the first delivery. While NATS is down nothing is published:
 //! events wait in the outbox and go out, in order, after reconnection.
 
-use crate::connection::Nats;
+use crate::connection::{now_millis, Nats};
 use epr_core::ports::{OutboxEntry, Store, StoreError};
 use epr_events::Originator;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -334,13 +334,6 @@ fn record_lag(batch: &[OutboxEntry]) {
         let lag = (now - e.event.timestamp.millis()).max(0) as f64 / 1000.0;
         metrics::histogram!("epr_events_publish_lag_seconds").record(lag);
     }
-}
-
-fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

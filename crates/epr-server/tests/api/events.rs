@@ -5,10 +5,10 @@
 use crate::helpers::{spawn_with, TestApp};
 use crate::nats_support::{
     capture_stream, collect, shared_client, shared_url, stream_messages, unique_instance,
-    wait_for_stream, Event, PrivateNats,
+    wait_for_stream, wait_nats, Event, PrivateNats,
 };
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -22,29 +22,6 @@ async fn spawn_on(url: &str, instance: &str, jetstream: bool) -> TestApp {
         s.service.replica_id = "replica-1".into();
     })
     .await
-}
-
-async fn wait_nats(app: &TestApp, status: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let body: Value = app
-            .client
-            .get(app.url("/health/ready"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if body["components"]["nats"]["status"] == status {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "NATS never became {status}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn some(s: &str) -> Option<String> {
@@ -334,15 +311,7 @@ async fn with_jetstream_events_leave_the_outbox_only_when_a_stream_acknowledges_
 #[tokio::test]
 async fn health_shows_nats_disabled_up_and_down() {
     let app = spawn_with(|_| {}).await;
-    let body: Value = app
-        .client
-        .get(app.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = app.get_json("/health").await;
     assert_eq!(body["components"]["nats"], "DISABLED");
     app.stop().await;
 
@@ -353,15 +322,7 @@ async fn health_shows_nats_disabled_up_and_down() {
     assert_eq!(body["components"]["nats"]["details"]["url"], nats.url());
     nats.stop();
     wait_nats(&app, "DOWN").await;
-    let body: Value = app
-        .client
-        .get(app.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = app.get_json("/health").await;
     assert_eq!(body["status"], "UP");
     assert_eq!(body["components"]["nats"], "DOWN");
     app.stop().await;

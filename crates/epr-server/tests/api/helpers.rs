@@ -106,6 +106,18 @@ impl TestApp {
         r.json().await.unwrap()
     }
 
+    /// GETs a root path (e.g. `/health`) and returns its JSON body.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn total(&self, query: &str) -> u64 {
         let r = self.get(&format!("/endpoints?{query}")).await;
         assert_eq!(r.status(), StatusCode::OK);

@@ -2,7 +2,9 @@
 //! round trip (successes and errors), and the 9/ELCE `connected` listener.
 
 use crate::helpers::{spawn_with, TestApp};
-use crate::nats_support::{collect, shared_client, shared_url, unique_instance, PrivateNats};
+use crate::nats_support::{
+    collect, shared_client, shared_url, unique_instance, wait_nats, PrivateNats,
+};
 use epr_events::connectivity::{encode_connected, ConnectedEvent};
 use epr_events::epmmp::{
     decode_response, encode_request, request_subject, Envelope, KeyUpdateCommand, Request,
@@ -29,23 +31,7 @@ async fn spawn_nats(url: &str, instance: &str) -> TestApp {
         s.nats.restricted_metadata_keys = vec!["secret".into()];
     })
     .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let body: Value = app
-            .client
-            .get(app.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if body["components"]["nats"] == "UP" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "NATS never came up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_nats(&app, "UP").await;
     app
 }
 

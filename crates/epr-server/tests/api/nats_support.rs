@@ -2,9 +2,11 @@
 //! private nats-server processes that a test may stop and restart, and an Avro decoder that
 //! parses the `.avsc` files on disk, independently of the crate that encodes them.
 
+use crate::helpers::TestApp;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::Schema;
+use serde_json::Value as Json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -297,4 +299,20 @@ pub async fn collect(sub: &mut async_nats::Subscriber, n: usize, limit: Duration
         }
     }
     out
+}
+
+/// Waits until `/health/ready` reports the NATS component as `status`; returns the body.
+pub async fn wait_nats(app: &TestApp, status: &str) -> Json {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let body = app.get_json("/health/ready").await;
+        if body["components"]["nats"]["status"] == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "NATS never became {status}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
