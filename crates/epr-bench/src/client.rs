@@ -203,10 +203,22 @@ impl Conn {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<Response> {
+        self.request_with_headers(method, path, body, "").await
+    }
+
+    /// Like [`Conn::request`], with `headers` (complete `Name: value\r\n` lines, or
+    /// empty) added to the request head.
+    pub async fn request_with_headers(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &str,
+    ) -> Result<Response> {
         self.wbuf.clear();
         write!(
             self.wbuf,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{headers}",
             self.addr
         )?;
         if let Some(b) = body {

@@ -2,16 +2,23 @@
 //! See README.md for what it measures and how to run it.
 
 mod client;
+mod cpu;
+mod events;
+mod metrics;
+mod outbox;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use client::Conn;
+use cpu::{cpu_ticks, CpuSnap, TICKS_PER_S};
+use events::{Counts, Events};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
@@ -32,7 +39,8 @@ struct Args {
     /// Recorded seconds per phase.
     #[arg(long, short, default_value_t = 10.0)]
     duration: f64,
-    /// Comma-separated subset of: health,register,get,put (always run in that order).
+    /// Comma-separated subset of: health,register,get,put,latency,drain (always run in
+    /// that order; latency and drain need --nats-url).
     #[arg(long, default_value = "health,register,get,put", value_delimiter = ',')]
     phases: Vec<String>,
     /// Run `health` again at the end of each round (the machine is noisy).
@@ -50,6 +58,40 @@ struct Args {
     /// Also write all results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// NATS server for events. With --server-bin, two servers are spawned, one with
+    /// events off (`nats.url: ""`) and one with events on (this URL), and every
+    /// health/register/get/put/latency phase runs against both (off then on in odd
+    /// rounds, on then off in even ones); events of the "on" server are counted by a
+    /// subscriber on `kaa.v1.events.{instance}.>`. Needed by the latency and drain phases.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// PID of the nats-server process (e.g. `$(cat /tmp/epr-services/nats/pid)`): its CPU
+    /// is then shown apart from the machine's other load.
+    #[arg(long)]
+    nats_pid: Option<u32>,
+    /// `service.instance_name` of the server: default `bench<run id>` for spawned servers
+    /// (so nothing else publishing to the broker is counted), `epr` with --url.
+    #[arg(long)]
+    instance_name: Option<String>,
+    /// Latency phase: registrations per second in total (open loop, spread evenly over
+    /// --connections).
+    #[arg(long, default_value_t = 5000.0)]
+    rate: f64,
+    /// Seconds to wait for outstanding events once a phase's writes are done; events
+    /// still missing then are reported as lost.
+    #[arg(long, default_value_t = 5.0)]
+    event_timeout: f64,
+    /// Drain phase: endpoints registered (without metadata: one event each) through
+    /// `POST /api/v1/endpoints/batch`, in each of its two measurements.
+    #[arg(long, default_value_t = 100_000)]
+    drain_endpoints: usize,
+    /// `register` without metadata: one event (`registered`) per registration instead of
+    /// two (`registered` + `metadata.updated`); get/put then start from empty metadata.
+    #[arg(long)]
+    bare_register: bool,
+    /// Drain phase: endpoints per batch request (the server's limit is 1000).
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -58,10 +100,21 @@ enum Phase {
     Register,
     Get,
     Put,
+    /// Open-loop registrations; write response → `registered` event latency.
+    Latency,
+    /// Batch registrations; how fast the relay empties the outbox.
+    Drain,
 }
 
 impl Phase {
-    const ALL: [Phase; 4] = [Phase::Health, Phase::Register, Phase::Get, Phase::Put];
+    const ALL: [Phase; 6] = [
+        Phase::Health,
+        Phase::Register,
+        Phase::Get,
+        Phase::Put,
+        Phase::Latency,
+        Phase::Drain,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -69,6 +122,8 @@ impl Phase {
             Phase::Register => "register",
             Phase::Get => "get-by-id",
             Phase::Put => "metadata-put",
+            Phase::Latency => "latency",
+            Phase::Drain => "drain",
         }
     }
 
@@ -78,14 +133,26 @@ impl Phase {
             "register" => Phase::Register,
             "get" | "get-by-id" => Phase::Get,
             "put" | "metadata-put" => Phase::Put,
-            _ => bail!("unknown phase {s:?} (use health,register,get,put)"),
+            "latency" => Phase::Latency,
+            "drain" => Phase::Drain,
+            _ => bail!("unknown phase {s:?} (use health,register,get,put,latency,drain)"),
         })
+    }
+
+    /// Closed-loop phases, run against every server (events off and on).
+    fn closed_loop(self) -> bool {
+        matches!(
+            self,
+            Phase::Health | Phase::Register | Phase::Get | Phase::Put
+        )
     }
 }
 
 #[derive(Serialize, Clone)]
 struct PhaseResult {
     phase: &'static str,
+    /// Which server: "" (the only one), "off" (events off) or "on" (events on).
+    target: &'static str,
     connections: usize,
     requests: u64,
     errors: u64,
@@ -95,14 +162,56 @@ struct PhaseResult {
     p90_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// Server process CPU (user + system, all threads) during the recorded window, in
+    /// cores, and per recorded request in µs; spawned servers only.
+    server_cpu_cores: Option<f64>,
+    server_cpu_us_per_req: Option<f64>,
+    /// The bench's own CPU, and the rest of the machine's busy CPU (NATS, kernel work
+    /// not charged to a process, anything else running), in cores, same window.
+    bench_cpu_cores: Option<f64>,
+    /// nats-server's CPU (with --nats-pid).
+    nats_cpu_cores: Option<f64>,
+    other_cpu_cores: Option<f64>,
+    /// CPU the hypervisor took from this VM, in cores, same window.
+    steal_cores: Option<f64>,
+    /// The server's own metrics over the window (store commits, relay).
+    server: Option<metrics::ServerStats>,
 }
 
 #[derive(Serialize)]
 struct Round {
     round: usize,
     phases: Vec<PhaseResult>,
-    /// Throughput of a phase as a percentage of mean `health` throughput.
+    /// Throughput of a phase as a percentage of mean `health` throughput (of the same
+    /// server), and events-on throughput as a percentage of events-off.
     ratios_pct: Vec<(String, f64)>,
+    events: Vec<EventsCheck>,
+    latency: Vec<outbox::LatencyResult>,
+    drain: Vec<outbox::DrainResult>,
+}
+
+/// What the subscriber saw of one closed-loop phase against the events-on server.
+#[derive(Serialize, Clone)]
+struct EventsCheck {
+    phase: &'static str,
+    round: usize,
+    /// Successful writes of the phase, warm-up and stragglers included.
+    writes_acked: u64,
+    /// Registrations among them (each publishes `registered` + `metadata.updated`).
+    registrations: u64,
+    registered_events: u64,
+    metadata_events: u64,
+    other_events: u64,
+    /// Events that arrived inside the recorded window, per second.
+    window_events_per_s: f64,
+    /// Largest outbox depth `/health/ready` showed during the phase (sampled by the
+    /// server every 2 s).
+    max_outbox_depth: Option<u64>,
+    /// Last event's arrival minus the last write's response, ms (negative: the last
+    /// event came before the last response).
+    tail_ms: Option<f64>,
+    /// Every expected event arrived, and no unexpected one.
+    ok: bool,
 }
 
 #[derive(Serialize)]
@@ -130,6 +239,8 @@ struct Worker {
 struct Ctx {
     run_id: String,
     app_version: String,
+    /// `register` sends no metadata (one event per registration instead of two).
+    bare_register: bool,
 }
 
 impl Worker {
@@ -163,12 +274,20 @@ impl Worker {
                 self.seq += 1;
                 let n = self.seq;
                 let id = format!("b-{}-{}-{n}", ctx.run_id, self.idx);
-                write!(
-                    self.body,
-                    r#"{{"endpointId":"{id}","appVersion":{{"name":"{}"}},"metadata":{{"serial":"SN-{n}","city":"Kyiv","level":{},"lat":50.45,"active":true}}}}"#,
-                    ctx.app_version,
-                    n % 10
-                )?;
+                if ctx.bare_register {
+                    write!(
+                        self.body,
+                        r#"{{"endpointId":"{id}","appVersion":{{"name":"{}"}}}}"#,
+                        ctx.app_version
+                    )?;
+                } else {
+                    write!(
+                        self.body,
+                        r#"{{"endpointId":"{id}","appVersion":{{"name":"{}"}},"metadata":{{"serial":"SN-{n}","city":"Kyiv","level":{},"lat":50.45,"active":true}}}}"#,
+                        ctx.app_version,
+                        n % 10
+                    )?;
+                }
                 self.path.push_str("/api/v1/endpoints");
                 new_id = Some(id);
                 "POST"
@@ -184,6 +303,7 @@ impl Worker {
                 write!(self.body, "{}.{}", temp / 10, temp % 10)?;
                 "PUT"
             }
+            Phase::Latency | Phase::Drain => bail!("{} is not a closed-loop phase", phase.name()),
         };
         let body = (!self.body.is_empty()).then_some(self.body.as_bytes());
         let r = self.conn.request(method, &self.path, body).await?;
@@ -208,6 +328,12 @@ struct TaskOut {
     hist: Histogram<u64>,
     requests: u64,
     errors: u64,
+    /// Successful requests, recorded or not (each write's events must arrive).
+    acked: u64,
+    /// Successful registrations, including the untimed ones get/put make.
+    registrations: u64,
+    /// When the last successful response arrived.
+    last_ok: Option<Instant>,
 }
 
 /// One connection's closed loop: requests back to back until `end`;
@@ -216,7 +342,7 @@ struct TaskOut {
 /// and a straggler past `end` (or a slow connect) cannot skew it.
 async fn run_task(
     mut w: Worker,
-    ctx: std::sync::Arc<Ctx>,
+    ctx: Arc<Ctx>,
     phase: Phase,
     measure_from: Instant,
     end: Instant,
@@ -225,12 +351,22 @@ async fn run_task(
         hist: new_hist(),
         requests: 0,
         errors: 0,
+        acked: 0,
+        registrations: 0,
+        last_ok: None,
     };
     // get/put need ids; if `register` was not selected, make a few untimed.
     while matches!(phase, Phase::Get | Phase::Put) && w.ids.len() < 16 && Instant::now() < end {
-        if let Err(e) = w.one(Phase::Register, &ctx).await {
-            report_error(Phase::Register, || format!("{e:#}"));
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        match w.one(Phase::Register, &ctx).await {
+            Ok(r) if r.is_success() => {
+                out.registrations += 1;
+                out.last_ok = Some(Instant::now());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                report_error(Phase::Register, || format!("{e:#}"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
     loop {
@@ -247,7 +383,11 @@ async fn run_task(
                 .saturating_record((done - start).as_micros() as u64);
         }
         match res {
-            Ok(r) if r.is_success() => {}
+            Ok(r) if r.is_success() => {
+                out.acked += 1;
+                out.registrations += (phase == Phase::Register) as u64;
+                out.last_ok = Some(done);
+            }
             Ok(r) => {
                 out.errors += recorded as u64;
                 report_error(phase, || {
@@ -270,20 +410,54 @@ fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
+/// What a closed-loop phase did beyond its table row: input for the events check.
+struct PhaseExtra {
+    acked: u64,
+    registrations: u64,
+    last_ok: Option<Instant>,
+    /// Events received inside the recorded window (events-on server only).
+    window_events: Option<u64>,
+    /// Largest outbox depth seen during the phase (events-on server only).
+    max_outbox_depth: Option<u64>,
+}
+
 async fn run_phase(
     workers: Vec<Worker>,
-    ctx: &std::sync::Arc<Ctx>,
+    ctx: &Arc<Ctx>,
     phase: Phase,
     args: &Args,
-) -> Result<(Vec<Worker>, PhaseResult)> {
+    target: &Target,
+) -> Result<(Vec<Worker>, PhaseResult, PhaseExtra)> {
     let t0 = Instant::now();
     let measure_from = t0 + Duration::from_secs_f64(args.warmup);
     let end = measure_from + Duration::from_secs_f64(args.duration);
+    // Event counts at the edges of the recorded window, and the outbox depth meanwhile.
+    let window = target.events.as_ref().map(|ev| {
+        let ev = ev.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            let from = ev.counts().total();
+            tokio::time::sleep_until(end.into()).await;
+            ev.counts().total() - from
+        })
+    });
+    let depth = target
+        .events
+        .is_some()
+        .then(|| tokio::spawn(max_outbox_depth(target.addr.clone(), end)));
+    let cpu = sample_window(&target.addr, target.pid(), args, measure_from, end);
     let handles: Vec<_> = workers
         .into_iter()
         .map(|w| tokio::spawn(run_task(w, ctx.clone(), phase, measure_from, end)))
         .collect();
     let (mut hist, mut requests, mut errors, mut back) = (new_hist(), 0, 0, Vec::new());
+    let mut extra = PhaseExtra {
+        acked: 0,
+        registrations: 0,
+        last_ok: None,
+        window_events: None,
+        max_outbox_depth: None,
+    };
     for h in handles {
         // A hung server would hang a task forever: give up 30 s past the end.
         let (w, out) = tokio::time::timeout_at((end + Duration::from_secs(30)).into(), h)
@@ -292,12 +466,25 @@ async fn run_phase(
         hist.add(&out.hist)?;
         requests += out.requests;
         errors += out.errors;
+        extra.acked += out.acked;
+        extra.registrations += out.registrations;
+        extra.last_ok = extra.last_ok.max(out.last_ok);
         back.push(w);
     }
+    if let Some(w) = window {
+        extra.window_events = Some(w.await?);
+    }
+    if let Some(d) = depth {
+        extra.max_outbox_depth = d.await?;
+    }
+    let (cpu, server) = cpu.await?;
+    let cores = |ticks: Option<u64>| ticks.map(|t| t as f64 / TICKS_PER_S / args.duration);
+    let cpu_s = cpu.server.map(|t| t as f64 / TICKS_PER_S);
     let seconds = args.duration;
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let res = PhaseResult {
         phase: phase.name(),
+        target: target.name,
         connections: args.connections,
         requests,
         errors,
@@ -307,15 +494,158 @@ async fn run_phase(
         p90_ms: ms(0.9),
         p99_ms: ms(0.99),
         max_ms: hist.max() as f64 / 1000.0,
+        server_cpu_cores: cores(cpu.server),
+        server_cpu_us_per_req: cpu_s
+            .filter(|_| requests > 0)
+            .map(|c| c * 1e6 / requests as f64),
+        bench_cpu_cores: cores(cpu.bench),
+        nats_cpu_cores: cores(cpu.nats),
+        other_cpu_cores: cores(cpu.other()),
+        steal_cores: cores(cpu.steal),
+        server,
     };
-    Ok((back, res))
+    Ok((back, res, extra))
+}
+
+/// Samples CPU counters and the server's `/metrics` at `from` and at `to`; yields the
+/// differences.
+fn sample_window(
+    addr: &str,
+    pid: Option<u32>,
+    args: &Args,
+    from: Instant,
+    to: Instant,
+) -> tokio::task::JoinHandle<(CpuSnap, Option<metrics::ServerStats>)> {
+    let (addr, nats_pid, seconds) = (addr.to_owned(), args.nats_pid, args.duration);
+    tokio::spawn(async move {
+        tokio::time::sleep_until(from.into()).await;
+        let cpu0 = CpuSnap::take(pid, nats_pid);
+        let m0 = metrics::Scrape::take(&addr).await;
+        tokio::time::sleep_until(to.into()).await;
+        let cpu = CpuSnap::take(pid, nats_pid).since(&cpu0);
+        let m1 = metrics::Scrape::take(&addr).await;
+        let stats = m0
+            .zip(m1)
+            .map(|(a, b)| metrics::ServerStats::between(&a, &b, seconds));
+        (cpu, stats)
+    })
+}
+
+/// Waits until every spawned server is idle (under 10 % of a core over 300 ms), at most
+/// 30 s, so a server's leftovers (WAL checkpoints, relay) do not run during the next
+/// measurement of the other server. Returns how long it waited.
+async fn settle(targets: &[Target]) -> Duration {
+    let start = Instant::now();
+    let pids: Vec<u32> = targets.iter().filter_map(Target::pid).collect();
+    while start.elapsed() < Duration::from_secs(30) {
+        let before: Vec<Option<u64>> = pids.iter().map(|&p| cpu_ticks(p)).collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let busy = pids
+            .iter()
+            .zip(&before)
+            .any(|(&p, b)| match (b, cpu_ticks(p)) {
+                (Some(b), Some(a)) => a.saturating_sub(*b) > 3,
+                _ => false,
+            });
+        if !busy {
+            break;
+        }
+    }
+    start.elapsed()
+}
+
+/// Polls `/health/ready` every 500 ms until `end`; returns the largest `outboxDepth`.
+async fn max_outbox_depth(addr: String, end: Instant) -> Option<u64> {
+    let mut conn = Conn::new(&addr);
+    let mut max = None;
+    while Instant::now() < end {
+        if let Ok(r) = conn.request("GET", "/health/ready", None).await {
+            if let Some(d) = serde_json::from_slice::<serde_json::Value>(&r.body)
+                .ok()
+                .and_then(|v| find_u64(&v, "outboxDepth"))
+            {
+                max = max.max(Some(d));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    max
+}
+
+/// The first number under `key` anywhere in `v`.
+fn find_u64(v: &serde_json::Value, key: &str) -> Option<u64> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .and_then(serde_json::Value::as_u64)
+            .or_else(|| m.values().find_map(|v| find_u64(v, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|v| find_u64(v, key)),
+        _ => None,
+    }
+}
+
+/// After a closed-loop phase against the events-on server: waits for the events its
+/// writes must have caused and checks the counts.
+async fn check_events(
+    ev: &Events,
+    before: Counts,
+    phase: Phase,
+    round: usize,
+    extra: &PhaseExtra,
+    args: &Args,
+) -> EventsCheck {
+    let regs = extra.registrations;
+    // Every registration publishes `registered`, plus `metadata.updated` when it has
+    // metadata (5 keys unless --bare-register); a metadata PUT publishes
+    // `metadata.updated` only when the value changed.
+    let md = if args.bare_register { 0 } else { regs };
+    let put_max = if phase == Phase::Put { extra.acked } else { 0 };
+    let idle = Duration::from_secs_f64(args.event_timeout);
+    ev.wait_for(idle, |c| {
+        let d = c.since(&before);
+        d.registered >= regs && d.metadata >= md
+    })
+    .await;
+    if put_max > 0 {
+        // How many PUTs changed the value is unknown: wait until events stop coming.
+        ev.wait_for(Duration::from_secs(1), |_| false).await;
+    }
+    let got = ev.counts().since(&before);
+    let ok =
+        got.registered == regs && (md..=md + put_max).contains(&got.metadata) && got.other == 0;
+    let tail_ms = match (ev.last_arrival(), extra.last_ok) {
+        (Some(last), Some(ack)) if got.total() > 0 => Some(signed_ms(last, ack)),
+        _ => None,
+    };
+    EventsCheck {
+        phase: phase.name(),
+        round,
+        writes_acked: extra.acked,
+        registrations: regs,
+        registered_events: got.registered,
+        metadata_events: got.metadata,
+        other_events: got.other,
+        window_events_per_s: extra.window_events.unwrap_or(0) as f64 / args.duration,
+        max_outbox_depth: extra.max_outbox_depth,
+        tail_ms,
+        ok,
+    }
+}
+
+/// `a − b` in milliseconds, negative when `a` is earlier.
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    if a >= b {
+        (a - b).as_secs_f64() * 1000.0
+    } else {
+        -((b - a).as_secs_f64() * 1000.0)
+    }
 }
 
 /// A spawned server; killed (and its temp dirs removed) when dropped, so it
 /// also goes away on errors and Ctrl-C.
 struct Server {
     child: Child,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for Server {
@@ -325,19 +655,44 @@ impl Drop for Server {
     }
 }
 
-fn spawn_server(bin: &PathBuf) -> Result<(Server, String)> {
-    // Bind :0 to learn a free port, then release it for the server.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .to_string();
+/// How a spawned server publishes events.
+#[derive(Clone, Copy)]
+enum EventsMode<'a> {
+    /// The config of the earlier benches: no `service`/`nats` sections.
+    Default,
+    /// `nats.url` set to this (empty: events off).
+    Nats { url: &'a str, instance: &'a str },
+}
+
+/// Spawns `bin` on a free port with a fresh temporary config and data dir.
+fn spawn_server(bin: &Path, events: EventsMode) -> Result<(Server, String)> {
     let dir = tempfile::TempDir::new()?;
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
+    let (mut server, addr) = spawn_server_in(bin, dir.path(), events)?;
+    server._dir = Some(dir);
+    Ok((server, addr))
+}
+
+/// Spawns `bin` on a free port with config and data in `dir` (the data dir is reused
+/// when it exists: the drain phase restarts a server on its data).
+fn spawn_server_in(bin: &Path, dir: &Path, events: EventsMode) -> Result<(Server, String)> {
+    // Bind :0 to learn a free port, then release it for the server.
+    let addr = free_addr()?;
+    let config = dir.join("config.yaml");
+    let mut yaml = String::from(
         "kaa:\n  applications:\n    bench:\n      versions:\n        bench-v1: {}\n        bench-v2: {}\nlog:\n  level: warn\n",
-    )?;
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data)?;
+    );
+    if let EventsMode::Nats { url, instance } = events {
+        write!(
+            yaml,
+            "service:\n  instance_name: {instance}\n  replica_id: bench\nnats:\n  url: {}\n",
+            serde_json::to_string(url)?
+        )?;
+    }
+    std::fs::write(&config, yaml)?;
+    let data = dir.join("data");
+    if !data.exists() {
+        std::fs::create_dir(&data)?;
+    }
     let child = Command::new(bin)
         .arg("--config")
         .arg(&config)
@@ -348,7 +703,14 @@ fn spawn_server(bin: &PathBuf) -> Result<(Server, String)> {
         .stdout(Stdio::from(std::io::stderr()))
         .spawn()
         .with_context(|| format!("spawn {}", bin.display()))?;
-    Ok((Server { child, _dir: dir }, addr))
+    Ok((Server { child, _dir: None }, addr))
+}
+
+/// A loopback address nothing listens on (right now).
+fn free_addr() -> Result<String> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string())
 }
 
 /// Polls `GET /health` every 50 ms for up to 30 s; returns its JSON body.
@@ -373,33 +735,74 @@ async fn wait_healthy(addr: &str, server: Option<&mut Server>) -> Result<Vec<u8>
     }
 }
 
+const TABLE_HEADER: &str = "| phase | connections | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms | server CPU cores | server CPU µs/req | bench CPU cores | NATS CPU cores | other CPU cores |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+
 fn fmt_row(r: &PhaseResult, label: &str) -> String {
+    let opt = |v: Option<f64>, prec: usize| v.map_or_else(|| "-".into(), |v| format!("{v:.prec$}"));
     format!(
-        "| {label} | {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
-        r.connections, r.requests, r.errors, r.rps, r.p50_ms, r.p90_ms, r.p99_ms, r.max_ms
+        "| {label} | {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} |",
+        r.connections,
+        r.requests,
+        r.errors,
+        r.rps,
+        r.p50_ms,
+        r.p90_ms,
+        r.p99_ms,
+        r.max_ms,
+        opt(r.server_cpu_cores, 2),
+        opt(r.server_cpu_us_per_req, 1),
+        opt(r.bench_cpu_cores, 2),
+        opt(r.nats_cpu_cores, 2),
+        opt(r.other_cpu_cores, 2)
     )
 }
 
-/// Throughput of each non-health phase relative to the mean health rate.
+/// Throughput of each non-health phase relative to the mean health rate of the same
+/// server; with two servers, also each phase's events-on rate relative to events-off.
 fn ratios(phases: &[PhaseResult]) -> Vec<(String, f64)> {
-    let health: Vec<f64> = phases
-        .iter()
-        .filter(|p| p.phase == "health")
-        .map(|p| p.rps)
-        .collect();
-    if health.is_empty() {
-        return Vec::new();
+    let mut out = Vec::new();
+    let mut targets: Vec<&str> = Vec::new();
+    for p in phases {
+        if !targets.contains(&p.target) {
+            targets.push(p.target);
+        }
     }
-    let base = health.iter().sum::<f64>() / health.len() as f64;
-    ["get-by-id", "register", "metadata-put"]
-        .iter()
-        .filter_map(|name| {
-            phases
+    for t in &targets {
+        let health: Vec<f64> = phases
+            .iter()
+            .filter(|p| p.phase == "health" && p.target == *t)
+            .map(|p| p.rps)
+            .collect();
+        if health.is_empty() {
+            continue;
+        }
+        let base = health.iter().sum::<f64>() / health.len() as f64;
+        let suffix = if t.is_empty() {
+            String::new()
+        } else {
+            format!(" [{t}]")
+        };
+        for name in ["get-by-id", "register", "metadata-put"] {
+            if let Some(p) = phases.iter().find(|p| p.phase == name && p.target == *t) {
+                out.push((format!("{name} / health{suffix}"), 100.0 * p.rps / base));
+            }
+        }
+    }
+    for name in ["health", "register", "get-by-id", "metadata-put"] {
+        // Mean over the round (health runs twice with --health-again).
+        let rate = |t: &str| {
+            let r: Vec<f64> = phases
                 .iter()
-                .find(|p| p.phase == *name)
-                .map(|p| (format!("{name} / health"), 100.0 * p.rps / base))
-        })
-        .collect()
+                .filter(|p| p.phase == name && p.target == t)
+                .map(|p| p.rps)
+                .collect();
+            (!r.is_empty()).then(|| r.iter().sum::<f64>() / r.len() as f64)
+        };
+        if let (Some(off), Some(on)) = (rate("off"), rate("on")) {
+            out.push((format!("{name} events on / off"), 100.0 * on / off));
+        }
+    }
+    out
 }
 
 fn shell_quote(a: &str) -> String {
@@ -413,6 +816,38 @@ fn shell_quote(a: &str) -> String {
     }
 }
 
+impl Target {
+    fn pid(&self) -> Option<u32> {
+        self.server.as_ref().map(|s| s.child.id())
+    }
+}
+
+/// One server under test with its connections.
+struct Target {
+    /// "" (the only server), "off" (events off) or "on" (events on).
+    name: &'static str,
+    addr: String,
+    server: Option<Server>,
+    /// The subscriber counting this server's events (events-on server only).
+    events: Option<Arc<Events>>,
+    workers: Vec<Worker>,
+}
+
+fn new_workers(addr: &str, n: usize) -> Vec<Worker> {
+    (0..n)
+        .map(|idx| Worker {
+            idx,
+            conn: Conn::new(addr),
+            ids: Vec::new(),
+            seq: 0,
+            // Distinct non-zero xorshift seeds per connection.
+            rng: (idx as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            path: String::with_capacity(128),
+            body: String::with_capacity(256),
+        })
+        .collect()
+}
+
 async fn run(args: Args) -> Result<()> {
     let mut selected: Vec<Phase> = Vec::new();
     for s in &args.phases {
@@ -423,32 +858,107 @@ async fn run(args: Args) -> Result<()> {
         .filter(|p| selected.contains(p))
         .collect();
     if args.health_again {
-        seq.push(Phase::Health);
+        // Closed-loop phases come first; `health` again goes after the last of them.
+        let at = seq
+            .iter()
+            .rposition(|p| p.closed_loop())
+            .map_or(0, |i| i + 1);
+        seq.insert(at, Phase::Health);
     }
     if seq.is_empty() || args.connections == 0 || args.repeat == 0 {
         bail!("nothing to do: need at least one phase, connection and round");
     }
+    if seq.iter().any(|p| !p.closed_loop()) && args.nats_url.is_none() {
+        bail!("the latency and drain phases need --nats-url");
+    }
+    if !args.rate.is_finite()
+        || args.rate <= 0.0
+        || args.batch_size == 0
+        || args.drain_endpoints == 0
+    {
+        bail!("--rate, --batch-size and --drain-endpoints must be positive");
+    }
 
-    let (mut server, addr) = match (&args.server_bin, &args.url) {
-        (Some(bin), _) => {
-            let (s, a) = spawn_server(bin)?;
-            (Some(s), a)
-        }
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let instance = match (&args.instance_name, &args.server_bin) {
+        (Some(i), _) => i.clone(),
+        (None, Some(_)) => format!("bench{run_id}"),
+        (None, None) => "epr".to_owned(),
+    };
+    let events = match &args.nats_url {
+        Some(url) => Some(Events::subscribe(url, &instance).await?),
+        None => None,
+    };
+
+    let mut targets: Vec<Target> = Vec::new();
+    match (&args.server_bin, &args.url) {
+        (Some(bin), _) => match &args.nats_url {
+            None => {
+                let (s, a) = spawn_server(bin, EventsMode::Default)?;
+                targets.push(Target {
+                    name: "",
+                    addr: a,
+                    server: Some(s),
+                    events: None,
+                    workers: Vec::new(),
+                });
+            }
+            Some(url) => {
+                if seq.iter().any(|p| p.closed_loop() || *p == Phase::Latency) {
+                    let off = EventsMode::Nats {
+                        url: "",
+                        instance: &instance,
+                    };
+                    let (s, a) = spawn_server(bin, off)?;
+                    targets.push(Target {
+                        name: "off",
+                        addr: a,
+                        server: Some(s),
+                        events: None,
+                        workers: Vec::new(),
+                    });
+                }
+                let on = EventsMode::Nats {
+                    url,
+                    instance: &instance,
+                };
+                let (s, a) = spawn_server(bin, on)?;
+                targets.push(Target {
+                    name: "on",
+                    addr: a,
+                    server: Some(s),
+                    events: events.clone(),
+                    workers: Vec::new(),
+                });
+            }
+        },
         (None, Some(url)) => {
             let rest = url
                 .strip_prefix("http://")
                 .ok_or_else(|| anyhow!("--url must start with http://"))?;
-            (None, rest.split('/').next().unwrap_or_default().to_owned())
+            targets.push(Target {
+                name: if events.is_some() { "on" } else { "" },
+                addr: rest.split('/').next().unwrap_or_default().to_owned(),
+                server: None,
+                events: events.clone(),
+                workers: Vec::new(),
+            });
         }
         (None, None) => bail!("need --server-bin or --url"),
-    };
-    let health = wait_healthy(&addr, server.as_mut()).await?;
-    let server_version = serde_json::from_slice::<serde_json::Value>(&health)
-        .ok()
-        .and_then(|v| {
-            v.get("version")
-                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+    }
+    let mut server_version = None;
+    for t in &mut targets {
+        let health = wait_healthy(&t.addr, t.server.as_mut()).await?;
+        server_version = server_version.or_else(|| {
+            serde_json::from_slice::<serde_json::Value>(&health)
+                .ok()
+                .and_then(|v| {
+                    v.get("version")
+                        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                })
         });
+        t.workers = new_workers(&t.addr, args.connections);
+    }
 
     let command = std::env::args()
         .map(|a| shell_quote(&a))
@@ -457,10 +967,24 @@ async fn run(args: Args) -> Result<()> {
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
     let date = chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false);
     println!("command: `{command}`  ");
+    let servers = targets
+        .iter()
+        .map(|t| {
+            if t.name.is_empty() {
+                t.addr.clone()
+            } else {
+                format!("{} (events {})", t.addr, t.name)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     println!(
-        "server: {addr}, version: {}  ",
+        "server: {servers}, version: {}  ",
         server_version.as_deref().unwrap_or("unknown")
     );
+    if let Some(url) = &args.nats_url {
+        println!("events: {url}, subjects kaa.v1.events.{instance}.>  ");
+    }
     println!(
         "date: {date}, nproc: {nproc}, client threads: {}",
         args.threads
@@ -469,47 +993,133 @@ async fn run(args: Args) -> Result<()> {
         "warmup: {} s, duration: {} s per phase\n",
         args.warmup, args.duration
     );
-    println!(
-        "| phase | connections | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let closed: Vec<Phase> = seq.iter().copied().filter(|p| p.closed_loop()).collect();
+    if !closed.is_empty() {
+        println!("{TABLE_HEADER}");
+    }
+    // Two servers, or phases that wait on the relay: let the servers go idle between
+    // measurements. A lone server without events runs back to back, as before.
+    let settling = targets.len() > 1 || events.is_some();
 
-    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let ctx = std::sync::Arc::new(Ctx {
+    let ctx = Arc::new(Ctx {
         run_id,
         app_version: args.app_version.clone(),
+        bare_register: args.bare_register,
     });
-    let mut workers: Vec<Worker> = (0..args.connections)
-        .map(|idx| Worker {
-            idx,
-            conn: Conn::new(&addr),
-            ids: Vec::new(),
-            seq: 0,
-            // Distinct non-zero xorshift seeds per connection.
-            rng: (idx as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
-            path: String::with_capacity(128),
-            body: String::with_capacity(256),
-        })
-        .collect();
 
     let mut rounds = Vec::new();
     for round in 1..=args.repeat {
         let mut results = Vec::new();
+        let mut checks = Vec::new();
+        let mut latency = Vec::new();
+        let mut drain = Vec::new();
         for &phase in &seq {
-            let (back, res) = run_phase(workers, &ctx, phase, &args).await?;
-            workers = back;
-            let label = if args.repeat > 1 {
-                format!("{} #{round}", res.phase)
-            } else {
-                res.phase.to_owned()
-            };
-            println!("{}", fmt_row(&res, &label));
-            results.push(res);
+            if phase.closed_loop() {
+                // Off then on in odd rounds, on then off in even ones (off on on off ...),
+                // so drift and the position in the pair hit both alike.
+                let mut order: Vec<usize> = (0..targets.len()).collect();
+                if round % 2 == 0 {
+                    order.reverse();
+                }
+                for i in order {
+                    if settling {
+                        let waited = settle(&targets).await;
+                        if waited > Duration::from_secs(2) {
+                            eprintln!("settle: servers busy for {:.1} s", waited.as_secs_f64());
+                        }
+                    }
+                    let t = &mut targets[i];
+                    let before = t.events.as_ref().map(|e| e.counts());
+                    let workers = std::mem::take(&mut t.workers);
+                    let (back, res, extra) = run_phase(workers, &ctx, phase, &args, t).await?;
+                    t.workers = back;
+                    let mut label = res.phase.to_owned();
+                    if !t.name.is_empty() {
+                        write!(label, " [{}]", t.name)?;
+                    }
+                    if args.repeat > 1 {
+                        write!(label, " #{round}")?;
+                    }
+                    println!("{}", fmt_row(&res, &label));
+                    results.push(res);
+                    if let (Some(ev), Some(before)) = (&t.events, before) {
+                        let c = check_events(ev, before, phase, round, &extra, &args).await;
+                        if !c.ok {
+                            eprintln!(
+                                "EVENTS MISMATCH ({} round {round}): {} registrations acked, \
+                                 {} writes acked; received {} registered, {} metadata.updated, \
+                                 {} other",
+                                c.phase,
+                                c.registrations,
+                                c.writes_acked,
+                                c.registered_events,
+                                c.metadata_events,
+                                c.other_events
+                            );
+                        }
+                        checks.push(c);
+                    }
+                }
+                continue;
+            }
+            if phase == Phase::Latency {
+                // The same open-loop load on every server, in the closed-loop order;
+                // events are measured on the events-on one.
+                let mut order: Vec<usize> = (0..targets.len()).collect();
+                if round % 2 == 0 {
+                    order.reverse();
+                }
+                for i in order {
+                    settle(&targets).await;
+                    let t = &mut targets[i];
+                    let workers = std::mem::take(&mut t.workers);
+                    let (pid, ev) = (t.pid(), t.events.clone());
+                    let (back, r) = outbox::latency(
+                        workers,
+                        &ctx,
+                        ev.as_ref(),
+                        t.name,
+                        &t.addr,
+                        pid,
+                        round,
+                        &args,
+                    )
+                    .await?;
+                    t.workers = back;
+                    eprintln!("{}", outbox::fmt_latency_row(&r));
+                    latency.push(r);
+                }
+                continue;
+            }
+            settle(&targets).await;
+            let on = targets
+                .iter_mut()
+                .find(|t| t.events.is_some())
+                .ok_or_else(|| anyhow!("no events-on server"))?;
+            let ev = on.events.clone().expect("events-on server");
+            match phase {
+                Phase::Drain => {
+                    let r = outbox::drain_live(&ctx, &ev, &on.addr, round, &args).await?;
+                    eprintln!("{}", outbox::fmt_drain_row(&r));
+                    drain.push(r);
+                    if let Some(bin) = &args.server_bin {
+                        let url = args.nats_url.as_deref().unwrap_or_default();
+                        let r = outbox::drain_backlog(bin, url, &instance, &ctx, &ev, round, &args)
+                            .await?;
+                        eprintln!("{}", outbox::fmt_drain_row(&r));
+                        drain.push(r);
+                    }
+                }
+                _ => unreachable!("closed-loop and latency phases are handled above"),
+            }
         }
         rounds.push(Round {
             round,
             ratios_pct: ratios(&results),
             phases: results,
+            events: checks,
+            latency,
+            drain,
         });
     }
     println!();
@@ -521,6 +1131,19 @@ async fn run(args: Args) -> Result<()> {
         };
         for (name, pct) in &r.ratios_pct {
             println!("{prefix}{name} = {pct:.1}%  ");
+        }
+    }
+    print_on_off_summary(&rounds);
+    print_event_tables(&rounds);
+    if let Some(ev) = &events {
+        let (slow, bad) = (ev.slow_consumer(), ev.malformed());
+        if slow > 0 || bad > 0 {
+            println!("\n**bench subscriber: {slow} slow-consumer drops, {bad} undecodable registered events**");
+        }
+    }
+    for t in &targets {
+        if t.events.is_some() {
+            print_server_event_metrics(&t.addr).await;
         }
     }
 
@@ -535,8 +1158,195 @@ async fn run(args: Args) -> Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("write {}", path.display()))?;
     }
-    drop(server.take());
+    for t in &mut targets {
+        drop(t.server.take());
+    }
     Ok(())
+}
+
+/// Across rounds, per phase run against both servers: events-on vs events-off
+/// throughput (all requests pooled, and the median of the per-round ratios) and server
+/// CPU per request.
+fn print_on_off_summary(rounds: &[Round]) {
+    let all: Vec<&PhaseResult> = rounds.iter().flat_map(|r| &r.phases).collect();
+    let mut header = false;
+    for name in ["health", "register", "get-by-id", "metadata-put"] {
+        let pick = |t: &str| -> Vec<&PhaseResult> {
+            all.iter()
+                .copied()
+                .filter(|p| p.phase == name && p.target == t)
+                .collect()
+        };
+        let (off, on) = (pick("off"), pick("on"));
+        if off.is_empty() || on.is_empty() {
+            continue;
+        }
+        if !header {
+            header = true;
+            println!("\nEvents on vs off over all rounds:\n");
+            println!("| phase | runs (off/on) | mean req/s off | mean req/s on | on / off (pooled) | on / off (median of rounds) | min–max of rounds | quiet rounds: n, on / off (pooled) | server CPU µs/req off → on | commits/s off → on | mean group off → on | mean commit ms off → on | writer busy off → on |");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        }
+        let mean = |v: &[&PhaseResult], f: fn(&PhaseResult) -> Option<f64>| {
+            let x: Vec<f64> = v.iter().filter_map(|p| f(p)).collect();
+            (!x.is_empty()).then(|| x.iter().sum::<f64>() / x.len() as f64)
+        };
+        let (m_off, m_on) = (
+            mean(&off, |p| Some(p.rps)).unwrap_or(0.0),
+            mean(&on, |p| Some(p.rps)).unwrap_or(0.0),
+        );
+        let mut per_round: Vec<f64> = rounds
+            .iter()
+            .filter_map(|r| {
+                r.ratios_pct
+                    .iter()
+                    .find(|(n, _)| *n == format!("{name} events on / off"))
+                    .map(|(_, v)| *v)
+            })
+            .collect();
+        per_round.sort_by(f64::total_cmp);
+        let median = match per_round.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => per_round[n / 2],
+            n => (per_round[n / 2 - 1] + per_round[n / 2]) / 2.0,
+        };
+        // Rounds where neither run shared the machine with foreign load (other CPU below
+        // 0.15 cores; needs --nats-pid for the events-on run, whose broker is busy).
+        let (mut quiet, mut q_off, mut q_on) = (0, 0.0, 0.0);
+        for r in rounds {
+            let get = |t: &str| r.phases.iter().find(|p| p.phase == name && p.target == t);
+            if let (Some(a), Some(b)) = (get("off"), get("on")) {
+                let calm = |p: &PhaseResult| p.other_cpu_cores.is_some_and(|c| c < 0.15);
+                if calm(a) && calm(b) {
+                    quiet += 1;
+                    q_off += a.rps;
+                    q_on += b.rps;
+                }
+            }
+        }
+        let quiet_col = if quiet > 0 {
+            format!("{quiet}, {:.1}%", 100.0 * q_on / q_off)
+        } else {
+            "0".to_owned()
+        };
+        let cpu = |v: &[&PhaseResult]| {
+            mean(v, |p| p.server_cpu_us_per_req).map_or_else(|| "-".into(), |c| format!("{c:.0}"))
+        };
+        let st = |v: &[&PhaseResult], f: fn(&metrics::ServerStats) -> f64, prec: usize| {
+            let x: Vec<f64> = v.iter().filter_map(|p| p.server.as_ref().map(f)).collect();
+            if x.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:.prec$}", x.iter().sum::<f64>() / x.len() as f64)
+            }
+        };
+        println!(
+            "| {name} | {}/{} | {m_off:.0} | {m_on:.0} | {:.1}% | {median:.1}% | {:.1}–{:.1}% | {quiet_col} | {} → {} | {} → {} | {} → {} | {} → {} | {} → {} |",
+            off.len(),
+            on.len(),
+            100.0 * m_on / m_off,
+            per_round.first().copied().unwrap_or(f64::NAN),
+            per_round.last().copied().unwrap_or(f64::NAN),
+            cpu(&off),
+            cpu(&on),
+            st(&off, |s| s.commits_per_s, 0),
+            st(&on, |s| s.commits_per_s, 0),
+            st(&off, |s| s.mean_group, 1),
+            st(&on, |s| s.mean_group, 1),
+            st(&off, |s| s.mean_commit_ms, 2),
+            st(&on, |s| s.mean_commit_ms, 2),
+            st(&off, |s| s.writer_busy, 2),
+            st(&on, |s| s.writer_busy, 2),
+        );
+    }
+}
+
+fn print_event_tables(rounds: &[Round]) {
+    let checks: Vec<&EventsCheck> = rounds.iter().flat_map(|r| &r.events).collect();
+    if !checks.is_empty() {
+        println!("\nEvents of the events-on server (registered + metadata.updated):\n");
+        println!("| phase | round | writes acked | registrations | registered ev. | metadata ev. | other | events/s in window | max outbox depth | tail ms | check |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        for c in checks {
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                c.phase,
+                c.round,
+                c.writes_acked,
+                c.registrations,
+                c.registered_events,
+                c.metadata_events,
+                c.other_events,
+                c.window_events_per_s,
+                c.max_outbox_depth
+                    .map_or_else(|| "-".to_owned(), |d| d.to_string()),
+                c.tail_ms
+                    .map_or_else(|| "-".to_owned(), |t| format!("{t:.1}")),
+                if c.ok { "ok" } else { "**MISMATCH**" }
+            );
+        }
+    }
+    let lat: Vec<&outbox::LatencyResult> = rounds.iter().flat_map(|r| &r.latency).collect();
+    if !lat.is_empty() {
+        println!("\nWrite → event latency (HTTP 201 received → `registered` event received):\n");
+        println!("{}", outbox::LATENCY_HEADER);
+        for r in &lat {
+            println!("{}", outbox::fmt_latency_row(r));
+        }
+        println!("\nThe server's view of the same windows (`/metrics`):\n");
+        println!("| round | events | store commits/s | mean group | mean commit ms | writer busy | events published/s | relay lag mean ms (event timestamp → NATS confirmation) | relay lag p99 ≤ ms (bucket) |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &lat {
+            let Some(s) = &r.server else { continue };
+            let opt = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.1}"));
+            println!(
+                "| {} | {} | {:.0} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {} |",
+                r.round,
+                if r.target.is_empty() { "on" } else { r.target },
+                s.commits_per_s,
+                s.mean_group,
+                s.mean_commit_ms,
+                s.writer_busy,
+                s.events_published_per_s,
+                opt(s.publish_lag_mean_ms),
+                opt(s.publish_lag_p99_le_ms)
+            );
+        }
+    }
+    let drain: Vec<&outbox::DrainResult> = rounds.iter().flat_map(|r| &r.drain).collect();
+    if !drain.is_empty() {
+        println!("\nOutbox drain (batch registrations, one `registered` event each):\n");
+        println!("{}", outbox::DRAIN_HEADER);
+        for r in drain {
+            println!("{}", outbox::fmt_drain_row(r));
+        }
+    }
+}
+
+/// Prints the server's own event metrics (`/metrics`), as a cross-check of the bench's
+/// counts.
+async fn print_server_event_metrics(addr: &str) {
+    let Ok(r) = Conn::new(addr).request("GET", "/metrics", None).await else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&r.body);
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            !l.starts_with('#')
+                && (l.starts_with("epr_events_")
+                    || l.starts_with("epr_outbox")
+                    || l.starts_with("epr_nats"))
+                && !l.contains("_bucket")
+        })
+        .collect();
+    if !lines.is_empty() {
+        println!("\nServer metrics (events on, {addr}):\n\n```");
+        for l in lines {
+            println!("{l}");
+        }
+        println!("```");
+    }
 }
 
 fn main() -> Result<()> {
@@ -582,9 +1392,10 @@ mod tests {
             "-d",
             "0.2",
         ]);
-        let ctx = std::sync::Arc::new(Ctx {
+        let ctx = Arc::new(Ctx {
             run_id: "t".into(),
             app_version: "bench-v1".into(),
+            bare_register: false,
         });
         let mut workers: Vec<Worker> = (0..4)
             .map(|idx| Worker {
@@ -597,10 +1408,21 @@ mod tests {
                 body: String::new(),
             })
             .collect();
+        let target = Target {
+            name: "",
+            addr: addr.clone(),
+            server: None,
+            events: None,
+            workers: Vec::new(),
+        };
         let mut results = Vec::new();
         for phase in [Phase::Health, Phase::Register, Phase::Get, Phase::Put] {
-            let (back, res) = run_phase(workers, &ctx, phase, &args).await.unwrap();
+            let (back, res, extra) = run_phase(workers, &ctx, phase, &args, &target)
+                .await
+                .unwrap();
             workers = back;
+            assert!(extra.acked >= res.requests && extra.last_ok.is_some());
+            assert_eq!(extra.registrations > 0, phase == Phase::Register);
             assert!(
                 res.requests > 0 && res.errors == 0,
                 "{}: {} req, {} err",
@@ -630,6 +1452,8 @@ mod tests {
         assert_eq!(Phase::parse("get").unwrap(), Phase::Get);
         assert_eq!(Phase::parse("metadata-put").unwrap(), Phase::Put);
         assert_eq!(Phase::parse("put").unwrap(), Phase::Put);
+        assert_eq!(Phase::parse("latency").unwrap(), Phase::Latency);
+        assert_eq!(Phase::parse("drain").unwrap(), Phase::Drain);
         assert!(Phase::parse("bogus").is_err());
     }
 }

@@ -294,14 +294,26 @@ struct Cursor {
     confirmed: watch::Sender<i64>,
 }
 
-/// Deletes confirmed events, always up to the newest confirmation (so acknowledgements that
-/// arrive while a delete commits are merged into the next one). A failed delete is not
-/// retried on its own: the next confirmation covers it, and anything left over is
-/// republished after a restart (at least once).
+/// How often confirmed events are deleted. Deleting is not urgent (the relay reads on from
+/// its cursor), and each delete is a store write: one per interval keeps it from adding
+/// commits of its own under light load, at the price of a few more rows in the outbox.
+const DELETE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Deletes confirmed events, up to the newest confirmation, at most once per
+/// [`DELETE_INTERVAL`]. A failed delete is not retried on its own: the next confirmation
+/// covers it, and anything left over is republished after a restart (at least once).
 async fn acknowledge(store: Arc<dyn Store>, mut confirmed: watch::Receiver<i64>) {
     let mut deleted = 0;
     loop {
-        let closed = confirmed.changed().await.is_err();
+        let mut closed = confirmed.changed().await.is_err();
+        if !closed {
+            // Let confirmations accumulate; the relay's end (sender dropped) cuts it short.
+            closed = tokio::time::timeout(DELETE_INTERVAL, async {
+                while confirmed.changed().await.is_ok() {}
+            })
+            .await
+            .is_ok();
+        }
         let last = *confirmed.borrow_and_update();
         if last > deleted {
             match store.outbox_ack_through(last).await {
