@@ -295,6 +295,11 @@ impl Settings {
         if self.nats.publish_batch == 0 || self.nats.max_in_flight == 0 {
             bail!("nats.publish_batch and nats.max_in_flight must be at least 1");
         }
+        // A batch's JetStream acks are awaited together, and the client allows 5,000 in
+        // flight: a bigger batch would wait for itself.
+        if self.nats.publish_batch > 5000 {
+            bail!("nats.publish_batch must be at most 5000");
+        }
         if self.nats.subscription_capacity < 1024 {
             bail!("nats.subscription_capacity must be at least 1024");
         }
@@ -409,6 +414,9 @@ mod tests {
             format!("{err:#}").contains("kaa.applications.Bad"),
             "{err:#}"
         );
+        std::fs::write(&file, "nats:\n  publish_batch: 5001\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err();
+        assert!(format!("{err:#}").contains("publish_batch"), "{err:#}");
         std::fs::write(&file, "service:\n  instance_name: a.b\n").unwrap();
         let err = Settings::load(Some(&file)).unwrap_err();
         assert!(
