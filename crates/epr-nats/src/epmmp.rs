@@ -189,28 +189,7 @@ impl Handler {
     }
 
     async fn answer(&self, req: Request, corr: &str) -> Answer {
-        let t = req.request_type();
-        let asked_for = match &req {
-            Request::MetadataGet { endpoint_id, .. }
-            | Request::MetadataPatch { endpoint_id, .. }
-            | Request::KeyUpdate { endpoint_id, .. }
-            | Request::KeysGet { endpoint_id } => Some(endpoint_id.clone()),
-            Request::KeyBatchUpdate { .. } => None,
-            Request::AppVersionsGet { endpoint_ids } => {
-                // Echoed on errors too, as on success.
-                let ids = endpoint_ids.clone();
-                return match self.app_versions(ids).await {
-                    Ok(body) => (Status::OK, body),
-                    Err(s) => (
-                        s,
-                        Response::AppVersionsGet {
-                            endpoint_ids: endpoint_ids.clone(),
-                            app_versions_to_endpoints: BTreeMap::new(),
-                        },
-                    ),
-                };
-            }
-        };
+        let on_error = error_body(&req);
         let result = match req {
             Request::MetadataGet {
                 endpoint_id,
@@ -241,25 +220,11 @@ impl Handler {
                 .await
                 .map(|()| Response::KeyBatchUpdate),
             Request::KeysGet { endpoint_id } => self.keys(endpoint_id).await,
-            Request::AppVersionsGet { .. } => unreachable!("answered above"),
+            Request::AppVersionsGet { endpoint_ids } => self.app_versions(endpoint_ids).await,
         };
         match result {
             Ok(body) => (Status::OK, body),
-            Err(s) => {
-                // An error reply still names the endpoint it is about.
-                let mut body = Response::empty(t);
-                if let (
-                    Some(id),
-                    Response::MetadataGet { endpoint_id, .. }
-                    | Response::MetadataPatch { endpoint_id }
-                    | Response::KeyUpdate { endpoint_id }
-                    | Response::KeysGet { endpoint_id, .. },
-                ) = (asked_for, &mut body)
-                {
-                    *endpoint_id = id;
-                }
-                (s, body)
-            }
+            Err(s) => (s, on_error),
         }
     }
 
@@ -466,6 +431,34 @@ impl Handler {
             endpoint_ids,
             app_versions_to_endpoints: by_version,
         })
+    }
+}
+
+/// The body of an error reply: empty, but still naming what the request was about (its
+/// endpoint, or the echoed endpoint IDs).
+fn error_body(req: &Request) -> Response {
+    match req {
+        Request::MetadataGet { endpoint_id, .. } => Response::MetadataGet {
+            endpoint_id: endpoint_id.clone(),
+            e_tag: None,
+            payload: None,
+            app_version_name: None,
+        },
+        Request::MetadataPatch { endpoint_id, .. } => Response::MetadataPatch {
+            endpoint_id: endpoint_id.clone(),
+        },
+        Request::KeyUpdate { endpoint_id, .. } => Response::KeyUpdate {
+            endpoint_id: endpoint_id.clone(),
+        },
+        Request::KeyBatchUpdate { .. } => Response::KeyBatchUpdate,
+        Request::KeysGet { endpoint_id } => Response::KeysGet {
+            endpoint_id: endpoint_id.clone(),
+            keys: Vec::new(),
+        },
+        Request::AppVersionsGet { endpoint_ids } => Response::AppVersionsGet {
+            endpoint_ids: endpoint_ids.clone(),
+            app_versions_to_endpoints: BTreeMap::new(),
+        },
     }
 }
 

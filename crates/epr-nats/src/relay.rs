@@ -78,6 +78,8 @@ pub struct Relay {
     wake: Arc<Notify>,
     depth: Arc<AtomicU64>,
     store_id: String,
+    /// Made once: it holds the client's limit of acknowledgements in flight.
+    jetstream: Option<async_nats::jetstream::Context>,
 }
 
 impl Relay {
@@ -86,7 +88,14 @@ impl Relay {
         let wake = Arc::new(Notify::new());
         let waker = wake.clone();
         store.set_outbox_waker(Arc::new(move || waker.notify_one()));
+        let jetstream = match &sink {
+            Sink::Nats(n) if settings.jetstream => {
+                Some(async_nats::jetstream::new(n.client.clone()))
+            }
+            _ => None,
+        };
         Self {
+            jetstream,
             store_id: store.store_id(),
             store,
             sink,
@@ -227,10 +236,7 @@ impl Relay {
     async fn publish(&self, nats: &Nats, batch: &[OutboxEntry]) -> Result<usize, PublishError> {
         let limit = self.settings.confirm_timeout;
         let mut sent = 0;
-        let js = self
-            .settings
-            .jetstream
-            .then(|| async_nats::jetstream::new(nats.client.clone()));
+        let js = self.jetstream.as_ref();
         let mut acks = Vec::new();
         for entry in batch {
             let encoded = match epr_events::encode(&entry.event, &self.settings.origin) {
@@ -243,7 +249,7 @@ impl Relay {
                 }
             };
             let publish = async {
-                match &js {
+                match js {
                     // The stream drops a republished event (after a lost ack or a crash
                     // before the outbox was cleared) within its duplicate window.
                     Some(js) => js

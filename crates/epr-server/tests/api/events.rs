@@ -4,8 +4,8 @@
 
 use crate::helpers::{spawn_with, TestApp};
 use crate::nats_support::{
-    capture_stream, collect, shared_client, shared_url, stream_messages, unique_instance,
-    wait_for_stream, wait_nats, Event, PrivateNats,
+    capture_stream, collect, shared_client, shared_url, spawn_on_nats, stream_messages,
+    unique_instance, wait_for_stream, wait_nats, Event, PrivateNats,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -13,13 +13,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 async fn spawn_on(url: &str, instance: &str, jetstream: bool) -> TestApp {
-    let (url, instance) = (url.to_owned(), instance.to_owned());
-    spawn_with(move |s| {
-        s.nats.url = url;
+    spawn_on_nats(url, instance, move |s| {
         s.nats.jetstream = jetstream;
         s.nats.max_backoff_ms = 200;
-        s.service.instance_name = instance;
-        s.service.replica_id = "replica-1".into();
     })
     .await
 }

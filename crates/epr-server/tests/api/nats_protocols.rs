@@ -1,9 +1,9 @@
 //! The NATS front-ends on a real nats-server: every 19/EPMMP operation as a request/reply
 //! round trip (successes and errors), and the 9/ELCE `connected` listener.
 
-use crate::helpers::{spawn_with, TestApp};
+use crate::helpers::TestApp;
 use crate::nats_support::{
-    collect, shared_client, shared_url, unique_instance, wait_nats, PrivateNats,
+    collect, shared_client, shared_url, spawn_on_nats, unique_instance, wait_nats, PrivateNats,
 };
 use epr_events::connectivity::{encode_connected, ConnectedEvent};
 use epr_events::epmmp::{
@@ -23,11 +23,7 @@ fn now_ms() -> i64 {
 }
 
 async fn spawn_nats(url: &str, instance: &str) -> TestApp {
-    let (url, instance) = (url.to_owned(), instance.to_owned());
-    let app = spawn_with(move |s| {
-        s.nats.url = url;
-        s.service.instance_name = instance;
-        s.service.replica_id = "replica-1".into();
+    let app = spawn_on_nats(url, instance, |s| {
         s.nats.restricted_metadata_keys = vec!["secret".into()];
     })
     .await;

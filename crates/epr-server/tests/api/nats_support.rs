@@ -2,10 +2,11 @@
 //! private nats-server processes that a test may stop and restart, and an Avro decoder that
 //! parses the `.avsc` files on disk, independently of the crate that encodes them.
 
-use crate::helpers::TestApp;
+use crate::helpers::{spawn_with, TestApp};
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::Schema;
+use epr_server::Settings;
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -315,4 +316,21 @@ pub async fn wait_nats(app: &TestApp, status: &str) -> Json {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Spawns an app that uses NATS at `url` as service instance `instance` (replica
+/// `replica-1`), with further settings from `adjust`.
+pub async fn spawn_on_nats(
+    url: &str,
+    instance: &str,
+    adjust: impl FnOnce(&mut Settings) + Send + 'static,
+) -> TestApp {
+    let (url, instance) = (url.to_owned(), instance.to_owned());
+    spawn_with(move |s| {
+        s.nats.url = url;
+        s.service.instance_name = instance;
+        s.service.replica_id = "replica-1".into();
+        adjust(s);
+    })
+    .await
 }
