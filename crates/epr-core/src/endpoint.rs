@@ -81,6 +81,11 @@ impl Precondition {
             TagKind::Endpoint => current.etag(),
             TagKind::Metadata => current.metadata_etag(),
         };
+        self.check_tag(tag)
+    }
+
+    /// Checks the precondition against an entity's current strong tag.
+    pub fn check_tag(&self, tag: String) -> Result<(), crate::DomainError> {
         match self {
             Self::None | Self::Any => Ok(()),
             Self::OneOf(tags) if tags.iter().any(|t| !t.starts_with("W/") && *t == tag) => Ok(()),

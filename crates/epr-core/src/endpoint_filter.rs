@@ -5,6 +5,9 @@
 //! Filter IDs become a token of 18/EFE subjects (`kaa.v1.events.{epr}.endpoint-filter.{id}.…`),
 //! so they are restricted to characters that are valid there.
 
+use crate::command::WriteCtx;
+use crate::endpoint::Precondition;
+use crate::event::{FilterEvent, FilterEventKind};
 use crate::filter::Filter;
 use crate::ids::AppName;
 use crate::{DomainError, Timestamp, ValidationError};
@@ -167,6 +170,211 @@ impl EndpointFilter {
     /// Strong entity tag of the definition.
     pub fn etag(&self) -> String {
         format!("\"f{}\"", self.version)
+    }
+}
+
+/// A partial change of a filter's definition (`PATCH`): absent parts stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct FilterPatch {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// The new query and its compiled form.
+    pub query: Option<(Map<String, Value>, Arc<Filter>)>,
+}
+
+impl FilterPatch {
+    /// Validates the parts given, with the same rules as [`FilterSpec::parse`].
+    pub fn parse(
+        name: Option<&str>,
+        description: Option<&str>,
+        mongo_query: Option<&Value>,
+    ) -> Result<Self, DomainError> {
+        // Validate through FilterSpec so create and update share every rule.
+        let probe = FilterSpec::parse(
+            name.unwrap_or("x"),
+            description.unwrap_or(""),
+            mongo_query.unwrap_or(&Value::Object(Map::new())),
+        )?;
+        Ok(Self {
+            name: name.map(|_| probe.name.clone()),
+            description: description.map(|_| probe.description.clone()),
+            query: mongo_query.map(|_| (probe.query.clone(), probe.compiled.clone())),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none() && self.description.is_none() && self.query.is_none()
+    }
+}
+
+/// A write to the saved filters of one application.
+#[derive(Debug, Clone)]
+pub enum FilterCommand {
+    Create {
+        id: FilterId,
+        app: AppName,
+        spec: FilterSpec,
+    },
+    Update {
+        id: FilterId,
+        app: AppName,
+        patch: FilterPatch,
+        precondition: Precondition,
+    },
+    Delete {
+        id: FilterId,
+        app: AppName,
+        precondition: Precondition,
+    },
+}
+
+impl FilterCommand {
+    pub fn filter_id(&self) -> &FilterId {
+        match self {
+            Self::Create { id, .. } | Self::Update { id, .. } | Self::Delete { id, .. } => id,
+        }
+    }
+}
+
+/// What a filter command does to the stored filter.
+#[derive(Debug, Clone)]
+pub enum FilterEffect {
+    /// A new filter, pending: its back-fill starts.
+    Insert(EndpointFilter),
+    /// A changed definition. `restart` when the query changed: the filter went (back) to
+    /// pending, its membership is rebuilt by a new back-fill.
+    Update {
+        filter: EndpointFilter,
+        restart: bool,
+    },
+    Delete(EndpointFilter),
+    /// Valid, but nothing changed (the same definition written again).
+    Unchanged(EndpointFilter),
+}
+
+impl FilterEffect {
+    pub fn filter(&self) -> &EndpointFilter {
+        match self {
+            Self::Insert(f) | Self::Delete(f) | Self::Unchanged(f) => f,
+            Self::Update { filter, .. } => filter,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FilterPlan {
+    pub effect: FilterEffect,
+    pub events: Vec<FilterEvent>,
+}
+
+/// Decides what a filter command does given the stored filter (`None` if there is none with
+/// that ID in the tenant). Name uniqueness needs an index, so stores check it.
+pub fn plan_filter(
+    current: Option<EndpointFilter>,
+    cmd: &FilterCommand,
+    ctx: &WriteCtx,
+) -> Result<FilterPlan, DomainError> {
+    let event = |f: &EndpointFilter, kind: FilterEventKind| FilterEvent {
+        tenant: ctx.tenant.clone(),
+        app: f.app.clone(),
+        filter_id: f.id.clone(),
+        filter_name: f.spec.name.clone(),
+        kind,
+        correlation_id: ctx.correlation_id.clone(),
+        timestamp: ctx.now,
+    };
+    // A filter of another application is not found through this one.
+    let existing = |app: &AppName, id: &FilterId| -> Result<EndpointFilter, DomainError> {
+        current
+            .clone()
+            .filter(|f| &f.app == app)
+            .ok_or_else(|| DomainError::not_found("endpoint filter", id.as_str()))
+    };
+    match cmd {
+        FilterCommand::Create { id, app, spec } => {
+            if current.is_some() {
+                return Err(DomainError::Conflict {
+                    field: "filterId",
+                    message: format!("endpoint filter '{id}' already exists"),
+                });
+            }
+            let f = EndpointFilter {
+                id: id.clone(),
+                app: app.clone(),
+                spec: spec.clone(),
+                status: FilterStatus::Pending,
+                matched: 0,
+                created: ctx.now,
+                updated: ctx.now,
+                version: 1,
+            };
+            let events = vec![event(&f, FilterEventKind::Pending)];
+            Ok(FilterPlan {
+                effect: FilterEffect::Insert(f),
+                events,
+            })
+        }
+        FilterCommand::Update {
+            id,
+            app,
+            patch,
+            precondition,
+        } => {
+            let mut f = existing(app, id)?;
+            precondition.check_tag(f.etag())?;
+            let mut changed = false;
+            if let Some(name) = &patch.name {
+                changed |= *name != f.spec.name;
+                f.spec.name = name.clone();
+            }
+            if let Some(d) = &patch.description {
+                changed |= *d != f.spec.description;
+                f.spec.description = d.clone();
+            }
+            let mut restart = false;
+            if let Some((query, compiled)) = &patch.query {
+                if *query != f.spec.query {
+                    restart = true;
+                    f.spec.query = query.clone();
+                    f.spec.compiled = compiled.clone();
+                }
+            }
+            if !changed && !restart {
+                return Ok(FilterPlan {
+                    effect: FilterEffect::Unchanged(f),
+                    events: vec![],
+                });
+            }
+            f.version += 1;
+            f.updated = ctx.now;
+            let mut events = vec![];
+            if restart {
+                // 18/EFE: `pending` on creation and on active → pending; a filter that is
+                // still pending just starts its back-fill over.
+                if f.status == FilterStatus::Active {
+                    events.push(event(&f, FilterEventKind::Pending));
+                }
+                f.status = FilterStatus::Pending;
+                f.matched = 0;
+            }
+            Ok(FilterPlan {
+                effect: FilterEffect::Update { filter: f, restart },
+                events,
+            })
+        }
+        FilterCommand::Delete {
+            id,
+            app,
+            precondition,
+        } => {
+            let f = existing(app, id)?;
+            precondition.check_tag(f.etag())?;
+            let events = vec![event(&f, FilterEventKind::Deleted)];
+            Ok(FilterPlan {
+                effect: FilterEffect::Delete(f),
+                events,
+            })
+        }
     }
 }
 

@@ -49,6 +49,9 @@ pub enum DomainError {
         field: &'static str,
         message: String,
     },
+    /// Listing by a filter whose back-fill has not finished (its membership is incomplete).
+    #[error("endpoint filter '{id}' is pending: its matches are still being computed; retry once it is active")]
+    FilterPending { id: String },
     #[error("precondition failed: the current entity tag is {current}")]
     PreconditionFailed { current: String },
     #[error("{field} is {actual} bytes, more than the limit of {limit} bytes")]

@@ -1,6 +1,7 @@
 //! Domain events. A write and its events commit in one store transaction (the outbox);
 //! the Avro/NATS encoding of Kaa's 9/ELCE and 15/EME lives in the events adapter.
 
+use crate::endpoint_filter::FilterId;
 use crate::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use crate::metadata::MetadataDiff;
 use crate::Timestamp;
@@ -29,4 +30,80 @@ pub struct DomainEvent {
     /// Ties the event to the request that caused it.
     pub correlation_id: String,
     pub timestamp: Timestamp,
+}
+
+/// What happened to a saved filter (18/EFE).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FilterEventKind {
+    /// `pending`: created, or its query changed and it is evaluated again.
+    Pending,
+    /// `activated`: the back-fill finished; membership is complete.
+    Activated,
+    /// `deleted`.
+    Deleted,
+    /// `ep-matched`: the endpoint started matching the (active) filter.
+    EndpointMatched {
+        endpoint_id: EndpointId,
+        app_version: AppVersionName,
+    },
+    /// `ep-unmatched`: the endpoint stopped matching, or was unregistered.
+    EndpointUnmatched {
+        endpoint_id: EndpointId,
+        app_version: AppVersionName,
+    },
+}
+
+/// One event about one saved filter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterEvent {
+    pub tenant: TenantId,
+    pub app: AppName,
+    pub filter_id: FilterId,
+    pub filter_name: String,
+    pub kind: FilterEventKind,
+    pub correlation_id: String,
+    pub timestamp: Timestamp,
+}
+
+/// Anything the outbox carries, in commit order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutboxEvent {
+    Endpoint(DomainEvent),
+    Filter(FilterEvent),
+}
+
+impl OutboxEvent {
+    pub fn timestamp(&self) -> Timestamp {
+        match self {
+            Self::Endpoint(e) => e.timestamp,
+            Self::Filter(e) => e.timestamp,
+        }
+    }
+
+    /// The endpoint event, if this is one.
+    pub fn as_endpoint(&self) -> Option<&DomainEvent> {
+        match self {
+            Self::Endpoint(e) => Some(e),
+            Self::Filter(_) => None,
+        }
+    }
+
+    pub fn correlation_id(&self) -> &str {
+        match self {
+            Self::Endpoint(e) => &e.correlation_id,
+            Self::Filter(e) => &e.correlation_id,
+        }
+    }
+}
+
+impl From<DomainEvent> for OutboxEvent {
+    fn from(e: DomainEvent) -> Self {
+        Self::Endpoint(e)
+    }
+}
+
+impl From<FilterEvent> for OutboxEvent {
+    fn from(e: FilterEvent) -> Self {
+        Self::Filter(e)
+    }
 }

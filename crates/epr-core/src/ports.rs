@@ -3,8 +3,9 @@
 
 use crate::command::{Command, Effect, Registration, WriteCtx};
 use crate::endpoint::Endpoint;
-use crate::event::DomainEvent;
-use crate::ids::{AppName, EndpointId, TenantId};
+use crate::endpoint_filter::{EndpointFilter, FilterCommand, FilterId};
+use crate::event::OutboxEvent;
+use crate::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use crate::metadata::Metadata;
 use crate::query::{EndpointQuery, Page, PageRequest};
 use crate::{DomainError, Timestamp};
@@ -71,7 +72,7 @@ pub struct BatchOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxEntry {
     pub id: i64,
-    pub event: DomainEvent,
+    pub event: OutboxEvent,
 }
 
 /// Durable storage of endpoints. Every method is scoped by tenant, so a cross-tenant read
@@ -114,6 +115,52 @@ pub trait Store: Send + Sync {
         app: &AppName,
         task_id: &str,
     ) -> Result<Option<BatchOutcome>, StoreError>;
+
+    /// Creates, changes or deletes a saved filter (see
+    /// [`crate::endpoint_filter::plan_filter`]); answers the filter after the command (before
+    /// it, for a deletion). Filter names are unique within an application (`409`, field
+    /// `name`). A new filter, or a changed query, starts a back-fill that the backend runs in
+    /// the background and resumes after a restart; when it completes the filter turns
+    /// `active` and `activated` is emitted. Membership is kept by every endpoint write in the
+    /// same transaction, with `ep-matched` / `ep-unmatched` for active filters.
+    async fn execute_filter(
+        &self,
+        cmd: FilterCommand,
+        ctx: WriteCtx,
+    ) -> Result<EndpointFilter, StoreError>;
+
+    async fn get_filter(
+        &self,
+        tenant: &TenantId,
+        id: &FilterId,
+    ) -> Result<Option<EndpointFilter>, StoreError>;
+
+    /// The filters of an application, oldest first, optionally only those with this exact
+    /// name.
+    async fn list_filters(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+        name: Option<&str>,
+        page: PageRequest,
+    ) -> Result<Page<EndpointFilter>, StoreError>;
+
+    /// The active filters each of these endpoints matches (endpoints matching none are
+    /// absent from the answer). Pending filters are left out: their membership is
+    /// incomplete.
+    async fn matched_filters(
+        &self,
+        tenant: &TenantId,
+        endpoints: &[EndpointId],
+    ) -> Result<BTreeMap<EndpointId, Vec<FilterId>>, StoreError>;
+
+    /// Every endpoint in a filter's stored membership with its application version, in
+    /// registration order (20/EFMP list by filter). Callers check the filter is active.
+    async fn filter_members(
+        &self,
+        tenant: &TenantId,
+        id: &FilterId,
+    ) -> Result<Vec<(AppVersionName, EndpointId)>, StoreError>;
 
     /// The oldest events with an ID above `after`, in ID (commit) order, at most `limit`.
     /// A relay passes the last ID it has published, so it can go on while its
@@ -163,4 +210,12 @@ pub trait IdSource: Send + Sync {
     fn token(&self) -> String;
     /// A new batch task ID.
     fn task_id(&self) -> String;
+    /// A new filter ID; it must be a valid [`FilterId`] (Kaa uses UUIDs).
+    fn filter_id(&self) -> String;
+}
+
+impl From<crate::ValidationError> for StoreError {
+    fn from(e: crate::ValidationError) -> Self {
+        Self::Rejected(e.into())
+    }
 }

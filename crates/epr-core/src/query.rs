@@ -11,6 +11,7 @@
 //! The richer MongoDB-style language belongs to endpoint filters.
 
 use crate::endpoint::Endpoint;
+use crate::endpoint_filter::FilterId;
 use crate::ids::{AppName, AppVersionName, EndpointId};
 use crate::ValidationError;
 use serde_json::Value;
@@ -92,10 +93,14 @@ pub struct EndpointQuery {
     pub app_version: Option<AppVersionName>,
     pub endpoint_ids: Vec<EndpointId>,
     pub metadata: Vec<MetadataCondition>,
+    /// Only endpoints in this filter's stored membership. Backends apply it; callers check
+    /// first that the filter exists and is active (see `Registry::list`).
+    pub filter: Option<FilterId>,
 }
 
 impl EndpointQuery {
-    /// Reference semantics; backends may push parts of it down but must agree with this.
+    /// Reference semantics of everything but `filter` (which needs the stored membership);
+    /// backends may push parts of it down but must agree with this.
     pub fn matches(&self, ep: &Endpoint) -> bool {
         self.app.as_ref().is_none_or(|a| &ep.app == a)
             && self

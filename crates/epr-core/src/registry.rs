@@ -4,6 +4,9 @@
 use crate::apps::AppCatalog;
 use crate::command::{Command, Effect, MetadataChange, Registration, WriteCtx};
 use crate::endpoint::{Endpoint, Precondition};
+use crate::endpoint_filter::{
+    EndpointFilter, FilterCommand, FilterId, FilterPatch, FilterSpec, FilterStatus,
+};
 use crate::ids::{AppName, AppVersionName, EndpointId, EndpointToken, TenantId};
 use crate::metadata::{Limits, Metadata};
 use crate::ports::{BatchItem, BatchOutcome, BatchRequest, Clock, IdSource, Store, StoreError};
@@ -23,6 +26,16 @@ pub struct RegisterInput {
     pub app_version: String,
     pub metadata: Option<Value>,
     pub token: Option<String>,
+}
+
+/// A filter definition as received (create: `name` and `mongoQuery` required; update: any
+/// subset).
+#[derive(Debug, Clone, Default)]
+pub struct FilterInput {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// A JSON object, or a string holding one.
+    pub mongo_query: Option<Value>,
 }
 
 /// A registered endpoint and its initial token, which is returned once and never stored in
@@ -195,13 +208,154 @@ impl Registry {
             .ok_or_else(|| DomainError::not_found("endpoint", id.as_str()).into())
     }
 
+    /// Lists endpoints. With a filter, the filter must exist (in the queried application,
+    /// when one is given) and be active: a pending filter's membership is incomplete.
     pub async fn list(
         &self,
         tenant: &TenantId,
         query: &EndpointQuery,
         page: PageRequest,
     ) -> Result<Page<Endpoint>, Error> {
+        if let Some(id) = &query.filter {
+            let filter = self
+                .store
+                .get_filter(tenant, id)
+                .await?
+                .filter(|f| query.app.as_ref().is_none_or(|a| *a == f.app))
+                .ok_or_else(|| DomainError::not_found("endpoint filter", id.as_str()))?;
+            if filter.status != FilterStatus::Active {
+                return Err(DomainError::FilterPending { id: id.to_string() }.into());
+            }
+        }
         self.store.list(tenant, query, page).await
+    }
+
+    /// The active filters each endpoint matches (`include=filters`).
+    pub async fn matched_filters(
+        &self,
+        tenant: &TenantId,
+        endpoints: &[EndpointId],
+    ) -> Result<BTreeMap<EndpointId, Vec<FilterId>>, Error> {
+        if endpoints.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        self.store.matched_filters(tenant, endpoints).await
+    }
+
+    fn check_app(&self, app: &str) -> Result<AppName, DomainError> {
+        let app = AppName::parse(app)?;
+        let catalog = self.catalog();
+        if !catalog.allows_unknown() && !catalog.knows_app(&app) {
+            return Err(DomainError::not_found("application", app.as_str()));
+        }
+        Ok(app)
+    }
+
+    /// Creates a filter in an application; it starts `pending` while its back-fill runs.
+    pub async fn create_filter(
+        &self,
+        tenant: &TenantId,
+        app: &str,
+        input: FilterInput,
+        correlation_id: &str,
+    ) -> Result<EndpointFilter, Error> {
+        let app = self.check_app(app)?;
+        let query = input.mongo_query.ok_or_else(|| {
+            DomainError::from(ValidationError::new(
+                "mongoQuery",
+                "required",
+                "a filter needs a mongoQuery",
+            ))
+        })?;
+        let name = input.name.ok_or_else(|| {
+            DomainError::from(ValidationError::new(
+                "name",
+                "required",
+                "a filter needs a name",
+            ))
+        })?;
+        let spec = FilterSpec::parse(&name, input.description.as_deref().unwrap_or(""), &query)?;
+        let id = FilterId::parse(&self.ids.filter_id())?;
+        let cmd = FilterCommand::Create { id, app, spec };
+        self.store
+            .execute_filter(cmd, self.ctx(tenant, correlation_id))
+            .await
+    }
+
+    /// One filter of an application.
+    pub async fn get_filter(
+        &self,
+        tenant: &TenantId,
+        app: &str,
+        id: &str,
+    ) -> Result<EndpointFilter, Error> {
+        let app = AppName::parse(app)?;
+        let id = FilterId::parse(id)?;
+        self.store
+            .get_filter(tenant, &id)
+            .await?
+            .filter(|f| f.app == app)
+            .ok_or_else(|| DomainError::not_found("endpoint filter", id.as_str()).into())
+    }
+
+    pub async fn list_filters(
+        &self,
+        tenant: &TenantId,
+        app: &str,
+        name: Option<&str>,
+        page: PageRequest,
+    ) -> Result<Page<EndpointFilter>, Error> {
+        let app = AppName::parse(app)?;
+        self.store.list_filters(tenant, &app, name, page).await
+    }
+
+    /// Changes a filter's name, description and/or query. A new query sends it back to
+    /// `pending` and rebuilds its membership.
+    pub async fn update_filter(
+        &self,
+        tenant: &TenantId,
+        app: &str,
+        id: &str,
+        input: FilterInput,
+        precondition: Precondition,
+        correlation_id: &str,
+    ) -> Result<EndpointFilter, Error> {
+        let app = AppName::parse(app)?;
+        let id = FilterId::parse(id)?;
+        let patch = FilterPatch::parse(
+            input.name.as_deref(),
+            input.description.as_deref(),
+            input.mongo_query.as_ref(),
+        )?;
+        let cmd = FilterCommand::Update {
+            id,
+            app,
+            patch,
+            precondition,
+        };
+        self.store
+            .execute_filter(cmd, self.ctx(tenant, correlation_id))
+            .await
+    }
+
+    pub async fn delete_filter(
+        &self,
+        tenant: &TenantId,
+        app: &str,
+        id: &str,
+        precondition: Precondition,
+        correlation_id: &str,
+    ) -> Result<EndpointFilter, Error> {
+        let app = AppName::parse(app)?;
+        let id = FilterId::parse(id)?;
+        let cmd = FilterCommand::Delete {
+            id,
+            app,
+            precondition,
+        };
+        self.store
+            .execute_filter(cmd, self.ctx(tenant, correlation_id))
+            .await
     }
 
     pub async fn unregister(

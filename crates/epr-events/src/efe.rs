@@ -15,6 +15,7 @@ use crate::{
     check_instance_name, event_fields, subject_token_problem, DecodeError, EncodeError, Encoded,
     Originator,
 };
+use epr_core::event::{FilterEvent, FilterEventKind as DomainKind};
 
 /// The three filter status events, named by their subject token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -164,6 +165,48 @@ pub fn encode_endpoint_filter(
         origin,
         endpoint,
     )
+}
+
+/// Encodes a domain [`FilterEvent`] as the 18/EFE event it stands for: status changes with
+/// [`encode_filter_status`], membership changes with [`encode_endpoint_filter`].
+///
+/// `filterName` is always given (EPR's filters always have a name), `applicationName` is the
+/// filter's application, and `appVersionName` (ep-matched / ep-unmatched) the endpoint's
+/// version when its membership changed.
+pub fn encode_filter_event(ev: &FilterEvent, origin: &Originator) -> Result<Encoded, EncodeError> {
+    let status = |kind| FilterStatusEvent {
+        correlation_id: ev.correlation_id.clone(),
+        timestamp: ev.timestamp.millis(),
+        filter_id: ev.filter_id.as_str().to_owned(),
+        application_name: ev.app.as_str().to_owned(),
+        filter_name: Some(ev.filter_name.clone()),
+        kind,
+    };
+    let endpoint = |endpoint_id: &epr_core::ids::EndpointId,
+                    app_version: &epr_core::ids::AppVersionName,
+                    matched| EndpointFilterEvent {
+        correlation_id: ev.correlation_id.clone(),
+        timestamp: ev.timestamp.millis(),
+        filter_id: ev.filter_id.as_str().to_owned(),
+        application_name: ev.app.as_str().to_owned(),
+        app_version_name: app_version.as_str().to_owned(),
+        filter_name: Some(ev.filter_name.clone()),
+        endpoint_id: endpoint_id.as_str().to_owned(),
+        matched,
+    };
+    match &ev.kind {
+        DomainKind::Pending => encode_filter_status(&status(FilterEventKind::Pending), origin),
+        DomainKind::Activated => encode_filter_status(&status(FilterEventKind::Activated), origin),
+        DomainKind::Deleted => encode_filter_status(&status(FilterEventKind::Deleted), origin),
+        DomainKind::EndpointMatched {
+            endpoint_id,
+            app_version,
+        } => encode_endpoint_filter(&endpoint(endpoint_id, app_version, true), origin),
+        DomainKind::EndpointUnmatched {
+            endpoint_id,
+            app_version,
+        } => encode_endpoint_filter(&endpoint(endpoint_id, app_version, false), origin),
+    }
 }
 
 /// Decodes a filter status event of `kind` (known from the subject's last token). Returns the

@@ -1,7 +1,8 @@
 //! Kaa wire encoding for the Endpoint Register: NATS subjects and raw Avro datums.
 //!
 //! - [`encode`] turns one [`DomainEvent`] into the subject and payload that Kaa's services
-//!   expect for 9/ELCE (`endpoint.lifecycle.*`) and 15/EME (`endpoint.metadata.updated`).
+//!   expect for 9/ELCE (`endpoint.lifecycle.*`) and 15/EME (`endpoint.metadata.updated`);
+//!   [`encode_outbox`] encodes any [`OutboxEvent`] (endpoint or 18/EFE filter event).
 //! - [`epmmp`] decodes 19/EPMMP requests and encodes their responses (and the reverse, for
 //!   clients and tests).
 //! - [`connectivity`] decodes the 9/ELCE `connected` event that EPR listens to.
@@ -36,7 +37,7 @@ pub mod epmmp;
 mod rpc;
 
 use avro::{CompiledSchema, Datum, Fields};
-use epr_core::event::{DomainEvent, EventKind};
+use epr_core::event::{DomainEvent, EventKind, OutboxEvent};
 use epr_core::metadata::MetadataDiff;
 use std::collections::BTreeMap;
 
@@ -196,6 +197,15 @@ pub fn encode(event: &DomainEvent, origin: &Originator) -> Result<Encoded, Encod
         ),
         payload,
     })
+}
+
+/// Encodes anything the outbox carries: endpoint events with [`encode`] (9/ELCE, 15/EME),
+/// filter events with [`efe::encode_filter_event`] (18/EFE).
+pub fn encode_outbox(event: &OutboxEvent, origin: &Originator) -> Result<Encoded, EncodeError> {
+    match event {
+        OutboxEvent::Endpoint(e) => encode(e, origin),
+        OutboxEvent::Filter(e) => efe::encode_filter_event(e, origin),
+    }
 }
 
 /// Why `token` cannot be one NATS subject token, if it cannot. A token must be non-empty and

@@ -1,17 +1,22 @@
 //! 18/EFE round trips against schemas parsed independently from the `.avsc` files: the
 //! crate's encoding is read back with apache-avro and checked field by field in wire order,
-//! and hand-built datums written with apache-avro are decoded by the crate.
+//! and hand-built datums written with apache-avro are decoded by the crate. Domain filter
+//! events from the outbox go through the same encoders (`encode_outbox`).
 
 mod common;
 
 use apache_avro::types::Value;
 use common::{branch, fields, read, s, write};
+use epr_core::endpoint_filter::FilterId;
+use epr_core::event::{DomainEvent, EventKind, FilterEvent, OutboxEvent};
+use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
+use epr_core::Timestamp;
 use epr_events::efe::{
     decode_endpoint_filter, decode_filter_status, encode_endpoint_filter, encode_filter_status,
     endpoint_filter_token, matched_from_token, EndpointFilterEvent, FilterEventKind,
     FilterStatusEvent,
 };
-use epr_events::{EncodeError, Originator};
+use epr_events::{encode_outbox, EncodeError, Originator};
 
 const TS: i64 = 1_700_000_000_123;
 const FILTER: &str = "4f1c7b2e-9a1d-4a43-8d6e-0c5b0e9f1a22";
@@ -313,4 +318,85 @@ fn a_status_event_does_not_decode_as_an_endpoint_event() {
         .unwrap()
         .payload;
     assert!(decode_filter_status(FilterEventKind::Pending, &endpoint).is_err());
+}
+
+/// A domain filter event of `kind`, as the store puts it in the outbox.
+fn outbox_filter_event(kind: epr_core::event::FilterEventKind) -> OutboxEvent {
+    OutboxEvent::Filter(FilterEvent {
+        tenant: TenantId::parse("kaa").unwrap(),
+        app: AppName::parse("smart-kettle").unwrap(),
+        filter_id: FilterId::parse(FILTER).unwrap(),
+        filter_name: "kettles on v3".into(),
+        kind,
+        correlation_id: "corr-18".into(),
+        timestamp: Timestamp(TS),
+    })
+}
+
+#[test]
+fn outbox_filter_events_encode_as_18_efe_and_decode_with_the_avsc() {
+    use epr_core::event::FilterEventKind as K;
+    let name = Some("kettles on v3");
+    for (kind, wire) in [
+        (K::Pending, FilterEventKind::Pending),
+        (K::Activated, FilterEventKind::Activated),
+        (K::Deleted, FilterEventKind::Deleted),
+    ] {
+        let encoded = encode_outbox(&outbox_filter_event(kind), &origin()).unwrap();
+        assert_eq!(
+            encoded.subject,
+            format!(
+                "kaa.v1.events.epr.endpoint-filter.{FILTER}.{}",
+                wire.token()
+            )
+        );
+        assert_eq!(
+            read(status_file(wire), &encoded.payload),
+            status_wire(0, name)
+        );
+    }
+    let endpoint = EndpointId::parse("ep-1.a_b~c").unwrap();
+    let version = AppVersionName::parse("smart-kettle-v3").unwrap();
+    for matched in [true, false] {
+        let kind = if matched {
+            K::EndpointMatched {
+                endpoint_id: endpoint.clone(),
+                app_version: version.clone(),
+            }
+        } else {
+            K::EndpointUnmatched {
+                endpoint_id: endpoint.clone(),
+                app_version: version.clone(),
+            }
+        };
+        let encoded = encode_outbox(&outbox_filter_event(kind), &origin()).unwrap();
+        assert_eq!(
+            encoded.subject,
+            format!(
+                "kaa.v1.events.epr.endpoint-filter.{FILTER}.{}",
+                endpoint_filter_token(matched)
+            )
+        );
+        assert_eq!(
+            read(endpoint_file(matched), &encoded.payload),
+            endpoint_wire(0, name)
+        );
+    }
+}
+
+#[test]
+fn outbox_endpoint_events_encode_as_before() {
+    let ev = DomainEvent {
+        tenant: TenantId::parse("kaa").unwrap(),
+        endpoint_id: EndpointId::parse("ep-1").unwrap(),
+        app: AppName::parse("demo").unwrap(),
+        app_version: AppVersionName::parse("demo-v1").unwrap(),
+        kind: EventKind::Registered,
+        correlation_id: "c".into(),
+        timestamp: Timestamp(TS),
+    };
+    assert_eq!(
+        encode_outbox(&OutboxEvent::Endpoint(ev.clone()), &origin()).unwrap(),
+        epr_events::encode(&ev, &origin()).unwrap()
+    );
 }

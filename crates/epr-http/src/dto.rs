@@ -1,10 +1,13 @@
 //! Wire shapes, spelled as Kaa spells them. Only this module knows them.
 
 use epr_core::endpoint::Endpoint;
-use epr_core::registry::BatchReport;
+use epr_core::endpoint_filter::{EndpointFilter, FilterId};
+use epr_core::ids::EndpointId;
+use epr_core::registry::{BatchReport, FilterInput};
 use epr_core::Timestamp;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
 /// ISO-8601 UTC with milliseconds, e.g. `2020-06-01T10:00:00.000Z`.
 pub fn iso(t: Timestamp) -> String {
@@ -66,8 +69,13 @@ pub struct Include {
     pub filters: bool,
 }
 
+/// The active filters each endpoint of a read matches (`include=filters`); endpoints that
+/// match none are absent.
+pub type MatchedFilters = BTreeMap<EndpointId, Vec<FilterId>>;
+
 impl EndpointDto {
-    pub fn from_endpoint(ep: &Endpoint, include: Include) -> Self {
+    /// `matched` is consulted only with `include.filters`.
+    pub fn from_endpoint(ep: &Endpoint, include: Include, matched: &MatchedFilters) -> Self {
         Self {
             endpoint_id: ep.id.to_string(),
             app_version: AppVersionDto {
@@ -77,8 +85,12 @@ impl EndpointDto {
             created_date: iso(ep.created),
             metadata: include.metadata.then(|| ep.metadata.to_value()),
             metadata_updated_date: ep.metadata_updated.map(iso),
-            // Endpoint filters arrive with the filters feature; until then none match.
-            filters: include.filters.then(Vec::new),
+            filters: include.filters.then(|| {
+                matched
+                    .get(&ep.id)
+                    .map(|ids| ids.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default()
+            }),
         }
     }
 }
@@ -88,6 +100,77 @@ impl EndpointDto {
 pub struct PageDto<T> {
     pub total_elements: u64,
     pub content: Vec<T>,
+}
+
+/// `POST /applications/{app}/filters`. `mongoQuery` is an object or a string holding one
+/// (Kaa's UI sends a string). Unknown fields are ignored, as on every body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateFilterBody {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub mongo_query: Option<Value>,
+}
+
+impl From<CreateFilterBody> for FilterInput {
+    fn from(b: CreateFilterBody) -> Self {
+        Self {
+            name: b.name,
+            description: b.description,
+            // `null` is as good as absent: the registry answers `mongoQuery` required.
+            mongo_query: b.mongo_query.filter(|q| !q.is_null()),
+        }
+    }
+}
+
+/// `PATCH /applications/{app}/filters/{filterId}`: the parts to change. Each field is
+/// absent (unchanged), `null`, or a value; the outer `Option` tells absent from `null`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PatchFilterBody {
+    #[serde(default, deserialize_with = "present")]
+    pub name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub mongo_query: Option<Option<Value>>,
+}
+
+/// Marks a field as present (possibly `null`); absent fields stay `None` via `default`.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FilterDto {
+    pub id: String,
+    pub application_name: String,
+    pub name: String,
+    pub description: String,
+    pub mongo_query: Map<String, Value>,
+    pub status: &'static str,
+    pub matched_endpoints_count: u64,
+    pub created_date: String,
+    pub updated_date: String,
+}
+
+impl FilterDto {
+    pub fn from_filter(f: &EndpointFilter) -> Self {
+        Self {
+            id: f.id.to_string(),
+            application_name: f.app.to_string(),
+            name: f.spec.name.clone(),
+            description: f.spec.description.clone(),
+            mongo_query: f.spec.query.clone(),
+            status: f.status.as_str(),
+            matched_endpoints_count: f.matched,
+            created_date: iso(f.created),
+            updated_date: iso(f.updated),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -178,5 +261,58 @@ impl BatchStatusDto {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use epr_core::endpoint_filter::{FilterSpec, FilterStatus};
+    use epr_core::ids::AppName;
+    use serde_json::json;
+
+    #[test]
+    fn filter_has_kaas_shape_with_the_query_as_an_object() {
+        // Kaa's UI sends the query as a string; it is returned as an object.
+        let spec = FilterSpec::parse(
+            " Kyiv ",
+            "in Kyiv",
+            &json!(r#"{"metadata": {"$elemMatch": {"key": "city", "value": "Kyiv"}}}"#),
+        )
+        .unwrap();
+        let f = EndpointFilter {
+            id: FilterId::parse("f-1").unwrap(),
+            app: AppName::parse("demo").unwrap(),
+            spec,
+            status: FilterStatus::Active,
+            matched: 7,
+            created: Timestamp(1_591_005_600_000),
+            updated: Timestamp(1_591_005_600_123),
+            version: 2,
+        };
+        let v = serde_json::to_value(FilterDto::from_filter(&f)).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "id": "f-1",
+                "applicationName": "demo",
+                "name": "Kyiv",
+                "description": "in Kyiv",
+                "mongoQuery": {"metadata": {"$elemMatch": {"key": "city", "value": "Kyiv"}}},
+                "status": "active",
+                "matchedEndpointsCount": 7,
+                "createdDate": "2020-06-01T10:00:00.000Z",
+                "updatedDate": "2020-06-01T10:00:00.123Z",
+            })
+        );
+    }
+
+    #[test]
+    fn create_body_null_query_is_absent() {
+        let b: CreateFilterBody =
+            serde_json::from_value(json!({"name": "n", "mongoQuery": null, "extra": 1})).unwrap();
+        let input = FilterInput::from(b);
+        assert!(input.mongo_query.is_none());
+        assert_eq!(input.name.as_deref(), Some("n"));
     }
 }

@@ -68,12 +68,16 @@ impl From<DomainError> for ApiError {
                     "metadata key" => "metadataKey",
                     "batch task" => "taskId",
                     "application" => "applicationName",
+                    "endpoint filter" => "filterId",
                     other => other,
                 };
                 Self::new(StatusCode::NOT_FOUND, message).with(field, "exists")
             }
             DomainError::Conflict { field, .. } => {
                 Self::new(StatusCode::CONFLICT, message).with(field, "unique")
+            }
+            DomainError::FilterPending { .. } => {
+                Self::new(StatusCode::CONFLICT, message).with("filterId", "filter-active")
             }
             DomainError::PreconditionFailed { .. } => {
                 Self::new(StatusCode::PRECONDITION_FAILED, message).with("If-Match", "etag-match")

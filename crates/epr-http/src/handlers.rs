@@ -1,7 +1,8 @@
-//! Endpoint, metadata and batch handlers. Thin: parse the wire format, call the registry,
-//! shape the answer.
+//! Endpoint, metadata and batch handlers, and the helpers every handler shares (the filter
+//! handlers are in `filters`). Thin: parse the wire format, call the registry, shape the
+//! answer.
 
-use crate::dto::{self, EndpointDto, Include, PageDto};
+use crate::dto::{self, EndpointDto, Include, MatchedFilters, PageDto};
 use crate::error::ApiError;
 use crate::extract::{
     correlation_id, list_param, not_modified, number_param, parse_json, parse_object, precondition,
@@ -13,6 +14,7 @@ use axum::extract::{OriginalUri, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use epr_core::command::MetadataChange;
+use epr_core::endpoint_filter::FilterId;
 use epr_core::ids::{AppName, AppVersionName, EndpointId};
 use epr_core::metadata::{Metadata, MetadataKey};
 use epr_core::query::{EndpointQuery, MetadataCondition, PageRequest};
@@ -21,9 +23,9 @@ use epr_core::ValidationError;
 use serde::Serialize;
 use serde_json::Value;
 
-type Result<T> = std::result::Result<T, ApiError>;
+pub(crate) type Result<T> = std::result::Result<T, ApiError>;
 
-fn path<T>(p: std::result::Result<Path<T>, PathRejection>) -> Result<T> {
+pub(crate) fn path<T>(p: std::result::Result<Path<T>, PathRejection>) -> Result<T> {
     p.map(|Path(v)| v).map_err(|rej| {
         ApiError::new(StatusCode::BAD_REQUEST, rej.body_text()).with("path", "path-parameter")
     })
@@ -33,12 +35,20 @@ fn endpoint_id(raw: &str) -> Result<EndpointId> {
     Ok(EndpointId::parse(raw)?)
 }
 
-fn json_response(status: StatusCode, body: &impl Serialize, etag: Option<&str>) -> Response {
+pub(crate) fn json_response(
+    status: StatusCode,
+    body: &impl Serialize,
+    etag: Option<&str>,
+) -> Response {
     json_bytes_response(status, serde_json::to_vec(body).unwrap_or_default(), etag)
 }
 
 /// A JSON answer from already serialised bytes (when the tag is computed from them).
-fn json_bytes_response(status: StatusCode, bytes: Vec<u8>, etag: Option<&str>) -> Response {
+pub(crate) fn json_bytes_response(
+    status: StatusCode,
+    bytes: Vec<u8>,
+    etag: Option<&str>,
+) -> Response {
     let mut resp = (status, bytes).into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -59,7 +69,7 @@ fn read_response(headers: &HeaderMap, body: &impl Serialize, etag: &str) -> Resp
     json_response(StatusCode::OK, body, Some(etag))
 }
 
-fn not_modified_response(etag: &str) -> Response {
+pub(crate) fn not_modified_response(etag: &str) -> Response {
     let mut resp = StatusCode::NOT_MODIFIED.into_response();
     if let Ok(v) = HeaderValue::from_str(etag) {
         resp.headers_mut().insert(header::ETAG, v);
@@ -67,7 +77,7 @@ fn not_modified_response(etag: &str) -> Response {
     resp
 }
 
-fn with_location(mut resp: Response, location: &str) -> Response {
+pub(crate) fn with_location(mut resp: Response, location: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
@@ -82,7 +92,7 @@ fn no_content(etag: &str) -> Response {
     resp
 }
 
-fn require_json(body: &RawBody) -> Result<()> {
+pub(crate) fn require_json(body: &RawBody) -> Result<()> {
     if body.kind != BodyKind::Json {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -109,6 +119,61 @@ fn include_param(pairs: &[(String, String)]) -> Result<Include> {
         }
     }
     Ok(include)
+}
+
+/// The absolute URL of `path` on this server, as the caller reached it (`Host`, and
+/// `X-Forwarded-Proto` when behind a proxy), for `Location`.
+pub(crate) fn absolute_url(headers: &HeaderMap, path: &str) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("http");
+    format!("{scheme}://{host}{path}")
+}
+
+/// `offset` and `limit` of a listing. Out-of-range values are refused rather than clamped,
+/// so a client never silently gets fewer rows than it asked for.
+pub(crate) fn page_params(s: &AppState, pairs: &[(String, String)]) -> Result<PageRequest> {
+    let limit = number_param(
+        pairs,
+        "limit",
+        s.settings.page_default,
+        1,
+        s.settings.page_max,
+    )?;
+    let offset = number_param(pairs, "offset", 0, 0, u64::MAX >> 1)?;
+    Ok(PageRequest {
+        offset,
+        // page_max is a u32-sized setting; saturate rather than wrap if it is not.
+        limit: u32::try_from(limit).unwrap_or(u32::MAX),
+    })
+}
+
+/// An application named in a path that must be configured (or unknown applications be
+/// allowed); otherwise `404` (field `applicationName`).
+pub(crate) fn known_app(s: &AppState, raw: &str) -> Result<AppName> {
+    let app = AppName::parse(raw)?;
+    let catalog = s.registry.catalog();
+    if !catalog.knows_app(&app) && !catalog.allows_unknown() {
+        return Err(epr_core::DomainError::not_found("application", app.as_str()).into());
+    }
+    Ok(app)
+}
+
+/// The filters the endpoints of a read match, in one store call, only when asked for.
+async fn matched_filters(
+    s: &AppState,
+    include: Include,
+    ids: &[EndpointId],
+) -> Result<MatchedFilters> {
+    if !include.filters {
+        return Ok(MatchedFilters::new());
+    }
+    Ok(s.registry.matched_filters(&s.tenant, ids).await?)
 }
 
 fn required_name(v: Option<dto::AppVersionRef>, field: &str) -> Result<String> {
@@ -138,15 +203,7 @@ pub async fn register(
         .path()
         .trim_end_matches('/')
         .trim_end_matches("/endpoints");
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
-    let scheme = headers
-        .get("x-forwarded-proto")
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("http");
-    let location = format!("{scheme}://{host}{base}/endpoints/{}", ep.id);
+    let location = absolute_url(&headers, &format!("{base}/endpoints/{}", ep.id));
     let resp = json_response(
         StatusCode::CREATED,
         &dto::RegisterResponse {
@@ -183,38 +240,21 @@ pub async fn list(
         }
     }
     if let Some(f) = single_param(&pairs, "filterId")? {
-        // No endpoint filters exist yet, so no filter ID can be found.
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("endpoint filter '{f}' not found"),
-        )
-        .with("filterId", "exists"));
+        // The registry checks that it exists (in `applicationName`, if given) and is active.
+        q.filter = Some(FilterId::parse(f)?);
     }
-    let limit = number_param(
-        &pairs,
-        "limit",
-        s.settings.page_default,
-        1,
-        s.settings.page_max,
-    )?;
-    let offset = number_param(&pairs, "offset", 0, 0, u64::MAX >> 1)?;
     let page = s
         .registry
-        .list(
-            &s.tenant,
-            &q,
-            PageRequest {
-                offset,
-                limit: limit as u32,
-            },
-        )
+        .list(&s.tenant, &q, page_params(&s, &pairs)?)
         .await?;
+    let ids: Vec<EndpointId> = page.items.iter().map(|e| e.id.clone()).collect();
+    let matched = matched_filters(&s, include, &ids).await?;
     let dto = PageDto {
         total_elements: page.total,
         content: page
             .items
             .iter()
-            .map(|e| EndpointDto::from_endpoint(e, include))
+            .map(|e| EndpointDto::from_endpoint(e, include, &matched))
             .collect(),
     };
     let bytes = serde_json::to_vec(&dto).unwrap_or_default();
@@ -226,7 +266,7 @@ pub async fn list(
 }
 
 /// A weak tag over a computed body: equal bodies, equal tags.
-fn body_etag(bytes: &[u8]) -> String {
+pub(crate) fn body_etag(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(bytes);
     format!("W/\"{}\"", hex::encode(&digest[..12]))
@@ -242,11 +282,18 @@ pub async fn get(
     let id = endpoint_id(&path(p)?)?;
     let include = include_param(&query_pairs(uri.query()))?;
     let ep = s.registry.get(&s.tenant, &id).await?;
-    Ok(read_response(
-        &headers,
-        &EndpointDto::from_endpoint(&ep, include),
-        &ep.etag(),
-    ))
+    let body = EndpointDto::from_endpoint(
+        &ep,
+        include,
+        &matched_filters(&s, include, std::slice::from_ref(&ep.id)).await?,
+    );
+    if include.filters {
+        // Membership changes (a filter created, activated, deleted) leave the endpoint's
+        // tag as it is, so that tag cannot validate this body: never `304`. The header
+        // stays the endpoint's tag, for `If-Match` on later writes.
+        return Ok(json_response(StatusCode::OK, &body, Some(&ep.etag())));
+    }
+    Ok(read_response(&headers, &body, &ep.etag()))
 }
 
 /// `DELETE /endpoints/{endpointId}`
@@ -449,11 +496,7 @@ pub async fn application_metadata_keys(
     State(s): State<AppState>,
     p: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
-    let app = AppName::parse(&path(p)?)?;
-    let catalog = s.registry.catalog();
-    if !catalog.knows_app(&app) && !catalog.allows_unknown() {
-        return Err(epr_core::DomainError::not_found("application", app.as_str()).into());
-    }
+    let app = known_app(&s, &path(p)?)?;
     let keys = s.registry.metadata_keys(&s.tenant, &app).await?;
     Ok(json_response(StatusCode::OK, &keys, None))
 }

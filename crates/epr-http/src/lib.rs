@@ -7,6 +7,7 @@
 pub mod dto;
 pub mod error;
 pub mod extract;
+mod filters;
 mod handlers;
 mod ops;
 
@@ -90,6 +91,17 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/endpoints/{endpointId}/metadata/{metadataKey}"),
     ("GET", "/endpoints/{endpointId}/metadata-keys"),
     ("GET", "/applications/{applicationName}/metadata-keys"),
+    ("GET", "/applications/{applicationName}/filters"),
+    ("POST", "/applications/{applicationName}/filters"),
+    ("GET", "/applications/{applicationName}/filters/{filterId}"),
+    (
+        "PATCH",
+        "/applications/{applicationName}/filters/{filterId}",
+    ),
+    (
+        "DELETE",
+        "/applications/{applicationName}/filters/{filterId}",
+    ),
 ];
 
 /// Operational routes, served at the root only.
@@ -107,6 +119,7 @@ pub use ops::OPENAPI;
 pub const API_PREFIXES: &[&str] = &["/api/v1", "/epr/api/v1"];
 
 fn api() -> Router<AppState> {
+    use filters as f;
     use handlers as h;
     Router::new()
         .route("/endpoints", post(h::register).get(h::list))
@@ -136,6 +149,14 @@ fn api() -> Router<AppState> {
         .route(
             "/applications/{applicationName}/metadata-keys",
             get(h::application_metadata_keys),
+        )
+        .route(
+            "/applications/{applicationName}/filters",
+            get(f::list).post(f::create),
+        )
+        .route(
+            "/applications/{applicationName}/filters/{filterId}",
+            get(f::get).patch(f::patch).delete(f::delete),
         )
 }
 

@@ -2,12 +2,12 @@
 //! `kaa.v1.service.{instance}.epmmp.*-request`, in the instance's queue group so replicas
 //! share the work.
 //!
-//! Every request gets a reply on its reply subject unless it has none or has expired (both
-//! are dropped, logged and counted): an undecodable request gets `400` with the decoder's
-//! message, never silence. Changes go through the same [`Registry`] use cases as REST, so they
+//! The reply rules (drops, `400` for an undecodable request, metrics) are the shared
+//! `crate::rpc` server's. Changes go through the same [`Registry`] use cases as REST, so they
 //! emit 15/EME `metadata.updated` through the outbox like any other change.
 
-use crate::connection::{now_millis, Nats};
+use crate::connection::Nats;
+use crate::rpc::{self, error_status, status, Protocol};
 use epr_core::command::MetadataChange;
 use epr_core::endpoint::Precondition;
 use epr_core::ids::{EndpointId, TenantId};
@@ -15,16 +15,11 @@ use epr_core::metadata::MetadataKey;
 use epr_core::ports::StoreError;
 use epr_core::registry::Registry;
 use epr_core::DomainError;
-use epr_events::epmmp::{
-    decode_request, decode_request_envelope, encode_response, request_subject, Envelope,
-    KeyUpdateCommand, Request, RequestType, Response, Status,
-};
-use futures_util::StreamExt;
+use epr_events::epmmp::{KeyUpdateCommand, Request, Response, Status};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
 pub struct EpmmpSettings {
@@ -43,152 +38,35 @@ pub struct EpmmpSettings {
 /// A reply: status and body.
 type Answer = (Status, Response);
 
-fn status(code: i32, reason: impl Into<String>) -> Status {
-    Status {
-        code,
-        reason: Some(reason.into()),
-    }
-}
-
-/// The status of a refused or failed use case. The RFC lists no codes; these follow the HTTP
-/// meaning of each refusal, as the REST API does.
-fn error_status(e: &StoreError) -> Status {
-    match e {
-        StoreError::Rejected(d) => match d {
-            DomainError::Invalid(v) => status(400, v.to_string()),
-            DomainError::NotFound { .. } => status(404, d.to_string()),
-            DomainError::Conflict { .. } => status(409, d.to_string()),
-            DomainError::PreconditionFailed { .. } => status(412, d.to_string()),
-            DomainError::TooLarge { .. } => status(413, d.to_string()),
-        },
-        StoreError::Unavailable(_) => status(503, e.to_string()),
-    }
-}
-
 /// Serves until `stop` turns true, then stops taking requests and waits (briefly) for the
 /// ones in flight.
 pub async fn serve(
     nats: Nats,
     registry: Arc<Registry>,
     settings: EpmmpSettings,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), async_nats::SubscribeError> {
-    let mut subs = Vec::new();
-    for t in RequestType::ALL {
-        let sub = nats
-            .client
-            .queue_subscribe(
-                request_subject(&settings.instance_name, t),
-                settings.instance_name.clone(),
-            )
-            .await?;
-        subs.push(sub.map(move |m| (t, m)));
-    }
-    let mut requests = futures_util::stream::select_all(subs);
-    let slots = Arc::new(Semaphore::new(settings.max_in_flight));
-    let ctx = Arc::new(Handler {
-        nats,
-        registry,
-        settings,
-    });
-    loop {
-        let next = tokio::select! {
-            next = requests.next() => next,
-            _ = stop.changed() => None,
-        };
-        let Some((t, msg)) = next else { break };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            ctx.handle(t, msg).await;
-            drop(permit);
-        });
-    }
-    drop(requests); // unsubscribes
-    let all = u32::try_from(ctx.settings.max_in_flight).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(Duration::from_secs(5), slots.acquire_many(all)).await;
-    Ok(())
+    let instance = settings.instance_name.clone();
+    let max_in_flight = settings.max_in_flight;
+    let handler = Handler { registry, settings };
+    rpc::serve(nats, handler, &instance, max_in_flight, stop).await
 }
 
 struct Handler {
-    nats: Nats,
     registry: Arc<Registry>,
     settings: EpmmpSettings,
 }
 
-impl Handler {
-    async fn handle(&self, t: RequestType, msg: async_nats::Message) {
-        let started = Instant::now();
-        let kind = t.request_token();
-        let Some(reply_to) = msg.reply.clone() else {
-            metrics::counter!("epr_epmmp_dropped_total", "type" => kind, "reason" => "no-reply-subject")
-                .increment(1);
-            tracing::warn!(subject = %msg.subject, "19/EPMMP request without a reply subject dropped");
-            return;
-        };
-        let (env, (reply_status, body)) = match decode_request(t, &msg.payload) {
-            Ok((env, req)) => {
-                if env.expired(now_millis()) {
-                    metrics::counter!("epr_epmmp_dropped_total", "type" => kind, "reason" => "expired")
-                        .increment(1);
-                    tracing::info!(correlation_id = %env.correlation_id, kind, "expired 19/EPMMP request dropped");
-                    return;
-                }
-                let answer = self.answer(req, &env.correlation_id).await;
-                (env, answer)
-            }
-            Err(e) => {
-                // Echo the correlation ID if at least the envelope decodes, so the client
-                // can match the error to its request.
-                let env = decode_request_envelope(t, &msg.payload).unwrap_or(Envelope {
-                    correlation_id: String::new(),
-                    timestamp: 0,
-                    timeout: 0,
-                });
-                tracing::info!(correlation_id = %env.correlation_id, kind, error = %e, "undecodable 19/EPMMP request");
-                (
-                    env,
-                    (
-                        status(400, format!("undecodable {kind}: {e}")),
-                        Response::empty(t),
-                    ),
-                )
-            }
-        };
-        let out = Envelope {
-            correlation_id: env.correlation_id.clone(),
-            timestamp: now_millis(),
-            timeout: 0,
-        };
-        let code = reply_status.code;
-        let payload = match encode_response(&out, &reply_status, &body) {
-            Ok(p) => p,
-            Err(e) => {
-                // A reply that cannot be encoded (a bug) still gets an answer.
-                tracing::error!(error = %e, kind, "19/EPMMP response cannot be encoded");
-                match encode_response(
-                    &out,
-                    &status(500, format!("response cannot be encoded: {e}")),
-                    &Response::empty(t),
-                ) {
-                    Ok(p) => p,
-                    Err(_) => return,
-                }
-            }
-        };
-        if let Err(e) = self.nats.client.publish(reply_to, payload.into()).await {
-            tracing::warn!(error = %e, kind, "19/EPMMP reply not sent");
-        }
-        metrics::counter!("epr_epmmp_requests_total", "type" => kind, "status" => code.to_string())
-            .increment(1);
-        metrics::histogram!("epr_epmmp_request_duration_seconds", "type" => kind)
-            .record(started.elapsed().as_secs_f64());
-        tracing::debug!(correlation_id = %env.correlation_id, kind, code, "19/EPMMP request");
-    }
+impl Protocol for Handler {
+    rpc::wire!("19/EPMMP", epmmp);
 
     async fn answer(&self, req: Request, corr: &str) -> Answer {
+        self.reply(req, corr).await
+    }
+}
+
+impl Handler {
+    async fn reply(&self, req: Request, corr: &str) -> Answer {
         let on_error = error_body(&req);
         let result = match req {
             Request::MetadataGet {
@@ -522,30 +400,6 @@ mod tests {
         assert_eq!(
             keys(json!({"op": "replace", "path": "", "value": {}})),
             [""]
-        );
-    }
-
-    #[test]
-    fn refusals_map_to_http_status_codes() {
-        let code = |e: DomainError| error_status(&StoreError::Rejected(e)).code;
-        assert_eq!(code(DomainError::not_found("endpoint", "x")), 404);
-        assert_eq!(
-            code(DomainError::PreconditionFailed {
-                current: "\"1-m1\"".into()
-            }),
-            412
-        );
-        assert_eq!(
-            code(DomainError::TooLarge {
-                field: "metadata",
-                actual: 2,
-                limit: 1
-            }),
-            413
-        );
-        assert_eq!(
-            error_status(&StoreError::Unavailable("down".into())).code,
-            503
         );
     }
 }

@@ -2,14 +2,19 @@
 //!
 //! - [`connection`]: one client for the process, connected (and reconnected) in the
 //!   background, with the state that health reports.
-//! - [`relay`]: the outbox relay that publishes 9/ELCE and 15/EME events.
+//! - [`relay`]: the outbox relay that publishes 9/ELCE, 15/EME and 18/EFE events.
 //! - [`connected`]: the 9/ELCE `connected` listener (app version updates).
 //! - [`epmmp`]: the 19/EPMMP request/reply server.
+//! - [`efmp`]: the 20/EFMP request/reply server (filters of an endpoint, endpoints of a
+//!   filter).
+//! - `rpc`: what the two request/reply servers share (subscriptions, reply rules, metrics).
 
 pub mod connected;
 pub mod connection;
+pub mod efmp;
 pub mod epmmp;
 pub mod relay;
+mod rpc;
 
 pub use connection::{ConnectionState, Nats, NatsSettings};
 pub use relay::{Relay, RelaySettings, Sink};

@@ -1,5 +1,5 @@
-//! The outbox relay: publishes the events that the store committed with each change, in
-//! commit order, and deletes them from the outbox only once NATS has them.
+//! The outbox relay: publishes the events that the store committed with each change (9/ELCE,
+//! 15/EME and 18/EFE), in commit order, and deletes them from the outbox only once NATS has them.
 //!
 //! Delivery is at least once. An event is removed from the outbox only after its batch is
 //! confirmed: with core NATS, after the client flushed it and a request on the same
@@ -11,6 +11,7 @@
 //! events wait in the outbox and go out, in order, after reconnection.
 
 use crate::connection::{now_millis, Nats};
+use epr_core::event::OutboxEvent;
 use epr_core::ports::{OutboxEntry, Store, StoreError};
 use epr_events::Originator;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -239,11 +240,12 @@ impl Relay {
         let js = self.jetstream.as_ref();
         let mut acks = Vec::new();
         for entry in batch {
-            let encoded = match epr_events::encode(&entry.event, &self.settings.origin) {
+            let encoded = match epr_events::encode_outbox(&entry.event, &self.settings.origin) {
                 Ok(e) => e,
                 Err(e) => {
                     metrics::counter!("epr_events_undeliverable_total").increment(1);
-                    tracing::error!(outbox_id = entry.id, error = %e, endpoint = %entry.event.endpoint_id,
+                    tracing::error!(outbox_id = entry.id, error = %e, about = %about(&entry.event),
+                        correlation_id = entry.event.correlation_id(),
                         "event cannot be encoded; it is dropped");
                     continue;
                 }
@@ -346,10 +348,18 @@ async fn confirm_core(nats: &Nats) -> Result<(), PublishError> {
     }
 }
 
+/// What an event is about, for logs: `endpoint {id}` or `filter {id}`.
+fn about(event: &OutboxEvent) -> String {
+    match event {
+        OutboxEvent::Endpoint(e) => format!("endpoint {}", e.endpoint_id),
+        OutboxEvent::Filter(e) => format!("filter {}", e.filter_id),
+    }
+}
+
 fn record_lag(batch: &[OutboxEntry]) {
     let now = now_millis();
     for e in batch {
-        let lag = (now - e.event.timestamp.millis()).max(0) as f64 / 1000.0;
+        let lag = (now - e.event.timestamp().millis()).max(0) as f64 / 1000.0;
         metrics::histogram!("epr_events_publish_lag_seconds").record(lag);
     }
 }

@@ -65,6 +65,8 @@ pub struct NatsConfig {
     pub connected_listener: bool,
     /// Serve 19/EPMMP requests.
     pub epmmp: bool,
+    /// Serve 20/EFMP requests (the filters of an endpoint, the endpoints of a filter).
+    pub efmp: bool,
     /// Metadata keys that 19/EPMMP may not create or change (answered with 403).
     pub restricted_metadata_keys: Vec<String>,
 }
@@ -93,6 +95,13 @@ pub struct StoreSettings {
     pub readers: usize,
     /// How long batch registration outcomes are kept, in hours.
     pub batch_retention_hours: u64,
+    /// Filter back-fill runs when no write is waiting, in steps of at most this long; a
+    /// write that arrives meanwhile waits for the step to finish.
+    pub backfill_step_ms: u64,
+    /// Endpoints read per query of a back-fill step.
+    pub backfill_batch: u32,
+    /// Rest between back-fill steps (a throttle; 0 = none).
+    pub backfill_pause_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +170,9 @@ impl Default for StoreSettings {
             max_group: 1024,
             readers: 8,
             batch_retention_hours: 7 * 24,
+            backfill_step_ms: 5,
+            backfill_batch: 512,
+            backfill_pause_ms: 0,
         }
     }
 }
@@ -206,6 +218,7 @@ impl Default for NatsConfig {
             max_in_flight: 256,
             connected_listener: true,
             epmmp: true,
+            efmp: true,
             restricted_metadata_keys: Vec::new(),
         }
     }
@@ -278,6 +291,15 @@ impl Settings {
                 "store.backend '{}' is not supported; use 'embedded'",
                 self.store.backend
             );
+        }
+        if self.store.backfill_step_ms > 1_000 {
+            bail!("store.backfill_step_ms must be at most 1000 (writes wait up to one step)");
+        }
+        if !(1..=100_000).contains(&self.store.backfill_batch) {
+            bail!("store.backfill_batch must be between 1 and 100000");
+        }
+        if self.store.backfill_pause_ms > 60_000 {
+            bail!("store.backfill_pause_ms must be at most 60000");
         }
         if !matches!(self.log.format.as_str(), "human" | "json") {
             bail!("log.format must be 'human' or 'json'");

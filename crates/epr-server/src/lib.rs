@@ -10,7 +10,7 @@ use epr_core::registry::Registry;
 use epr_core::Timestamp;
 use epr_http::{AppState, ComponentHealth, HealthComponent, HttpSettings};
 use epr_nats::{ConnectionState, Nats, NatsSettings, Relay, RelaySettings, Sink};
-use epr_store::{EmbeddedConfig, EmbeddedStore};
+use epr_store::{BackfillPace, EmbeddedConfig, EmbeddedStore};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,6 +42,9 @@ impl IdSource for UuidIds {
         uuid::Uuid::new_v4().to_string()
     }
     fn task_id(&self) -> String {
+        uuid::Uuid::new_v4().to_string()
+    }
+    fn filter_id(&self) -> String {
         uuid::Uuid::new_v4().to_string()
     }
 }
@@ -102,7 +105,8 @@ pub struct Application {
     router: axum::Router,
     store: Arc<EmbeddedStore>,
     relay: Relay,
-    /// NATS front-ends (connected listener, 19/EPMMP), started by `run_until_stopped`.
+    /// NATS front-ends (connected listener, 19/EPMMP, 20/EFMP), started by
+    /// `run_until_stopped`.
     listeners: Vec<Listener>,
     ready: Arc<AtomicBool>,
     shutdown_timeout: Duration,
@@ -133,6 +137,11 @@ impl Application {
         store_cfg.readers = settings.store.readers;
         store_cfg.batch_retention_ms = settings.store.batch_retention_hours as i64 * 3_600_000;
         store_cfg.record_events = !settings.nats.url.is_empty();
+        store_cfg.backfill = BackfillPace {
+            step: Duration::from_millis(settings.store.backfill_step_ms),
+            batch: settings.store.backfill_batch,
+            pause: Duration::from_millis(settings.store.backfill_pause_ms),
+        };
         let store = Arc::new(EmbeddedStore::open(store_cfg).with_context(|| {
             format!("opening the store in {}", settings.store.data_dir.display())
         })?);
@@ -204,7 +213,7 @@ impl Application {
                 let (nats, registry) = (nats.clone(), registry.clone());
                 let cfg = epr_nats::epmmp::EpmmpSettings {
                     instance_name: settings.service.instance_name.clone(),
-                    tenant,
+                    tenant: tenant.clone(),
                     restricted_keys: settings
                         .nats
                         .restricted_metadata_keys
@@ -218,6 +227,20 @@ impl Application {
                     tokio::spawn(logged(
                         "19/EPMMP server",
                         epr_nats::epmmp::serve(nats, registry, cfg, stop),
+                    ))
+                }));
+            }
+            if settings.nats.efmp {
+                let (nats, registry) = (nats.clone(), registry.clone());
+                let cfg = epr_nats::efmp::EfmpSettings {
+                    instance_name: settings.service.instance_name.clone(),
+                    tenant,
+                    max_in_flight: settings.nats.max_in_flight,
+                };
+                listeners.push(Box::new(move |stop| {
+                    tokio::spawn(logged(
+                        "20/EFMP server",
+                        epr_nats::efmp::serve(nats, registry, cfg, stop),
                     ))
                 }));
             }

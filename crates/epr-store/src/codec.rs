@@ -2,7 +2,8 @@
 //! outcomes. Core types are not `Serialize` (a serialisable type is a compatibility
 //! promise), so the storage format is spelled out here and versioned with the schema.
 
-use epr_core::event::{DomainEvent, EventKind};
+use epr_core::endpoint_filter::FilterId;
+use epr_core::event::{DomainEvent, EventKind, FilterEvent, FilterEventKind, OutboxEvent};
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use epr_core::metadata::{Metadata, MetadataDiff};
 use epr_core::ports::{BatchCreated, BatchFailed, BatchOutcome};
@@ -36,6 +37,140 @@ enum StoredKind {
         removed: BTreeMap<String, Value>,
         updated: BTreeMap<String, (Value, Value)>,
     },
+}
+
+/// A filter event, stored as `{"filter": {...}}` so its first bytes tell it from an endpoint
+/// event (whose first key is `tenant`) without a second parse.
+#[derive(Serialize, Deserialize)]
+struct StoredFilterEnvelope {
+    filter: StoredFilterEvent,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredFilterEvent {
+    tenant: String,
+    app: String,
+    filter_id: String,
+    filter_name: String,
+    correlation_id: String,
+    timestamp: i64,
+    #[serde(flatten)]
+    kind: StoredFilterKind,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+enum StoredFilterKind {
+    Pending,
+    Activated,
+    Deleted,
+    EpMatched {
+        endpoint_id: String,
+        app_version: String,
+    },
+    EpUnmatched {
+        endpoint_id: String,
+        app_version: String,
+    },
+}
+
+const FILTER_PREFIX: &str = "{\"filter\":";
+
+/// The stored form of any outbox event.
+pub fn encode_outbox(e: &OutboxEvent) -> String {
+    match e {
+        OutboxEvent::Endpoint(e) => encode_event(e),
+        OutboxEvent::Filter(f) => encode_filter_event(f),
+    }
+}
+
+pub fn decode_outbox(text: &str) -> Result<OutboxEvent, String> {
+    if text.starts_with(FILTER_PREFIX) {
+        decode_filter_event(text).map(OutboxEvent::Filter)
+    } else {
+        decode_event(text).map(OutboxEvent::Endpoint)
+    }
+}
+
+fn encode_filter_event(f: &FilterEvent) -> String {
+    let kind = match &f.kind {
+        FilterEventKind::Pending => StoredFilterKind::Pending,
+        FilterEventKind::Activated => StoredFilterKind::Activated,
+        FilterEventKind::Deleted => StoredFilterKind::Deleted,
+        FilterEventKind::EndpointMatched {
+            endpoint_id,
+            app_version,
+        } => StoredFilterKind::EpMatched {
+            endpoint_id: endpoint_id.to_string(),
+            app_version: app_version.to_string(),
+        },
+        FilterEventKind::EndpointUnmatched {
+            endpoint_id,
+            app_version,
+        } => StoredFilterKind::EpUnmatched {
+            endpoint_id: endpoint_id.to_string(),
+            app_version: app_version.to_string(),
+        },
+    };
+    let stored = StoredFilterEnvelope {
+        filter: StoredFilterEvent {
+            tenant: f.tenant.to_string(),
+            app: f.app.to_string(),
+            filter_id: f.filter_id.to_string(),
+            filter_name: f.filter_name.clone(),
+            correlation_id: f.correlation_id.clone(),
+            timestamp: f.timestamp.0,
+            kind,
+        },
+    };
+    let text = serde_json::to_string(&stored).expect("stored events serialise");
+    debug_assert!(text.starts_with(FILTER_PREFIX));
+    text
+}
+
+fn decode_filter_event(text: &str) -> Result<FilterEvent, String> {
+    let s: StoredFilterEnvelope = serde_json::from_str(text).map_err(|e| bad("event", e))?;
+    let s = s.filter;
+    let ep = |id: &str, v: &str| -> Result<(EndpointId, AppVersionName), String> {
+        Ok((
+            EndpointId::parse(id).map_err(|e| bad("event", e))?,
+            AppVersionName::parse(v).map_err(|e| bad("event", e))?,
+        ))
+    };
+    let kind = match &s.kind {
+        StoredFilterKind::Pending => FilterEventKind::Pending,
+        StoredFilterKind::Activated => FilterEventKind::Activated,
+        StoredFilterKind::Deleted => FilterEventKind::Deleted,
+        StoredFilterKind::EpMatched {
+            endpoint_id,
+            app_version,
+        } => {
+            let (endpoint_id, app_version) = ep(endpoint_id, app_version)?;
+            FilterEventKind::EndpointMatched {
+                endpoint_id,
+                app_version,
+            }
+        }
+        StoredFilterKind::EpUnmatched {
+            endpoint_id,
+            app_version,
+        } => {
+            let (endpoint_id, app_version) = ep(endpoint_id, app_version)?;
+            FilterEventKind::EndpointUnmatched {
+                endpoint_id,
+                app_version,
+            }
+        }
+    };
+    Ok(FilterEvent {
+        tenant: TenantId::parse(&s.tenant).map_err(|e| bad("event", e))?,
+        app: AppName::parse(&s.app).map_err(|e| bad("event", e))?,
+        filter_id: FilterId::parse(&s.filter_id).map_err(|e| bad("event", e))?,
+        filter_name: s.filter_name,
+        kind,
+        correlation_id: s.correlation_id,
+        timestamp: Timestamp(s.timestamp),
+    })
 }
 
 pub fn encode_event(e: &DomainEvent) -> String {
@@ -193,6 +328,38 @@ mod tests {
                 timestamp: Timestamp(5),
             };
             assert_eq!(decode_event(&encode_event(&e)).unwrap(), e);
+            let e = OutboxEvent::Endpoint(e);
+            assert_eq!(decode_outbox(&encode_outbox(&e)).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn filter_events_round_trip() {
+        let endpoint_id = EndpointId::parse("e1").unwrap();
+        let app_version = AppVersionName::parse("a-v1").unwrap();
+        for kind in [
+            FilterEventKind::Pending,
+            FilterEventKind::Activated,
+            FilterEventKind::Deleted,
+            FilterEventKind::EndpointMatched {
+                endpoint_id: endpoint_id.clone(),
+                app_version: app_version.clone(),
+            },
+            FilterEventKind::EndpointUnmatched {
+                endpoint_id: endpoint_id.clone(),
+                app_version: app_version.clone(),
+            },
+        ] {
+            let e = OutboxEvent::Filter(FilterEvent {
+                tenant: TenantId::parse("kaa").unwrap(),
+                app: AppName::parse("a").unwrap(),
+                filter_id: FilterId::parse("f-1").unwrap(),
+                filter_name: "{\"filter\": tricky name".into(),
+                kind,
+                correlation_id: "c".into(),
+                timestamp: Timestamp(5),
+            });
+            assert_eq!(decode_outbox(&encode_outbox(&e)).unwrap(), e);
         }
     }
 }

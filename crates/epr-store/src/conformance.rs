@@ -45,7 +45,24 @@ pub const CASES: &[(&str, Case)] = &[
         Box::pin(outbox_order_and_ack(s))
     }),
     ("concurrent_writes", |s| Box::pin(concurrent_writes(s))),
+    ("filter_lifecycle", |s| {
+        Box::pin(filters::filter_lifecycle(s))
+    }),
+    ("filter_live_matching", |s| {
+        Box::pin(filters::filter_live_matching(s))
+    }),
+    ("filter_update_and_delete", |s| {
+        Box::pin(filters::filter_update_and_delete(s))
+    }),
+    ("filter_tenants_isolated", |s| {
+        Box::pin(filters::filter_tenants_isolated(s))
+    }),
+    ("filter_live_vs_backfill", |s| {
+        Box::pin(filters::filter_live_vs_backfill(s))
+    }),
 ];
+
+mod filters;
 
 /// Runs every case on a fresh store from `make`, naming the case that fails.
 pub async fn run_all<F, Fut>(make: F)
@@ -117,7 +134,7 @@ async fn update(
     .await
 }
 
-fn rejected(r: Result<Effect, StoreError>) -> DomainError {
+fn rejected<T: std::fmt::Debug>(r: Result<T, StoreError>) -> DomainError {
     match r {
         Err(StoreError::Rejected(e)) => e,
         other => panic!("expected a rejection, got {other:?}"),
@@ -134,9 +151,12 @@ async fn register_then_get(s: Arc<dyn Store>) {
     assert!(s.get(&tenant("t1"), &id("nope")).await.unwrap().is_none());
     let out = s.outbox_pending(0, 10).await.unwrap();
     assert_eq!(out.len(), 2, "registered, then the initial metadata");
-    assert_eq!(out[0].event.kind, EventKind::Registered);
-    assert_eq!(out[0].event.correlation_id, "corr-1");
-    match &out[1].event.kind {
+    assert_eq!(
+        out[0].event.as_endpoint().expect("an endpoint event").kind,
+        EventKind::Registered
+    );
+    assert_eq!(out[0].event.correlation_id(), "corr-1");
+    match &out[1].event.as_endpoint().expect("an endpoint event").kind {
         EventKind::MetadataUpdated(d) => {
             assert_eq!(d.added.len(), 2);
             assert!(d.removed.is_empty() && d.updated.is_empty());
@@ -268,7 +288,12 @@ async fn metadata_updates(s: Arc<dyn Store>) {
         4,
         "registered + initial metadata + two real changes"
     );
-    match &events[3].event.kind {
+    match &events[3]
+        .event
+        .as_endpoint()
+        .expect("an endpoint event")
+        .kind
+    {
         EventKind::MetadataUpdated(d) => {
             assert_eq!(d.removed.get("a"), Some(&json!(1)));
             assert_eq!(d.updated.get("b"), Some(&(json!(2), json!(3))));
@@ -340,7 +365,7 @@ async fn app_version_update(s: Arc<dyn Store>) {
     let events = s.outbox_pending(0, 10).await.unwrap();
     assert_eq!(events.len(), 2);
     assert!(
-        matches!(&events[1].event.kind, EventKind::AppVersionUpdated { previous } if previous.as_str() == "app-v1")
+        matches!(&events[1].event.as_endpoint().expect("an endpoint event").kind, EventKind::AppVersionUpdated { previous } if previous.as_str() == "app-v1")
     );
 }
 
@@ -377,7 +402,13 @@ async fn unregister_frees_id_and_token(s: Arc<dyn Store>) {
         .await
         .unwrap()
         .into_iter()
-        .map(|e| e.event.kind)
+        .map(|e| {
+            e.event
+                .as_endpoint()
+                .expect("an endpoint event")
+                .kind
+                .clone()
+        })
         .collect();
     assert_eq!(
         kinds,
@@ -593,7 +624,13 @@ async fn outbox_order_and_ack(s: Arc<dyn Store>) {
     let first = s.outbox_pending(0, 3).await.unwrap();
     let ids: Vec<_> = first
         .iter()
-        .map(|e| e.event.endpoint_id.to_string())
+        .map(|e| {
+            e.event
+                .as_endpoint()
+                .expect("an endpoint event")
+                .endpoint_id
+                .to_string()
+        })
         .collect();
     assert_eq!(ids, vec!["e0", "e1", "e2"]);
     assert_eq!(s.outbox_depth().await.unwrap(), 5);
@@ -607,7 +644,13 @@ async fn outbox_order_and_ack(s: Arc<dyn Store>) {
     let rest = s.outbox_pending(0, 10).await.unwrap();
     let ids: Vec<_> = rest
         .iter()
-        .map(|e| e.event.endpoint_id.to_string())
+        .map(|e| {
+            e.event
+                .as_endpoint()
+                .expect("an endpoint event")
+                .endpoint_id
+                .to_string()
+        })
         .collect();
     assert_eq!(ids, vec!["e3", "e4"]);
     assert_eq!(s.outbox_depth().await.unwrap(), 2);

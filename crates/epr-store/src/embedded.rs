@@ -9,10 +9,13 @@
 //! a pool of read-only connections on blocking threads; WAL lets them run beside the writer.
 
 use crate::codec;
+pub use crate::sqlite_filters::BackfillPace;
+use crate::sqlite_filters::{self, FilterCache};
 use async_trait::async_trait;
 use epr_core::command::{plan, Command, Effect, WriteCtx};
 use epr_core::endpoint::Endpoint;
-use epr_core::event::DomainEvent;
+use epr_core::endpoint_filter::{EndpointFilter, FilterCommand, FilterId};
+use epr_core::event::OutboxEvent;
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use epr_core::metadata::Metadata;
 use epr_core::ports::{
@@ -41,6 +44,8 @@ pub struct EmbeddedConfig {
     /// Write each change's events to the outbox. Off when nothing publishes them (no NATS):
     /// an outbox nobody reads would only cost writes.
     pub record_events: bool,
+    /// How filter back-fill shares the writer with writes.
+    pub backfill: BackfillPace,
 }
 
 impl EmbeddedConfig {
@@ -51,12 +56,14 @@ impl EmbeddedConfig {
             readers: 8,
             batch_retention_ms: 7 * 24 * 3_600_000,
             record_events: true,
+            backfill: BackfillPace::default(),
         }
     }
 }
 
 const DB_FILE: &str = "epr.sqlite3";
-const SCHEMA_VERSION: i64 = 1;
+/// 2 added saved filters (tables only: a version-1 directory is upgraded in place).
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS schema_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -107,6 +114,7 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Job {
     Execute(Command, WriteCtx, Reply<Effect>),
     Batch(BatchRequest, WriteCtx, Reply<BatchOutcome>),
+    Filter(FilterCommand, WriteCtx, Reply<EndpointFilter>),
     OutboxAck(i64, Reply<()>),
     Ping(Reply<()>),
     Shutdown(Reply<()>),
@@ -176,13 +184,16 @@ impl EmbeddedStore {
         });
         let (tx, rx) = mpsc::channel(config.max_group.max(1) * 4);
         let waker: Arc<Mutex<Option<OutboxWaker>>> = Arc::default();
+        let filters = FilterCache::load(&conn)?;
         let mut writer = Writer {
             waker: waker.clone(),
+            filters,
             conn,
             next_incarnation,
             max_group: config.max_group.max(1),
             batch_retention_ms: config.batch_retention_ms,
             record_events: config.record_events,
+            backfill: config.backfill,
             last_prune: None,
         };
         let handle = std::thread::Builder::new()
@@ -271,6 +282,8 @@ fn checkpointer(conn: Connection, stop: Arc<std::sync::atomic::AtomicBool>) {
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     conn.execute_batch(SCHEMA).map_err(unavailable)?;
+    conn.execute_batch(sqlite_filters::SCHEMA)
+        .map_err(unavailable)?;
     let found: Option<i64> = conn
         .query_row(
             "SELECT value FROM schema_meta WHERE key='schema_version'",
@@ -288,6 +301,13 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             .map_err(unavailable)?;
         }
         Some(v) if v == SCHEMA_VERSION => {}
+        Some(1) => {
+            conn.execute(
+                "UPDATE schema_meta SET value=?1 WHERE key='schema_version'",
+                [SCHEMA_VERSION],
+            )
+            .map_err(unavailable)?;
+        }
         Some(v) => {
             return Err(unavailable_msg(format!(
                 "the data directory holds schema version {v}, this build knows {SCHEMA_VERSION}"
@@ -397,11 +417,15 @@ struct Writer {
     last_prune: Option<Instant>,
     /// Told after a commit that appended events (the outbox relay's wake-up).
     waker: Arc<Mutex<Option<OutboxWaker>>>,
+    /// Every saved filter, compiled; mirrors the committed `filters` rows.
+    filters: FilterCache,
+    backfill: BackfillPace,
 }
 
 /// A job's answer, held until the group commits.
 enum Pending {
     Effect(Reply<Effect>, Result<Effect, StoreError>),
+    Filter(Reply<EndpointFilter>, Result<EndpointFilter, StoreError>),
     Batch(Reply<BatchOutcome>, Result<BatchOutcome, StoreError>),
     Unit(Reply<()>, Result<(), StoreError>),
 }
@@ -411,6 +435,7 @@ impl Pending {
     fn unexpected_error(&self) -> Option<String> {
         let err = match self {
             Self::Effect(_, Err(e)) => e,
+            Self::Filter(_, Err(e)) => e,
             Self::Batch(_, Err(e)) => e,
             Self::Unit(_, Err(e)) => e,
             _ => return None,
@@ -425,6 +450,7 @@ impl Pending {
         let err = || unavailable_msg(msg.to_owned());
         match self {
             Self::Effect(r, _) => drop(r.send(Err(err()))),
+            Self::Filter(r, _) => drop(r.send(Err(err()))),
             Self::Batch(r, _) => drop(r.send(Err(err()))),
             Self::Unit(r, _) => drop(r.send(Err(err()))),
         }
@@ -433,6 +459,7 @@ impl Pending {
     fn deliver(self) {
         match self {
             Self::Effect(r, v) => drop(r.send(v)),
+            Self::Filter(r, v) => drop(r.send(v)),
             Self::Batch(r, v) => drop(r.send(v)),
             Self::Unit(r, v) => drop(r.send(v)),
         }
@@ -443,8 +470,24 @@ impl Writer {
     fn run(&mut self, mut rx: mpsc::Receiver<Job>) {
         let mut stop = false;
         while !stop {
-            let Some(first) = rx.blocking_recv() else {
-                break;
+            // Back-fill runs only while no write is waiting, one bounded step at a time.
+            let first = if self.filters.backfill_pending() {
+                match rx.try_recv() {
+                    Ok(job) => job,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        self.backfill_step();
+                        if !self.backfill.pause.is_zero() {
+                            std::thread::sleep(self.backfill.pause);
+                        }
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                match rx.blocking_recv() {
+                    Some(job) => job,
+                    None => break,
+                }
             };
             let mut jobs = vec![first];
             while jobs.len() < self.max_group {
@@ -486,23 +529,38 @@ impl Writer {
                 reply_unavailable(job, msg);
                 continue;
             }
-            appended |= matches!(job, Job::Execute(..) | Job::Batch(..));
+            appended |= matches!(job, Job::Execute(..) | Job::Batch(..) | Job::Filter(..));
             let outcome = match job {
                 Job::Execute(cmd, ctx, reply) => {
                     let inc = self.next_incarnation;
                     self.next_incarnation += 1;
-                    let result = execute(&tx, &cmd, &ctx, inc, self.record_events);
+                    let result =
+                        execute(&tx, &mut self.filters, &cmd, &ctx, inc, self.record_events);
                     Pending::Effect(reply, result)
                 }
                 Job::Batch(batch, ctx, reply) => {
                     let result = register_batch(
                         &tx,
+                        &mut self.filters,
                         batch,
                         &ctx,
                         &mut self.next_incarnation,
                         self.record_events,
                     );
                     Pending::Batch(reply, result)
+                }
+                Job::Filter(cmd, ctx, reply) => {
+                    let mut events = Vec::new();
+                    let result = self
+                        .filters
+                        .execute(&tx, &cmd, &ctx, self.next_incarnation - 1, &mut events)
+                        .and_then(|f| {
+                            if self.record_events {
+                                append_events(&tx, &events).map_err(unavailable)?;
+                            }
+                            Ok(f)
+                        });
+                    Pending::Filter(reply, result)
                 }
                 Job::OutboxAck(last, reply) => Pending::Unit(reply, outbox_delete(&tx, last)),
                 Job::Ping(reply) | Job::Shutdown(reply) => Pending::Unit(reply, Ok(())),
@@ -515,10 +573,16 @@ impl Writer {
                 None => pending.push(outcome),
             }
         }
+        if failure.is_none() {
+            if let Err(e) = self.filters.flush(&tx) {
+                failure = Some(e.to_string());
+            }
+        }
         if let Some(msg) = failure {
             tracing::error!(error = %msg, "write group aborted");
             drop(tx); // rolls back
             pending.into_iter().for_each(|p| p.fail(&msg));
+            self.reload_filters();
             return;
         }
         if self
@@ -542,6 +606,7 @@ impl Writer {
                 tracing::error!(error = %e, "group commit failed");
                 let msg = format!("commit failed: {e}");
                 pending.into_iter().for_each(|p| p.fail(&msg));
+                self.reload_filters();
             }
         }
         metrics::histogram!("epr_store_commit_seconds").record(started.elapsed().as_secs_f64());
@@ -550,6 +615,55 @@ impl Writer {
 }
 
 impl Writer {
+    /// Makes the filter cache match the committed rows again after a rollback.
+    fn reload_filters(&mut self) {
+        match FilterCache::load(&self.conn) {
+            Ok(cache) => self.filters = cache,
+            // Keep the old copy: the next group's reads of stored membership still hold.
+            Err(e) => tracing::error!(error = %e, "reloading filters after a rollback failed"),
+        }
+    }
+
+    /// One bounded step of filter back-fill in its own transaction. It is committed without
+    /// waiting for the disk (`synchronous=NORMAL`): nothing acknowledged depends on it, the
+    /// rows and the cursor commit together, and the next durable commit syncs them anyway.
+    /// A step lost to power loss is simply done again.
+    fn backfill_step(&mut self) {
+        let result = (|| -> Result<bool, StoreError> {
+            // SQLite refuses to change the safety level inside a transaction.
+            self.conn
+                .execute_batch("PRAGMA synchronous=NORMAL")
+                .map_err(unavailable)?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let mut events = Vec::new();
+            self.filters
+                .backfill_step(&tx, self.backfill, Timestamp(now_millis()), &mut events)?;
+            self.filters.flush(&tx)?;
+            if self.record_events {
+                append_events(&tx, &events).map_err(unavailable)?;
+            }
+            let committed = tx.commit().map_err(unavailable);
+            self.conn
+                .execute_batch("PRAGMA synchronous=FULL")
+                .map_err(unavailable)?;
+            committed?;
+            Ok(!events.is_empty())
+        })();
+        match result {
+            Ok(true) => self.wake_relay(),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "filter back-fill step failed; retrying in 1 s");
+                let _ = self.conn.execute_batch("PRAGMA synchronous=FULL");
+                self.reload_filters();
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+
     fn wake_relay(&self) {
         let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(wake) = waker {
@@ -570,12 +684,14 @@ fn reply_unavailable(job: Job, msg: &str) {
     match job {
         Job::Execute(_, _, r) => drop(r.send(Err(err()))),
         Job::Batch(_, _, r) => drop(r.send(Err(err()))),
+        Job::Filter(_, _, r) => drop(r.send(Err(err()))),
         Job::OutboxAck(_, r) | Job::Ping(r) | Job::Shutdown(r) => drop(r.send(Err(err()))),
     }
 }
 
 fn execute(
     conn: &Connection,
+    filters: &mut FilterCache,
     cmd: &Command,
     ctx: &WriteCtx,
     incarnation: i64,
@@ -658,8 +774,10 @@ fn execute(
             ))
         }
     }
+    let mut events: Vec<OutboxEvent> = plan.events.into_iter().map(OutboxEvent::from).collect();
+    filters.match_endpoint(conn, &plan.effect, ctx, &mut events)?;
     if record_events {
-        append_events(conn, &plan.events).map_err(unavailable)?;
+        append_events(conn, &events).map_err(unavailable)?;
     }
     Ok(plan.effect)
 }
@@ -690,13 +808,13 @@ fn insert_endpoint(
     ])
 }
 
-fn append_events(conn: &Connection, events: &[DomainEvent]) -> rusqlite::Result<()> {
+fn append_events(conn: &Connection, events: &[OutboxEvent]) -> rusqlite::Result<()> {
     if events.is_empty() {
         return Ok(());
     }
     let mut stmt = conn.prepare_cached("INSERT INTO outbox(event) VALUES(?1)")?;
     for e in events {
-        stmt.execute([codec::encode_event(e)])?;
+        stmt.execute([codec::encode_outbox(e)])?;
     }
     Ok(())
 }
@@ -710,6 +828,7 @@ fn outbox_delete(conn: &Connection, through: i64) -> Result<(), StoreError> {
 
 fn register_batch(
     conn: &Connection,
+    filters: &mut FilterCache,
     batch: BatchRequest,
     ctx: &WriteCtx,
     next_incarnation: &mut i64,
@@ -729,7 +848,7 @@ fn register_batch(
                 let inc = *next_incarnation;
                 *next_incarnation += 1;
                 let cmd = Command::Register(reg);
-                match execute(conn, &cmd, ctx, inc, record_events) {
+                match execute(conn, filters, &cmd, ctx, inc, record_events) {
                     Ok(effect) => Ok(effect),
                     Err(StoreError::Rejected(e)) => Err(e.to_string()),
                     Err(e) => return Err(e),
@@ -786,6 +905,14 @@ fn where_clause(tenant: &TenantId, q: &EndpointQuery) -> (String, Vec<String>) {
             marks.push(format!("?{}", args.len()));
         }
         sql.push_str(&format!(" AND endpoint_id IN ({})", marks.join(",")));
+    }
+    if let Some(f) = &q.filter {
+        args.push(f.to_string());
+        sql.push_str(&format!(
+            " AND incarnation IN (SELECT incarnation FROM filter_matches \
+             WHERE tenant=?1 AND filter_id=?{})",
+            args.len()
+        ));
     }
     (sql, args)
 }
@@ -924,6 +1051,77 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn execute_filter(
+        &self,
+        cmd: FilterCommand,
+        ctx: WriteCtx,
+    ) -> Result<EndpointFilter, StoreError> {
+        self.send(|r| Job::Filter(cmd, ctx, r)).await
+    }
+
+    async fn get_filter(
+        &self,
+        tenant: &TenantId,
+        id: &FilterId,
+    ) -> Result<Option<EndpointFilter>, StoreError> {
+        self.readers.with_local(|c| {
+            sqlite_filters::load_filter(c, tenant.as_str(), id.as_str()).map_err(unavailable)
+        })
+    }
+
+    async fn list_filters(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+        name: Option<&str>,
+        page: PageRequest,
+    ) -> Result<Page<EndpointFilter>, StoreError> {
+        let (tenant, app, name) = (tenant.clone(), app.clone(), name.map(str::to_owned));
+        self.read(move |c| {
+            let (total, items) = sqlite_filters::list_filters(
+                c,
+                tenant.as_str(),
+                app.as_str(),
+                name.as_deref(),
+                page.offset,
+                page.limit,
+            )
+            .map_err(unavailable)?;
+            Ok(Page { total, items })
+        })
+        .await
+    }
+
+    async fn matched_filters(
+        &self,
+        tenant: &TenantId,
+        endpoints: &[EndpointId],
+    ) -> Result<BTreeMap<EndpointId, Vec<FilterId>>, StoreError> {
+        let (tenant, endpoints) = (tenant.clone(), endpoints.to_vec());
+        self.read(move |c| {
+            let mut out: BTreeMap<EndpointId, Vec<FilterId>> = BTreeMap::new();
+            for (ep, f) in sqlite_filters::matched_filters(c, tenant.as_str(), &endpoints)
+                .map_err(unavailable)?
+            {
+                out.entry(ep).or_default().push(f);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn filter_members(
+        &self,
+        tenant: &TenantId,
+        id: &FilterId,
+    ) -> Result<Vec<(AppVersionName, EndpointId)>, StoreError> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        self.read(move |c| {
+            sqlite_filters::filter_members(c, tenant.as_str(), id.as_str()).map_err(unavailable)
+        })
+        .await
+    }
+
     async fn outbox_pending(
         &self,
         after: i64,
@@ -941,7 +1139,7 @@ impl Store for EmbeddedStore {
             let mut out = Vec::new();
             for row in rows {
                 let (id, text) = row.map_err(unavailable)?;
-                let event = codec::decode_event(&text).map_err(unavailable_msg)?;
+                let event = codec::decode_outbox(&text).map_err(unavailable_msg)?;
                 out.push(OutboxEntry { id, event });
             }
             Ok(out)
@@ -988,7 +1186,14 @@ mod tests {
             let dirs = dirs.clone();
             async move {
                 let dir = tempfile::tempdir().unwrap();
-                let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+                let mut cfg = EmbeddedConfig::new(dir.path());
+                // Tiny back-fill steps, so back-fills interleave with the cases' writes.
+                cfg.backfill = BackfillPace {
+                    step: Duration::ZERO,
+                    batch: 2,
+                    pause: Duration::from_micros(500),
+                };
+                let store = EmbeddedStore::open(cfg).unwrap();
                 dirs.lock().unwrap().push(dir);
                 Arc::new(store) as Arc<dyn Store>
             }

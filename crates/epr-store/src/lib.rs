@@ -5,9 +5,11 @@
 //! - [`conformance`]: the behaviour every backend of [`epr_core::ports::Store`] must show,
 //!   written against the trait only.
 //! - [`codec`]: the stored (JSON) form of outbox events and batch outcomes.
+//! - `sqlite_filters`: saved filters in the embedded store (rows, live matching, back-fill).
 
 pub mod codec;
 pub mod conformance;
 pub mod embedded;
+mod sqlite_filters;
 
-pub use embedded::{EmbeddedConfig, EmbeddedStore};
+pub use embedded::{BackfillPace, EmbeddedConfig, EmbeddedStore};

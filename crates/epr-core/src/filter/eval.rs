@@ -520,6 +520,39 @@ impl ArrayTest {
     }
 }
 
+impl Expr {
+    /// Collects the metadata keys read (see [`super::Filter::metadata_keys`]); false when
+    /// the metadata is read in any other way.
+    pub(super) fn metadata_keys(&self, keys: &mut Vec<String>) -> bool {
+        match self {
+            Expr::Const(_) => true,
+            Expr::And(xs) | Expr::Or(xs) | Expr::Nor(xs) => {
+                xs.iter().all(|x| x.metadata_keys(keys))
+            }
+            Expr::Field(path, cond) => match path.first().map(|p| p.known) {
+                Some(Known::AppVersion) => true,
+                Some(Known::Metadata) if path.len() == 1 => cond.metadata_keys(keys),
+                _ => false,
+            },
+        }
+    }
+}
+
+impl Cond {
+    fn metadata_keys(&self, keys: &mut Vec<String>) -> bool {
+        match self {
+            Cond::Const(_) => true,
+            Cond::Not(c) => c.metadata_keys(keys),
+            Cond::And(cs) => cs.iter().all(|c| c.metadata_keys(keys)),
+            Cond::Array(ArrayTest::ElemMatchKey { key, .. }) => {
+                keys.push(key.to_string());
+                true
+            }
+            Cond::Leaf(_) | Cond::Array(_) => false,
+        }
+    }
+}
+
 /// MongoDB offers every element that is a document or an array to the query.
 fn elem_match_doc(x: &Expr, it: Elem<'_>) -> bool {
     matches!(it.bracket(), Bracket::Object | Bracket::Array) && x.eval(it)

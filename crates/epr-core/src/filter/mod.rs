@@ -49,6 +49,21 @@ impl Filter {
             .map(Filter)
     }
 
+    /// The metadata keys this filter reads, when that is a closed set: `Some(keys)` when every
+    /// use of `metadata` is an `$elemMatch` that fixes `key` (possibly under `$and`, `$or`,
+    /// `$nor`, `$not`), so the filter gives the same answer on the metadata restricted to
+    /// `keys` (empty: the filter reads only the application version). `None` when it reads
+    /// the metadata array as a whole (`$size`, `$exists`, a free `$elemMatch`, `metadata.key`
+    /// paths, ...). Lets a scan parse only the parts of each endpoint's metadata it needs.
+    pub fn metadata_keys(&self) -> Option<Vec<String>> {
+        let mut keys = Vec::new();
+        self.0.metadata_keys(&mut keys).then(|| {
+            keys.sort();
+            keys.dedup();
+            keys
+        })
+    }
+
     /// Does an endpoint with this application version and metadata match?
     pub fn matches(&self, app_version: &str, metadata: &Map<String, Value>) -> bool {
         self.0.eval(eval::Elem::Root(app_version, metadata))

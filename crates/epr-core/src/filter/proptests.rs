@@ -623,6 +623,35 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// A filter with a closed set of metadata keys answers the same on the metadata
+    /// restricted to those keys (what the back-fill relies on to parse less).
+    #[test]
+    fn restricted_metadata_gives_the_same_answer(
+        q in query(2, Ctx::Root),
+        endpoints in prop::collection::vec((select(vec!["v1", "v2"]), metadata()), 1..6),
+    ) {
+        let filter = Filter::parse(&q)
+            .map_err(|e| TestCaseError::fail(format!("{q} was rejected: {e} ({})", e.rule)))?;
+        if let Some(keys) = filter.metadata_keys() {
+            for (app, md) in &endpoints {
+                let restricted: Map<String, Value> = md
+                    .iter()
+                    .filter(|(k, _)| keys.contains(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                prop_assert_eq!(
+                    filter.matches(app, &restricted),
+                    filter.matches(app, md),
+                    "query {} keys {:?} on {:?}", q, keys, md
+                );
+            }
+        }
+    }
+}
+
 /// Deeper values, with arrays of documents and arrays of arrays, for path traversal.
 fn deep_value() -> BoxedStrategy<Value> {
     scalar()

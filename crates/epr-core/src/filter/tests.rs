@@ -1681,3 +1681,26 @@ fn rejects_oversized_queries() {
         )
     );
 }
+
+#[test]
+fn metadata_keys_are_a_closed_set_only_for_keyed_elem_match() {
+    let keys = |q: Value| parse(&q).metadata_keys();
+    assert_eq!(keys(json!({"application_version": "a-v1"})), Some(vec![]));
+    assert_eq!(
+        keys(json!({"$or": [
+            {"metadata": {"$elemMatch": {"key": "b", "value": 1}}},
+            {"metadata": {"$not": {"$elemMatch": {"key": "a"}}}},
+            {"application_version": "x"}
+        ]})),
+        Some(vec!["a".to_owned(), "b".to_owned()])
+    );
+    for whole in [
+        json!({"metadata": {"$size": 0}}),
+        json!({"metadata": {"$exists": true}}),
+        json!({"metadata": {"$elemMatch": {"value": 1}}}),
+        json!({"metadata.key": "a"}),
+        json!({"metadata": {"key": "a", "value": 1}}),
+    ] {
+        assert_eq!(keys(whole.clone()), None, "{whole}");
+    }
+}

@@ -5,6 +5,8 @@ mod batch;
 mod crash;
 mod endpoints;
 mod events;
+mod filters;
+mod filters_nats;
 mod helpers;
 mod metadata;
 mod nats_protocols;

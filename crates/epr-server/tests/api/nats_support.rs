@@ -55,6 +55,8 @@ pub struct PrivateNats {
     child: Option<Child>,
     pub port: u16,
     store_dir: PathBuf,
+    /// A configuration file passed with `-c` (the command-line flags still apply).
+    config: Option<PathBuf>,
 }
 
 fn nats_bin() -> String {
@@ -71,6 +73,18 @@ fn nats_bin() -> String {
 
 impl PrivateNats {
     pub fn start(store_dir: &Path) -> Self {
+        Self::start_inner(store_dir, None)
+    }
+
+    /// Like [`PrivateNats::start`], with nats-server configuration text (e.g.
+    /// `max_payload: 4096`) written to a file in `store_dir` and passed with `-c`.
+    pub fn start_with_config(store_dir: &Path, config: &str) -> Self {
+        let file = store_dir.join("nats-server.conf");
+        std::fs::write(&file, config).unwrap();
+        Self::start_inner(store_dir, Some(file))
+    }
+
+    fn start_inner(store_dir: &Path, config: Option<PathBuf>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -80,6 +94,7 @@ impl PrivateNats {
             child: None,
             port,
             store_dir: store_dir.to_path_buf(),
+            config,
         };
         n.restart();
         n
@@ -93,7 +108,11 @@ impl PrivateNats {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let bin = nats_bin();
-        let child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if let Some(config) = &self.config {
+            cmd.arg("-c").arg(config);
+        }
+        let child = cmd
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(&self.store_dir)
             .stdout(Stdio::null())

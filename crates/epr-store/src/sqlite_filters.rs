@@ -1,0 +1,762 @@
+//! Saved filters in the embedded store: their rows, the writer's in-memory copy of every
+//! filter's compiled query, live matching of endpoint writes, and the back-fill.
+//!
+//! Invariant (what makes live matching and back-fill agree): a row in `filter_matches`
+//! exists exactly when the filter matches the endpoint's *current* state, for every endpoint
+//! the filter has "seen". An active filter has seen every endpoint; a pending one has seen the
+//! endpoints written since its back-fill started plus those the back-fill has passed
+//! (`backfill_after`). Both the writes and the back-fill run on the one writer thread, so an
+//! endpoint is never evaluated on a stale state. When a query changes, the old rows are
+//! deleted in the same transaction and the back-fill starts over.
+
+use epr_core::command::{Effect, WriteCtx};
+use epr_core::endpoint_filter::{
+    plan_filter, EndpointFilter, FilterCommand, FilterEffect, FilterId, FilterSpec, FilterStatus,
+};
+use epr_core::event::{FilterEvent, FilterEventKind, OutboxEvent};
+use epr_core::filter::Filter;
+use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
+use epr_core::ports::StoreError;
+use epr_core::{DomainError, Timestamp};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde_json::{Map, Value};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS filters(
+    tenant TEXT NOT NULL,
+    filter_id TEXT NOT NULL,
+    app TEXT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    query TEXT NOT NULL,
+    status TEXT NOT NULL,
+    matched INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    backfill_after INTEGER,
+    backfill_until INTEGER,
+    backfill_correlation TEXT,
+    PRIMARY KEY(tenant, filter_id)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS filters_by_name ON filters(tenant, app, name);
+-- Keyed by the endpoint's incarnation (its rowid, increasing with registration), so the
+-- back-fill appends to both B-trees in order instead of inserting at random places.
+CREATE TABLE IF NOT EXISTS filter_matches(
+    tenant TEXT NOT NULL,
+    filter_id TEXT NOT NULL,
+    incarnation INTEGER NOT NULL,
+    PRIMARY KEY(tenant, filter_id, incarnation)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS filter_matches_by_endpoint ON filter_matches(tenant, incarnation);
+";
+
+const FILTER_COLUMNS: &str = "filter_id, app, name, description, query, status, matched, \
+    created, updated, version";
+
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Unavailable(Box::new(e))
+}
+
+fn corrupt(i: usize, e: impl ToString) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.to_string().into())
+}
+
+fn parse_status(s: &str) -> rusqlite::Result<FilterStatus> {
+    match s {
+        "pending" => Ok(FilterStatus::Pending),
+        "active" => Ok(FilterStatus::Active),
+        other => Err(corrupt(5, format!("unknown filter status '{other}'"))),
+    }
+}
+
+/// A stored filter row as the domain value (the query is compiled again: reads are rare
+/// next to writes, and the stored text is the source of truth).
+pub(crate) fn filter_from_row(row: &Row<'_>) -> rusqlite::Result<EndpointFilter> {
+    let query_text: String = row.get(4)?;
+    let query: Value = serde_json::from_str(&query_text).map_err(|e| corrupt(4, e))?;
+    let spec = FilterSpec::parse(&row.get::<_, String>(2)?, &row.get::<_, String>(3)?, &query)
+        .map_err(|e| corrupt(4, e))?;
+    Ok(EndpointFilter {
+        id: FilterId::parse(&row.get::<_, String>(0)?).map_err(|e| corrupt(0, e))?,
+        app: AppName::parse(&row.get::<_, String>(1)?).map_err(|e| corrupt(1, e))?,
+        spec,
+        status: parse_status(&row.get::<_, String>(5)?)?,
+        matched: row.get::<_, i64>(6)?.max(0) as u64,
+        created: Timestamp(row.get(7)?),
+        updated: Timestamp(row.get(8)?),
+        version: row.get::<_, i64>(9)? as u64,
+    })
+}
+
+pub(crate) fn load_filter(
+    conn: &Connection,
+    tenant: &str,
+    id: &str,
+) -> rusqlite::Result<Option<EndpointFilter>> {
+    conn.prepare_cached(&format!(
+        "SELECT {FILTER_COLUMNS} FROM filters WHERE tenant=?1 AND filter_id=?2"
+    ))?
+    .query_row(params![tenant, id], filter_from_row)
+    .optional()
+}
+
+pub(crate) fn list_filters(
+    conn: &Connection,
+    tenant: &str,
+    app: &str,
+    name: Option<&str>,
+    offset: u64,
+    limit: u32,
+) -> rusqlite::Result<(u64, Vec<EndpointFilter>)> {
+    let cond = "tenant=?1 AND app=?2 AND (?3 IS NULL OR name=?3)";
+    let total: i64 = conn
+        .prepare_cached(&format!("SELECT COUNT(*) FROM filters WHERE {cond}"))?
+        .query_row(params![tenant, app, name], |r| r.get(0))?;
+    let items = conn
+        .prepare_cached(&format!(
+            "SELECT {FILTER_COLUMNS} FROM filters WHERE {cond} ORDER BY created, filter_id \
+             LIMIT ?4 OFFSET ?5"
+        ))?
+        .query_map(
+            params![tenant, app, name, limit as i64, offset as i64],
+            filter_from_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok((total as u64, items))
+}
+
+/// Where a pending filter's back-fill stands: every endpoint with an incarnation in
+/// `(0, after]` has been evaluated; it is complete once `after >= until`. Endpoints
+/// registered after the back-fill started (incarnation > `until`) are matched live.
+#[derive(Debug, Clone, Copy)]
+struct Backfill {
+    after: i64,
+    until: i64,
+    /// When this process started (or resumed) the back-fill, for the duration metric.
+    started: Instant,
+    /// Endpoints evaluated by this process, for the rate in the log.
+    evaluated: u64,
+}
+
+/// The writer's copy of one filter: what matching needs, without parsing anything.
+struct Cached {
+    id: FilterId,
+    name: String,
+    compiled: Arc<Filter>,
+    /// `None` when active.
+    backfill: Option<Backfill>,
+    /// The correlation ID of the request that started the back-fill, so that `activated`
+    /// carries it too.
+    correlation: String,
+    matched: i64,
+    /// `matched` or the back-fill cursor changed since the row was last written.
+    dirty: bool,
+}
+
+/// Every filter, by tenant and application. Owned by the writer thread.
+#[derive(Default)]
+pub(crate) struct FilterCache {
+    apps: HashMap<(TenantId, AppName), Vec<Cached>>,
+}
+
+/// How the back-fill is paced.
+#[derive(Debug, Clone, Copy)]
+pub struct BackfillPace {
+    /// How long one step may run before the writer looks at its queue again: a write that
+    /// arrives meanwhile waits at most about this long (plus one batch).
+    pub step: Duration,
+    /// Endpoints read per query; a step runs at least one.
+    pub batch: u32,
+    /// Rest after each step (a throttle: leaves the disk and a core to the writes).
+    pub pause: Duration,
+}
+
+impl Default for BackfillPace {
+    fn default() -> Self {
+        Self {
+            step: Duration::from_millis(5),
+            batch: 512,
+            pause: Duration::ZERO,
+        }
+    }
+}
+
+impl FilterCache {
+    /// Loads every filter (at open, and after a rolled-back group).
+    pub(crate) fn load(conn: &Connection) -> Result<Self, StoreError> {
+        let mut cache = Self::default();
+        let mut stmt = conn
+            .prepare(
+                "SELECT tenant, filter_id, app, name, query, matched, backfill_after, \
+                 backfill_until, backfill_correlation FROM filters \
+                 ORDER BY tenant, app, created, filter_id",
+            )
+            .map_err(unavailable)?;
+        let mut rows = stmt.query([]).map_err(unavailable)?;
+        while let Some(row) = rows.next().map_err(unavailable)? {
+            let read = || -> rusqlite::Result<((TenantId, AppName), Cached)> {
+                let tenant =
+                    TenantId::parse(&row.get::<_, String>(0)?).map_err(|e| corrupt(0, e))?;
+                let app = AppName::parse(&row.get::<_, String>(2)?).map_err(|e| corrupt(2, e))?;
+                let query: Value =
+                    serde_json::from_str(&row.get::<_, String>(4)?).map_err(|e| corrupt(4, e))?;
+                let compiled = Filter::parse(&query).map_err(|e| corrupt(4, e))?;
+                let after: Option<i64> = row.get(6)?;
+                let until: Option<i64> = row.get(7)?;
+                Ok((
+                    (tenant, app),
+                    Cached {
+                        id: FilterId::parse(&row.get::<_, String>(1)?)
+                            .map_err(|e| corrupt(1, e))?,
+                        name: row.get(3)?,
+                        compiled: Arc::new(compiled),
+                        backfill: after.map(|after| Backfill {
+                            after,
+                            until: until.unwrap_or(after),
+                            started: Instant::now(),
+                            evaluated: 0,
+                        }),
+                        matched: row.get(5)?,
+                        correlation: row.get::<_, Option<String>>(8)?.unwrap_or_default(),
+                        dirty: false,
+                    },
+                ))
+            };
+            let (key, cached) = read().map_err(unavailable)?;
+            cache.apps.entry(key).or_default().push(cached);
+        }
+        Ok(cache)
+    }
+
+    pub(crate) fn backfill_pending(&self) -> bool {
+        self.apps.values().flatten().any(|f| f.backfill.is_some())
+    }
+
+    /// Writes the counters and cursors that changed; called before each commit.
+    pub(crate) fn flush(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        for ((tenant, _), filters) in self.apps.iter_mut() {
+            for f in filters.iter_mut().filter(|f| f.dirty) {
+                conn.prepare_cached(
+                    "UPDATE filters SET matched=?3, backfill_after=?4 WHERE tenant=?1 AND filter_id=?2",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        tenant.as_str(),
+                        f.id.as_str(),
+                        f.matched,
+                        f.backfill.map(|b| b.after)
+                    ])
+                })
+                .map_err(unavailable)?;
+                f.dirty = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-evaluates one written endpoint against its application's filters and stores the
+    /// membership changes, with `ep-matched` / `ep-unmatched` events for active filters.
+    pub(crate) fn match_endpoint(
+        &mut self,
+        conn: &Connection,
+        effect: &Effect,
+        ctx: &WriteCtx,
+        events: &mut Vec<OutboxEvent>,
+    ) -> Result<(), StoreError> {
+        let ep = match effect {
+            Effect::Unchanged(_) => return Ok(()),
+            Effect::Insert(ep) | Effect::Update(ep) | Effect::Delete(ep) => ep,
+        };
+        let Some(filters) = self.apps.get_mut(&(ctx.tenant.clone(), ep.app.clone())) else {
+            return Ok(());
+        };
+        if filters.is_empty() {
+            return Ok(());
+        }
+        let tenant = ctx.tenant.as_str();
+        let before: BTreeSet<String> = if matches!(effect, Effect::Insert(_)) {
+            BTreeSet::new()
+        } else {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT filter_id FROM filter_matches WHERE tenant=?1 AND incarnation=?2",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(params![tenant, ep.incarnation], |r| r.get::<_, String>(0))
+                .map_err(unavailable)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(unavailable)?
+        };
+        let deleted = matches!(effect, Effect::Delete(_));
+        for f in filters.iter_mut() {
+            let was = before.contains(f.id.as_str());
+            let is = !deleted
+                && f.compiled
+                    .matches(ep.app_version.as_str(), ep.metadata.as_map());
+            if was == is {
+                continue;
+            }
+            if is {
+                conn.prepare_cached(
+                    "INSERT INTO filter_matches(tenant, filter_id, incarnation) VALUES(?1,?2,?3)",
+                )
+                .and_then(|mut s| s.execute(params![tenant, f.id.as_str(), ep.incarnation]))
+                .map_err(unavailable)?;
+                f.matched += 1;
+            } else {
+                conn.prepare_cached(
+                    "DELETE FROM filter_matches WHERE tenant=?1 AND filter_id=?2 AND incarnation=?3",
+                )
+                .and_then(|mut s| s.execute(params![tenant, f.id.as_str(), ep.incarnation]))
+                .map_err(unavailable)?;
+                f.matched -= 1;
+            }
+            f.dirty = true;
+            metrics::counter!("epr_filter_membership_changes_total").increment(1);
+            // A pending filter's membership is built silently (see docs/filters.md).
+            if f.backfill.is_none() {
+                let (endpoint_id, app_version) = (ep.id.clone(), ep.app_version.clone());
+                let kind = if is {
+                    FilterEventKind::EndpointMatched {
+                        endpoint_id,
+                        app_version,
+                    }
+                } else {
+                    FilterEventKind::EndpointUnmatched {
+                        endpoint_id,
+                        app_version,
+                    }
+                };
+                events.push(OutboxEvent::Filter(FilterEvent {
+                    tenant: ctx.tenant.clone(),
+                    app: ep.app.clone(),
+                    filter_id: f.id.clone(),
+                    filter_name: f.name.clone(),
+                    kind,
+                    correlation_id: ctx.correlation_id.clone(),
+                    timestamp: ctx.now,
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Executes a filter command inside the writer's transaction. `last_incarnation` bounds
+    /// the back-fill of a new query: later registrations are matched live.
+    pub(crate) fn execute(
+        &mut self,
+        conn: &Connection,
+        cmd: &FilterCommand,
+        ctx: &WriteCtx,
+        last_incarnation: i64,
+        events: &mut Vec<OutboxEvent>,
+    ) -> Result<EndpointFilter, StoreError> {
+        let tenant = ctx.tenant.as_str();
+        let current = load_filter(conn, tenant, cmd.filter_id().as_str()).map_err(unavailable)?;
+        let plan = plan_filter(current, cmd, ctx)?;
+        let key = |f: &EndpointFilter| (ctx.tenant.clone(), f.app.clone());
+        let mut result = plan.effect.filter().clone();
+        match &plan.effect {
+            FilterEffect::Insert(f) => {
+                self.check_name_free(conn, tenant, f)?;
+                conn.prepare_cached(&format!(
+                    "INSERT INTO filters(tenant, {FILTER_COLUMNS}, backfill_after, backfill_until, \
+                     backfill_correlation) VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,0,?12,?13)"
+                ))
+                .and_then(|mut s| {
+                    s.execute(params![
+                        tenant,
+                        f.id.as_str(),
+                        f.app.as_str(),
+                        f.spec.name,
+                        f.spec.description,
+                        Value::Object(f.spec.query.clone()).to_string(),
+                        f.status.as_str(),
+                        f.matched as i64,
+                        f.created.0,
+                        f.updated.0,
+                        f.version as i64,
+                        last_incarnation,
+                        ctx.correlation_id
+                    ])
+                })
+                .map_err(unavailable)?;
+                self.apps.entry(key(f)).or_default().push(Cached {
+                    id: f.id.clone(),
+                    name: f.spec.name.clone(),
+                    compiled: f.spec.compiled.clone(),
+                    backfill: Some(Backfill::new(last_incarnation)),
+                    correlation: ctx.correlation_id.clone(),
+                    matched: 0,
+                    dirty: false,
+                });
+            }
+            FilterEffect::Update { filter: f, restart } => {
+                self.check_name_free(conn, tenant, f)?;
+                let backfill = restart.then_some(0i64);
+                if *restart {
+                    conn.prepare_cached(
+                        "DELETE FROM filter_matches WHERE tenant=?1 AND filter_id=?2",
+                    )
+                    .and_then(|mut s| s.execute(params![tenant, f.id.as_str()]))
+                    .map_err(unavailable)?;
+                }
+                conn.prepare_cached(
+                    "UPDATE filters SET name=?3, description=?4, query=?5, status=?6, updated=?7, \
+                     version=?8, matched=CASE WHEN ?9 IS NULL THEN matched ELSE 0 END, \
+                     backfill_after=CASE WHEN ?9 IS NULL THEN backfill_after ELSE ?9 END, \
+                     backfill_until=CASE WHEN ?9 IS NULL THEN backfill_until ELSE ?10 END, \
+                     backfill_correlation=CASE WHEN ?9 IS NULL THEN backfill_correlation ELSE ?11 END \
+                     WHERE tenant=?1 AND filter_id=?2",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        tenant,
+                        f.id.as_str(),
+                        f.spec.name,
+                        f.spec.description,
+                        Value::Object(f.spec.query.clone()).to_string(),
+                        f.status.as_str(),
+                        f.updated.0,
+                        f.version as i64,
+                        backfill,
+                        last_incarnation,
+                        ctx.correlation_id
+                    ])
+                })
+                .map_err(unavailable)?;
+                let cached = self.find_mut(&key(f), &f.id)?;
+                cached.name = f.spec.name.clone();
+                if *restart {
+                    cached.compiled = f.spec.compiled.clone();
+                    cached.backfill = Some(Backfill::new(last_incarnation));
+                    cached.correlation = ctx.correlation_id.clone();
+                    cached.matched = 0;
+                    cached.dirty = false;
+                }
+                result.matched = cached.matched.max(0) as u64;
+            }
+            FilterEffect::Delete(f) => {
+                conn.prepare_cached("DELETE FROM filter_matches WHERE tenant=?1 AND filter_id=?2")
+                    .and_then(|mut s| s.execute(params![tenant, f.id.as_str()]))
+                    .map_err(unavailable)?;
+                conn.prepare_cached("DELETE FROM filters WHERE tenant=?1 AND filter_id=?2")
+                    .and_then(|mut s| s.execute(params![tenant, f.id.as_str()]))
+                    .map_err(unavailable)?;
+                let list = self.apps.entry(key(f)).or_default();
+                result.matched = list
+                    .iter()
+                    .find(|c| c.id == f.id)
+                    .map_or(result.matched, |c| c.matched.max(0) as u64);
+                list.retain(|c| c.id != f.id);
+            }
+            FilterEffect::Unchanged(f) => {
+                result.matched = self.find_mut(&key(f), &f.id)?.matched.max(0) as u64;
+            }
+        }
+        events.extend(plan.events.into_iter().map(OutboxEvent::Filter));
+        Ok(result)
+    }
+
+    fn find_mut(
+        &mut self,
+        key: &(TenantId, AppName),
+        id: &FilterId,
+    ) -> Result<&mut Cached, StoreError> {
+        self.apps
+            .get_mut(key)
+            .and_then(|l| l.iter_mut().find(|c| &c.id == id))
+            .ok_or_else(|| {
+                StoreError::Unavailable(
+                    format!("filter '{id}' is stored but not in the writer's cache").into(),
+                )
+            })
+    }
+
+    fn check_name_free(
+        &self,
+        conn: &Connection,
+        tenant: &str,
+        f: &EndpointFilter,
+    ) -> Result<(), StoreError> {
+        let holder: Option<String> = conn
+            .prepare_cached("SELECT filter_id FROM filters WHERE tenant=?1 AND app=?2 AND name=?3")
+            .and_then(|mut s| {
+                s.query_row(params![tenant, f.app.as_str(), f.spec.name], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(unavailable)?;
+        match holder {
+            Some(other) if other != f.id.as_str() => Err(DomainError::Conflict {
+                field: "name",
+                message: format!(
+                    "application '{}' already has a filter named '{}' ('{other}')",
+                    f.app, f.spec.name
+                ),
+            }
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs one bounded step of the back-fill of the first application that has pending
+    /// filters: reads its endpoints in incarnation order from the smallest cursor, evaluates
+    /// the pending filters that have not seen each one, and stores the matches. Filters whose
+    /// back-fill completes turn active (with an `activated` event). The caller commits.
+    pub(crate) fn backfill_step(
+        &mut self,
+        conn: &Connection,
+        pace: BackfillPace,
+        now: Timestamp,
+        events: &mut Vec<OutboxEvent>,
+    ) -> Result<(), StoreError> {
+        let Some(((tenant, app), filters)) = self
+            .apps
+            .iter_mut()
+            .find(|(_, fs)| fs.iter().any(|f| f.backfill.is_some()))
+        else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + pace.step;
+        let batch = i64::from(pace.batch.max(1));
+        let mut pending: Vec<&mut Cached> = filters
+            .iter_mut()
+            .filter(|f| f.backfill.is_some())
+            .collect();
+        let bounds = |p: &[&mut Cached]| {
+            let after = p.iter().filter_map(|f| f.backfill.map(|b| b.after)).min();
+            let until = p.iter().filter_map(|f| f.backfill.map(|b| b.until)).max();
+            (after.unwrap_or(0), until.unwrap_or(0))
+        };
+        let (mut cursor, until) = bounds(&pending);
+        // Parse only the metadata keys the filters read, when they say which (Kaa's usual
+        // `$elemMatch` on a key): parsing is most of the cost of a scan.
+        let wanted: Option<Vec<String>> = pending.iter().try_fold(Vec::new(), |mut all, f| {
+            all.extend(f.compiled.metadata_keys()?);
+            Some(all)
+        });
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT incarnation, app_version, metadata FROM endpoints \
+                 WHERE tenant=?1 AND app=?2 AND incarnation>?3 AND incarnation<=?4 \
+                 ORDER BY incarnation LIMIT ?5",
+            )
+            .map_err(unavailable)?;
+        let mut insert = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO filter_matches(tenant, filter_id, incarnation) \
+                 VALUES(?1,?2,?3)",
+            )
+            .map_err(unavailable)?;
+        let done = loop {
+            let mut rows = stmt
+                .query(params![tenant.as_str(), app.as_str(), cursor, until, batch])
+                .map_err(unavailable)?;
+            let mut read = 0;
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                read += 1;
+                let incarnation: i64 = row.get(0).map_err(unavailable)?;
+                let version = row
+                    .get_ref(1)
+                    .map_err(unavailable)?
+                    .as_str()
+                    .map_err(unavailable)?;
+                let metadata = row
+                    .get_ref(2)
+                    .map_err(unavailable)?
+                    .as_str()
+                    .map_err(unavailable)?;
+                let metadata = parse_metadata(metadata, wanted.as_deref())
+                    .map_err(|e| unavailable(corrupt(2, e)))?;
+                for f in pending.iter_mut() {
+                    let Some(b) = f.backfill.as_mut() else {
+                        continue;
+                    };
+                    if incarnation <= b.after || incarnation > b.until {
+                        continue;
+                    }
+                    b.evaluated += 1;
+                    if f.compiled.matches(version, &metadata) {
+                        let added = insert
+                            .execute(params![tenant.as_str(), f.id.as_str(), incarnation])
+                            .map_err(unavailable)?;
+                        f.matched += added as i64;
+                    }
+                }
+                cursor = incarnation;
+            }
+            metrics::counter!("epr_filter_backfill_endpoints_total").increment(read);
+            // Fewer rows than asked: nothing is left up to `until`.
+            if read < batch as u64 {
+                break true;
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+        };
+        let last = if done { until } else { cursor };
+        for f in pending.iter_mut() {
+            f.dirty = true;
+            let Some(b) = f.backfill.as_mut() else {
+                continue;
+            };
+            b.after = b.after.max(last.min(b.until));
+            if b.after < b.until {
+                continue;
+            }
+            let secs = b.started.elapsed().as_secs_f64();
+            metrics::histogram!("epr_filter_backfill_seconds").record(secs);
+            tracing::info!(filter = %f.id, app = %app, evaluated = b.evaluated, matched = f.matched,
+                seconds = secs, "filter back-fill complete; filter active");
+            f.backfill = None;
+            conn.prepare_cached(
+                "UPDATE filters SET status='active', backfill_after=NULL, backfill_until=NULL, \
+                 backfill_correlation=NULL WHERE tenant=?1 AND filter_id=?2",
+            )
+            .and_then(|mut s| s.execute(params![tenant.as_str(), f.id.as_str()]))
+            .map_err(unavailable)?;
+            events.push(OutboxEvent::Filter(FilterEvent {
+                tenant: tenant.clone(),
+                app: app.clone(),
+                filter_id: f.id.clone(),
+                filter_name: f.name.clone(),
+                kind: FilterEventKind::Activated,
+                correlation_id: std::mem::take(&mut f.correlation),
+                timestamp: now,
+            }));
+        }
+        Ok(())
+    }
+}
+
+impl Backfill {
+    fn new(until: i64) -> Self {
+        Self {
+            after: 0,
+            until,
+            started: Instant::now(),
+            evaluated: 0,
+        }
+    }
+}
+
+/// The active filters of each endpoint (`include=filters`, 20/EFMP).
+pub(crate) fn matched_filters(
+    conn: &Connection,
+    tenant: &str,
+    endpoints: &[EndpointId],
+) -> rusqlite::Result<Vec<(EndpointId, FilterId)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT m.filter_id FROM endpoints e \
+         JOIN filter_matches m ON m.tenant=e.tenant AND m.incarnation=e.incarnation \
+         JOIN filters f ON f.tenant=m.tenant AND f.filter_id=m.filter_id \
+         WHERE e.tenant=?1 AND e.endpoint_id=?2 AND f.status='active' ORDER BY m.filter_id",
+    )?;
+    let mut out = Vec::new();
+    for ep in endpoints {
+        let rows = stmt.query_map(params![tenant, ep.as_str()], |r| r.get::<_, String>(0))?;
+        for id in rows {
+            out.push((
+                ep.clone(),
+                FilterId::parse(&id?).map_err(|e| corrupt(0, e))?,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// A filter's stored membership with each endpoint's application version.
+pub(crate) fn filter_members(
+    conn: &Connection,
+    tenant: &str,
+    id: &str,
+) -> rusqlite::Result<Vec<(AppVersionName, EndpointId)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT e.app_version, e.endpoint_id FROM filter_matches m \
+         JOIN endpoints e ON e.incarnation=m.incarnation AND e.tenant=m.tenant \
+         WHERE m.tenant=?1 AND m.filter_id=?2 ORDER BY m.incarnation",
+    )?;
+    let rows = stmt.query_map(params![tenant, id], |r| {
+        let v: String = r.get(0)?;
+        let e: String = r.get(1)?;
+        Ok((
+            AppVersionName::parse(&v).map_err(|e| corrupt(0, e))?,
+            EndpointId::parse(&e).map_err(|e| corrupt(1, e))?,
+        ))
+    })?;
+    rows.collect()
+}
+
+/// Parses a stored metadata document, keeping only `wanted` keys when given (the others are
+/// skipped without being built).
+fn parse_metadata(text: &str, wanted: Option<&[String]>) -> serde_json::Result<Map<String, Value>> {
+    match wanted {
+        None => serde_json::from_str(text),
+        Some([]) => Ok(Map::new()),
+        Some(keys) => {
+            let mut de = serde_json::Deserializer::from_str(text);
+            let map = serde::de::DeserializeSeed::deserialize(Only(keys), &mut de)?;
+            de.end()?;
+            Ok(map)
+        }
+    }
+}
+
+/// A map visitor that builds only the entries whose key is listed.
+struct Only<'k>(&'k [String]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Only<'_> {
+    type Value = Map<String, Value>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Only<'_> {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a metadata object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut access: A,
+    ) -> Result<Self::Value, A::Error> {
+        let mut out = Map::new();
+        // Borrowed when the key has no escapes, so skipped keys cost no allocation.
+        while let Some(key) = access.next_key::<std::borrow::Cow<'de, str>>()? {
+            if self.0.iter().any(|k| *k == key) {
+                out.insert(key.into_owned(), access.next_value()?);
+            } else {
+                access.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn partial_parse_keeps_only_wanted_keys() {
+        let text = json!({"a": 1, "b": {"x": [1, 2]}, "c\"q": "s", "d": null}).to_string();
+        let keys = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let full: Map<String, Value> = serde_json::from_str(&text).unwrap();
+        assert_eq!(parse_metadata(&text, None).unwrap(), full);
+        assert!(parse_metadata(&text, Some(&[])).unwrap().is_empty());
+        let some = parse_metadata(&text, Some(&keys(&["b", "c\"q", "zz"]))).unwrap();
+        assert_eq!(some.len(), 2);
+        assert_eq!(some["b"], json!({"x": [1, 2]}));
+        assert_eq!(some["c\"q"], json!("s"), "escaped keys compare unescaped");
+        assert!(parse_metadata("{\"a\": 1} x", Some(&keys(&["a"]))).is_err());
+    }
+}
