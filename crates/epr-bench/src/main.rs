@@ -4,6 +4,7 @@
 mod client;
 mod cpu;
 mod events;
+mod filters;
 mod metrics;
 mod outbox;
 
@@ -39,8 +40,9 @@ struct Args {
     /// Recorded seconds per phase.
     #[arg(long, short, default_value_t = 10.0)]
     duration: f64,
-    /// Comma-separated subset of: health,register,get,put,latency,drain (always run in
-    /// that order; latency and drain need --nats-url).
+    /// Comma-separated subset of: health,register,get,put,latency,drain,backfill,
+    /// filter-update,filter-register (always run in that order; latency and drain need
+    /// --nats-url).
     #[arg(long, default_value = "health,register,get,put", value_delimiter = ',')]
     phases: Vec<String>,
     /// Run `health` again at the end of each round (the machine is noisy).
@@ -89,9 +91,37 @@ struct Args {
     /// two (`registered` + `metadata.updated`); get/put then start from empty metadata.
     #[arg(long)]
     bare_register: bool,
-    /// Drain phase: endpoints per batch request (the server's limit is 1000).
+    /// Drain and filter phases: endpoints per batch request (the server's limit is 1000).
     #[arg(long, default_value_t = 1000)]
     batch_size: usize,
+    /// Backfill phase: endpoints (10 metadata keys each) of application `fill`, registered
+    /// once per run through the batch API; every new filter is back-filled over them.
+    #[arg(long, default_value_t = 100_000)]
+    backfill_endpoints: usize,
+    /// Filter phases: how often a `pending` filter's status is polled, in ms.
+    #[arg(long, default_value_t = 10)]
+    poll_ms: u64,
+    /// filter-update phase: active filters in application B (`updb`); A (`upda`) and the
+    /// control C (`updc`) have none.
+    #[arg(long, default_value_t = 1000)]
+    update_filters: usize,
+    /// filter-update phase: endpoints in each of A, B and C (10 metadata keys each).
+    #[arg(long, default_value_t = 10_000)]
+    update_endpoints: usize,
+    /// filter-update phase: metadata PUTs per second in total, open loop over
+    /// --connections, to A, B and C in turn. Keep it low enough that the store's writer
+    /// is not saturated (mean group ≈ 1), or A, B and C share group commits and the
+    /// difference disappears.
+    #[arg(long, default_value_t = 100.0)]
+    update_rate: f64,
+    /// filter-register phase: active filters in application `regb`; `rega` has none.
+    #[arg(long, default_value_t = 100)]
+    register_filters: usize,
+    /// Filter phases: before each measurement, wait up to this many seconds until the rest
+    /// of the machine (all but the server, the bench and nats-server) uses under 0.2 cores
+    /// (the machine is shared; 0: do not wait).
+    #[arg(long, default_value_t = 0.0)]
+    quiet_wait: f64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -104,16 +134,25 @@ enum Phase {
     Latency,
     /// Batch registrations; how fast the relay empties the outbox.
     Drain,
+    /// New filters over `--backfill-endpoints` endpoints: time until each is `active`.
+    Backfill,
+    /// Metadata PUTs (open loop) into apps with and without `--update-filters` filters.
+    FilterUpdate,
+    /// Closed-loop registrations into apps with and without `--register-filters` filters.
+    FilterRegister,
 }
 
 impl Phase {
-    const ALL: [Phase; 6] = [
+    const ALL: [Phase; 9] = [
         Phase::Health,
         Phase::Register,
         Phase::Get,
         Phase::Put,
         Phase::Latency,
         Phase::Drain,
+        Phase::Backfill,
+        Phase::FilterUpdate,
+        Phase::FilterRegister,
     ];
 
     fn name(self) -> &'static str {
@@ -124,6 +163,9 @@ impl Phase {
             Phase::Put => "metadata-put",
             Phase::Latency => "latency",
             Phase::Drain => "drain",
+            Phase::Backfill => "backfill",
+            Phase::FilterUpdate => "filter-update",
+            Phase::FilterRegister => "filter-register",
         }
     }
 
@@ -135,7 +177,13 @@ impl Phase {
             "put" | "metadata-put" => Phase::Put,
             "latency" => Phase::Latency,
             "drain" => Phase::Drain,
-            _ => bail!("unknown phase {s:?} (use health,register,get,put,latency,drain)"),
+            "backfill" => Phase::Backfill,
+            "filter-update" => Phase::FilterUpdate,
+            "filter-register" => Phase::FilterRegister,
+            _ => bail!(
+                "unknown phase {s:?} (use health,register,get,put,latency,drain,backfill,\
+                 filter-update,filter-register)"
+            ),
         })
     }
 
@@ -145,6 +193,19 @@ impl Phase {
             self,
             Phase::Health | Phase::Register | Phase::Get | Phase::Put
         )
+    }
+
+    /// Phases of saved filters ([`filters`]).
+    fn filters(self) -> bool {
+        matches!(
+            self,
+            Phase::Backfill | Phase::FilterUpdate | Phase::FilterRegister
+        )
+    }
+
+    /// Phases that read the events of the events-on server.
+    fn needs_nats(self) -> bool {
+        matches!(self, Phase::Latency | Phase::Drain)
     }
 }
 
@@ -188,6 +249,8 @@ struct Round {
     events: Vec<EventsCheck>,
     latency: Vec<outbox::LatencyResult>,
     drain: Vec<outbox::DrainResult>,
+    /// Filter phases (their registrations are rows of `phases`).
+    filters: filters::RoundOut,
 }
 
 /// What the subscriber saw of one closed-loop phase against the events-on server.
@@ -239,19 +302,24 @@ struct Worker {
 struct Ctx {
     run_id: String,
     app_version: String,
-    /// `register` sends no metadata (one event per registration instead of two).
-    bare_register: bool,
+    /// What a `register` request carries.
+    metadata: RegMetadata,
+}
+
+/// The metadata of a `register` request.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RegMetadata {
+    /// None (--bare-register): one event per registration instead of two.
+    Bare,
+    /// The 5 keys of the earlier benches.
+    Basic,
+    /// The 10 keys of mixed types of the filter phases' endpoints ([`filters::Md`]).
+    Mixed,
 }
 
 impl Worker {
-    /// xorshift64: a few ALU ops per pick, enough to spread reads over ids.
     fn next_rand(&mut self) -> u64 {
-        let mut x = self.rng;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng = x;
-        x
+        xorshift(&mut self.rng)
     }
 
     fn random_idx(&mut self) -> usize {
@@ -274,19 +342,27 @@ impl Worker {
                 self.seq += 1;
                 let n = self.seq;
                 let id = format!("b-{}-{}-{n}", ctx.run_id, self.idx);
-                if ctx.bare_register {
-                    write!(
+                match ctx.metadata {
+                    RegMetadata::Bare => write!(
                         self.body,
                         r#"{{"endpointId":"{id}","appVersion":{{"name":"{}"}}}}"#,
                         ctx.app_version
-                    )?;
-                } else {
-                    write!(
+                    )?,
+                    RegMetadata::Basic => write!(
                         self.body,
                         r#"{{"endpointId":"{id}","appVersion":{{"name":"{}"}},"metadata":{{"serial":"SN-{n}","city":"Kyiv","level":{},"lat":50.45,"active":true}}}}"#,
                         ctx.app_version,
                         n % 10
-                    )?;
+                    )?,
+                    RegMetadata::Mixed => {
+                        write!(
+                            self.body,
+                            r#"{{"endpointId":"{id}","appVersion":{{"name":"{}"}},"metadata":"#,
+                            ctx.app_version
+                        )?;
+                        filters::Md::of(((self.idx as u64) << 40) | n).write_json(&mut self.body);
+                        self.body.push('}');
+                    }
                 }
                 self.path.push_str("/api/v1/endpoints");
                 new_id = Some(id);
@@ -303,7 +379,7 @@ impl Worker {
                 write!(self.body, "{}.{}", temp / 10, temp % 10)?;
                 "PUT"
             }
-            Phase::Latency | Phase::Drain => bail!("{} is not a closed-loop phase", phase.name()),
+            _ => bail!("{} is not a closed-loop phase", phase.name()),
         };
         let body = (!self.body.is_empty()).then_some(self.body.as_bytes());
         let r = self.conn.request(method, &self.path, body).await?;
@@ -312,6 +388,17 @@ impl Worker {
         }
         Ok(r)
     }
+}
+
+/// xorshift64: a few ALU ops per pick, enough to spread requests over ids. `state` must
+/// not be 0.
+fn xorshift(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *state = x;
+    x
 }
 
 /// Set once the first failure has been printed, so a broken server does not
@@ -678,9 +765,18 @@ fn spawn_server_in(bin: &Path, dir: &Path, events: EventsMode) -> Result<(Server
     // Bind :0 to learn a free port, then release it for the server.
     let addr = free_addr()?;
     let config = dir.join("config.yaml");
-    let mut yaml = String::from(
-        "kaa:\n  applications:\n    bench:\n      versions:\n        bench-v1: {}\n        bench-v2: {}\nlog:\n  level: warn\n",
-    );
+    let mut yaml = String::from("kaa:\n  applications:\n");
+    // `bench` for the registry phases, the rest for the filter phases.
+    for (app, versions) in [("bench", &["bench-v1", "bench-v2"][..])]
+        .into_iter()
+        .chain(filters::APPS.iter().copied())
+    {
+        write!(yaml, "    {app}:\n      versions:\n")?;
+        for v in versions {
+            writeln!(yaml, "        {v}: {{}}")?;
+        }
+    }
+    yaml.push_str("log:\n  level: warn\n");
     if let EventsMode::Nats { url, instance } = events {
         write!(
             yaml,
@@ -788,22 +884,49 @@ fn ratios(phases: &[PhaseResult]) -> Vec<(String, f64)> {
             }
         }
     }
-    for name in ["health", "register", "get-by-id", "metadata-put"] {
-        // Mean over the round (health runs twice with --health-again).
-        let rate = |t: &str| {
-            let r: Vec<f64> = phases
-                .iter()
-                .filter(|p| p.phase == name && p.target == t)
-                .map(|p| p.rps)
-                .collect();
-            (!r.is_empty()).then(|| r.iter().sum::<f64>() / r.len() as f64)
-        };
-        if let (Some(off), Some(on)) = (rate("off"), rate("on")) {
-            out.push((format!("{name} events on / off"), 100.0 * on / off));
+    for pair in &PAIRS {
+        for name in ["health", "register", "get-by-id", "metadata-put"] {
+            // Mean over the round (health runs twice with --health-again).
+            let rate = |t: &str| {
+                let r: Vec<f64> = phases
+                    .iter()
+                    .filter(|p| p.phase == name && p.target == t)
+                    .map(|p| p.rps)
+                    .collect();
+                (!r.is_empty()).then(|| r.iter().sum::<f64>() / r.len() as f64)
+            };
+            if let (Some(a), Some(b)) = (rate(pair.a), rate(pair.b)) {
+                out.push((format!("{name} {}", pair.ratio), 100.0 * b / a));
+            }
         }
     }
     out
 }
+
+/// Two servers, or two applications of one server, measured side by side in every round.
+struct Pair {
+    /// The baseline's and the other's `PhaseResult::target`.
+    a: &'static str,
+    b: &'static str,
+    /// How the per-round ratio b / a is named in `Round::ratios_pct`.
+    ratio: &'static str,
+    title: &'static str,
+}
+
+const PAIRS: [Pair; 2] = [
+    Pair {
+        a: "off",
+        b: "on",
+        ratio: "events on / off",
+        title: "Events on vs off over all rounds",
+    },
+    Pair {
+        a: filters::NO_FILTERS,
+        b: filters::FILTERS,
+        ratio: "with filters / without",
+        title: "Registration into an application with filters vs one without, over all rounds",
+    },
+];
 
 fn shell_quote(a: &str) -> String {
     if !a.is_empty()
@@ -818,7 +941,22 @@ fn shell_quote(a: &str) -> String {
 
 impl Target {
     fn pid(&self) -> Option<u32> {
-        self.server.as_ref().map(|s| s.child.id())
+        self.pid
+    }
+
+    fn spawned(
+        name: &'static str,
+        (server, addr): (Server, String),
+        events: Option<Arc<Events>>,
+    ) -> Target {
+        Target {
+            name,
+            addr,
+            pid: Some(server.child.id()),
+            server: Some(server),
+            events,
+            workers: Vec::new(),
+        }
     }
 }
 
@@ -828,6 +966,9 @@ struct Target {
     name: &'static str,
     addr: String,
     server: Option<Server>,
+    /// The server's process (spawned servers only; the filter phases' per-application
+    /// targets share it).
+    pid: Option<u32>,
     /// The subscriber counting this server's events (events-on server only).
     events: Option<Arc<Events>>,
     workers: Vec<Worker>,
@@ -868,7 +1009,7 @@ async fn run(args: Args) -> Result<()> {
     if seq.is_empty() || args.connections == 0 || args.repeat == 0 {
         bail!("nothing to do: need at least one phase, connection and round");
     }
-    if seq.iter().any(|p| !p.closed_loop()) && args.nats_url.is_none() {
+    if seq.iter().any(|p| p.needs_nats()) && args.nats_url.is_none() {
         bail!("the latency and drain phases need --nats-url");
     }
     if !args.rate.is_finite()
@@ -878,6 +1019,7 @@ async fn run(args: Args) -> Result<()> {
     {
         bail!("--rate, --batch-size and --drain-endpoints must be positive");
     }
+    filters::check_args(&args)?;
 
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let instance = match (&args.instance_name, &args.server_bin) {
@@ -894,14 +1036,8 @@ async fn run(args: Args) -> Result<()> {
     match (&args.server_bin, &args.url) {
         (Some(bin), _) => match &args.nats_url {
             None => {
-                let (s, a) = spawn_server(bin, EventsMode::Default)?;
-                targets.push(Target {
-                    name: "",
-                    addr: a,
-                    server: Some(s),
-                    events: None,
-                    workers: Vec::new(),
-                });
+                let s = spawn_server(bin, EventsMode::Default)?;
+                targets.push(Target::spawned("", s, None));
             }
             Some(url) => {
                 if seq.iter().any(|p| p.closed_loop() || *p == Phase::Latency) {
@@ -909,27 +1045,14 @@ async fn run(args: Args) -> Result<()> {
                         url: "",
                         instance: &instance,
                     };
-                    let (s, a) = spawn_server(bin, off)?;
-                    targets.push(Target {
-                        name: "off",
-                        addr: a,
-                        server: Some(s),
-                        events: None,
-                        workers: Vec::new(),
-                    });
+                    targets.push(Target::spawned("off", spawn_server(bin, off)?, None));
                 }
                 let on = EventsMode::Nats {
                     url,
                     instance: &instance,
                 };
-                let (s, a) = spawn_server(bin, on)?;
-                targets.push(Target {
-                    name: "on",
-                    addr: a,
-                    server: Some(s),
-                    events: events.clone(),
-                    workers: Vec::new(),
-                });
+                let s = spawn_server(bin, on)?;
+                targets.push(Target::spawned("on", s, events.clone()));
             }
         },
         (None, Some(url)) => {
@@ -940,6 +1063,7 @@ async fn run(args: Args) -> Result<()> {
                 name: if events.is_some() { "on" } else { "" },
                 addr: rest.split('/').next().unwrap_or_default().to_owned(),
                 server: None,
+                pid: None,
                 events: events.clone(),
                 workers: Vec::new(),
             });
@@ -993,8 +1117,10 @@ async fn run(args: Args) -> Result<()> {
         "warmup: {} s, duration: {} s per phase\n",
         args.warmup, args.duration
     );
-    let closed: Vec<Phase> = seq.iter().copied().filter(|p| p.closed_loop()).collect();
-    if !closed.is_empty() {
+    if seq
+        .iter()
+        .any(|p| p.closed_loop() || *p == Phase::FilterRegister)
+    {
         println!("{TABLE_HEADER}");
     }
     // Two servers, or phases that wait on the relay: let the servers go idle between
@@ -1004,16 +1130,30 @@ async fn run(args: Args) -> Result<()> {
     let ctx = Arc::new(Ctx {
         run_id,
         app_version: args.app_version.clone(),
-        bare_register: args.bare_register,
+        metadata: if args.bare_register {
+            RegMetadata::Bare
+        } else {
+            RegMetadata::Basic
+        },
     });
 
+    let mut filter_bench = filters::FilterBench::default();
     let mut rounds = Vec::new();
     for round in 1..=args.repeat {
         let mut results = Vec::new();
         let mut checks = Vec::new();
         let mut latency = Vec::new();
         let mut drain = Vec::new();
+        let mut filter_out = filters::RoundOut::default();
         for &phase in &seq {
+            if phase.filters() {
+                // On the first server (events off, when there are two).
+                let r = filter_bench
+                    .run(phase, &targets, &ctx, round, &args, &mut filter_out)
+                    .await?;
+                results.extend(r);
+                continue;
+            }
             if phase.closed_loop() {
                 // Off then on in odd rounds, on then off in even ones (off on on off ...),
                 // so drift and the position in the pair hit both alike.
@@ -1120,6 +1260,7 @@ async fn run(args: Args) -> Result<()> {
             events: checks,
             latency,
             drain,
+            filters: filter_out,
         });
     }
     println!();
@@ -1133,8 +1274,11 @@ async fn run(args: Args) -> Result<()> {
             println!("{prefix}{name} = {pct:.1}%  ");
         }
     }
-    print_on_off_summary(&rounds);
+    for pair in &PAIRS {
+        print_pair_summary(&rounds, pair);
+    }
     print_event_tables(&rounds);
+    filters::print_tables(&rounds, &filter_bench);
     if let Some(ev) = &events {
         let (slow, bad) = (ev.slow_consumer(), ev.malformed());
         if slow > 0 || bad > 0 {
@@ -1164,11 +1308,12 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Across rounds, per phase run against both servers: events-on vs events-off
-/// throughput (all requests pooled, and the median of the per-round ratios) and server
-/// CPU per request.
-fn print_on_off_summary(rounds: &[Round]) {
+/// Across rounds, per phase run against both sides of `pair` (events off and on, or
+/// applications without and with filters): throughput of b vs a (all requests pooled, and
+/// the median of the per-round ratios) and server CPU per request.
+fn print_pair_summary(rounds: &[Round], pair: &Pair) {
     let all: Vec<&PhaseResult> = rounds.iter().flat_map(|r| &r.phases).collect();
+    let (a, b) = (pair.a, pair.b);
     let mut header = false;
     for name in ["health", "register", "get-by-id", "metadata-put"] {
         let pick = |t: &str| -> Vec<&PhaseResult> {
@@ -1177,14 +1322,14 @@ fn print_on_off_summary(rounds: &[Round]) {
                 .filter(|p| p.phase == name && p.target == t)
                 .collect()
         };
-        let (off, on) = (pick("off"), pick("on"));
+        let (off, on) = (pick(a), pick(b));
         if off.is_empty() || on.is_empty() {
             continue;
         }
         if !header {
             header = true;
-            println!("\nEvents on vs off over all rounds:\n");
-            println!("| phase | runs (off/on) | mean req/s off | mean req/s on | on / off (pooled) | on / off (median of rounds) | min–max of rounds | quiet rounds: n, on / off (pooled) | server CPU µs/req off → on | commits/s off → on | mean group off → on | mean commit ms off → on | writer busy off → on |");
+            println!("\n{}:\n", pair.title);
+            println!("| phase | runs ({a}/{b}) | mean req/s {a} | mean req/s {b} | {b} / {a} (pooled) | {b} / {a} (median of rounds) | min–max of rounds | quiet rounds: n, {b} / {a} (pooled) | server CPU µs/req {a} → {b} | commits/s {a} → {b} | mean group {a} → {b} | mean commit ms {a} → {b} | writer busy {a} → {b} |");
             println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         }
         let mean = |v: &[&PhaseResult], f: fn(&PhaseResult) -> Option<f64>| {
@@ -1200,7 +1345,7 @@ fn print_on_off_summary(rounds: &[Round]) {
             .filter_map(|r| {
                 r.ratios_pct
                     .iter()
-                    .find(|(n, _)| *n == format!("{name} events on / off"))
+                    .find(|(n, _)| *n == format!("{name} {}", pair.ratio))
                     .map(|(_, v)| *v)
             })
             .collect();
@@ -1215,12 +1360,12 @@ fn print_on_off_summary(rounds: &[Round]) {
         let (mut quiet, mut q_off, mut q_on) = (0, 0.0, 0.0);
         for r in rounds {
             let get = |t: &str| r.phases.iter().find(|p| p.phase == name && p.target == t);
-            if let (Some(a), Some(b)) = (get("off"), get("on")) {
+            if let (Some(x), Some(y)) = (get(a), get(b)) {
                 let calm = |p: &PhaseResult| p.other_cpu_cores.is_some_and(|c| c < 0.15);
-                if calm(a) && calm(b) {
+                if calm(x) && calm(y) {
                     quiet += 1;
-                    q_off += a.rps;
-                    q_on += b.rps;
+                    q_off += x.rps;
+                    q_on += y.rps;
                 }
             }
         }
@@ -1395,7 +1540,7 @@ mod tests {
         let ctx = Arc::new(Ctx {
             run_id: "t".into(),
             app_version: "bench-v1".into(),
-            bare_register: false,
+            metadata: RegMetadata::Basic,
         });
         let mut workers: Vec<Worker> = (0..4)
             .map(|idx| Worker {
@@ -1412,6 +1557,7 @@ mod tests {
             name: "",
             addr: addr.clone(),
             server: None,
+            pid: None,
             events: None,
             workers: Vec::new(),
         };
@@ -1454,6 +1600,10 @@ mod tests {
         assert_eq!(Phase::parse("put").unwrap(), Phase::Put);
         assert_eq!(Phase::parse("latency").unwrap(), Phase::Latency);
         assert_eq!(Phase::parse("drain").unwrap(), Phase::Drain);
+        for p in [Phase::Backfill, Phase::FilterUpdate, Phase::FilterRegister] {
+            assert_eq!(Phase::parse(p.name()).unwrap(), p);
+            assert!(p.filters() && !p.closed_loop() && !p.needs_nats());
+        }
         assert!(Phase::parse("bogus").is_err());
     }
 }

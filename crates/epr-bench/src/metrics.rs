@@ -36,6 +36,16 @@ impl Scrape {
         self.0.get(key).copied().unwrap_or(0.0)
     }
 
+    /// Sum of every series of `name` (any labels); `None` when the server has none.
+    pub fn total(&self, name: &str) -> Option<f64> {
+        let mut series = self.0.iter().filter(|(k, _)| {
+            k.strip_prefix(name)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('{'))
+        });
+        let first = series.next()?.1;
+        Some(first + series.map(|(_, v)| v).sum::<f64>())
+    }
+
     /// Cumulative bucket counts of histogram `name`, sorted by upper bound.
     fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
         let prefix = format!("{name}_bucket{{le=\"");
@@ -151,5 +161,15 @@ mod tests {
         assert!(close(s.publish_lag_mean_ms.unwrap(), 2.0));
         // 1990 of 2000 lags are ≤ 10 ms: the 99th percentile is in that bucket.
         assert!(close(s.publish_lag_p99_le_ms.unwrap(), 10.0));
+    }
+
+    #[test]
+    fn totals_over_labels() {
+        let s = Scrape::parse(
+            "epr_x_total{app=\"a\"} 2\nepr_x_total{app=\"b\"} 3\nepr_x_total_other 7\nepr_y 1\n",
+        );
+        assert_eq!(s.total("epr_x_total"), Some(5.0));
+        assert_eq!(s.total("epr_y"), Some(1.0));
+        assert_eq!(s.total("epr_z"), None);
     }
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 /// A write sent this long after its slot counts as late: its connection was still busy
 /// with the previous write, or the client thread was saturated (the timer itself has
 /// 1 ms granularity).
-const LATE: Duration = Duration::from_millis(5);
+pub(crate) const LATE: Duration = Duration::from_millis(5);
 
 #[derive(Serialize, Clone)]
 pub struct LatencyResult {
@@ -396,36 +396,36 @@ pub fn fmt_drain_row(r: &DrainResult) -> String {
 }
 
 /// What [`batch_register`] did.
-struct Written {
-    acked: u64,
-    start: Instant,
-    last_ack: Instant,
-    /// `registered` events received when the last 202 arrived.
-    events_at_last_ack: u64,
+pub(crate) struct Written {
+    pub acked: u64,
+    pub start: Instant,
+    pub last_ack: Instant,
+    /// `registered` events received when the last 202 arrived (0 without a subscriber).
+    pub events_at_last_ack: u64,
 }
 
-/// Registers `n` endpoints without metadata through `POST /api/v1/endpoints/batch`,
-/// `batch` per request, over a few connections in closed loop.
-async fn batch_register(
+/// Registers `n` endpoints through `POST /api/v1/endpoints/batch`, `batch` per request,
+/// over `conns` connections in closed loop. `body(buf, lo, hi)` writes the request body
+/// for endpoints `lo..hi` (the whole JSON object, app version included).
+pub(crate) async fn batch_register(
     addr: &str,
-    ctx: &Ctx,
-    tag: &str,
     n: usize,
     batch: usize,
     conns: usize,
-    ev: &Arc<Events>,
+    phase: Phase,
+    ev: Option<&Arc<Events>>,
+    body: impl Fn(&mut String, usize, usize) + Send + Sync + 'static,
 ) -> Result<Written> {
     let batches = n.div_ceil(batch);
     let next = Arc::new(AtomicUsize::new(0));
+    let body = Arc::new(body);
     let start = Instant::now();
     let handles: Vec<_> = (0..conns)
         .map(|_| {
-            let (next, ev) = (next.clone(), ev.clone());
+            let (next, ev, body) = (next.clone(), ev.cloned(), body.clone());
             let mut conn = Conn::new(addr);
-            let prefix = format!("d-{}-{tag}", ctx.run_id);
-            let app_version = ctx.app_version.clone();
             tokio::spawn(async move {
-                let mut body = String::with_capacity(batch * 40 + 64);
+                let mut buf = String::with_capacity(batch * 40 + 64);
                 let (mut acked, mut last) = (0u64, None);
                 loop {
                     let b = next.fetch_add(1, Ordering::Relaxed);
@@ -433,39 +433,33 @@ async fn batch_register(
                         break;
                     }
                     let (lo, hi) = (b * batch, ((b + 1) * batch).min(n));
-                    body.clear();
-                    let _ = write!(
-                        body,
-                        r#"{{"appVersion":{{"name":"{app_version}"}},"endpoints":["#
-                    );
-                    for i in lo..hi {
-                        let sep = if i > lo { "," } else { "" };
-                        let _ = write!(body, r#"{sep}{{"endpointId":"{prefix}-{i}"}}"#);
-                    }
-                    body.push_str("]}");
-                    match conn
-                        .request("POST", "/api/v1/endpoints/batch", Some(body.as_bytes()))
-                        .await
-                    {
-                        Ok(r) if r.status == 202 => {
+                    buf.clear();
+                    body(&mut buf, lo, hi);
+                    let req = conn.request("POST", "/api/v1/endpoints/batch", Some(buf.as_bytes()));
+                    // A stuck server must not hang the bench; a healthy one commits a
+                    // batch in well under a second.
+                    match tokio::time::timeout(Duration::from_secs(120), req).await {
+                        Ok(Ok(r)) if r.status == 202 => {
                             acked += (hi - lo) as u64;
-                            last = Some((Instant::now(), ev.counts().registered));
+                            let events = ev.as_ref().map_or(0, |e| e.counts().registered);
+                            last = Some((Instant::now(), events));
                         }
-                        Ok(r) => report_error(Phase::Drain, || {
+                        Ok(Ok(r)) => report_error(phase, || {
                             format!("HTTP {} {}", r.status, String::from_utf8_lossy(&r.body))
                         }),
-                        Err(e) => report_error(Phase::Drain, || format!("{e:#}")),
+                        Ok(Err(e)) => report_error(phase, || format!("{e:#}")),
+                        Err(_) => {
+                            return Err(anyhow!("batch registration did not finish: server stuck?"))
+                        }
                     }
                 }
-                (acked, last)
+                Ok((acked, last))
             })
         })
         .collect();
     let (mut acked, mut last): (u64, Option<(Instant, u64)>) = (0, None);
     for h in handles {
-        let (a, l) = tokio::time::timeout(Duration::from_secs(300), h)
-            .await
-            .map_err(|_| anyhow!("batch registration did not finish: server stuck?"))??;
+        let (a, l) = h.await??;
         acked += a;
         if l.is_some_and(|l| last.is_none_or(|m| l.0 > m.0)) {
             last = l;
@@ -480,7 +474,41 @@ async fn batch_register(
     })
 }
 
-fn batch_conns(args: &Args) -> usize {
+/// Writes one batch registration body: `{"appVersion":{"name":version},"endpoints":[..]}`
+/// with `endpoint(buf, i)` writing the object of each endpoint `i` in `lo..hi`.
+pub(crate) fn write_batch(
+    buf: &mut String,
+    version: &str,
+    lo: usize,
+    hi: usize,
+    mut endpoint: impl FnMut(&mut String, usize),
+) {
+    let _ = write!(
+        buf,
+        r#"{{"appVersion":{{"name":"{version}"}},"endpoints":["#
+    );
+    for i in lo..hi {
+        if i > lo {
+            buf.push(',');
+        }
+        endpoint(buf, i);
+    }
+    buf.push_str("]}");
+}
+
+/// Batch registrations without metadata (one `registered` event each), IDs `{prefix}-{i}`.
+fn bare_batches(
+    app_version: String,
+    prefix: String,
+) -> impl Fn(&mut String, usize, usize) + Send + Sync + 'static {
+    move |buf, lo, hi| {
+        write_batch(buf, &app_version, lo, hi, |buf, i| {
+            let _ = write!(buf, r#"{{"endpointId":"{prefix}-{i}"}}"#);
+        });
+    }
+}
+
+pub(crate) fn batch_conns(args: &Args) -> usize {
     args.connections.clamp(1, 4)
 }
 
@@ -497,15 +525,15 @@ pub async fn drain_live(
     let before = ev.counts();
     ev.reset_first();
     let conns = batch_conns(args);
-    let tag = format!("live{round}");
+    let prefix = format!("d-{}-live{round}", ctx.run_id);
     let w = batch_register(
         addr,
-        ctx,
-        &tag,
         args.drain_endpoints,
         args.batch_size,
         conns,
-        ev,
+        Phase::Drain,
+        Some(ev),
+        bare_batches(ctx.app_version.clone(), prefix),
     )
     .await?;
     let idle = Duration::from_secs_f64(args.event_timeout);
@@ -572,16 +600,16 @@ pub async fn drain_backlog(
     )?;
     wait_healthy(&addr, Some(&mut first_run)).await?;
     let conns = batch_conns(args);
-    let tag = format!("backlog{round}");
+    let prefix = format!("d-{}-backlog{round}", ctx.run_id);
     let before_writes = ev.counts();
     let w = batch_register(
         &addr,
-        ctx,
-        &tag,
         args.drain_endpoints,
         args.batch_size,
         conns,
-        ev,
+        Phase::Drain,
+        Some(ev),
+        bare_batches(ctx.app_version.clone(), prefix),
     )
     .await?;
     let write_s = (w.last_ack - w.start).as_secs_f64();
