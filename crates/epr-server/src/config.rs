@@ -102,6 +102,8 @@ pub struct StoreSettings {
     pub backfill_batch: u32,
     /// Rest between back-fill steps (a throttle; 0 = none).
     pub backfill_pause_ms: u64,
+    /// The writer's SQLite page cache, in MiB.
+    pub cache_mib: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,6 +175,7 @@ impl Default for StoreSettings {
             backfill_step_ms: 5,
             backfill_batch: 512,
             backfill_pause_ms: 0,
+            cache_mib: 64,
         }
     }
 }
@@ -297,6 +300,9 @@ impl Settings {
         }
         if !(1..=100_000).contains(&self.store.backfill_batch) {
             bail!("store.backfill_batch must be between 1 and 100000");
+        }
+        if !(1..=16_384).contains(&self.store.cache_mib) {
+            bail!("store.cache_mib must be between 1 and 16384");
         }
         if self.store.backfill_pause_ms > 60_000 {
             bail!("store.backfill_pause_ms must be at most 60000");

@@ -137,6 +137,7 @@ impl Application {
         store_cfg.readers = settings.store.readers;
         store_cfg.batch_retention_ms = settings.store.batch_retention_hours as i64 * 3_600_000;
         store_cfg.record_events = !settings.nats.url.is_empty();
+        store_cfg.cache_mib = settings.store.cache_mib;
         store_cfg.backfill = BackfillPace {
             step: Duration::from_millis(settings.store.backfill_step_ms),
             batch: settings.store.backfill_batch,

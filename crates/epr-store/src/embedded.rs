@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use epr_core::command::{plan, Command, Effect, WriteCtx};
 use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::{EndpointFilter, FilterCommand, FilterId};
-use epr_core::event::OutboxEvent;
+use epr_core::event::{DomainEvent, EventKind, OutboxEvent};
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use epr_core::metadata::Metadata;
 use epr_core::ports::{
@@ -46,6 +46,8 @@ pub struct EmbeddedConfig {
     pub record_events: bool,
     /// How filter back-fill shares the writer with writes.
     pub backfill: BackfillPace,
+    /// SQLite page cache of the writer, in MiB.
+    pub cache_mib: u32,
 }
 
 impl EmbeddedConfig {
@@ -57,6 +59,7 @@ impl EmbeddedConfig {
             batch_retention_ms: 7 * 24 * 3_600_000,
             record_events: true,
             backfill: BackfillPace::default(),
+            cache_mib: 64,
         }
     }
 }
@@ -150,9 +153,17 @@ impl EmbeddedStore {
         // the writer checkpoints itself only if the WAL grows past ~256 MiB.
         conn.execute_batch(
             "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; \
-             PRAGMA temp_store=MEMORY; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=65536;",
+             PRAGMA temp_store=MEMORY; PRAGMA wal_autocheckpoint=65536;",
         )
         .map_err(unavailable)?;
+        conn.execute_batch(&format!(
+            "PRAGMA cache_size=-{};",
+            u64::from(config.cache_mib.max(1)) * 1024
+        ))
+        .map_err(unavailable)?;
+        // The writer runs a few dozen distinct statements; rusqlite keeps 16 by default, and
+        // an evicted statement is parsed again on its next use.
+        conn.set_prepared_statement_cache_capacity(128);
         migrate(&mut conn)?;
         // A random identity made once per data directory: outbox IDs are unique only within
         // one store, so `{store_id}-{outbox id}` names an event across replicas and restarts.
@@ -371,6 +382,7 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     .map_err(unavailable)?;
     conn.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")
         .map_err(unavailable)?;
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 
@@ -699,6 +711,11 @@ fn execute(
 ) -> Result<Effect, StoreError> {
     let tenant = ctx.tenant.as_str();
     let current = load(conn, tenant, cmd.endpoint_id().as_str()).map_err(unavailable)?;
+    // The state before the write, for membership changes (only where filters exist).
+    let old = current
+        .as_ref()
+        .filter(|e| filters.has_filters(&ctx.tenant, &e.app))
+        .cloned();
     let plan = plan(current, cmd, ctx, incarnation)?;
     match (&plan.effect, cmd) {
         (Effect::Insert(ep), Command::Register(reg)) => {
@@ -774,8 +791,42 @@ fn execute(
             ))
         }
     }
-    let mut events: Vec<OutboxEvent> = plan.events.into_iter().map(OutboxEvent::from).collect();
-    filters.match_endpoint(conn, &plan.effect, ctx, &mut events)?;
+    // A metadata write changes only the keys of its diff: filters reading none of them keep
+    // their answer. Other writes may change anything a filter reads.
+    let changed_keys: Option<BTreeSet<&str>> = match (cmd, plan.events.as_slice()) {
+        (
+            Command::UpdateMetadata { .. },
+            [DomainEvent {
+                kind: EventKind::MetadataUpdated(diff),
+                ..
+            }],
+        ) => Some(
+            diff.added
+                .keys()
+                .chain(diff.removed.keys())
+                .chain(diff.updated.keys())
+                .map(String::as_str)
+                .collect(),
+        ),
+        _ => None,
+    };
+    // The endpoint's own events first, then its membership events.
+    let mut membership = Vec::new();
+    filters.match_endpoint(
+        conn,
+        &plan.effect,
+        old.as_ref(),
+        changed_keys.as_ref(),
+        ctx,
+        &mut membership,
+    )?;
+    drop(changed_keys);
+    let events: Vec<OutboxEvent> = plan
+        .events
+        .into_iter()
+        .map(OutboxEvent::from)
+        .chain(membership)
+        .collect();
     if record_events {
         append_events(conn, &events).map_err(unavailable)?;
     }

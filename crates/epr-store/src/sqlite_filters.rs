@@ -10,6 +10,7 @@
 //! deleted in the same transaction and the back-fill starts over.
 
 use epr_core::command::{Effect, WriteCtx};
+use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::{
     plan_filter, EndpointFilter, FilterCommand, FilterEffect, FilterId, FilterSpec, FilterStatus,
 };
@@ -44,14 +45,15 @@ CREATE TABLE IF NOT EXISTS filters(
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS filters_by_name ON filters(tenant, app, name);
 -- Keyed by the endpoint's incarnation (its rowid, increasing with registration), so the
--- back-fill appends to both B-trees in order instead of inserting at random places.
+-- back-fill appends in order. One B-tree only: an endpoint's memberships are found by
+-- evaluating the filters (writes) or probing each active filter of its application (reads).
 CREATE TABLE IF NOT EXISTS filter_matches(
     tenant TEXT NOT NULL,
     filter_id TEXT NOT NULL,
     incarnation INTEGER NOT NULL,
     PRIMARY KEY(tenant, filter_id, incarnation)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS filter_matches_by_endpoint ON filter_matches(tenant, incarnation);
+DROP INDEX IF EXISTS filter_matches_by_endpoint;
 ";
 
 const FILTER_COLUMNS: &str = "filter_id, app, name, description, query, status, matched, \
@@ -147,6 +149,8 @@ struct Cached {
     id: FilterId,
     name: String,
     compiled: Arc<Filter>,
+    /// The metadata keys the filter reads, when it says (`Filter::metadata_keys`).
+    keys: Option<Vec<String>>,
     /// `None` when active.
     backfill: Option<Backfill>,
     /// The correlation ID of the request that started the back-fill, so that `activated`
@@ -213,6 +217,7 @@ impl FilterCache {
                         id: FilterId::parse(&row.get::<_, String>(1)?)
                             .map_err(|e| corrupt(1, e))?,
                         name: row.get(3)?,
+                        keys: compiled.metadata_keys(),
                         compiled: Arc::new(compiled),
                         backfill: after.map(|after| Backfill {
                             after,
@@ -258,12 +263,28 @@ impl FilterCache {
         Ok(())
     }
 
+    /// Whether any filter exists for this application (so a write needs matching).
+    pub(crate) fn has_filters(&self, tenant: &TenantId, app: &AppName) -> bool {
+        self.apps
+            .get(&(tenant.clone(), app.clone()))
+            .is_some_and(|fs| !fs.is_empty())
+    }
+
     /// Re-evaluates one written endpoint against its application's filters and stores the
     /// membership changes, with `ep-matched` / `ep-unmatched` events for active filters.
+    ///
+    /// Whether the endpoint was a member is the filter evaluated on its state before the
+    /// write (`old`), not a read of the stored rows: by the invariant (module docs) the two
+    /// agree wherever a row can exist, and where the filter has not seen the endpoint yet the
+    /// insert or delete changes nothing and the back-fill decides later. `changed_keys` (the
+    /// metadata keys a metadata write changed) lets filters that read other keys only be
+    /// skipped: their answer cannot have changed.
     pub(crate) fn match_endpoint(
         &mut self,
         conn: &Connection,
         effect: &Effect,
+        old: Option<&Endpoint>,
+        changed_keys: Option<&BTreeSet<&str>>,
         ctx: &WriteCtx,
         events: &mut Vec<OutboxEvent>,
     ) -> Result<(), StoreError> {
@@ -274,47 +295,39 @@ impl FilterCache {
         let Some(filters) = self.apps.get_mut(&(ctx.tenant.clone(), ep.app.clone())) else {
             return Ok(());
         };
-        if filters.is_empty() {
-            return Ok(());
-        }
         let tenant = ctx.tenant.as_str();
-        let before: BTreeSet<String> = if matches!(effect, Effect::Insert(_)) {
-            BTreeSet::new()
-        } else {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT filter_id FROM filter_matches WHERE tenant=?1 AND incarnation=?2",
-                )
-                .map_err(unavailable)?;
-            let rows = stmt
-                .query_map(params![tenant, ep.incarnation], |r| r.get::<_, String>(0))
-                .map_err(unavailable)?;
-            rows.collect::<rusqlite::Result<_>>().map_err(unavailable)?
-        };
         let deleted = matches!(effect, Effect::Delete(_));
         for f in filters.iter_mut() {
-            let was = before.contains(f.id.as_str());
+            if let (Some(changed), Some(reads)) = (changed_keys, &f.keys) {
+                if !reads.iter().any(|k| changed.contains(k.as_str())) {
+                    continue;
+                }
+            }
+            let was = old.is_some_and(|o| {
+                f.compiled
+                    .matches(o.app_version.as_str(), o.metadata.as_map())
+            });
             let is = !deleted
                 && f.compiled
                     .matches(ep.app_version.as_str(), ep.metadata.as_map());
             if was == is {
                 continue;
             }
-            if is {
-                conn.prepare_cached(
-                    "INSERT INTO filter_matches(tenant, filter_id, incarnation) VALUES(?1,?2,?3)",
-                )
-                .and_then(|mut s| s.execute(params![tenant, f.id.as_str(), ep.incarnation]))
-                .map_err(unavailable)?;
-                f.matched += 1;
+            let sql = if is {
+                "INSERT OR IGNORE INTO filter_matches(tenant, filter_id, incarnation) \
+                 VALUES(?1,?2,?3)"
             } else {
-                conn.prepare_cached(
-                    "DELETE FROM filter_matches WHERE tenant=?1 AND filter_id=?2 AND incarnation=?3",
-                )
+                "DELETE FROM filter_matches WHERE tenant=?1 AND filter_id=?2 AND incarnation=?3"
+            };
+            let changed = conn
+                .prepare_cached(sql)
                 .and_then(|mut s| s.execute(params![tenant, f.id.as_str(), ep.incarnation]))
                 .map_err(unavailable)?;
-                f.matched -= 1;
+            if changed == 0 {
+                // Not seen by this pending filter yet: its back-fill decides.
+                continue;
             }
+            f.matched += if is { 1 } else { -1 };
             f.dirty = true;
             metrics::counter!("epr_filter_membership_changes_total").increment(1);
             // A pending filter's membership is built silently (see docs/filters.md).
@@ -389,6 +402,7 @@ impl FilterCache {
                     id: f.id.clone(),
                     name: f.spec.name.clone(),
                     compiled: f.spec.compiled.clone(),
+                    keys: f.spec.compiled.metadata_keys(),
                     backfill: Some(Backfill::new(last_incarnation)),
                     correlation: ctx.correlation_id.clone(),
                     matched: 0,
@@ -433,6 +447,7 @@ impl FilterCache {
                 cached.name = f.spec.name.clone();
                 if *restart {
                     cached.compiled = f.spec.compiled.clone();
+                    cached.keys = f.spec.compiled.metadata_keys();
                     cached.backfill = Some(Backfill::new(last_incarnation));
                     cached.correlation = ctx.correlation_id.clone();
                     cached.matched = 0;
@@ -651,10 +666,11 @@ pub(crate) fn matched_filters(
     endpoints: &[EndpointId],
 ) -> rusqlite::Result<Vec<(EndpointId, FilterId)>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT m.filter_id FROM endpoints e \
-         JOIN filter_matches m ON m.tenant=e.tenant AND m.incarnation=e.incarnation \
-         JOIN filters f ON f.tenant=m.tenant AND f.filter_id=m.filter_id \
-         WHERE e.tenant=?1 AND e.endpoint_id=?2 AND f.status='active' ORDER BY m.filter_id",
+        "SELECT f.filter_id FROM endpoints e \
+         JOIN filters f ON f.tenant=e.tenant AND f.app=e.app AND f.status='active' \
+         JOIN filter_matches m \
+           ON m.tenant=f.tenant AND m.filter_id=f.filter_id AND m.incarnation=e.incarnation \
+         WHERE e.tenant=?1 AND e.endpoint_id=?2 ORDER BY f.filter_id",
     )?;
     let mut out = Vec::new();
     for ep in endpoints {
