@@ -26,6 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) const SCHEMA: &str = "
+-- A rowid table, not WITHOUT ROWID: with 1 KiB pages an index B-tree keeps at most ~230
+-- bytes of a row in place, so a filter row (its query) would spill to overflow pages that
+-- every counter update rewrites.
 CREATE TABLE IF NOT EXISTS filters(
     tenant TEXT NOT NULL,
     filter_id TEXT NOT NULL,
@@ -42,7 +45,7 @@ CREATE TABLE IF NOT EXISTS filters(
     backfill_until INTEGER,
     backfill_correlation TEXT,
     PRIMARY KEY(tenant, filter_id)
-) WITHOUT ROWID;
+);
 CREATE UNIQUE INDEX IF NOT EXISTS filters_by_name ON filters(tenant, app, name);
 -- Keyed by the endpoint's incarnation (its rowid, increasing with registration), so the
 -- back-fill appends in order. One B-tree only: an endpoint's memberships are found by
