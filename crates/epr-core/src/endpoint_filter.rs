@@ -12,7 +12,6 @@ use crate::filter::Filter;
 use crate::ids::AppName;
 use crate::{DomainError, Timestamp, ValidationError};
 use serde_json::{Map, Value};
-use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
@@ -378,18 +377,6 @@ pub fn plan_filter(
     }
 }
 
-/// How one endpoint's membership changes: the filters it newly matches and those it no
-/// longer matches. `before` is the stored membership; `after` the filters that match the new
-/// state (empty when the endpoint is removed).
-pub fn membership_changes(
-    before: &BTreeSet<FilterId>,
-    after: &BTreeSet<FilterId>,
-) -> (Vec<FilterId>, Vec<FilterId>) {
-    let matched = after.difference(before).cloned().collect();
-    let unmatched = before.difference(after).cloned().collect();
-    (matched, unmatched)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,15 +432,5 @@ mod tests {
             field(FilterSpec::parse("n", "", &json!({"$where": "1"}))).1,
             "unsupported-operator"
         );
-    }
-
-    #[test]
-    fn membership_changes_are_set_differences() {
-        let ids = |v: &[&str]| -> BTreeSet<FilterId> {
-            v.iter().map(|s| FilterId::parse(s).unwrap()).collect()
-        };
-        let (m, u) = membership_changes(&ids(&["a", "b"]), &ids(&["b", "c"]));
-        assert_eq!(m, vec![FilterId::parse("c").unwrap()]);
-        assert_eq!(u, vec![FilterId::parse("a").unwrap()]);
     }
 }

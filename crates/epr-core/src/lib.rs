@@ -13,7 +13,7 @@
 //! - [`event`]: domain events (the outbox carries them; wire encoding lives elsewhere).
 //! - [`query`]: endpoint listing queries and the `metadataFilter` language.
 //! - [`filter`]: endpoint filters, Kaa's MongoDB-query criteria language.
-//! - [`endpoint_filter`]: saved filters (definition, status, membership changes).
+//! - [`endpoint_filter`]: saved filters (definition, status, commands and `plan_filter`).
 //! - [`apps`]: the application / application-version catalogue.
 //! - [`ports`]: the [`ports::Store`] trait and its error type.
 //! - [`registry`]: the use cases the HTTP and NATS front-ends call.

@@ -820,7 +820,6 @@ fn execute(
         ctx,
         &mut membership,
     )?;
-    drop(changed_keys);
     let events: Vec<OutboxEvent> = plan
         .events
         .into_iter()
