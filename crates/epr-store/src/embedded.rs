@@ -19,8 +19,8 @@ use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::{EndpointFilter, FilterCommand, FilterId};
 use epr_core::event::{DomainEvent, EventKind, OutboxEvent};
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
-use epr_core::metadata::Metadata;
 use epr_core::log_gate::LogGate;
+use epr_core::metadata::Metadata;
 use epr_core::ports::{
     BatchCreated, BatchFailed, BatchOutcome, BatchRequest, OutboxEntry, OutboxWaker, Store,
     StoreError,
@@ -574,6 +574,16 @@ impl Writer {
             }
             stop = jobs.iter().any(|j| matches!(j, Job::Shutdown(_)));
             self.commit_group(jobs);
+        }
+        // A clean stop folds the WAL into the database file, so the file alone holds every
+        // commit (for copies and checks) and the next start replays nothing.
+        if self.health.corrupted().is_none() {
+            if let Err(e) = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            {
+                tracing::warn!(error = %e, "final checkpoint failed; the WAL is kept");
+            }
         }
         tracing::info!("embedded store writer stopped");
     }
