@@ -43,7 +43,8 @@ pub async fn health(State(s): State<AppState>) -> Response {
     axum::Json(body).into_response()
 }
 
-/// Readiness: started, not shutting down, and the store answers. Components (NATS) are
+/// Readiness: started, not shutting down, and the store answers (a store that found its
+/// database file damaged does not: it refuses writes). Components (NATS) are
 /// reported with details but do not decide readiness: writes are accepted while NATS is
 /// down and their events wait in the outbox.
 pub async fn ready(State(s): State<AppState>) -> Response {
