@@ -16,6 +16,7 @@
 //! - [`endpoint_filter`]: saved filters (definition, status, commands and `plan_filter`).
 //! - [`apps`]: the application / application-version catalogue.
 //! - [`ports`]: the [`ports::Store`] trait and its error type.
+//! - [`log_gate`]: one log line per interval for failures that repeat on every request.
 //! - [`registry`]: the use cases the HTTP and NATS front-ends call.
 
 pub mod apps;
@@ -26,6 +27,7 @@ pub mod error;
 pub mod event;
 pub mod filter;
 pub mod ids;
+pub mod log_gate;
 pub mod metadata;
 pub mod ports;
 pub mod query;

@@ -2,13 +2,22 @@
 //!
 //! Body: `{"status", "error", "message", "field"?, "rule"?}`. `message` is Kaa's error
 //! field; `field` and `rule` say which input broke which rule. 5xx bodies are opaque and
-//! the cause is logged.
+//! the cause is logged, at most once per interval with a count of the repeats (a full disk
+//! fails every request). Every 503 carries `Retry-After`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use epr_core::log_gate::{LogGate, DEFAULT_LOG_INTERVAL};
 use epr_core::ports::StoreError;
 use epr_core::{DomainError, ValidationError};
 use serde::Serialize;
+
+/// Seconds a client is asked to wait before retrying a 503 (`Retry-After`).
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+/// "Store unavailable" repeats on every request while the cause lasts: one line per
+/// interval says it.
+static STORE_UNAVAILABLE_LOG: LogGate = LogGate::new(DEFAULT_LOG_INTERVAL);
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -94,7 +103,15 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Rejected(d) => d.into(),
             StoreError::Unavailable(cause) => {
-                tracing::error!(error = %cause, "store unavailable");
+                if let Some(suppressed) = STORE_UNAVAILABLE_LOG.admit(std::time::Instant::now()) {
+                    tracing::error!(
+                        error = %cause,
+                        suppressed,
+                        "store unavailable (repeats are logged at most every {}s, counted in \
+                         `suppressed`)",
+                        DEFAULT_LOG_INTERVAL.as_secs()
+                    );
+                }
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the store is unavailable; retry later",
@@ -119,6 +136,10 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
         resp
     }
 }

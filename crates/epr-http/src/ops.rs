@@ -1,7 +1,7 @@
 //! Operational routes: health, metrics, the OpenAPI document, and JSON answers for
 //! unknown routes.
 
-use crate::error::ApiError;
+use crate::error::{ApiError, RETRY_AFTER_SECS};
 use crate::AppState;
 use axum::extract::{OriginalUri, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -43,7 +43,8 @@ pub async fn health(State(s): State<AppState>) -> Response {
     axum::Json(body).into_response()
 }
 
-/// Readiness: started, not shutting down, and the store answers. Components (NATS) are
+/// Readiness: started, not shutting down, and the store answers (a store that found its
+/// database file damaged does not: it refuses writes). Components (NATS) are
 /// reported with details but do not decide readiness: writes are accepted while NATS is
 /// down and their events wait in the outbox.
 pub async fn ready(State(s): State<AppState>) -> Response {
@@ -75,12 +76,16 @@ pub async fn ready(State(s): State<AppState>) -> Response {
         "checks": checks,
         "components": components,
     });
-    let status = if up {
-        StatusCode::OK
+    if up {
+        (StatusCode::OK, axum::Json(body)).into_response()
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, axum::Json(body)).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS))],
+            axum::Json(body),
+        )
+            .into_response()
+    }
 }
 
 pub async fn metrics(State(s): State<AppState>) -> Response {

@@ -117,6 +117,17 @@ async fn worker(mut rx: mpsc::Receiver<Report>, registry: Arc<Registry>, tenant:
     }
 }
 
+/// A store refusing writes fails every connected event: one line per interval (counted in
+/// the `failed` outcome all the same).
+static STORE_FAILURE_LOG: epr_core::log_gate::LogGate =
+    epr_core::log_gate::LogGate::new(epr_core::log_gate::DEFAULT_LOG_INTERVAL);
+
+fn log_store_failure(id: &EndpointId, e: &StoreError) {
+    if let Some(suppressed) = STORE_FAILURE_LOG.admit(std::time::Instant::now()) {
+        tracing::warn!(endpoint = %id, error = %e, suppressed, "connected event not applied");
+    }
+}
+
 async fn apply(registry: &Registry, tenant: &TenantId, r: Report) {
     let Ok(id) = EndpointId::parse(&r.endpoint_id) else {
         count("unknown");
@@ -139,7 +150,7 @@ async fn apply(registry: &Registry, tenant: &TenantId, r: Report) {
         }
         Err(e) => {
             count("failed");
-            tracing::warn!(endpoint = %id, error = %e, "connected event not applied");
+            log_store_failure(&id, &e);
             return;
         }
     }
@@ -162,7 +173,7 @@ async fn apply(registry: &Registry, tenant: &TenantId, r: Report) {
         }
         Err(e) => {
             count("failed");
-            tracing::warn!(endpoint = %id, error = %e, "connected event not applied");
+            log_store_failure(&id, &e);
         }
     }
 }

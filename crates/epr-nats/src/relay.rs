@@ -312,6 +312,9 @@ const DELETE_INTERVAL: Duration = Duration::from_millis(200);
 /// covers it, and anything left over is republished after a restart (at least once).
 async fn acknowledge(store: Arc<dyn Store>, mut confirmed: watch::Receiver<i64>) {
     let mut deleted = 0;
+    // A store refusing writes (full disk, damaged file) fails every delete: one line per
+    // interval.
+    let failure_log = epr_core::log_gate::LogGate::default();
     loop {
         let mut closed = confirmed.changed().await.is_err();
         if !closed {
@@ -326,7 +329,11 @@ async fn acknowledge(store: Arc<dyn Store>, mut confirmed: watch::Receiver<i64>)
         if last > deleted {
             match store.outbox_ack_through(last).await {
                 Ok(()) => deleted = last,
-                Err(e) => tracing::warn!(error = %e, "deleting published events failed"),
+                Err(e) => {
+                    if let Some(suppressed) = failure_log.admit(Instant::now()) {
+                        tracing::warn!(error = %e, suppressed, "deleting published events failed");
+                    }
+                }
             }
         }
         if closed {

@@ -104,6 +104,10 @@ pub struct StoreSettings {
     pub backfill_pause_ms: u64,
     /// The writer's SQLite page cache, in MiB.
     pub cache_mib: u32,
+    /// Check of the database file at start: `quick` (`PRAGMA quick_check`), `full`
+    /// (`PRAGMA integrity_check`, also compares indexes with tables) or `off`. A damaged
+    /// file refuses the start.
+    pub integrity_check: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,6 +180,7 @@ impl Default for StoreSettings {
             backfill_batch: 512,
             backfill_pause_ms: 0,
             cache_mib: 64,
+            integrity_check: "quick".into(),
         }
     }
 }
@@ -303,6 +308,12 @@ impl Settings {
         }
         if !(1..=16_384).contains(&self.store.cache_mib) {
             bail!("store.cache_mib must be between 1 and 16384");
+        }
+        if epr_store::IntegrityCheck::parse(&self.store.integrity_check).is_none() {
+            bail!(
+                "store.integrity_check '{}' is not one of quick, full, off",
+                self.store.integrity_check
+            );
         }
         if self.store.backfill_pause_ms > 60_000 {
             bail!("store.backfill_pause_ms must be at most 60000");

@@ -132,12 +132,16 @@ impl Application {
                  every registration will fail; see kaa.applications in the README"
             );
         }
+        // Installed before the store opens, so gauges the store sets at open are recorded.
+        let metrics_renderer = telemetry::metrics_renderer();
         let mut store_cfg = EmbeddedConfig::new(&settings.store.data_dir);
         store_cfg.max_group = settings.store.max_group;
         store_cfg.readers = settings.store.readers;
         store_cfg.batch_retention_ms = settings.store.batch_retention_hours as i64 * 3_600_000;
         store_cfg.record_events = !settings.nats.url.is_empty();
         store_cfg.cache_mib = settings.store.cache_mib;
+        store_cfg.integrity_check =
+            epr_store::IntegrityCheck::parse(&settings.store.integrity_check).unwrap_or_default();
         store_cfg.backfill = BackfillPace {
             step: Duration::from_millis(settings.store.backfill_step_ms),
             batch: settings.store.backfill_batch,
@@ -256,7 +260,7 @@ impl Application {
                 max_body_bytes: settings.server.max_body_bytes,
             },
             ready: ready.clone(),
-            metrics: Some(telemetry::metrics_renderer()),
+            metrics: Some(metrics_renderer),
             components: vec![Arc::new(nats_health)],
         };
         let router = epr_http::router(state);

@@ -9,6 +9,8 @@
 //! a pool of read-only connections on blocking threads; WAL lets them run beside the writer.
 
 use crate::codec;
+use crate::integrity::{self, IntegrityCheck, StoreHealth};
+use crate::lock::DataDirLock;
 pub use crate::sqlite_filters::BackfillPace;
 use crate::sqlite_filters::{self, FilterCache};
 use async_trait::async_trait;
@@ -17,6 +19,7 @@ use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::{EndpointFilter, FilterCommand, FilterId};
 use epr_core::event::{DomainEvent, EventKind, OutboxEvent};
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
+use epr_core::log_gate::LogGate;
 use epr_core::metadata::Metadata;
 use epr_core::ports::{
     BatchCreated, BatchFailed, BatchOutcome, BatchRequest, OutboxEntry, OutboxWaker, Store,
@@ -48,6 +51,8 @@ pub struct EmbeddedConfig {
     pub backfill: BackfillPace,
     /// SQLite page cache of the writer, in MiB.
     pub cache_mib: u32,
+    /// The check of the database file when the store opens.
+    pub integrity_check: IntegrityCheck,
 }
 
 impl EmbeddedConfig {
@@ -60,11 +65,13 @@ impl EmbeddedConfig {
             record_events: true,
             backfill: BackfillPace::default(),
             cache_mib: 64,
+            integrity_check: IntegrityCheck::default(),
         }
     }
 }
 
-const DB_FILE: &str = "epr.sqlite3";
+/// The database file in the data directory.
+pub const DB_FILE: &str = "epr.sqlite3";
 /// 2 added saved filters (tables only: a version-1 directory is upgraded in place).
 const SCHEMA_VERSION: i64 = 2;
 
@@ -132,6 +139,11 @@ pub struct EmbeddedStore {
     stop_checkpointer: Arc<std::sync::atomic::AtomicBool>,
     waker: Arc<Mutex<Option<OutboxWaker>>>,
     store_id: String,
+    /// Whether the file is known to be damaged (then writes are refused).
+    health: Arc<StoreHealth>,
+    /// The data directory lock, released by `shutdown` (or on drop), so the directory can
+    /// be opened again in the same process.
+    lock: Mutex<Option<DataDirLock>>,
 }
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -144,10 +156,20 @@ fn unavailable_msg(msg: impl Into<String>) -> StoreError {
 
 impl EmbeddedStore {
     /// Opens (creating if needed) the store in `config.data_dir` and starts its writer.
+    ///
+    /// Takes the data directory's exclusive lock first (see [`crate::lock`]): a directory
+    /// already open in this or another process is refused. Then checks the database file
+    /// as `config.integrity_check` says and refuses a damaged one. Tools that only read
+    /// the database while a server runs (e.g. an online backup) open the file with their
+    /// own read-only SQLite connection instead: they need no lock.
     pub fn open(config: EmbeddedConfig) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&config.data_dir).map_err(unavailable)?;
+        let lock = DataDirLock::acquire(&config.data_dir).map_err(unavailable)?;
         let path = config.data_dir.join(DB_FILE);
         let mut conn = Connection::open(&path).map_err(unavailable)?;
+        conn.execute_batch("PRAGMA busy_timeout=5000;")
+            .map_err(unavailable)?;
+        integrity::check_at_open(&conn, &path, config.integrity_check)?;
         // FULL: the WAL is fsync'd at every commit, so an acknowledged write survives power
         // loss. Checkpoints run on their own thread (see `checkpointer`), off the commit path;
         // the writer checkpoints itself only if the WAL grows past ~256 MiB.
@@ -196,7 +218,10 @@ impl EmbeddedStore {
         let (tx, rx) = mpsc::channel(config.max_group.max(1) * 4);
         let waker: Arc<Mutex<Option<OutboxWaker>>> = Arc::default();
         let filters = FilterCache::load(&conn)?;
+        let health = Arc::new(StoreHealth::new(path.clone()));
         let mut writer = Writer {
+            health: health.clone(),
+            failure_log: LogGate::default(),
             waker: waker.clone(),
             filters,
             conn,
@@ -217,9 +242,10 @@ impl EmbeddedStore {
             .execute_batch("PRAGMA busy_timeout=5000;")
             .map_err(unavailable)?;
         let stop = stop_checkpointer.clone();
+        let ckpt_health = health.clone();
         std::thread::Builder::new()
             .name("epr-store-ckpt".into())
-            .spawn(move || checkpointer(checkpoint_conn, stop))
+            .spawn(move || checkpointer(checkpoint_conn, stop, ckpt_health))
             .map_err(unavailable)?;
         tracing::info!(path = %path.display(), "embedded store open");
         Ok(Self {
@@ -229,6 +255,8 @@ impl EmbeddedStore {
             stop_checkpointer,
             waker,
             store_id: format!("{store_id:x}"),
+            health,
+            lock: Mutex::new(Some(lock)),
         })
     }
 
@@ -242,6 +270,25 @@ impl EmbeddedStore {
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
+        // Nothing writes any more: the directory may be opened again.
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+
+    /// Sends a job that writes (or checks the writer); refused at once once the database
+    /// file is known to be damaged.
+    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
+        if let Some(refused) = self.health.refusal() {
+            return Err(refused);
+        }
+        self.send(make).await
+    }
+
+    /// Notes a read's failure (a damaged page latches the corrupted state).
+    fn observed<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(e) = &result {
+            self.health.observe(e);
+        }
+        result
     }
 
     async fn send<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
@@ -259,20 +306,28 @@ impl EmbeddedStore {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let pool = self.readers.clone();
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let conn = pool.take()?;
             let result = f(&conn);
             pool.give_back(conn);
             result
         })
         .await
-        .map_err(unavailable)?
+        .map_err(unavailable)
+        .and_then(|r| r);
+        self.observed(result)
     }
 }
 
 /// Copies committed WAL frames into the database file in the background, so the writer's
 /// commits never wait for a checkpoint. PASSIVE never blocks the writer or readers.
-fn checkpointer(conn: Connection, stop: Arc<std::sync::atomic::AtomicBool>) {
+fn checkpointer(
+    conn: Connection,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    health: Arc<StoreHealth>,
+) {
+    // A failing checkpoint (a full disk) fails every 100 ms: one line per interval.
+    let failure_log = LogGate::default();
     while !stop.load(std::sync::atomic::Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
         let started = Instant::now();
@@ -286,7 +341,12 @@ fn checkpointer(conn: Connection, stop: Arc<std::sync::atomic::AtomicBool>) {
                         .record(started.elapsed().as_secs_f64());
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "background checkpoint failed"),
+            Err(e) => {
+                health.observe_sqlite(&e);
+                if let Some(suppressed) = failure_log.admit(Instant::now()) {
+                    tracing::warn!(error = %e, suppressed, "background checkpoint failed");
+                }
+            }
         }
     }
 }
@@ -432,6 +492,9 @@ struct Writer {
     /// Every saved filter, compiled; mirrors the committed `filters` rows.
     filters: FilterCache,
     backfill: BackfillPace,
+    health: Arc<StoreHealth>,
+    /// Failed groups are logged once per interval (a full disk fails every group).
+    failure_log: LogGate,
 }
 
 /// A job's answer, held until the group commits.
@@ -443,8 +506,8 @@ enum Pending {
 }
 
 impl Pending {
-    /// The message of a store failure (not a domain refusal), which aborts the group.
-    fn unexpected_error(&self) -> Option<String> {
+    /// A store failure (not a domain refusal), which aborts the group.
+    fn unexpected_error(&self) -> Option<&StoreError> {
         let err = match self {
             Self::Effect(_, Err(e)) => e,
             Self::Filter(_, Err(e)) => e,
@@ -453,7 +516,7 @@ impl Pending {
             _ => return None,
         };
         match err {
-            StoreError::Unavailable(cause) => Some(cause.to_string()),
+            StoreError::Unavailable(_) => Some(err),
             StoreError::Rejected(_) => None,
         }
     }
@@ -482,8 +545,9 @@ impl Writer {
     fn run(&mut self, mut rx: mpsc::Receiver<Job>) {
         let mut stop = false;
         while !stop {
-            // Back-fill runs only while no write is waiting, one bounded step at a time.
-            let first = if self.filters.backfill_pending() {
+            // Back-fill runs only while no write is waiting, one bounded step at a time (and
+            // not at all on a damaged file).
+            let first = if self.filters.backfill_pending() && self.health.corrupted().is_none() {
                 match rx.try_recv() {
                     Ok(job) => job,
                     Err(mpsc::error::TryRecvError::Empty) => {
@@ -511,12 +575,32 @@ impl Writer {
             stop = jobs.iter().any(|j| matches!(j, Job::Shutdown(_)));
             self.commit_group(jobs);
         }
+        // A clean stop folds the WAL into the database file, so the file alone holds every
+        // commit (for copies and checks) and the next start replays nothing.
+        if self.health.corrupted().is_none() {
+            if let Err(e) = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            {
+                tracing::warn!(error = %e, "final checkpoint failed; the WAL is kept");
+            }
+        }
         tracing::info!("embedded store writer stopped");
     }
 
     fn commit_group(&mut self, jobs: Vec<Job>) {
         let started = Instant::now();
         let size = jobs.len();
+        // Jobs queued before the damage was found: nothing more goes into the file.
+        if let Some(reason) = self.health.corrupted() {
+            for job in jobs {
+                match job {
+                    Job::Shutdown(reply) => drop(reply.send(Ok(()))),
+                    job => reply_unavailable(job, reason),
+                }
+            }
+            return;
+        }
         let mut pending = Vec::with_capacity(size);
         let tx = match self
             .conn
@@ -524,7 +608,10 @@ impl Writer {
         {
             Ok(tx) => tx,
             Err(e) => {
-                tracing::error!(error = %e, "cannot begin a write transaction");
+                self.health.observe_sqlite(&e);
+                if let Some(suppressed) = self.failure_log.admit(Instant::now()) {
+                    tracing::error!(error = %e, suppressed, "cannot begin a write transaction");
+                }
                 for job in jobs {
                     reply_unavailable(job, &e.to_string());
                 }
@@ -578,7 +665,9 @@ impl Writer {
                 Job::Ping(reply) | Job::Shutdown(reply) => Pending::Unit(reply, Ok(())),
             };
             match outcome.unexpected_error() {
-                Some(msg) => {
+                Some(err) => {
+                    self.health.observe(err);
+                    let msg = err.to_string();
                     outcome.fail(&msg);
                     failure = Some(msg);
                 }
@@ -587,11 +676,14 @@ impl Writer {
         }
         if failure.is_none() {
             if let Err(e) = self.filters.flush(&tx) {
+                self.health.observe(&e);
                 failure = Some(e.to_string());
             }
         }
         if let Some(msg) = failure {
-            tracing::error!(error = %msg, "write group aborted");
+            if let Some(suppressed) = self.failure_log.admit(Instant::now()) {
+                tracing::error!(error = %msg, suppressed, "write group aborted");
+            }
             drop(tx); // rolls back
             pending.into_iter().for_each(|p| p.fail(&msg));
             self.reload_filters();
@@ -615,7 +707,10 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "group commit failed");
+                self.health.observe_sqlite(&e);
+                if let Some(suppressed) = self.failure_log.admit(Instant::now()) {
+                    tracing::error!(error = %e, suppressed, "group commit failed");
+                }
                 let msg = format!("commit failed: {e}");
                 pending.into_iter().for_each(|p| p.fail(&msg));
                 self.reload_filters();
@@ -668,7 +763,14 @@ impl Writer {
             Ok(true) => self.wake_relay(),
             Ok(false) => {}
             Err(e) => {
-                tracing::error!(error = %e, "filter back-fill step failed; retrying in 1 s");
+                self.health.observe(&e);
+                if let Some(suppressed) = self.failure_log.admit(Instant::now()) {
+                    tracing::error!(
+                        error = %e,
+                        suppressed,
+                        "filter back-fill step failed; retrying in 1 s"
+                    );
+                }
                 let _ = self.conn.execute_batch("PRAGMA synchronous=FULL");
                 self.reload_filters();
                 std::thread::sleep(Duration::from_secs(1));
@@ -1015,7 +1117,7 @@ fn list(
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn execute(&self, cmd: Command, ctx: WriteCtx) -> Result<Effect, StoreError> {
-        self.send(|r| Job::Execute(cmd, ctx, r)).await
+        self.write(|r| Job::Execute(cmd, ctx, r)).await
     }
 
     async fn register_batch(
@@ -1023,7 +1125,7 @@ impl Store for EmbeddedStore {
         batch: BatchRequest,
         ctx: WriteCtx,
     ) -> Result<BatchOutcome, StoreError> {
-        self.send(|r| Job::Batch(batch, ctx, r)).await
+        self.write(|r| Job::Batch(batch, ctx, r)).await
     }
 
     async fn get(
@@ -1033,8 +1135,10 @@ impl Store for EmbeddedStore {
     ) -> Result<Option<Endpoint>, StoreError> {
         // A point read by unique index takes microseconds from the page cache: cheaper to
         // run in place on a per-thread connection than to hop to a blocking thread.
-        self.readers
-            .with_local(|c| load(c, tenant.as_str(), id.as_str()).map_err(unavailable))
+        let found = self
+            .readers
+            .with_local(|c| load(c, tenant.as_str(), id.as_str()).map_err(unavailable));
+        self.observed(found)
     }
 
     async fn list(
@@ -1106,7 +1210,7 @@ impl Store for EmbeddedStore {
         cmd: FilterCommand,
         ctx: WriteCtx,
     ) -> Result<EndpointFilter, StoreError> {
-        self.send(|r| Job::Filter(cmd, ctx, r)).await
+        self.write(|r| Job::Filter(cmd, ctx, r)).await
     }
 
     async fn get_filter(
@@ -1114,9 +1218,10 @@ impl Store for EmbeddedStore {
         tenant: &TenantId,
         id: &FilterId,
     ) -> Result<Option<EndpointFilter>, StoreError> {
-        self.readers.with_local(|c| {
+        let found = self.readers.with_local(|c| {
             sqlite_filters::load_filter(c, tenant.as_str(), id.as_str()).map_err(unavailable)
-        })
+        });
+        self.observed(found)
     }
 
     async fn list_filters(
@@ -1198,7 +1303,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn outbox_ack_through(&self, last_id: i64) -> Result<(), StoreError> {
-        self.send(|r| Job::OutboxAck(last_id, r)).await
+        self.write(|r| Job::OutboxAck(last_id, r)).await
     }
 
     async fn outbox_depth(&self) -> Result<u64, StoreError> {
@@ -1219,7 +1324,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.send(Job::Ping).await?;
+        self.write(Job::Ping).await?;
         self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
             .await
     }
@@ -1285,6 +1390,27 @@ mod tests {
         );
         assert_eq!(store.outbox_depth().await.unwrap(), 0);
         store.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_directory_opens_once_until_shut_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        let Err(err) = EmbeddedStore::open(EmbeddedConfig::new(dir.path())) else {
+            panic!("a second open of one directory must fail");
+        };
+        let text = err.to_string();
+        assert!(text.contains("in use by another EPR process"), "{text}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        // Shutdown releases the lock even while the store value is still around.
+        store.shutdown().await;
+        let again = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        again.shutdown().await;
+        drop(again);
+        drop(store);
     }
 
     #[tokio::test]

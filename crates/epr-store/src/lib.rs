@@ -5,11 +5,17 @@
 //! - [`conformance`]: the behaviour every backend of [`epr_core::ports::Store`] must show,
 //!   written against the trait only.
 //! - [`codec`]: the stored (JSON) form of outbox events and batch outcomes.
+//! - [`lock`]: the data directory lock (one open store per directory).
+//! - [`integrity`]: the database check at open and the corrupted state at run time.
 //! - `sqlite_filters`: saved filters in the embedded store (rows, live matching, back-fill).
 
 pub mod codec;
 pub mod conformance;
 pub mod embedded;
+pub mod integrity;
+pub mod lock;
 mod sqlite_filters;
 
 pub use embedded::{BackfillPace, EmbeddedConfig, EmbeddedStore};
+pub use integrity::IntegrityCheck;
+pub use lock::{DataDirLock, LockError};

@@ -8,6 +8,7 @@ mod events;
 mod filters;
 mod filters_nats;
 mod helpers;
+mod integrity;
 mod metadata;
 mod nats_protocols;
 mod nats_support;
