@@ -19,8 +19,8 @@ use epr_core::event::{DomainEvent, EventKind, OutboxEvent};
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use epr_core::metadata::Metadata;
 use epr_core::ports::{
-    BatchCreated, BatchFailed, BatchOutcome, BatchRequest, OutboxEntry, OutboxWaker, Store,
-    StoreError,
+    BatchCreated, BatchFailed, BatchOutcome, BatchRequest, EndpointExport, ImportOutcome,
+    ImportRecord, OutboxEntry, OutboxWaker, Store, StoreError,
 };
 use epr_core::query::{EndpointQuery, Page, PageRequest};
 use epr_core::{DomainError, Timestamp};
@@ -64,9 +64,9 @@ impl EmbeddedConfig {
     }
 }
 
-const DB_FILE: &str = "epr.sqlite3";
+pub(crate) const DB_FILE: &str = "epr.sqlite3";
 /// 2 added saved filters (tables only: a version-1 directory is upgraded in place).
-const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS schema_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -109,7 +109,7 @@ CREATE TABLE IF NOT EXISTS batch_tasks(
 ) WITHOUT ROWID;
 ";
 
-const ENDPOINT_COLUMNS: &str = "incarnation, endpoint_id, app, app_version, \
+pub(crate) const ENDPOINT_COLUMNS: &str = "incarnation, endpoint_id, app, app_version, \
     app_version_registered, created, metadata, metadata_updated, version, metadata_version";
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -119,6 +119,7 @@ enum Job {
     Batch(BatchRequest, WriteCtx, Reply<BatchOutcome>),
     Filter(FilterCommand, WriteCtx, Reply<EndpointFilter>),
     OutboxAck(i64, Reply<()>),
+    Import(Vec<ImportRecord>, Reply<Vec<ImportOutcome>>),
     Ping(Reply<()>),
     Shutdown(Reply<()>),
 }
@@ -134,7 +135,7 @@ pub struct EmbeddedStore {
     store_id: String,
 }
 
-fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+pub(crate) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Unavailable(Box::new(e))
 }
 
@@ -386,7 +387,7 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-fn endpoint_from_row(row: &Row<'_>) -> rusqlite::Result<Endpoint> {
+pub(crate) fn endpoint_from_row(row: &Row<'_>) -> rusqlite::Result<Endpoint> {
     let text = |i: usize| -> rusqlite::Result<String> { row.get(i) };
     let corrupt = |i: usize, e: String| {
         rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
@@ -408,7 +409,7 @@ fn endpoint_from_row(row: &Row<'_>) -> rusqlite::Result<Endpoint> {
     })
 }
 
-fn load(conn: &Connection, tenant: &str, id: &str) -> rusqlite::Result<Option<Endpoint>> {
+pub(crate) fn load(conn: &Connection, tenant: &str, id: &str) -> rusqlite::Result<Option<Endpoint>> {
     // A literal (not format!) so the hot path does not allocate to find its statement.
     const LOAD: &str = "SELECT incarnation, endpoint_id, app, app_version, \
         app_version_registered, created, metadata, metadata_updated, version, metadata_version \
@@ -440,6 +441,7 @@ enum Pending {
     Filter(Reply<EndpointFilter>, Result<EndpointFilter, StoreError>),
     Batch(Reply<BatchOutcome>, Result<BatchOutcome, StoreError>),
     Unit(Reply<()>, Result<(), StoreError>),
+    Import(Reply<Vec<ImportOutcome>>, Result<Vec<ImportOutcome>, StoreError>),
 }
 
 impl Pending {
@@ -450,6 +452,7 @@ impl Pending {
             Self::Filter(_, Err(e)) => e,
             Self::Batch(_, Err(e)) => e,
             Self::Unit(_, Err(e)) => e,
+            Self::Import(_, Err(e)) => e,
             _ => return None,
         };
         match err {
@@ -465,6 +468,7 @@ impl Pending {
             Self::Filter(r, _) => drop(r.send(Err(err()))),
             Self::Batch(r, _) => drop(r.send(Err(err()))),
             Self::Unit(r, _) => drop(r.send(Err(err()))),
+            Self::Import(r, _) => drop(r.send(Err(err()))),
         }
     }
 
@@ -474,6 +478,7 @@ impl Pending {
             Self::Filter(r, v) => drop(r.send(v)),
             Self::Batch(r, v) => drop(r.send(v)),
             Self::Unit(r, v) => drop(r.send(v)),
+            Self::Import(r, v) => drop(r.send(v)),
         }
     }
 }
@@ -575,6 +580,15 @@ impl Writer {
                     Pending::Filter(reply, result)
                 }
                 Job::OutboxAck(last, reply) => Pending::Unit(reply, outbox_delete(&tx, last)),
+                Job::Import(records, reply) => {
+                    let result = crate::sqlite_export::import(
+                        &tx,
+                        &mut self.filters,
+                        records,
+                        &mut self.next_incarnation,
+                    );
+                    Pending::Import(reply, result)
+                }
                 Job::Ping(reply) | Job::Shutdown(reply) => Pending::Unit(reply, Ok(())),
             };
             match outcome.unexpected_error() {
@@ -697,6 +711,7 @@ fn reply_unavailable(job: Job, msg: &str) {
         Job::Execute(_, _, r) => drop(r.send(Err(err()))),
         Job::Batch(_, _, r) => drop(r.send(Err(err()))),
         Job::Filter(_, _, r) => drop(r.send(Err(err()))),
+        Job::Import(_, r) => drop(r.send(Err(err()))),
         Job::OutboxAck(_, r) | Job::Ping(r) | Job::Shutdown(r) => drop(r.send(Err(err()))),
     }
 }
@@ -1216,6 +1231,34 @@ impl Store for EmbeddedStore {
 
     fn set_outbox_waker(&self, waker: OutboxWaker) {
         *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker);
+    }
+
+    async fn export_tenants(&self) -> Result<Vec<TenantId>, StoreError> {
+        self.read(|c| crate::sqlite_export::tenants(c).map_err(unavailable))
+            .await
+    }
+
+    async fn export_endpoints(
+        &self,
+        tenant: &TenantId,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<EndpointExport>, StoreError> {
+        let tenant = tenant.clone();
+        self.read(move |c| {
+            crate::sqlite_export::endpoints(c, &tenant, after, limit).map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn export_filters(&self, tenant: &TenantId) -> Result<Vec<EndpointFilter>, StoreError> {
+        let tenant = tenant.clone();
+        self.read(move |c| crate::sqlite_export::filters(c, &tenant).map_err(unavailable))
+            .await
+    }
+
+    async fn import(&self, records: Vec<ImportRecord>) -> Result<Vec<ImportOutcome>, StoreError> {
+        self.send(|r| Job::Import(records, r)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
