@@ -152,7 +152,10 @@ pub async fn export(settings: &Settings, to: Option<&Path>) -> anyhow::Result<()
 
 async fn export_to_file(store: &dyn Store, path: &Path) -> anyhow::Result<Counts> {
     if path.exists() {
-        bail!("'{}' exists; an export never overwrites a file", path.display());
+        bail!(
+            "'{}' exists; an export never overwrites a file",
+            path.display()
+        );
     }
     // Written under a temporary name and renamed once complete.
     let mut partial = path.as_os_str().to_owned();

@@ -8,7 +8,7 @@ use epr_core::endpoint_filter::{EndpointFilter, FilterId, FilterSpec, FilterStat
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId, TokenHash};
 use epr_core::metadata::{Limits, Metadata};
 use epr_core::ports::{EndpointExport, ImportRecord};
-use epr_core::{DomainError, Timestamp};
+use epr_core::{DomainError, Timestamp, ValidationError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -116,41 +116,61 @@ impl FilterLine {
 /// Why a line cannot be imported: the field and the rule, as the API names them.
 #[derive(Debug, PartialEq)]
 pub struct Invalid {
+    /// Empty when the line is not a JSON object of a known type.
     pub field: String,
+    pub rule: String,
     pub message: String,
 }
 
 impl std::fmt::Display for Invalid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.field.is_empty() {
-            f.write_str(&self.message)
+            write!(f, "{} (rule '{}')", self.message, self.rule)
         } else {
-            write!(f, "field '{}': {}", self.field, self.message)
+            write!(
+                f,
+                "field '{}': {} (rule '{}')",
+                self.field, self.message, self.rule
+            )
         }
     }
 }
 
-fn invalid(field: &str, message: impl Into<String>) -> Invalid {
+fn invalid(field: &str, rule: &str, message: impl Into<String>) -> Invalid {
     Invalid {
         field: field.into(),
+        rule: rule.into(),
         message: message.into(),
     }
 }
 
-fn checked<T, E: std::fmt::Display>(field: &str, r: Result<T, E>) -> Result<T, Invalid> {
-    r.map_err(|e| invalid(field, e.to_string()))
+/// A newtype's refusal, under the export's name of the field.
+fn checked<T>(field: &str, r: Result<T, ValidationError>) -> Result<T, Invalid> {
+    r.map_err(|e| invalid(field, e.rule, e.message))
+}
+
+fn domain(field: &str, e: DomainError) -> Invalid {
+    match e {
+        DomainError::Invalid(v) => invalid(&v.field, v.rule, v.message),
+        DomainError::TooLarge { .. } => invalid(field, "max-size", e.to_string()),
+        other => invalid(field, "invalid", other.to_string()),
+    }
 }
 
 fn time(field: &str, ms: i64) -> Result<Timestamp, Invalid> {
     if ms < 0 {
-        return Err(invalid(field, "must be milliseconds since 1970 (not negative)"));
+        return Err(invalid(
+            field,
+            "minimum",
+            "must be milliseconds since 1970 (not negative)",
+        ));
     }
     Ok(Timestamp(ms))
 }
 
 fn positive(field: &str, n: u64) -> Result<u64, Invalid> {
     if n == 0 || n > i64::MAX as u64 {
-        return Err(invalid(field, "must be a positive integer"));
+        return Err(invalid(field, "minimum", "must be a positive integer"));
     }
     Ok(n)
 }
@@ -160,14 +180,12 @@ impl EndpointLine {
     pub fn validate(self, limits: &Limits) -> Result<ImportRecord, Invalid> {
         let tenant = checked("tenant", TenantId::parse(&self.tenant))?;
         let app = checked("applicationName", AppName::parse(&self.application_name))?;
-        let metadata = match Metadata::parse(self.metadata, "metadata", limits) {
-            Ok(m) => m,
-            Err(DomainError::Invalid(v)) => return Err(invalid(&v.field, v.message)),
-            Err(e) => return Err(invalid("metadata", e.to_string())),
-        };
+        let metadata = Metadata::parse(self.metadata, "metadata", limits)
+            .map_err(|e| domain("metadata", e))?;
         let hash = hex_32(&self.token_hash).ok_or_else(|| {
             invalid(
                 "tokenHash",
+                "pattern",
                 "must be 64 lowercase hexadecimal digits (a SHA-256)",
             )
         })?;
@@ -199,17 +217,14 @@ impl FilterLine {
     pub fn validate(self) -> Result<ImportRecord, Invalid> {
         let tenant = checked("tenant", TenantId::parse(&self.tenant))?;
         if !self.mongo_query.is_object() {
-            return Err(invalid("mongoQuery", "must be a JSON object"));
+            return Err(invalid("mongoQuery", "type", "must be a JSON object"));
         }
-        let spec = match FilterSpec::parse(&self.name, &self.description, &self.mongo_query) {
-            Ok(s) => s,
-            Err(DomainError::Invalid(v)) => return Err(invalid(&v.field, v.message)),
-            Err(e) => return Err(invalid("mongoQuery", e.to_string())),
-        };
+        let spec = FilterSpec::parse(&self.name, &self.description, &self.mongo_query)
+            .map_err(|e| domain("mongoQuery", e))?;
         let status = match self.status.as_str() {
             "pending" => FilterStatus::Pending,
             "active" => FilterStatus::Active,
-            _ => return Err(invalid("status", "must be 'pending' or 'active'")),
+            _ => return Err(invalid("status", "enum", "must be 'pending' or 'active'")),
         };
         Ok(ImportRecord::Filter {
             tenant,
@@ -241,7 +256,7 @@ fn hex_32(s: &str) -> Option<[u8; 32]> {
 /// Parses one line (its JSON shape only).
 pub fn parse(line: &str) -> Result<Line, Invalid> {
     // serde's message names the unknown `type` or field, or where the JSON is broken.
-    serde_json::from_str(line).map_err(|e| invalid("", e.to_string()))
+    serde_json::from_str(line).map_err(|e| invalid("", "json", e.to_string()))
 }
 
 #[cfg(test)]
@@ -298,7 +313,11 @@ mod tests {
     fn unknown_fields_and_types_are_refused() {
         let mut line = endpoint_line();
         line["extra"] = json!(1);
-        assert!(validate(line).map(|_| ()).unwrap_err().message.contains("extra"));
+        assert!(validate(line)
+            .map(|_| ())
+            .unwrap_err()
+            .message
+            .contains("extra"));
         let e = parse(r#"{"type":"gadget"}"#).unwrap_err();
         assert!(e.message.contains("gadget"), "{e}");
     }
@@ -309,6 +328,9 @@ mod tests {
             "applicationName": "app", "name": "n", "mongoQuery": {"$where": "1"},
             "status": "active", "created": 1, "updated": 1, "version": 1});
         let e = validate(line).map(|_| ()).unwrap_err();
-        assert_eq!(e.field, "mongoQuery", "{e}");
+        assert_eq!(
+            (e.field.as_str(), e.rule.as_str()),
+            ("mongoQuery.$where", "unsupported-operator")
+        );
     }
 }

@@ -215,7 +215,10 @@ fn open_read_only(path: &Path) -> Result<Connection, BackupError> {
 /// Checks that `path` is an intact store database this build can open, and counts its rows.
 fn check(path: &Path) -> Result<BackupReport, BackupError> {
     let bad = |why: String| {
-        BackupError::Refused(format!("'{}' is not a usable backup: {why}", path.display()))
+        BackupError::Refused(format!(
+            "'{}' is not a usable backup: {why}",
+            path.display()
+        ))
     };
     let conn = open_read_only(path)?;
     let verdict: String = conn

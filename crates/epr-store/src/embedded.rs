@@ -409,7 +409,11 @@ pub(crate) fn endpoint_from_row(row: &Row<'_>) -> rusqlite::Result<Endpoint> {
     })
 }
 
-pub(crate) fn load(conn: &Connection, tenant: &str, id: &str) -> rusqlite::Result<Option<Endpoint>> {
+pub(crate) fn load(
+    conn: &Connection,
+    tenant: &str,
+    id: &str,
+) -> rusqlite::Result<Option<Endpoint>> {
     // A literal (not format!) so the hot path does not allocate to find its statement.
     const LOAD: &str = "SELECT incarnation, endpoint_id, app, app_version, \
         app_version_registered, created, metadata, metadata_updated, version, metadata_version \
@@ -441,7 +445,10 @@ enum Pending {
     Filter(Reply<EndpointFilter>, Result<EndpointFilter, StoreError>),
     Batch(Reply<BatchOutcome>, Result<BatchOutcome, StoreError>),
     Unit(Reply<()>, Result<(), StoreError>),
-    Import(Reply<Vec<ImportOutcome>>, Result<Vec<ImportOutcome>, StoreError>),
+    Import(
+        Reply<Vec<ImportOutcome>>,
+        Result<Vec<ImportOutcome>, StoreError>,
+    ),
 }
 
 impl Pending {

@@ -85,9 +85,7 @@ pub(crate) fn import(
     let mut outcomes = Vec::with_capacity(records.len());
     for record in records {
         let outcome = match record {
-            ImportRecord::Endpoint(e) => {
-                import_endpoint(conn, filters, e, next_incarnation)?
-            }
+            ImportRecord::Endpoint(e) => import_endpoint(conn, filters, e, next_incarnation)?,
             ImportRecord::Filter { tenant, filter } => {
                 filters.import(conn, &tenant, &filter, *next_incarnation - 1)?
             }
@@ -116,12 +114,13 @@ fn import_endpoint(
         return Ok(ImportOutcome::Exists);
     }
     let holder: Option<String> = conn
-        .prepare_cached("SELECT endpoint_id FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3")
+        .prepare_cached(
+            "SELECT endpoint_id FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3",
+        )
         .and_then(|mut s| {
-            s.query_row(
-                params![t, endpoint.app.as_str(), &token_hash.0[..]],
-                |r| r.get(0),
-            )
+            s.query_row(params![t, endpoint.app.as_str(), &token_hash.0[..]], |r| {
+                r.get(0)
+            })
             .map(Some)
             .or_else(|e| match e {
                 rusqlite::Error::QueryReturnedNoRows => Ok(None),

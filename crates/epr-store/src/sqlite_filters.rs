@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS filter_matches(
 DROP INDEX IF EXISTS filter_matches_by_endpoint;
 ";
 
-pub(crate) const FILTER_COLUMNS: &str = "filter_id, app, name, description, query, status, matched, \
+pub(crate) const FILTER_COLUMNS: &str =
+    "filter_id, app, name, description, query, status, matched, \
     created, updated, version";
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {

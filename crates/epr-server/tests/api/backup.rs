@@ -39,7 +39,8 @@ fn os(s: &str) -> &OsStr {
     OsStr::new(s)
 }
 
-const KYIV: fn() -> Value = || json!({"metadata": {"$elemMatch": {"key": "city", "value": "Kyiv"}}});
+const KYIV: fn() -> Value =
+    || json!({"metadata": {"$elemMatch": {"key": "city", "value": "Kyiv"}}});
 
 async fn create_filter(app: &TestApp, name: &str) -> String {
     let r = app
@@ -145,7 +146,7 @@ async fn a_backup_under_write_load_restores_every_write_acknowledged_before_it()
                     return;
                 }
                 let id = format!("w{w}-{n}");
-                let city = if n % 2 == 0 { "Kyiv" } else { "Lviv" };
+                let city = if n.is_multiple_of(2) { "Kyiv" } else { "Lviv" };
                 let r = client
                     .post(format!("{base}/endpoints"))
                     .json(&json!({"endpointId": id, "appVersion": {"name": "demo-v1"},
@@ -219,7 +220,7 @@ async fn a_backup_under_write_load_restores_every_write_acknowledged_before_it()
     for (id, e) in &stored {
         if let Some((_, n)) = id.strip_prefix('w').and_then(|r| r.split_once('-')) {
             let n: u64 = n.parse().unwrap();
-            let city = if n % 2 == 0 { "Kyiv" } else { "Lviv" };
+            let city = if n.is_multiple_of(2) { "Kyiv" } else { "Lviv" };
             assert_eq!(e["metadata"], json!({"n": n, "city": city}), "{id}");
         }
     }
@@ -333,7 +334,13 @@ async fn export_then_import_gives_the_same_endpoints_filters_and_memberships() {
     assert_eq!(all_endpoints(&imported, "").await, source);
     assert_eq!(imported.total("applicationName=other").await, 1);
     let f = wait_active(&imported, &filter).await;
-    for field in ["name", "mongoQuery", "createdDate", "updatedDate", "matchedEndpointsCount"] {
+    for field in [
+        "name",
+        "mongoQuery",
+        "createdDate",
+        "updatedDate",
+        "matchedEndpointsCount",
+    ] {
         assert_eq!(f[field], source_filter[field], "{field}");
     }
     assert_eq!(members(&imported, &filter).await, source_members);
@@ -369,13 +376,17 @@ async fn a_malformed_import_names_its_line_and_changes_nothing() {
     let cases: [(String, &str); 4] = [
         (
             format!("{header}\n{good}\n{bad}\n{end}\n"),
-            "line 3: field 'endpointId'",
+            "line 3: field 'endpointId': must match ^[a-zA-Z0-9._~-]+$; ' ' is not allowed \
+             (rule 'pattern')",
         ),
         (format!("{header}\n{good}\n{{not json\n"), "line 3:"),
         (format!("{header}\n{good}\n"), "truncated"),
         (
-            format!("{}\n{good}\n", json!({"type": "header", "format": "epr-export",
-                "version": 9, "exportedAt": 0, "storeId": "x"})),
+            format!(
+                "{}\n{good}\n",
+                json!({"type": "header", "format": "epr-export",
+                "version": 9, "exportedAt": 0, "storeId": "x"})
+            ),
             "line 1: export format version 9",
         ),
     ];

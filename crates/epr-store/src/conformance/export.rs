@@ -126,11 +126,7 @@ pub(super) async fn export_import_round_trip(s: Arc<dyn Store>) {
 
     // The same filter, active after its back-fill, with the same members.
     let f = wait_active(&*s, "t2", "f-kyiv").await;
-    let original = s
-        .get_filter(&tenant("t1"), &f.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let original = s.get_filter(&tenant("t1"), &f.id).await.unwrap().unwrap();
     assert_eq!(
         (&f.app, &f.spec.name, &f.spec.description, &f.spec.query),
         (
@@ -141,7 +137,10 @@ pub(super) async fn export_import_round_trip(s: Arc<dyn Store>) {
         )
     );
     assert_eq!((f.created, f.updated), (original.created, original.updated));
-    assert_eq!(members(&*s, "t2", "f-kyiv").await, members(&*s, "t1", "f-kyiv").await);
+    assert_eq!(
+        members(&*s, "t2", "f-kyiv").await,
+        members(&*s, "t1", "f-kyiv").await
+    );
     assert_eq!(f.matched, 2);
 
     // Silent: no registration or membership events; only the back-fill's `activated`.
@@ -155,7 +154,10 @@ pub(super) async fn export_import_round_trip(s: Arc<dyn Store>) {
 
     // A re-import changes nothing.
     let again = s.import(records).await.unwrap();
-    assert!(again.iter().all(|o| *o == ImportOutcome::Exists), "{again:?}");
+    assert!(
+        again.iter().all(|o| *o == ImportOutcome::Exists),
+        "{again:?}"
+    );
     assert_eq!(export_all(&*s, "t2", 10).await, reimported);
     assert_eq!(
         s.outbox_pending(last_event, 1_000_000).await.unwrap().len(),

@@ -35,7 +35,13 @@ fn create_cmd(app_name: &str, id: &str, name: &str, query: Value) -> FilterComma
     }
 }
 
-pub(super) async fn create(s: &dyn Store, t: &str, app_name: &str, id: &str, query: Value) -> EndpointFilter {
+pub(super) async fn create(
+    s: &dyn Store,
+    t: &str,
+    app_name: &str,
+    id: &str,
+    query: Value,
+) -> EndpointFilter {
     s.execute_filter(
         create_cmd(app_name, id, &format!("name of {id}"), query),
         ctx(t),
