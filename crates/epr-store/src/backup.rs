@@ -289,6 +289,7 @@ fn sync_dir(dir: &Path) -> Result<(), BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     async fn empty_store(dir: &Path) {
         let store = crate::EmbeddedStore::open(crate::EmbeddedConfig::new(dir)).unwrap();
@@ -306,6 +307,65 @@ mod tests {
         empty_store(&data).await;
         let e = backup(&data, &dest).unwrap_err();
         assert!(e.to_string().contains("never overwrites"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_restored_store_has_the_data_and_a_new_identity() {
+        use epr_core::ports::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let store =
+            Arc::new(crate::EmbeddedStore::open(crate::EmbeddedConfig::new(&data)).unwrap());
+        (crate::conformance::CASES[0].1)(store.clone()).await;
+        let original_id = store.store_id();
+        let file = dir.path().join("b.sqlite3");
+        let report = backup(&data, &file).unwrap();
+        assert_eq!(report.endpoints, 1);
+        store.shutdown().await;
+        drop(store);
+
+        let restored = dir.path().join("restored");
+        restore(&file, &restored, Overwrite::Never).unwrap();
+        let copy = crate::EmbeddedStore::open(crate::EmbeddedConfig::new(&restored)).unwrap();
+        assert_ne!(
+            copy.store_id(),
+            original_id,
+            "a restored store gets a new identity"
+        );
+        let t1 = epr_core::ids::TenantId::parse("t1").unwrap();
+        let ep1 = epr_core::ids::EndpointId::parse("ep-1").unwrap();
+        assert!(copy.get(&t1, &ep1).await.unwrap().is_some());
+        copy.ping().await.unwrap();
+        copy.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_forced_restore_replaces_the_store_and_drops_its_wal() {
+        use epr_core::ports::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        empty_store(&empty).await;
+        let file = dir.path().join("empty.sqlite3");
+        backup(&empty, &file).unwrap();
+
+        let data = dir.path().join("data");
+        let store =
+            Arc::new(crate::EmbeddedStore::open(crate::EmbeddedConfig::new(&data)).unwrap());
+        (crate::conformance::CASES[0].1)(store.clone()).await;
+        store.shutdown().await;
+        drop(store);
+        // A WAL left beside the old database (e.g. after a crash) must not be replayed.
+        std::fs::write(data.join("epr.sqlite3-wal"), b"stale").unwrap();
+        restore(&file, &data, Overwrite::Store).unwrap();
+        assert!(!data.join("epr.sqlite3-wal").exists());
+        let store = crate::EmbeddedStore::open(crate::EmbeddedConfig::new(&data)).unwrap();
+        let t1 = epr_core::ids::TenantId::parse("t1").unwrap();
+        let ep1 = epr_core::ids::EndpointId::parse("ep-1").unwrap();
+        assert!(
+            store.get(&t1, &ep1).await.unwrap().is_none(),
+            "the old store is replaced"
+        );
+        store.shutdown().await;
     }
 
     #[tokio::test]
