@@ -14,6 +14,7 @@ use epr_core::ports::{ImportOutcome, ImportRecord, Store};
 use epr_store::backup::{self, BackupReport, Overwrite};
 use epr_store::{BackfillPace, EmbeddedConfig, EmbeddedStore};
 use serde::Serialize;
+use serde_json::json;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -140,13 +141,20 @@ pub async fn export(settings: &Settings, to: Option<&Path>) -> anyhow::Result<()
     };
     store.shutdown().await;
     let counts = result?;
-    tracing::info!(seconds = started.elapsed().as_secs_f64(), "export done");
-    eprintln!(
-        "exported {} filters and {} endpoints in {:.1} s",
-        counts.filters,
-        counts.endpoints,
-        started.elapsed().as_secs_f64()
-    );
+    let seconds = started.elapsed().as_secs_f64();
+    match to {
+        // Standard output carries the export itself.
+        None => eprintln!(
+            "exported {} filters and {} endpoints in {seconds:.1} s",
+            counts.filters, counts.endpoints
+        ),
+        Some(file) => print_json(&json!({
+            "file": file,
+            "filters": counts.filters,
+            "endpoints": counts.endpoints,
+            "seconds": seconds,
+        }))?,
+    }
     Ok(())
 }
 

@@ -498,8 +498,10 @@ impl FilterCache {
         {
             return Ok(ImportOutcome::Exists);
         }
-        if let Err(StoreError::Rejected(e)) = self.check_name_free(conn, tenant.as_str(), f) {
-            return Ok(ImportOutcome::Conflict(e.to_string()));
+        match self.check_name_free(conn, tenant.as_str(), f) {
+            Ok(()) => {}
+            Err(StoreError::Rejected(e)) => return Ok(ImportOutcome::Conflict(e.to_string())),
+            Err(e) => return Err(e),
         }
         const CORRELATION: &str = "import";
         conn.prepare_cached(&format!(

@@ -294,7 +294,11 @@ async fn export_then_import_gives_the_same_endpoints_filters_and_memberships() {
     // Exported while the server runs.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("export.ndjson");
-    ok(&epr(&app.data_dir, &[os("export"), os("--to"), file.as_os_str()]).await);
+    let report = ok(&epr(&app.data_dir, &[os("export"), os("--to"), file.as_os_str()]).await);
+    assert_eq!(
+        (&report["filters"], &report["endpoints"]),
+        (&json!(1), &json!(31))
+    );
     let text = std::fs::read_to_string(&file).unwrap();
     let lines: Vec<Value> = text
         .lines()
