@@ -5,7 +5,7 @@ use crate::command::{Command, Effect, Registration, WriteCtx};
 use crate::endpoint::Endpoint;
 use crate::endpoint_filter::{EndpointFilter, FilterCommand, FilterId};
 use crate::event::OutboxEvent;
-use crate::ids::{AppName, AppVersionName, EndpointId, TenantId};
+use crate::ids::{AppName, AppVersionName, EndpointId, TenantId, TokenHash};
 use crate::metadata::Metadata;
 use crate::query::{EndpointQuery, Page, PageRequest};
 use crate::{DomainError, Timestamp};
@@ -73,6 +73,41 @@ pub struct BatchOutcome {
 pub struct OutboxEntry {
     pub id: i64,
     pub event: OutboxEvent,
+}
+
+/// One endpoint as exported and imported: the record, its tenant and its token hash. The
+/// record's `incarnation` is the exporting store's own (a paging cursor); an import gives the
+/// endpoint a fresh one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointExport {
+    pub tenant: TenantId,
+    pub endpoint: Endpoint,
+    pub token_hash: TokenHash,
+}
+
+/// One record of an import (see [`Store::import`]).
+#[derive(Debug, Clone)]
+pub enum ImportRecord {
+    Endpoint(EndpointExport),
+    /// A saved filter's definition; its status and membership are derived again by the
+    /// importing store (a back-fill), so `status` and `matched` are ignored.
+    Filter {
+        tenant: TenantId,
+        filter: EndpointFilter,
+    },
+}
+
+/// What an import did with one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportOutcome {
+    /// Stored.
+    Imported,
+    /// A record with this ID already exists in the tenant; left as it is (so importing the
+    /// same file twice changes nothing).
+    Exists,
+    /// Refused, nothing stored: it conflicts with a different existing record (a token hash
+    /// in use by another endpoint of the application, a filter name taken by another filter).
+    Conflict(String),
 }
 
 /// Durable storage of endpoints. Every method is scoped by tenant, so a cross-tenant read
@@ -188,6 +223,32 @@ pub trait Store: Send + Sync {
     fn set_outbox_waker(&self, waker: OutboxWaker) {
         let _ = waker;
     }
+
+    /// The tenants that hold endpoints or filters (for a full export).
+    async fn export_tenants(&self) -> Result<Vec<TenantId>, StoreError>;
+
+    /// A page of a tenant's endpoints with their token hashes, in registration order: those
+    /// with an incarnation above `after`, at most `limit`. Pass the last incarnation of a
+    /// page to get the next one (start with 0).
+    async fn export_endpoints(
+        &self,
+        tenant: &TenantId,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<EndpointExport>, StoreError>;
+
+    /// Every saved filter of a tenant, by application, oldest first.
+    async fn export_filters(&self, tenant: &TenantId) -> Result<Vec<EndpointFilter>, StoreError>;
+
+    /// Imports records in one durable transaction, each one all or nothing, answering one
+    /// outcome per record in order. An import is a restore, not new activity: it emits no
+    /// lifecycle or membership events. Endpoints keep their ID, application (version),
+    /// timestamps, versions, metadata and token hash, and are matched against the
+    /// application's filters; an imported filter starts pending and its back-fill derives its
+    /// membership (`activated` is then emitted as for any filter whose back-fill completes).
+    /// Records whose ID exists are skipped ([`ImportOutcome::Exists`]), so a re-import is a
+    /// no-op. The caller validates the records (they are domain values).
+    async fn import(&self, records: Vec<ImportRecord>) -> Result<Vec<ImportOutcome>, StoreError>;
 
     /// Readiness probe: the store can serve reads and writes.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -1,7 +1,9 @@
 //! The Endpoint Register server: the one place that names concrete adapter types and wires
 //! them together. `main.rs` is a thin shell around [`Application`].
 
+pub mod admin;
 pub mod config;
+pub mod export_format;
 pub mod telemetry;
 
 use anyhow::Context;

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use epr_server::{telemetry, Application, Settings};
+use epr_server::{admin, telemetry, Application, Settings};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -34,6 +34,37 @@ enum Command {
     Serve,
     /// Print the effective configuration as YAML-compatible JSON and exit.
     CheckConfig,
+    /// Copy the store to FILE: a consistent snapshot, safe while a server runs on the data
+    /// directory.
+    Backup {
+        /// Where to write the backup (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Put a backup into the data directory (missing or empty, unless --force), with a new
+    /// store identity.
+    Restore {
+        /// The backup file written by `epr backup`.
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace the store of a non-empty data directory (stop its server first).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write every endpoint and filter as NDJSON (a consistent snapshot; safe while a server
+    /// runs).
+    Export {
+        /// Output file (must not exist); standard output if omitted.
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// Read an export (NDJSON) into the data directory; records whose ID exists are skipped.
+    /// Stop the server of the data directory first.
+    Import {
+        /// Input file; standard input if omitted.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
 }
 
 fn settings(cli: &Cli) -> anyhow::Result<Settings> {
@@ -59,6 +90,22 @@ async fn main() -> anyhow::Result<()> {
         Command::CheckConfig => {
             println!("{}", serde_json::to_string_pretty(&settings)?);
             Ok(())
+        }
+        Command::Backup { to } => {
+            admin::init_logging(&settings);
+            admin::backup(&settings, &to)
+        }
+        Command::Restore { from, force } => {
+            admin::init_logging(&settings);
+            admin::restore(&settings, &from, force)
+        }
+        Command::Export { to } => {
+            admin::init_logging(&settings);
+            admin::export(&settings, to.as_deref()).await
+        }
+        Command::Import { from } => {
+            admin::init_logging(&settings);
+            admin::import(&settings, from.as_deref()).await
         }
         Command::Serve => {
             telemetry::init_logging(&settings.log);

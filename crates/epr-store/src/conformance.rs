@@ -60,8 +60,15 @@ pub const CASES: &[(&str, Case)] = &[
     ("filter_live_vs_backfill", |s| {
         Box::pin(filters::filter_live_vs_backfill(s))
     }),
+    ("export_import_round_trip", |s| {
+        Box::pin(export::export_import_round_trip(s))
+    }),
+    ("import_conflicts_and_validation", |s| {
+        Box::pin(export::import_conflicts(s))
+    }),
 ];
 
+mod export;
 mod filters;
 
 /// Runs every case on a fresh store from `make`, naming the case that fails.

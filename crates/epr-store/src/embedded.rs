@@ -22,8 +22,8 @@ use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use epr_core::log_gate::LogGate;
 use epr_core::metadata::Metadata;
 use epr_core::ports::{
-    BatchCreated, BatchFailed, BatchOutcome, BatchRequest, OutboxEntry, OutboxWaker, Store,
-    StoreError,
+    BatchCreated, BatchFailed, BatchOutcome, BatchRequest, EndpointExport, ImportOutcome,
+    ImportRecord, OutboxEntry, OutboxWaker, Store, StoreError,
 };
 use epr_core::query::{EndpointQuery, Page, PageRequest};
 use epr_core::{DomainError, Timestamp};
@@ -73,7 +73,7 @@ impl EmbeddedConfig {
 /// The database file in the data directory.
 pub const DB_FILE: &str = "epr.sqlite3";
 /// 2 added saved filters (tables only: a version-1 directory is upgraded in place).
-const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS schema_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -116,7 +116,7 @@ CREATE TABLE IF NOT EXISTS batch_tasks(
 ) WITHOUT ROWID;
 ";
 
-const ENDPOINT_COLUMNS: &str = "incarnation, endpoint_id, app, app_version, \
+pub(crate) const ENDPOINT_COLUMNS: &str = "incarnation, endpoint_id, app, app_version, \
     app_version_registered, created, metadata, metadata_updated, version, metadata_version";
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -126,6 +126,7 @@ enum Job {
     Batch(BatchRequest, WriteCtx, Reply<BatchOutcome>),
     Filter(FilterCommand, WriteCtx, Reply<EndpointFilter>),
     OutboxAck(i64, Reply<()>),
+    Import(Vec<ImportRecord>, Reply<Vec<ImportOutcome>>),
     Ping(Reply<()>),
     Shutdown(Reply<()>),
 }
@@ -146,7 +147,7 @@ pub struct EmbeddedStore {
     lock: Mutex<Option<DataDirLock>>,
 }
 
-fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+pub(crate) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Unavailable(Box::new(e))
 }
 
@@ -446,7 +447,7 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-fn endpoint_from_row(row: &Row<'_>) -> rusqlite::Result<Endpoint> {
+pub(crate) fn endpoint_from_row(row: &Row<'_>) -> rusqlite::Result<Endpoint> {
     let text = |i: usize| -> rusqlite::Result<String> { row.get(i) };
     let corrupt = |i: usize, e: String| {
         rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
@@ -468,7 +469,11 @@ fn endpoint_from_row(row: &Row<'_>) -> rusqlite::Result<Endpoint> {
     })
 }
 
-fn load(conn: &Connection, tenant: &str, id: &str) -> rusqlite::Result<Option<Endpoint>> {
+pub(crate) fn load(
+    conn: &Connection,
+    tenant: &str,
+    id: &str,
+) -> rusqlite::Result<Option<Endpoint>> {
     // A literal (not format!) so the hot path does not allocate to find its statement.
     const LOAD: &str = "SELECT incarnation, endpoint_id, app, app_version, \
         app_version_registered, created, metadata, metadata_updated, version, metadata_version \
@@ -503,6 +508,10 @@ enum Pending {
     Filter(Reply<EndpointFilter>, Result<EndpointFilter, StoreError>),
     Batch(Reply<BatchOutcome>, Result<BatchOutcome, StoreError>),
     Unit(Reply<()>, Result<(), StoreError>),
+    Import(
+        Reply<Vec<ImportOutcome>>,
+        Result<Vec<ImportOutcome>, StoreError>,
+    ),
 }
 
 impl Pending {
@@ -513,6 +522,7 @@ impl Pending {
             Self::Filter(_, Err(e)) => e,
             Self::Batch(_, Err(e)) => e,
             Self::Unit(_, Err(e)) => e,
+            Self::Import(_, Err(e)) => e,
             _ => return None,
         };
         match err {
@@ -528,6 +538,7 @@ impl Pending {
             Self::Filter(r, _) => drop(r.send(Err(err()))),
             Self::Batch(r, _) => drop(r.send(Err(err()))),
             Self::Unit(r, _) => drop(r.send(Err(err()))),
+            Self::Import(r, _) => drop(r.send(Err(err()))),
         }
     }
 
@@ -537,6 +548,7 @@ impl Pending {
             Self::Filter(r, v) => drop(r.send(v)),
             Self::Batch(r, v) => drop(r.send(v)),
             Self::Unit(r, v) => drop(r.send(v)),
+            Self::Import(r, v) => drop(r.send(v)),
         }
     }
 }
@@ -662,6 +674,15 @@ impl Writer {
                     Pending::Filter(reply, result)
                 }
                 Job::OutboxAck(last, reply) => Pending::Unit(reply, outbox_delete(&tx, last)),
+                Job::Import(records, reply) => {
+                    let result = crate::sqlite_export::import(
+                        &tx,
+                        &mut self.filters,
+                        records,
+                        &mut self.next_incarnation,
+                    );
+                    Pending::Import(reply, result)
+                }
                 Job::Ping(reply) | Job::Shutdown(reply) => Pending::Unit(reply, Ok(())),
             };
             match outcome.unexpected_error() {
@@ -799,6 +820,7 @@ fn reply_unavailable(job: Job, msg: &str) {
         Job::Execute(_, _, r) => drop(r.send(Err(err()))),
         Job::Batch(_, _, r) => drop(r.send(Err(err()))),
         Job::Filter(_, _, r) => drop(r.send(Err(err()))),
+        Job::Import(_, r) => drop(r.send(Err(err()))),
         Job::OutboxAck(_, r) | Job::Ping(r) | Job::Shutdown(r) => drop(r.send(Err(err()))),
     }
 }
@@ -1321,6 +1343,34 @@ impl Store for EmbeddedStore {
 
     fn set_outbox_waker(&self, waker: OutboxWaker) {
         *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker);
+    }
+
+    async fn export_tenants(&self) -> Result<Vec<TenantId>, StoreError> {
+        self.read(|c| crate::sqlite_export::tenants(c).map_err(unavailable))
+            .await
+    }
+
+    async fn export_endpoints(
+        &self,
+        tenant: &TenantId,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<EndpointExport>, StoreError> {
+        let tenant = tenant.clone();
+        self.read(move |c| {
+            crate::sqlite_export::endpoints(c, &tenant, after, limit).map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn export_filters(&self, tenant: &TenantId) -> Result<Vec<EndpointFilter>, StoreError> {
+        let tenant = tenant.clone();
+        self.read(move |c| crate::sqlite_export::filters(c, &tenant).map_err(unavailable))
+            .await
+    }
+
+    async fn import(&self, records: Vec<ImportRecord>) -> Result<Vec<ImportOutcome>, StoreError> {
+        self.write(|r| Job::Import(records, r)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -4,16 +4,20 @@
 //!   one group-committing writer thread and a pool of reader connections.
 //! - [`conformance`]: the behaviour every backend of [`epr_core::ports::Store`] must show,
 //!   written against the trait only.
+//! - [`backup`]: online backup (`VACUUM INTO` on a read-only connection) and restore of the
+//!   embedded store's data directory.
 //! - [`codec`]: the stored (JSON) form of outbox events and batch outcomes.
 //! - [`lock`]: the data directory lock (one open store per directory).
 //! - [`integrity`]: the database check at open and the corrupted state at run time.
 //! - `sqlite_filters`: saved filters in the embedded store (rows, live matching, back-fill).
 
+pub mod backup;
 pub mod codec;
 pub mod conformance;
 pub mod embedded;
 pub mod integrity;
 pub mod lock;
+mod sqlite_export;
 mod sqlite_filters;
 
 pub use embedded::{BackfillPace, EmbeddedConfig, EmbeddedStore};

@@ -17,7 +17,7 @@ use epr_core::endpoint_filter::{
 use epr_core::event::{FilterEvent, FilterEventKind, OutboxEvent};
 use epr_core::filter::Filter;
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
-use epr_core::ports::StoreError;
+use epr_core::ports::{ImportOutcome, StoreError};
 use epr_core::{DomainError, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde_json::{Map, Value};
@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS filter_matches(
 DROP INDEX IF EXISTS filter_matches_by_endpoint;
 ";
 
-const FILTER_COLUMNS: &str = "filter_id, app, name, description, query, status, matched, \
+pub(crate) const FILTER_COLUMNS: &str =
+    "filter_id, app, name, description, query, status, matched, \
     created, updated, version";
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -478,6 +479,66 @@ impl FilterCache {
         }
         events.extend(plan.events.into_iter().map(OutboxEvent::Filter));
         Ok(result)
+    }
+
+    /// Stores an imported filter's definition as a new pending filter whose back-fill derives
+    /// its membership over every endpoint up to `last_incarnation` (later ones are matched
+    /// live), exactly like a created one but without its `pending` event. An existing ID is
+    /// left alone; a name held by another filter is a conflict.
+    pub(crate) fn import(
+        &mut self,
+        conn: &Connection,
+        tenant: &TenantId,
+        f: &EndpointFilter,
+        last_incarnation: i64,
+    ) -> Result<ImportOutcome, StoreError> {
+        if load_filter(conn, tenant.as_str(), f.id.as_str())
+            .map_err(unavailable)?
+            .is_some()
+        {
+            return Ok(ImportOutcome::Exists);
+        }
+        match self.check_name_free(conn, tenant.as_str(), f) {
+            Ok(()) => {}
+            Err(StoreError::Rejected(e)) => return Ok(ImportOutcome::Conflict(e.to_string())),
+            Err(e) => return Err(e),
+        }
+        const CORRELATION: &str = "import";
+        conn.prepare_cached(&format!(
+            "INSERT INTO filters(tenant, {FILTER_COLUMNS}, backfill_after, backfill_until, \
+             backfill_correlation) VALUES(?1,?2,?3,?4,?5,?6,?7,0,?8,?9,?10,0,?11,?12)"
+        ))
+        .and_then(|mut s| {
+            s.execute(params![
+                tenant.as_str(),
+                f.id.as_str(),
+                f.app.as_str(),
+                f.spec.name,
+                f.spec.description,
+                Value::Object(f.spec.query.clone()).to_string(),
+                FilterStatus::Pending.as_str(),
+                f.created.0,
+                f.updated.0,
+                f.version as i64,
+                last_incarnation,
+                CORRELATION
+            ])
+        })
+        .map_err(unavailable)?;
+        self.apps
+            .entry((tenant.clone(), f.app.clone()))
+            .or_default()
+            .push(Cached {
+                id: f.id.clone(),
+                name: f.spec.name.clone(),
+                compiled: f.spec.compiled.clone(),
+                keys: f.spec.compiled.metadata_keys(),
+                backfill: Some(Backfill::new(last_incarnation)),
+                correlation: CORRELATION.into(),
+                matched: 0,
+                dirty: false,
+            });
+        Ok(ImportOutcome::Imported)
     }
 
     fn find_mut(

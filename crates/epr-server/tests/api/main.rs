@@ -1,6 +1,7 @@
 //! Black-box tests: the real server on port 0 with a temporary data directory, driven over
 //! HTTP. One test binary (faster to link); one module per area.
 
+mod backup;
 mod batch;
 mod crash;
 mod endpoints;

@@ -35,7 +35,13 @@ fn create_cmd(app_name: &str, id: &str, name: &str, query: Value) -> FilterComma
     }
 }
 
-async fn create(s: &dyn Store, t: &str, app_name: &str, id: &str, query: Value) -> EndpointFilter {
+pub(super) async fn create(
+    s: &dyn Store,
+    t: &str,
+    app_name: &str,
+    id: &str,
+    query: Value,
+) -> EndpointFilter {
     s.execute_filter(
         create_cmd(app_name, id, &format!("name of {id}"), query),
         ctx(t),
@@ -45,7 +51,7 @@ async fn create(s: &dyn Store, t: &str, app_name: &str, id: &str, query: Value) 
 }
 
 /// Polls until the filter is active (back-fill runs in the background).
-async fn wait_active(s: &dyn Store, t: &str, id: &str) -> EndpointFilter {
+pub(super) async fn wait_active(s: &dyn Store, t: &str, id: &str) -> EndpointFilter {
     for _ in 0..4000 {
         let f = s.get_filter(&tenant(t), &fid(id)).await.unwrap().unwrap();
         if f.status == FilterStatus::Active {
@@ -56,7 +62,7 @@ async fn wait_active(s: &dyn Store, t: &str, id: &str) -> EndpointFilter {
     panic!("filter {id} did not turn active in 20 s");
 }
 
-async fn members(s: &dyn Store, t: &str, id: &str) -> BTreeSet<String> {
+pub(super) async fn members(s: &dyn Store, t: &str, id: &str) -> BTreeSet<String> {
     s.filter_members(&tenant(t), &fid(id))
         .await
         .unwrap()
@@ -112,7 +118,7 @@ fn kind_of(e: &FilterEvent) -> String {
     }
 }
 
-async fn put(s: &dyn Store, t: &str, ep: &str, k: &str, v: Value) {
+pub(super) async fn put(s: &dyn Store, t: &str, ep: &str, k: &str, v: Value) {
     let cmd = Command::UpdateMetadata {
         id: id(ep),
         change: MetadataChange::PutKey(MetadataKey::parse(k, &Limits::default()).unwrap(), v),
@@ -121,7 +127,7 @@ async fn put(s: &dyn Store, t: &str, ep: &str, k: &str, v: Value) {
     s.execute(cmd, ctx(t)).await.expect("metadata update");
 }
 
-const KYIV: fn() -> Value =
+pub(super) const KYIV: fn() -> Value =
     || json!({"metadata": {"$elemMatch": {"key": "city", "value": "Kyiv"}}});
 
 pub(super) async fn filter_lifecycle(s: Arc<dyn Store>) {

@@ -1,0 +1,471 @@
+//! The operator subcommands: `backup`, `restore`, `export` and `import` (docs/operations.md).
+//!
+//! `backup` and `export` work while a server runs on the data directory: they read through a
+//! read-only connection of their own (`epr_store::backup`), never through the server's store.
+//! `restore` and `import` write a data directory, so its server must be stopped.
+
+use crate::export_format::{self as format, End, EndpointLine, FilterLine, Header, Line};
+use crate::Settings;
+use anyhow::{bail, Context};
+use epr_core::endpoint_filter::{FilterId, FilterStatus};
+use epr_core::ids::TenantId;
+use epr_core::metadata::Limits;
+use epr_core::ports::{ImportOutcome, ImportRecord, Store};
+use epr_store::backup::{self, BackupReport, Overwrite};
+use epr_store::{BackfillPace, EmbeddedConfig, EmbeddedStore};
+use serde::Serialize;
+use serde_json::json;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Endpoints read per export page and records per import transaction.
+const CHUNK: usize = 1000;
+
+/// Logs go to stderr: stdout carries the command's result (or the export itself).
+pub fn init_logging(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if settings.log.format == "json" {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CopyReport {
+    file: PathBuf,
+    bytes: u64,
+    endpoints: u64,
+    filters: u64,
+    outbox_events: u64,
+    seconds: f64,
+}
+
+impl From<BackupReport> for CopyReport {
+    fn from(r: BackupReport) -> Self {
+        Self {
+            file: r.file,
+            bytes: r.bytes,
+            endpoints: r.endpoints,
+            filters: r.filters,
+            outbox_events: r.outbox,
+            seconds: r.took.as_secs_f64(),
+        }
+    }
+}
+
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+/// `epr backup --to FILE`.
+pub fn backup(settings: &Settings, to: &Path) -> anyhow::Result<()> {
+    let report = backup::backup(&settings.store.data_dir, to).with_context(|| {
+        format!(
+            "backing up the store in '{}'",
+            settings.store.data_dir.display()
+        )
+    })?;
+    print_json(&CopyReport::from(report))
+}
+
+/// `epr restore --from FILE [--force]`.
+pub fn restore(settings: &Settings, from: &Path, force: bool) -> anyhow::Result<()> {
+    let overwrite = if force {
+        Overwrite::Store
+    } else {
+        Overwrite::Never
+    };
+    let report = backup::restore(from, &settings.store.data_dir, overwrite).with_context(|| {
+        format!(
+            "restoring '{}' into '{}'",
+            from.display(),
+            settings.store.data_dir.display()
+        )
+    })?;
+    print_json(&CopyReport::from(report))
+}
+
+fn store_config(settings: &Settings, data_dir: &Path) -> EmbeddedConfig {
+    let mut cfg = EmbeddedConfig::new(data_dir);
+    cfg.max_group = settings.store.max_group;
+    cfg.readers = 2;
+    cfg.batch_retention_ms = settings.store.batch_retention_hours as i64 * 3_600_000;
+    // As the server would: an `activated` event of an imported filter waits for NATS.
+    cfg.record_events = !settings.nats.url.is_empty();
+    cfg.cache_mib = settings.store.cache_mib;
+    cfg.backfill = BackfillPace {
+        step: Duration::from_millis(settings.store.backfill_step_ms),
+        batch: settings.store.backfill_batch,
+        pause: Duration::ZERO,
+    };
+    cfg
+}
+
+/// What an export wrote.
+#[derive(Serialize, Default)]
+pub struct Counts {
+    pub filters: u64,
+    pub endpoints: u64,
+}
+
+/// `epr export [--to FILE]`: a consistent export taken from a snapshot (a backup into a
+/// temporary directory, opened as a store), so it works beside a running server.
+pub async fn export(settings: &Settings, to: Option<&Path>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let data_dir = &settings.store.data_dir;
+    let tmp = tempfile::Builder::new()
+        .prefix("epr-export-")
+        .tempdir()
+        .context("creating a temporary directory for the snapshot (set TMPDIR)")?;
+    backup::backup(data_dir, &backup::database_file(tmp.path()))
+        .with_context(|| format!("taking a snapshot of '{}'", data_dir.display()))?;
+    let mut cfg = store_config(settings, tmp.path());
+    // Nothing publishes the snapshot's events.
+    cfg.record_events = false;
+    let store = EmbeddedStore::open(cfg).context("opening the snapshot")?;
+    let result = match to {
+        None => {
+            let stdout = std::io::stdout();
+            let mut out = BufWriter::new(stdout.lock());
+            export_to(&store, &mut out).await
+        }
+        Some(path) => export_to_file(&store, path).await,
+    };
+    store.shutdown().await;
+    let counts = result?;
+    let seconds = started.elapsed().as_secs_f64();
+    match to {
+        // Standard output carries the export itself.
+        None => eprintln!(
+            "exported {} filters and {} endpoints in {seconds:.1} s",
+            counts.filters, counts.endpoints
+        ),
+        Some(file) => print_json(&json!({
+            "file": file,
+            "filters": counts.filters,
+            "endpoints": counts.endpoints,
+            "seconds": seconds,
+        }))?,
+    }
+    Ok(())
+}
+
+async fn export_to_file(store: &dyn Store, path: &Path) -> anyhow::Result<Counts> {
+    if path.exists() {
+        bail!(
+            "'{}' exists; an export never overwrites a file",
+            path.display()
+        );
+    }
+    // Written under a temporary name and renamed once complete.
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(format!(".partial-{}", std::process::id()));
+    let partial = PathBuf::from(partial);
+    let result = async {
+        let file = std::fs::File::create(&partial)
+            .with_context(|| format!("creating '{}'", partial.display()))?;
+        let mut out = BufWriter::new(file);
+        let counts = export_to(store, &mut out).await?;
+        let file = out.into_inner().context("writing the export")?;
+        file.sync_all().context("syncing the export")?;
+        std::fs::rename(&partial, path)
+            .with_context(|| format!("renaming to '{}'", path.display()))?;
+        Ok(counts)
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
+fn write_line(out: &mut dyn Write, line: &Line) -> anyhow::Result<()> {
+    serde_json::to_writer(&mut *out, line)?;
+    out.write_all(b"\n").context("writing the export")?;
+    Ok(())
+}
+
+/// Writes every tenant's filters and endpoints through the [`Store`] trait (any backend).
+pub async fn export_to(store: &dyn Store, out: &mut dyn Write) -> anyhow::Result<Counts> {
+    write_line(
+        out,
+        &Line::Header(Header {
+            format: format::FORMAT.into(),
+            version: format::VERSION,
+            exported_at: now_millis(),
+            store_id: store.store_id(),
+        }),
+    )?;
+    let mut counts = Counts::default();
+    for tenant in store.export_tenants().await? {
+        for f in store.export_filters(&tenant).await? {
+            write_line(out, &Line::Filter(FilterLine::new(&tenant, &f)))?;
+            counts.filters += 1;
+        }
+        let mut after = 0;
+        loop {
+            let page = store.export_endpoints(&tenant, after, CHUNK).await?;
+            let Some(last) = page.last() else { break };
+            after = last.endpoint.incarnation;
+            for e in &page {
+                write_line(out, &Line::Endpoint(EndpointLine::from(e)))?;
+            }
+            counts.endpoints += page.len() as u64;
+        }
+    }
+    write_line(
+        out,
+        &Line::End(End {
+            filters: counts.filters,
+            endpoints: counts.endpoints,
+        }),
+    )?;
+    out.flush().context("writing the export")?;
+    Ok(counts)
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Serialize, Default)]
+struct Tally {
+    imported: u64,
+    existing: u64,
+    refused: u64,
+}
+
+#[derive(Serialize, Default)]
+struct ImportReport {
+    filters: Tally,
+    endpoints: Tally,
+    seconds: f64,
+}
+
+/// `epr import [--from FILE]`: the server of the data directory must be stopped.
+pub async fn import(settings: &Settings, from: Option<&Path>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let limits = settings.registry_settings().limits;
+    // Two passes (validate everything, then write), so stdin is spooled to a file first.
+    let spooled;
+    let path = match from {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let mut file = tempfile::NamedTempFile::new().context("spooling stdin")?;
+            std::io::copy(&mut std::io::stdin().lock(), &mut file).context("reading stdin")?;
+            spooled = file;
+            spooled.path().to_path_buf()
+        }
+    };
+    // Pass 1: a file with any bad line changes nothing.
+    let open = || -> anyhow::Result<Box<dyn Read>> {
+        Ok(Box::new(std::fs::File::open(&path).with_context(|| {
+            format!("opening '{}'", path.display())
+        })?))
+    };
+    validate_all(open()?, &limits)?;
+    let store = EmbeddedStore::open(store_config(settings, &settings.store.data_dir))
+        .with_context(|| {
+            format!(
+                "opening the store in '{}' (is its server stopped?)",
+                settings.store.data_dir.display()
+            )
+        })?;
+    let result = import_into(&store, open()?, &limits).await;
+    store.shutdown().await;
+    let mut report = result?;
+    report.seconds = started.elapsed().as_secs_f64();
+    print_json(&report)?;
+    let refused = report.filters.refused + report.endpoints.refused;
+    if refused > 0 {
+        bail!("{refused} records were refused (listed above); the others are imported");
+    }
+    Ok(())
+}
+
+/// The lines of an export with their numbers (from 1), checking the frame: a header of a
+/// known version first, an `end` line with the right counts last.
+struct Lines {
+    reader: BufReader<Box<dyn Read>>,
+    buf: String,
+    number: usize,
+    seen: (u64, u64),
+    ended: bool,
+}
+
+impl Lines {
+    fn new(input: Box<dyn Read>) -> Self {
+        Self {
+            reader: BufReader::new(input),
+            buf: String::new(),
+            number: 0,
+            seen: (0, 0),
+            ended: false,
+        }
+    }
+
+    /// The next line; `None` at the end of a complete export.
+    fn next(&mut self) -> anyhow::Result<Option<(usize, Line)>> {
+        self.buf.clear();
+        let n = self
+            .reader
+            .read_line(&mut self.buf)
+            .with_context(|| format!("line {}: cannot be read (not UTF-8?)", self.number + 1))?;
+        if n == 0 {
+            if self.number == 0 {
+                bail!("the input is empty");
+            }
+            if !self.ended {
+                bail!(
+                    "the input ends at line {} without an end line: it is truncated",
+                    self.number
+                );
+            }
+            return Ok(None);
+        }
+        self.number += 1;
+        let number = self.number;
+        if self.ended {
+            bail!("line {number}: content after the end line");
+        }
+        let text = self.buf.trim_end_matches(['\n', '\r']);
+        let line = format::parse(text).map_err(|e| anyhow::anyhow!("line {number}: {e}"))?;
+        match &line {
+            Line::Header(h) => {
+                if number != 1 {
+                    bail!("line {number}: a header may only be the first line");
+                }
+                if h.format != format::FORMAT {
+                    bail!(
+                        "line 1: format '{}' is not an EPR export ('{}')",
+                        h.format,
+                        format::FORMAT
+                    );
+                }
+                if h.version != format::VERSION {
+                    bail!(
+                        "line 1: export format version {} is not supported (this build reads {})",
+                        h.version,
+                        format::VERSION
+                    );
+                }
+            }
+            _ if number == 1 => bail!("line 1: the first line must be the header"),
+            Line::Filter(_) => self.seen.0 += 1,
+            Line::Endpoint(_) => self.seen.1 += 1,
+            Line::End(end) => {
+                if (end.filters, end.endpoints) != self.seen {
+                    bail!(
+                        "line {number}: the end line counts {} filters and {} endpoints, the \
+                         file has {} and {}",
+                        end.filters,
+                        end.endpoints,
+                        self.seen.0,
+                        self.seen.1
+                    );
+                }
+                self.ended = true;
+            }
+        }
+        Ok(Some((number, line)))
+    }
+}
+
+/// The record of a line (`None` for the header and end), validated.
+fn record(number: usize, line: Line, limits: &Limits) -> anyhow::Result<Option<ImportRecord>> {
+    match line {
+        Line::Filter(f) => f.validate().map(Some),
+        Line::Endpoint(e) => e.validate(limits).map(Some),
+        Line::Header(_) | Line::End(_) => Ok(None),
+    }
+    .map_err(|e| anyhow::anyhow!("line {number}: {e}"))
+}
+
+fn validate_all(input: Box<dyn Read>, limits: &Limits) -> anyhow::Result<()> {
+    let mut lines = Lines::new(input);
+    while let Some((number, line)) = lines.next()? {
+        record(number, line, limits)?;
+    }
+    Ok(())
+}
+
+/// Imports a validated export through the [`Store`] trait, [`CHUNK`] records per transaction,
+/// then waits until every imported filter is active (its back-fill done).
+async fn import_into(
+    store: &dyn Store,
+    input: Box<dyn Read>,
+    limits: &Limits,
+) -> anyhow::Result<ImportReport> {
+    let mut report = ImportReport::default();
+    let mut filters = Vec::new();
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut lines = Lines::new(input);
+    while let Some((number, line)) = lines.next()? {
+        if let Some(r) = record(number, line, limits)? {
+            chunk.push((number, r));
+        }
+        if chunk.len() == CHUNK {
+            import_chunk(store, std::mem::take(&mut chunk), &mut report, &mut filters).await?;
+        }
+    }
+    import_chunk(store, chunk, &mut report, &mut filters).await?;
+    for (tenant, id) in filters {
+        while let Some(f) = store.get_filter(&tenant, &id).await? {
+            if f.status != FilterStatus::Pending {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(report)
+}
+
+async fn import_chunk(
+    store: &dyn Store,
+    chunk: Vec<(usize, ImportRecord)>,
+    report: &mut ImportReport,
+    filters: &mut Vec<(TenantId, FilterId)>,
+) -> anyhow::Result<()> {
+    if chunk.is_empty() {
+        return Ok(());
+    }
+    let (numbers, records): (Vec<usize>, Vec<ImportRecord>) = chunk.into_iter().unzip();
+    let kinds: Vec<Option<(TenantId, FilterId)>> = records
+        .iter()
+        .map(|r| match r {
+            ImportRecord::Filter { tenant, filter } => Some((tenant.clone(), filter.id.clone())),
+            ImportRecord::Endpoint(_) => None,
+        })
+        .collect();
+    let outcomes = store.import(records).await?;
+    for ((number, kind), outcome) in numbers.into_iter().zip(kinds).zip(outcomes) {
+        let tally = if kind.is_some() {
+            &mut report.filters
+        } else {
+            &mut report.endpoints
+        };
+        match outcome {
+            ImportOutcome::Imported => {
+                tally.imported += 1;
+                filters.extend(kind);
+            }
+            ImportOutcome::Exists => tally.existing += 1,
+            ImportOutcome::Conflict(why) => {
+                tally.refused += 1;
+                eprintln!("line {number}: refused: {why}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! `epr backup` / `restore` / `export` / `import`, driven as child processes of the `epr`
+//! binary against a server running in this process (backup and export must work beside it).
+
+use crate::helpers::{spawn_app, spawn_settings, test_settings, TestApp};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// Runs `epr --data-dir DIR ARGS…` (async, so the server in this process keeps serving).
+async fn epr(data_dir: &Path, args: &[&OsStr]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_epr"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("EPR_CONFIG")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .await
+        .expect("the epr binary runs")
+}
+
+fn ok(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "epr failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+const KYIV: fn() -> Value =
+    || json!({"metadata": {"$elemMatch": {"key": "city", "value": "Kyiv"}}});
+
+async fn create_filter(app: &TestApp, name: &str) -> String {
+    let r = app
+        .send_json(
+            Method::POST,
+            "/applications/demo/filters",
+            &json!({"name": name, "mongoQuery": KYIV()}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn wait_active(app: &TestApp, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = app
+            .get(&format!("/applications/demo/filters/{id}"))
+            .await
+            .json::<Value>()
+            .await
+            .unwrap();
+        if f["status"] == "active" {
+            return f;
+        }
+        assert!(Instant::now() < deadline, "filter {id} still pending: {f}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every endpoint of `demo` (paged), by ID, with metadata.
+async fn all_endpoints(app: &TestApp, extra: &str) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    loop {
+        let page: Value = app
+            .get(&format!(
+                "/endpoints?applicationName=demo&include=metadata&limit=1000&offset={}{extra}",
+                out.len()
+            ))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let items = page["content"].as_array().unwrap();
+        if items.is_empty() {
+            return out;
+        }
+        for e in items {
+            out.insert(e["endpointId"].as_str().unwrap().to_owned(), e.clone());
+        }
+    }
+}
+
+async fn members(app: &TestApp, filter: &str) -> BTreeSet<String> {
+    all_endpoints(app, &format!("&filterId={filter}"))
+        .await
+        .into_keys()
+        .collect()
+}
+
+#[derive(Default)]
+struct Acked {
+    /// Registered endpoint → its `n`.
+    registered: Vec<(String, u64)>,
+    /// Per writer: (counter endpoint, last acknowledged `seq`, last attempted `seq`).
+    counters: Vec<(String, u64, u64)>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_under_write_load_restores_every_write_acknowledged_before_it() {
+    let app = spawn_app().await;
+    let filter = create_filter(&app, "kyiv").await;
+    wait_active(&app, &filter).await;
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let (client, base, acked, stop) = (
+            app.client.clone(),
+            app.url("/api/v1"),
+            acked.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let counter = format!("counter-{w}");
+            let r = client
+                .post(format!("{base}/endpoints"))
+                .json(&json!({"endpointId": counter, "appVersion": {"name": "demo-v1"}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+            let slot = {
+                let mut a = acked.lock().await;
+                a.counters.push((counter.clone(), 0, 0));
+                a.counters.len() - 1
+            };
+            for n in 1u64.. {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let id = format!("w{w}-{n}");
+                let city = if n.is_multiple_of(2) { "Kyiv" } else { "Lviv" };
+                let r = client
+                    .post(format!("{base}/endpoints"))
+                    .json(&json!({"endpointId": id, "appVersion": {"name": "demo-v1"},
+                                  "metadata": {"n": n, "city": city}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+                acked.lock().await.registered.push((id, n));
+                acked.lock().await.counters[slot].2 = n;
+                let r = client
+                    .put(format!("{base}/endpoints/{counter}/metadata/seq"))
+                    .json(&json!(n))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{}", r.status());
+                acked.lock().await.counters[slot].1 = n;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (before, counters_before) = {
+        let a = acked.lock().await;
+        (a.registered.clone(), a.counters.clone())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.sqlite3");
+    let out = epr(&app.data_dir, &[os("backup"), os("--to"), file.as_os_str()]).await;
+    let counters_after: Vec<u64> = acked.lock().await.counters.iter().map(|c| c.2).collect();
+    let during = acked.lock().await.registered.len() - before.len();
+    // The load goes on after the backup too.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let report = ok(&out);
+    assert!(before.len() > 50, "the load ran ({} writes)", before.len());
+    assert!(
+        report["endpoints"].as_u64().unwrap() >= before.len() as u64,
+        "{report}"
+    );
+
+    // The copy is an intact SQLite database.
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    drop(conn);
+
+    let restored_dir = dir.path().join("restored");
+    let out = epr(
+        &restored_dir,
+        &[os("restore"), os("--from"), file.as_os_str()],
+    )
+    .await;
+    ok(&out);
+    app.stop().await;
+    let restored = spawn_settings(test_settings(&restored_dir)).await;
+    let stored = all_endpoints(&restored, "").await;
+    // Every write acknowledged before the backup started is there.
+    for (id, n) in &before {
+        let e = stored
+            .get(id)
+            .unwrap_or_else(|| panic!("{id}, acknowledged before the backup, is missing"));
+        assert_eq!(e["metadata"]["n"], json!(n), "{id}");
+    }
+    // Writes acknowledged during the backup are whole or absent (one commit's state).
+    for (id, e) in &stored {
+        if let Some((_, n)) = id.strip_prefix('w').and_then(|r| r.split_once('-')) {
+            let n: u64 = n.parse().unwrap();
+            let city = if n.is_multiple_of(2) { "Kyiv" } else { "Lviv" };
+            assert_eq!(e["metadata"], json!({"n": n, "city": city}), "{id}");
+        }
+    }
+    for ((counter, acked_before, _), tried) in counters_before.iter().zip(&counters_after) {
+        let seq = stored[counter]["metadata"]
+            .get("seq")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        assert!(
+            seq >= *acked_before && seq <= *tried,
+            "{counter}: {seq} outside [{acked_before}, {tried}]"
+        );
+    }
+    // Stored membership agrees with the restored endpoints.
+    let f = wait_active(&restored, &filter).await;
+    let expected: BTreeSet<String> = stored
+        .iter()
+        .filter(|(_, e)| e["metadata"]["city"] == "Kyiv")
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(members(&restored, &filter).await, expected);
+    assert_eq!(f["matchedEndpointsCount"], json!(expected.len()));
+    eprintln!(
+        "backup test: {} writes before, {during} during the backup ({:.3} s)",
+        before.len(),
+        report["seconds"].as_f64().unwrap()
+    );
+    // Restoring into a directory that holds a store is refused without --force.
+    let out = epr(
+        &restored_dir,
+        &[os("restore"), os("--from"), file.as_os_str()],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not empty"));
+    restored.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_then_import_gives_the_same_endpoints_filters_and_memberships() {
+    let app = spawn_app().await;
+    let mut tokens = Vec::new();
+    for i in 0..30 {
+        let city = ["Kyiv", "Lviv", "Odesa"][i % 3];
+        let r = app
+            .post_endpoint(&json!({"endpointId": format!("ep-{i}"),
+                "appVersion": {"name": "demo-v1"}, "metadata": {"city": city, "i": i}}))
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        tokens.push(r.json::<Value>().await.unwrap()["token"].clone());
+    }
+    app.register("other-1", "other-v1", json!({"x": 1})).await;
+    // A metadata change and an application version change, so their dates differ.
+    let r = app
+        .send_json(Method::PUT, "/endpoints/ep-1/metadata/city", &json!("Kyiv"))
+        .await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let r = app
+        .send_json(
+            Method::PUT,
+            "/endpoints/ep-2/app-version",
+            &json!({"name": "demo-v2"}),
+        )
+        .await;
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let filter = create_filter(&app, "kyiv").await;
+    let source_filter = wait_active(&app, &filter).await;
+    let source = all_endpoints(&app, "").await;
+    let source_members = members(&app, &filter).await;
+
+    // Exported while the server runs.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("export.ndjson");
+    let report = ok(&epr(&app.data_dir, &[os("export"), os("--to"), file.as_os_str()]).await);
+    assert_eq!(
+        (&report["filters"], &report["endpoints"]),
+        (&json!(1), &json!(31))
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["type"], "header");
+    assert_eq!(lines[0]["version"], 1);
+    assert_eq!(lines.last().unwrap()["type"], "end");
+    assert_eq!(lines.len(), 1 + 1 + 31 + 1);
+
+    let target = dir.path().join("target");
+    let report = ok(&epr(&target, &[os("import"), os("--from"), file.as_os_str()]).await);
+    assert_eq!(report["endpoints"]["imported"], 31, "{report}");
+    assert_eq!(report["filters"]["imported"], 1, "{report}");
+    // A re-import (from stdin) changes nothing.
+    let again = tokio::process::Command::new(env!("CARGO_BIN_EXE_epr"))
+        .arg("--data-dir")
+        .arg(&target)
+        .arg("import")
+        .env_remove("EPR_CONFIG")
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .await
+        .unwrap();
+    let report = ok(&again);
+    assert_eq!(
+        (
+            &report["endpoints"]["imported"],
+            &report["endpoints"]["existing"],
+            &report["filters"]["existing"]
+        ),
+        (&json!(0), &json!(31), &json!(1)),
+        "{report}"
+    );
+
+    let imported = spawn_settings(test_settings(&target)).await;
+    assert_eq!(all_endpoints(&imported, "").await, source);
+    assert_eq!(imported.total("applicationName=other").await, 1);
+    let f = wait_active(&imported, &filter).await;
+    for field in [
+        "name",
+        "mongoQuery",
+        "createdDate",
+        "updatedDate",
+        "matchedEndpointsCount",
+    ] {
+        assert_eq!(f[field], source_filter[field], "{field}");
+    }
+    assert_eq!(members(&imported, &filter).await, source_members);
+    // Token hashes came along: a token issued before is still taken by its endpoint.
+    let r = imported
+        .post_endpoint(&json!({"appVersion": {"name": "demo-v1"}, "endpointToken": tokens[5]}))
+        .await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(r.json::<Value>().await.unwrap()["field"], "endpointToken");
+    // And the store serves writes normally, with live membership.
+    imported
+        .register("new-1", "demo-v1", json!({"city": "Kyiv"}))
+        .await;
+    assert!(members(&imported, &filter).await.contains("new-1"));
+    imported.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_import_names_its_line_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.ndjson");
+    let header = json!({"type": "header", "format": "epr-export", "version": 1,
+                        "exportedAt": 0, "storeId": "x"});
+    let good = json!({"type": "endpoint", "tenant": "default", "endpointId": "ep-1",
+        "applicationName": "demo", "appVersion": "demo-v1", "appVersionRegistered": 1,
+        "created": 1, "metadata": {}, "metadataUpdated": null, "version": 1,
+        "metadataVersion": 1, "tokenHash": "ab".repeat(32)});
+    let mut bad = good.clone();
+    bad["endpointId"] = json!("ep 2");
+    let end = json!({"type": "end", "filters": 0, "endpoints": 2});
+    let target = dir.path().join("target");
+    let cases: [(String, &str); 4] = [
+        (
+            format!("{header}\n{good}\n{bad}\n{end}\n"),
+            "line 3: field 'endpointId': must match ^[a-zA-Z0-9._~-]+$; ' ' is not allowed \
+             (rule 'pattern')",
+        ),
+        (format!("{header}\n{good}\n{{not json\n"), "line 3:"),
+        (format!("{header}\n{good}\n"), "truncated"),
+        (
+            format!(
+                "{}\n{good}\n",
+                json!({"type": "header", "format": "epr-export",
+                "version": 9, "exportedAt": 0, "storeId": "x"})
+            ),
+            "line 1: export format version 9",
+        ),
+    ];
+    for (content, expected) in cases {
+        std::fs::write(&file, content).unwrap();
+        let out = epr(&target, &[os("import"), os("--from"), file.as_os_str()]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(expected), "{expected:?} not in {stderr}");
+        assert!(!target.exists(), "nothing was written");
+    }
+}
