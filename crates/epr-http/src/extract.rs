@@ -4,7 +4,7 @@
 use crate::error::ApiError;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use epr_core::endpoint::Precondition;
 use serde::de::DeserializeOwned;
 
@@ -108,7 +108,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let message = match rule {
             "json" => format!("the request body is not valid JSON: {msg}"),
             "required" => format!("{field} is required"),
-            _ => format!("{field}: {msg}"),
+            _ => crate::wire_terms::type_error(&field, &msg),
         };
         ApiError::bad_request(field, rule, message)
     })
@@ -180,29 +180,73 @@ pub fn number_param(
     Ok(n)
 }
 
-/// The `If-Match` precondition of a write.
+/// The `If-Match` precondition of a write. A malformed header is `400` (field
+/// `If-Match`, rule `etag-list`), not a failed precondition: it is the client's bug.
 pub fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     match headers.get(header::IF_MATCH) {
         None => Ok(Precondition::None),
         Some(v) => {
-            let text = v.to_str().map_err(|_| {
-                ApiError::bad_request("If-Match", "etag-list", "If-Match must be ASCII")
-            })?;
+            let text = etag_list(v, "If-Match")?;
             Ok(Precondition::parse_if_match(text))
         }
     }
 }
 
-/// Whether `If-None-Match` names the current tag (weak comparison, RFC 9110 §13.1.2).
-pub fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
-    let Some(v) = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
+/// Whether `If-None-Match` names the current tag (weak comparison, RFC 9110 §13.1.2); a
+/// malformed header is `400` (field `If-None-Match`, rule `etag-list`).
+pub fn not_modified(headers: &HeaderMap, etag: &str) -> Result<bool, ApiError> {
+    let Some(v) = headers.get(header::IF_NONE_MATCH) else {
+        return Ok(false);
     };
+    let v = etag_list(v, "If-None-Match")?;
     let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();
-    v.trim() == "*" || v.split(',').any(|t| bare(t) == bare(etag))
+    Ok(v.trim() == "*" || v.split(',').any(|t| bare(t) == bare(etag)))
+}
+
+/// Checks a precondition header against RFC 9110: `*`, or a comma-separated list of
+/// entity tags (`"tag"` or `W/"tag"`, no quotes or controls inside). An empty list is
+/// refused too: a precondition naming no tag can only be a client bug.
+fn etag_list<'a>(v: &'a HeaderValue, name: &str) -> Result<&'a str, ApiError> {
+    let bad = |why: &str| {
+        ApiError::bad_request(
+            name,
+            "etag-list",
+            format!(
+                "{name} must be * or a comma-separated list of entity tags such as \"1-2\" \
+                 or W/\"1-2\" ({why})"
+            ),
+        )
+    };
+    let text = v.to_str().map_err(|_| bad("not ASCII"))?;
+    if text.trim() == "*" {
+        return Ok(text);
+    }
+    let mut tags = 0;
+    for item in text.split(',').map(str::trim) {
+        if item.is_empty() {
+            // RFC 9110 §5.6.1: empty list elements are ignored.
+            continue;
+        }
+        let opaque = item.strip_prefix("W/").unwrap_or(item);
+        let inner = opaque
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .ok_or_else(|| bad(&format!("'{item}' is not a quoted entity tag")))?;
+        // etagc = %x21 / %x23-7E (obs-text is not ASCII, refused above).
+        if inner
+            .bytes()
+            .any(|b| b == b'"' || !(0x21..=0x7e).contains(&b))
+        {
+            return Err(bad(&format!(
+                "'{item}' has a character not allowed in a tag"
+            )));
+        }
+        tags += 1;
+    }
+    if tags == 0 {
+        return Err(bad("no entity tag given"));
+    }
+    Ok(text)
 }
 
 /// The request's correlation ID: `X-Request-Id` when the caller sent a sane one, else new.

@@ -62,11 +62,11 @@ pub(crate) fn json_bytes_response(
 }
 
 /// A read answer honouring `If-None-Match`.
-fn read_response(headers: &HeaderMap, body: &impl Serialize, etag: &str) -> Response {
-    if not_modified(headers, etag) {
-        return not_modified_response(etag);
+fn read_response(headers: &HeaderMap, body: &impl Serialize, etag: &str) -> Result<Response> {
+    if not_modified(headers, etag)? {
+        return Ok(not_modified_response(etag));
     }
-    json_response(StatusCode::OK, body, Some(etag))
+    Ok(json_response(StatusCode::OK, body, Some(etag)))
 }
 
 pub(crate) fn not_modified_response(etag: &str) -> Response {
@@ -231,7 +231,7 @@ pub async fn list(
     if let Some(v) = single_param(&pairs, "applicationVersionName")? {
         q.app_version = Some(AppVersionName::parse(v).map_err(|e| e.at("applicationVersionName"))?);
     }
-    for id in list_param(&pairs, "endpointId") {
+    for id in endpoint_id_param(&pairs)? {
         q.endpoint_ids.push(EndpointId::parse(&id)?);
     }
     for (k, v) in &pairs {
@@ -259,10 +259,30 @@ pub async fn list(
     };
     let bytes = serde_json::to_vec(&dto).unwrap_or_default();
     let etag = body_etag(&bytes);
-    if not_modified(&headers, &etag) {
+    if not_modified(&headers, &etag)? {
         return Ok(not_modified_response(&etag));
     }
     Ok(json_bytes_response(StatusCode::OK, bytes, Some(&etag)))
+}
+
+/// The `endpointId` values of a listing. A given but empty parameter (`endpointId=`,
+/// `endpointId=,`) is refused: dropping it would widen the answer to every endpoint.
+fn endpoint_id_param(pairs: &[(String, String)]) -> Result<Vec<String>> {
+    let given = pairs.iter().any(|(k, _)| k == "endpointId");
+    let ids = list_param(pairs, "endpointId");
+    let has_empty = pairs
+        .iter()
+        .filter(|(k, _)| k == "endpointId")
+        .any(|(_, v)| v.split(',').any(|id| id.trim().is_empty()));
+    if given && (ids.is_empty() || has_empty) {
+        return Err(ApiError::bad_request(
+            "endpointId",
+            "required",
+            "endpointId, when given, must list endpoint IDs (comma-separated); an empty ID \
+             would match nothing, so it is refused",
+        ));
+    }
+    Ok(ids)
 }
 
 /// A weak tag over a computed body: equal bodies, equal tags.
@@ -288,12 +308,14 @@ pub async fn get(
         &matched_filters(&s, include, std::slice::from_ref(&ep.id)).await?,
     );
     if include.filters {
+        // Checked for its form only: a malformed header is refused on every read.
+        not_modified(&headers, "")?;
         // Membership changes (a filter created, activated, deleted) leave the endpoint's
         // tag as it is, so that tag cannot validate this body: never `304`. The header
         // stays the endpoint's tag, for `If-Match` on later writes.
         return Ok(json_response(StatusCode::OK, &body, Some(&ep.etag())));
     }
-    Ok(read_response(&headers, &body, &ep.etag()))
+    read_response(&headers, &body, &ep.etag())
 }
 
 /// `DELETE /endpoints/{endpointId}`
@@ -322,7 +344,7 @@ pub async fn get_app_version(
         name: ep.app_version.to_string(),
         registered_date: dto::iso(ep.app_version_registered),
     };
-    Ok(read_response(&headers, &body, &ep.etag()))
+    read_response(&headers, &body, &ep.etag())
 }
 
 /// `PUT /endpoints/{endpointId}/app-version`, body `{"name": "<appVersionName>"}`
@@ -368,7 +390,7 @@ pub async fn get_metadata(
                 .collect(),
         )
     };
-    Ok(read_response(&headers, &body, &ep.metadata_etag()))
+    read_response(&headers, &body, &ep.metadata_etag())
 }
 
 async fn change_metadata(
@@ -449,7 +471,7 @@ pub async fn get_metadata_key(
             key.as_str(),
         ))
     })?;
-    Ok(read_response(&headers, value, &ep.metadata_etag()))
+    read_response(&headers, value, &ep.metadata_etag())
 }
 
 /// `PUT /endpoints/{endpointId}/metadata/{metadataKey}`: body is the raw JSON value.
@@ -488,7 +510,7 @@ pub async fn endpoint_metadata_keys(
     let id = endpoint_id(&path(p)?)?;
     let ep = s.registry.get(&s.tenant, &id).await?;
     let keys: Vec<&String> = ep.metadata.keys().collect();
-    Ok(read_response(&headers, &keys, &ep.metadata_etag()))
+    read_response(&headers, &keys, &ep.metadata_etag())
 }
 
 /// `GET /applications/{applicationName}/metadata-keys`: `{appVersionName: [keys]}`.
@@ -529,9 +551,12 @@ pub async fn batch_register(
         .register_batch(&s.tenant, &version, inputs, &correlation_id(&headers))
         .await?;
     let base = uri.path().trim_end_matches('/').trim_end_matches("/batch");
-    let location = format!(
-        "{base}/batch/status?appName={}&taskId={}",
-        report.outcome.app, report.outcome.task_id
+    let location = absolute_url(
+        &headers,
+        &format!(
+            "{base}/batch/status?appName={}&taskId={}",
+            report.outcome.app, report.outcome.task_id
+        ),
     );
     let resp = json_response(
         StatusCode::ACCEPTED,

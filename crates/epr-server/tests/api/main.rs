@@ -12,3 +12,4 @@ mod metadata;
 mod nats_protocols;
 mod nats_support;
 mod ops;
+mod strict;
