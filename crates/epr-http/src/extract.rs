@@ -121,16 +121,28 @@ pub fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// All values of a parameter, with comma-separated lists split.
-pub fn list_param(pairs: &[(String, String)], name: &str) -> Vec<String> {
-    pairs
-        .iter()
-        .filter(|(k, _)| k == name)
-        .flat_map(|(_, v)| v.split(','))
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned)
-        .collect()
+/// All values of a parameter, with comma-separated lists split. Values are taken as
+/// given (not trimmed: a space is part of a metadata key). An empty value (`name=`,
+/// `name=a,,b`) is refused (rule `required`): dropping it would answer something else
+/// than was asked, e.g. every endpoint for `endpointId=`.
+pub fn list_param(pairs: &[(String, String)], name: &str) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::new();
+    for (_, v) in pairs.iter().filter(|(k, _)| k == name) {
+        for item in v.split(',') {
+            if item.is_empty() {
+                return Err(ApiError::bad_request(
+                    name,
+                    "required",
+                    format!(
+                        "{name} must not be empty: give one or more values (comma-separated \
+                         or repeated), or leave the parameter out"
+                    ),
+                ));
+            }
+            out.push(item.to_owned());
+        }
+    }
+    Ok(out)
 }
 
 /// The single value of a parameter; repeated values are refused.
@@ -163,7 +175,7 @@ pub fn number_param(
     let Some(raw) = single_param(pairs, name)? else {
         return Ok(default);
     };
-    let n: u64 = raw.trim().parse().map_err(|_| {
+    let n: u64 = raw.parse().map_err(|_| {
         ApiError::bad_request(
             name,
             "integer",

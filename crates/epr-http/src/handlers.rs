@@ -105,7 +105,7 @@ pub(crate) fn require_json(body: &RawBody) -> Result<()> {
 
 fn include_param(pairs: &[(String, String)]) -> Result<Include> {
     let mut include = Include::default();
-    for v in list_param(pairs, "include") {
+    for v in list_param(pairs, "include")? {
         match v.as_str() {
             "metadata" => include.metadata = true,
             "filters" => include.filters = true,
@@ -231,7 +231,7 @@ pub async fn list(
     if let Some(v) = single_param(&pairs, "applicationVersionName")? {
         q.app_version = Some(AppVersionName::parse(v).map_err(|e| e.at("applicationVersionName"))?);
     }
-    for id in endpoint_id_param(&pairs)? {
+    for id in list_param(&pairs, "endpointId")? {
         q.endpoint_ids.push(EndpointId::parse(&id)?);
     }
     for (k, v) in &pairs {
@@ -263,26 +263,6 @@ pub async fn list(
         return Ok(not_modified_response(&etag));
     }
     Ok(json_bytes_response(StatusCode::OK, bytes, Some(&etag)))
-}
-
-/// The `endpointId` values of a listing. A given but empty parameter (`endpointId=`,
-/// `endpointId=,`) is refused: dropping it would widen the answer to every endpoint.
-fn endpoint_id_param(pairs: &[(String, String)]) -> Result<Vec<String>> {
-    let given = pairs.iter().any(|(k, _)| k == "endpointId");
-    let ids = list_param(pairs, "endpointId");
-    let has_empty = pairs
-        .iter()
-        .filter(|(k, _)| k == "endpointId")
-        .any(|(_, v)| v.split(',').any(|id| id.trim().is_empty()));
-    if given && (ids.is_empty() || has_empty) {
-        return Err(ApiError::bad_request(
-            "endpointId",
-            "required",
-            "endpointId, when given, must list endpoint IDs (comma-separated); an empty ID \
-             would match nothing, so it is refused",
-        ));
-    }
-    Ok(ids)
 }
 
 /// A weak tag over a computed body: equal bodies, equal tags.
@@ -376,7 +356,7 @@ pub async fn get_metadata(
     p: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
     let id = endpoint_id(&path(p)?)?;
-    let keys = list_param(&query_pairs(uri.query()), "include");
+    let keys = list_param(&query_pairs(uri.query()), "include")?;
     let ep = s.registry.get(&s.tenant, &id).await?;
     let body = if keys.is_empty() {
         ep.metadata.to_value()

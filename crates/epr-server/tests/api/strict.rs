@@ -16,14 +16,27 @@ async fn empty_endpoint_id_is_400_not_every_endpoint() {
     for q in [
         "endpointId=",
         "endpointId=,",
-        "endpointId=%20",
         "endpointId=e1,",
+        "endpointId=e1,,e2",
         "endpointId=e1&endpointId=",
     ] {
         let r = app.get(&format!("/endpoints?{q}")).await;
         assert_error(r, StatusCode::BAD_REQUEST, "endpointId", "required").await;
     }
+    // Values are not trimmed: a space is not part of any endpoint ID.
+    let r = app.get("/endpoints?endpointId=%20e1").await;
+    assert_error(r, StatusCode::BAD_REQUEST, "endpointId", "pattern").await;
     assert_eq!(app.total("endpointId=e1,e2").await, 2);
+    assert_eq!(app.total("endpointId=e1&endpointId=e2").await, 2);
+    // The same for the other list parameters: an empty `include` is not "everything".
+    for path in [
+        "/endpoints?include=",
+        "/endpoints/e1?include=metadata,",
+        "/endpoints/e1/metadata?include=",
+    ] {
+        let r = app.get(path).await;
+        assert_error(r, StatusCode::BAD_REQUEST, "include", "required").await;
+    }
 }
 
 #[tokio::test]
