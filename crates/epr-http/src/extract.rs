@@ -233,27 +233,44 @@ fn etag_list<'a>(v: &'a HeaderValue, name: &str) -> Result<&'a str, ApiError> {
     if text.trim() == "*" {
         return Ok(text);
     }
-    let mut tags = 0;
-    for item in text.split(',').map(str::trim) {
-        if item.is_empty() {
-            // RFC 9110 §5.6.1: empty list elements are ignored.
-            continue;
+    // A tag may itself contain commas, so scan quoted strings rather than split.
+    let bytes = text.as_bytes();
+    let (mut i, mut tags) = (0, 0);
+    let skip = |i: &mut usize, set: &[u8]| {
+        while *i < bytes.len() && set.contains(&bytes[*i]) {
+            *i += 1;
         }
-        let opaque = item.strip_prefix("W/").unwrap_or(item);
-        let inner = opaque
-            .strip_prefix('"')
-            .and_then(|t| t.strip_suffix('"'))
-            .ok_or_else(|| bad(&format!("'{item}' is not a quoted entity tag")))?;
+    };
+    loop {
+        // RFC 9110 §5.6.1: empty list elements are ignored.
+        skip(&mut i, b" \t,");
+        if i == bytes.len() {
+            break;
+        }
+        let start = i;
+        if bytes[i..].starts_with(b"W/") {
+            i += 2;
+        }
+        if bytes.get(i) != Some(&b'"') {
+            return Err(bad(&format!("'{}' is not a quoted entity tag", &text[start..])));
+        }
+        i += 1;
         // etagc = %x21 / %x23-7E (obs-text is not ASCII, refused above).
-        if inner
-            .bytes()
-            .any(|b| b == b'"' || !(0x21..=0x7e).contains(&b))
-        {
-            return Err(bad(&format!(
-                "'{item}' has a character not allowed in a tag"
-            )));
+        while i < bytes.len() && bytes[i] != b'"' {
+            if !(bytes[i] == 0x21 || (0x23..=0x7e).contains(&bytes[i])) {
+                return Err(bad("a tag holds a character that tags cannot hold"));
+            }
+            i += 1;
         }
+        if i == bytes.len() {
+            return Err(bad("an entity tag is not closed by a quote"));
+        }
+        i += 1;
         tags += 1;
+        skip(&mut i, b" \t");
+        if i < bytes.len() && bytes[i] != b',' {
+            return Err(bad("entity tags must be separated by commas"));
+        }
     }
     if tags == 0 {
         return Err(bad("no entity tag given"));
