@@ -4,7 +4,7 @@
 #
 # Idempotent: Schemathesis (pinned) is installed once into a virtualenv under $RUN_DIR;
 # python3-venv is installed with apt when the machine lacks it. Bounded: the run stops
-# after SCHEMATHESIS_MAX_TIME seconds (default 100). Can be run alone:
+# after SCHEMATHESIS_MAX_TIME seconds (default 90). Can be run alone:
 #   scripts/schemathesis.sh            # builds the debug binary if needed
 #   EPR_BIN=target/release/epr scripts/schemathesis.sh
 # Check configuration (and the reason for each relaxation) is in scripts/schemathesis.toml.
@@ -14,7 +14,7 @@ ROOT=$PWD
 RUN_DIR=${RUN_DIR:-${TMPDIR:-/tmp}/epr-services}
 SCHEMATHESIS_VERSION=4.32.5
 VENV="$RUN_DIR/schemathesis-$SCHEMATHESIS_VERSION"
-MAX_TIME=${SCHEMATHESIS_MAX_TIME:-100}
+MAX_TIME=${SCHEMATHESIS_MAX_TIME:-90}
 mkdir -p "$RUN_DIR"
 
 # --- Schemathesis, pinned, in its own virtualenv
@@ -77,7 +77,7 @@ timeout $((MAX_TIME + 60)) "$VENV/bin/st" --config-file "$ROOT/scripts/schemathe
   --checks all \
   --max-time "$MAX_TIME" \
   --seed "${SCHEMATHESIS_SEED:-20261206}" \
-  --workers 2 \
+  --workers 1 \
   --generation-database none \
   --no-color || status=$?
 if [ "$status" != 0 ]; then

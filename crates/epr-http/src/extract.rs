@@ -252,7 +252,10 @@ fn etag_list<'a>(v: &'a HeaderValue, name: &str) -> Result<&'a str, ApiError> {
             i += 2;
         }
         if bytes.get(i) != Some(&b'"') {
-            return Err(bad(&format!("'{}' is not a quoted entity tag", &text[start..])));
+            return Err(bad(&format!(
+                "'{}' is not a quoted entity tag",
+                &text[start..]
+            )));
         }
         i += 1;
         // etagc = %x21 / %x23-7E (obs-text is not ASCII, refused above).

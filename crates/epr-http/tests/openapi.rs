@@ -279,7 +279,11 @@ fn json_patch_operations_require_their_members() {
             vec!["add", "replace", "test"],
             vec!["op", "path", "value"],
         ),
-        ("JsonPatchRemoveOperation", vec!["remove"], vec!["op", "path"]),
+        (
+            "JsonPatchRemoveOperation",
+            vec!["remove"],
+            vec!["op", "path"],
+        ),
         (
             "JsonPatchFromOperation",
             vec!["move", "copy"],

@@ -293,7 +293,7 @@ async fn malformed_preconditions_are_400_and_change_nothing() {
     // Well-formed tags that do not match are still 412.
     let r = app
         .api(Method::DELETE, "/endpoints/e1")
-        .header("if-match", "\"nope\", W/\"weak\"")
+        .header("if-match", "\"nope\", W/\"weak\", \"a,b\"")
         .send()
         .await
         .unwrap();
