@@ -252,10 +252,8 @@ fn etag_list<'a>(v: &'a HeaderValue, name: &str) -> Result<&'a str, ApiError> {
             i += 2;
         }
         if bytes.get(i) != Some(&b'"') {
-            return Err(bad(&format!(
-                "'{}' is not a quoted entity tag",
-                &text[start..]
-            )));
+            let item: String = text[start..].chars().take(64).collect();
+            return Err(bad(&format!("'{item}' is not a quoted entity tag")));
         }
         i += 1;
         // etagc = %x21 / %x23-7E (obs-text is not ASCII, refused above).
