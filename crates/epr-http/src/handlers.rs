@@ -27,7 +27,15 @@ pub(crate) type Result<T> = std::result::Result<T, ApiError>;
 
 pub(crate) fn path<T>(p: std::result::Result<Path<T>, PathRejection>) -> Result<T> {
     p.map(|Path(v)| v).map_err(|rej| {
-        ApiError::new(StatusCode::BAD_REQUEST, rej.body_text()).with("path", "path-parameter")
+        let text = rej.body_text();
+        // axum names the parameter in backticks (`Invalid UTF-8 in `endpointId``).
+        let field = text
+            .split('`')
+            .nth(1)
+            .filter(|name| !name.is_empty())
+            .unwrap_or("path")
+            .to_owned();
+        ApiError::new(StatusCode::BAD_REQUEST, text).with(field, "path-parameter")
     })
 }
 

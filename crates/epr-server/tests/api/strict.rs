@@ -232,6 +232,9 @@ async fn type_errors_speak_json_not_rust() {
         assert_eq!(answer["field"], field, "{ctx}: {answer}");
         assert_json_terms(&answer, &ctx);
     }
+    // Path parameters that are not UTF-8 name the parameter too.
+    let r = app.get("/endpoints/%FF").await;
+    assert_error(r, StatusCode::BAD_REQUEST, "endpointId", "path-parameter").await;
     let r = app
         .send_json(Method::POST, "/endpoints", &json!({"appVersion": 5}))
         .await;
@@ -395,6 +398,28 @@ async fn json_patch_errors_name_the_path() {
         let body = assert_error(r, StatusCode::BAD_REQUEST, index, "json-patch").await;
         let msg = body["message"].as_str().unwrap();
         assert!(msg.contains(&format!("'{path}'")), "{patch}: {msg}");
+    }
+    // The members each operation needs, as the OpenAPI document declares them.
+    for (patch, field) in [
+        (json!([{"op": "add", "path": "/x"}]), "[0].value"),
+        (json!([{"op": "test", "path": "/a"}]), "[0].value"),
+        (
+            json!([{"op": "remove", "path": "/a"}, {"op": "copy", "path": "/y"}]),
+            "[1].from",
+        ),
+    ] {
+        let r = app
+            .api(Method::PATCH, "/endpoints/e1/metadata")
+            .header("content-type", "application/json-patch+json")
+            .body(patch.to_string())
+            .send()
+            .await
+            .unwrap();
+        let body = assert_error(r, StatusCode::BAD_REQUEST, field, "json-patch").await;
+        assert!(
+            body["message"].as_str().unwrap().contains("required"),
+            "{body}"
+        );
     }
     let md: Value = app
         .get("/endpoints/e1/metadata")
