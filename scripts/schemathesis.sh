@@ -62,12 +62,13 @@ EOF
 # Without NATS (no nats.url): the API is the same, events are simply not recorded.
 env -u EPR_APPLICATIONS "$EPR_BIN" --config "$WORK/epr.yaml" >"$WORK/epr.log" 2>&1 &
 EPR_PID=$!
+ready() { python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' "$BASE/health/ready" 2>/dev/null; }
 for _ in $(seq 100); do
-  curl -fsS "$BASE/health/ready" >/dev/null 2>&1 && break
+  ready && break
   kill -0 "$EPR_PID" 2>/dev/null || { cat "$WORK/epr.log" >&2; exit 1; }
   sleep 0.1
 done
-curl -fsS "$BASE/health/ready" >/dev/null
+ready || { echo "epr did not become ready" >&2; cat "$WORK/epr.log" >&2; exit 1; }
 
 # --- The run: every check, every phase, a fixed seed (reproducible), a time budget
 echo "== schemathesis $SCHEMATHESIS_VERSION against $BASE (at most ${MAX_TIME}s)"
