@@ -73,11 +73,14 @@ fn got_json(got: &str) -> String {
         "map" => "an object".to_owned(),
         "sequence" => "an array".to_owned(),
         "unit" | "null" => "null".to_owned(),
+        // The string sent, as serde quotes it (JSON-escaped).
+        _ if g.starts_with("string \"") => format!("the {g}"),
+        // serde puts numbers and booleans in backticks; JSON needs no quoting.
         _ => g
             .replace("integer `", "the number `")
             .replace("floating point `", "the number `")
             .replace("boolean `", "`")
-            .replace("string \"", "the string \""),
+            .replace('`', ""),
     }
 }
 
@@ -117,7 +120,7 @@ mod tests {
                 "appVersion",
                 "invalid type: integer `5`, expected struct AppVersionRef at line 1 column 16"
             ),
-            "appVersion must be a JSON object, not the number `5`"
+            "appVersion must be a JSON object, not the number 5"
         );
         assert_eq!(
             type_error("endpoints", "invalid type: map, expected a sequence"),
@@ -132,7 +135,7 @@ mod tests {
                 "[0]",
                 "invalid type: integer `5`, expected internally tagged enum PatchOperation"
             ),
-            "[0] must be a JSON object with an \"op\" member, not the number `5`"
+            "[0] must be a JSON object with an \"op\" member, not the number 5"
         );
         assert_eq!(
             type_error("x", "something about Option<Vec<String>>"),

@@ -241,7 +241,7 @@ async fn type_errors_speak_json_not_rust() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(
         body["message"],
-        "appVersion must be a JSON object, not the number `5`"
+        "appVersion must be a JSON object, not the number 5"
     );
 }
 
