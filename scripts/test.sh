@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine with only the Rust toolchain:
 # starts the services tests need (installing them when absent), then format check,
-# clippy with warnings denied, and every test of the workspace.
+# clippy with warnings denied, every test of the workspace, and the property-based API
+# tests (Schemathesis against a running server, scripts/schemathesis.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/services-up.sh)"
@@ -13,3 +14,5 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== schemathesis"
+scripts/schemathesis.sh

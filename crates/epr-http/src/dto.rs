@@ -203,6 +203,8 @@ pub struct BatchAccepted {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchCreatedDto {
+    /// The item's position in the request's `endpoints` (from 0).
+    pub index: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint_token: Option<String>,
     pub endpoint_id: String,
@@ -212,6 +214,8 @@ pub struct BatchCreatedDto {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchFailedDto {
+    /// The item's position in the request's `endpoints` (from 0).
+    pub index: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -244,6 +248,7 @@ impl BatchStatusDto {
                 .created
                 .iter()
                 .map(|c| BatchCreatedDto {
+                    index: c.index,
                     endpoint_token: token(c.index),
                     endpoint_id: c.endpoint_id.to_string(),
                     metadata: c.metadata.to_value(),
@@ -253,6 +258,7 @@ impl BatchStatusDto {
                 .failed
                 .iter()
                 .map(|f| BatchFailedDto {
+                    index: f.index,
                     endpoint_token: token(f.index),
                     endpoint_id: f.endpoint_id.clone(),
                     metadata: f.metadata_text.clone(),

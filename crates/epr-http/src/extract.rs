@@ -4,7 +4,7 @@
 use crate::error::ApiError;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use epr_core::endpoint::Precondition;
 use serde::de::DeserializeOwned;
 
@@ -108,7 +108,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let message = match rule {
             "json" => format!("the request body is not valid JSON: {msg}"),
             "required" => format!("{field} is required"),
-            _ => format!("{field}: {msg}"),
+            _ => crate::wire_terms::type_error(&field, &msg),
         };
         ApiError::bad_request(field, rule, message)
     })
@@ -121,16 +121,28 @@ pub fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// All values of a parameter, with comma-separated lists split.
-pub fn list_param(pairs: &[(String, String)], name: &str) -> Vec<String> {
-    pairs
-        .iter()
-        .filter(|(k, _)| k == name)
-        .flat_map(|(_, v)| v.split(','))
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned)
-        .collect()
+/// All values of a parameter, with comma-separated lists split. Values are taken as
+/// given (not trimmed: a space is part of a metadata key). An empty value (`name=`,
+/// `name=a,,b`) is refused (rule `required`): dropping it would answer something else
+/// than was asked, e.g. every endpoint for `endpointId=`.
+pub fn list_param(pairs: &[(String, String)], name: &str) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::new();
+    for (_, v) in pairs.iter().filter(|(k, _)| k == name) {
+        for item in v.split(',') {
+            if item.is_empty() {
+                return Err(ApiError::bad_request(
+                    name,
+                    "required",
+                    format!(
+                        "{name} must not be empty: give one or more values (comma-separated \
+                         or repeated), or leave the parameter out"
+                    ),
+                ));
+            }
+            out.push(item.to_owned());
+        }
+    }
+    Ok(out)
 }
 
 /// The single value of a parameter; repeated values are refused.
@@ -163,7 +175,7 @@ pub fn number_param(
     let Some(raw) = single_param(pairs, name)? else {
         return Ok(default);
     };
-    let n: u64 = raw.trim().parse().map_err(|_| {
+    let n: u64 = raw.parse().map_err(|_| {
         ApiError::bad_request(
             name,
             "integer",
@@ -180,29 +192,91 @@ pub fn number_param(
     Ok(n)
 }
 
-/// The `If-Match` precondition of a write.
+/// The `If-Match` precondition of a write. A malformed header is `400` (field
+/// `If-Match`, rule `etag-list`), not a failed precondition: it is the client's bug.
 pub fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     match headers.get(header::IF_MATCH) {
         None => Ok(Precondition::None),
         Some(v) => {
-            let text = v.to_str().map_err(|_| {
-                ApiError::bad_request("If-Match", "etag-list", "If-Match must be ASCII")
-            })?;
+            let text = etag_list(v, "If-Match")?;
             Ok(Precondition::parse_if_match(text))
         }
     }
 }
 
-/// Whether `If-None-Match` names the current tag (weak comparison, RFC 9110 §13.1.2).
-pub fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
-    let Some(v) = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
+/// Whether `If-None-Match` names the current tag (weak comparison, RFC 9110 §13.1.2); a
+/// malformed header is `400` (field `If-None-Match`, rule `etag-list`).
+pub fn not_modified(headers: &HeaderMap, etag: &str) -> Result<bool, ApiError> {
+    let Some(v) = headers.get(header::IF_NONE_MATCH) else {
+        return Ok(false);
     };
+    let v = etag_list(v, "If-None-Match")?;
     let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();
-    v.trim() == "*" || v.split(',').any(|t| bare(t) == bare(etag))
+    Ok(v.trim() == "*" || v.split(',').any(|t| bare(t) == bare(etag)))
+}
+
+/// Checks a precondition header against RFC 9110: `*`, or a comma-separated list of
+/// entity tags (`"tag"` or `W/"tag"`, no quotes or controls inside). An empty list is
+/// refused too: a precondition naming no tag can only be a client bug.
+fn etag_list<'a>(v: &'a HeaderValue, name: &str) -> Result<&'a str, ApiError> {
+    let bad = |why: &str| {
+        ApiError::bad_request(
+            name,
+            "etag-list",
+            format!(
+                "{name} must be * or a comma-separated list of entity tags such as \"1-2\" \
+                 or W/\"1-2\" ({why})"
+            ),
+        )
+    };
+    let text = v.to_str().map_err(|_| bad("not ASCII"))?;
+    if text.trim() == "*" {
+        return Ok(text);
+    }
+    // A tag may itself contain commas, so scan quoted strings rather than split.
+    let bytes = text.as_bytes();
+    let (mut i, mut tags) = (0, 0);
+    let skip = |i: &mut usize, set: &[u8]| {
+        while *i < bytes.len() && set.contains(&bytes[*i]) {
+            *i += 1;
+        }
+    };
+    loop {
+        // RFC 9110 §5.6.1: empty list elements are ignored.
+        skip(&mut i, b" \t,");
+        if i == bytes.len() {
+            break;
+        }
+        let start = i;
+        if bytes[i..].starts_with(b"W/") {
+            i += 2;
+        }
+        if bytes.get(i) != Some(&b'"') {
+            let item: String = text[start..].chars().take(64).collect();
+            return Err(bad(&format!("'{item}' is not a quoted entity tag")));
+        }
+        i += 1;
+        // etagc = %x21 / %x23-7E (obs-text is not ASCII, refused above).
+        while i < bytes.len() && bytes[i] != b'"' {
+            if !(bytes[i] == 0x21 || (0x23..=0x7e).contains(&bytes[i])) {
+                return Err(bad("a tag holds a character that tags cannot hold"));
+            }
+            i += 1;
+        }
+        if i == bytes.len() {
+            return Err(bad("an entity tag is not closed by a quote"));
+        }
+        i += 1;
+        tags += 1;
+        skip(&mut i, b" \t");
+        if i < bytes.len() && bytes[i] != b',' {
+            return Err(bad("entity tags must be separated by commas"));
+        }
+    }
+    if tags == 0 {
+        return Err(bad("no entity tag given"));
+    }
+    Ok(text)
 }
 
 /// The request's correlation ID: `X-Request-Id` when the caller sent a sane one, else new.

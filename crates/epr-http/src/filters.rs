@@ -50,7 +50,7 @@ pub async fn list(
     // Like the endpoint listing: a weak tag over the body, so status and counts count.
     let bytes = serde_json::to_vec(&dto).unwrap_or_default();
     let etag = body_etag(&bytes);
-    if not_modified(&headers, &etag) {
+    if not_modified(&headers, &etag)? {
         return Ok(not_modified_response(&etag));
     }
     Ok(json_bytes_response(StatusCode::OK, bytes, Some(&etag)))

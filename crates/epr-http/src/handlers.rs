@@ -27,7 +27,15 @@ pub(crate) type Result<T> = std::result::Result<T, ApiError>;
 
 pub(crate) fn path<T>(p: std::result::Result<Path<T>, PathRejection>) -> Result<T> {
     p.map(|Path(v)| v).map_err(|rej| {
-        ApiError::new(StatusCode::BAD_REQUEST, rej.body_text()).with("path", "path-parameter")
+        let text = rej.body_text();
+        // axum names the parameter in backticks (`Invalid UTF-8 in `endpointId``).
+        let field = text
+            .split('`')
+            .nth(1)
+            .filter(|name| !name.is_empty())
+            .unwrap_or("path")
+            .to_owned();
+        ApiError::new(StatusCode::BAD_REQUEST, text).with(field, "path-parameter")
     })
 }
 
@@ -62,11 +70,11 @@ pub(crate) fn json_bytes_response(
 }
 
 /// A read answer honouring `If-None-Match`.
-fn read_response(headers: &HeaderMap, body: &impl Serialize, etag: &str) -> Response {
-    if not_modified(headers, etag) {
-        return not_modified_response(etag);
+fn read_response(headers: &HeaderMap, body: &impl Serialize, etag: &str) -> Result<Response> {
+    if not_modified(headers, etag)? {
+        return Ok(not_modified_response(etag));
     }
-    json_response(StatusCode::OK, body, Some(etag))
+    Ok(json_response(StatusCode::OK, body, Some(etag)))
 }
 
 pub(crate) fn not_modified_response(etag: &str) -> Response {
@@ -105,7 +113,7 @@ pub(crate) fn require_json(body: &RawBody) -> Result<()> {
 
 fn include_param(pairs: &[(String, String)]) -> Result<Include> {
     let mut include = Include::default();
-    for v in list_param(pairs, "include") {
+    for v in list_param(pairs, "include")? {
         match v.as_str() {
             "metadata" => include.metadata = true,
             "filters" => include.filters = true,
@@ -231,7 +239,7 @@ pub async fn list(
     if let Some(v) = single_param(&pairs, "applicationVersionName")? {
         q.app_version = Some(AppVersionName::parse(v).map_err(|e| e.at("applicationVersionName"))?);
     }
-    for id in list_param(&pairs, "endpointId") {
+    for id in list_param(&pairs, "endpointId")? {
         q.endpoint_ids.push(EndpointId::parse(&id)?);
     }
     for (k, v) in &pairs {
@@ -259,7 +267,7 @@ pub async fn list(
     };
     let bytes = serde_json::to_vec(&dto).unwrap_or_default();
     let etag = body_etag(&bytes);
-    if not_modified(&headers, &etag) {
+    if not_modified(&headers, &etag)? {
         return Ok(not_modified_response(&etag));
     }
     Ok(json_bytes_response(StatusCode::OK, bytes, Some(&etag)))
@@ -288,12 +296,14 @@ pub async fn get(
         &matched_filters(&s, include, std::slice::from_ref(&ep.id)).await?,
     );
     if include.filters {
+        // Checked for its form only: a malformed header is refused on every read.
+        not_modified(&headers, "")?;
         // Membership changes (a filter created, activated, deleted) leave the endpoint's
         // tag as it is, so that tag cannot validate this body: never `304`. The header
         // stays the endpoint's tag, for `If-Match` on later writes.
         return Ok(json_response(StatusCode::OK, &body, Some(&ep.etag())));
     }
-    Ok(read_response(&headers, &body, &ep.etag()))
+    read_response(&headers, &body, &ep.etag())
 }
 
 /// `DELETE /endpoints/{endpointId}`
@@ -322,7 +332,7 @@ pub async fn get_app_version(
         name: ep.app_version.to_string(),
         registered_date: dto::iso(ep.app_version_registered),
     };
-    Ok(read_response(&headers, &body, &ep.etag()))
+    read_response(&headers, &body, &ep.etag())
 }
 
 /// `PUT /endpoints/{endpointId}/app-version`, body `{"name": "<appVersionName>"}`
@@ -354,7 +364,7 @@ pub async fn get_metadata(
     p: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
     let id = endpoint_id(&path(p)?)?;
-    let keys = list_param(&query_pairs(uri.query()), "include");
+    let keys = list_param(&query_pairs(uri.query()), "include")?;
     let ep = s.registry.get(&s.tenant, &id).await?;
     let body = if keys.is_empty() {
         ep.metadata.to_value()
@@ -368,7 +378,7 @@ pub async fn get_metadata(
                 .collect(),
         )
     };
-    Ok(read_response(&headers, &body, &ep.metadata_etag()))
+    read_response(&headers, &body, &ep.metadata_etag())
 }
 
 async fn change_metadata(
@@ -449,7 +459,7 @@ pub async fn get_metadata_key(
             key.as_str(),
         ))
     })?;
-    Ok(read_response(&headers, value, &ep.metadata_etag()))
+    read_response(&headers, value, &ep.metadata_etag())
 }
 
 /// `PUT /endpoints/{endpointId}/metadata/{metadataKey}`: body is the raw JSON value.
@@ -488,7 +498,7 @@ pub async fn endpoint_metadata_keys(
     let id = endpoint_id(&path(p)?)?;
     let ep = s.registry.get(&s.tenant, &id).await?;
     let keys: Vec<&String> = ep.metadata.keys().collect();
-    Ok(read_response(&headers, &keys, &ep.metadata_etag()))
+    read_response(&headers, &keys, &ep.metadata_etag())
 }
 
 /// `GET /applications/{applicationName}/metadata-keys`: `{appVersionName: [keys]}`.
@@ -529,9 +539,12 @@ pub async fn batch_register(
         .register_batch(&s.tenant, &version, inputs, &correlation_id(&headers))
         .await?;
     let base = uri.path().trim_end_matches('/').trim_end_matches("/batch");
-    let location = format!(
-        "{base}/batch/status?appName={}&taskId={}",
-        report.outcome.app, report.outcome.task_id
+    let location = absolute_url(
+        &headers,
+        &format!(
+            "{base}/batch/status?appName={}&taskId={}",
+            report.outcome.app, report.outcome.task_id
+        ),
     );
     let resp = json_response(
         StatusCode::ACCEPTED,

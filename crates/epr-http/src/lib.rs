@@ -4,12 +4,16 @@
 //! (service-native) and `/epr/api/v1` (as behind Kaa's ingress), plus the operational routes
 //! `/health`, `/health/live`, `/health/ready`, `/metrics` and `/openapi.json`.
 
+mod applications;
+pub mod cors;
 pub mod dto;
 pub mod error;
 pub mod extract;
 mod filters;
 mod handlers;
 mod ops;
+pub mod strict;
+mod wire_terms;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
@@ -91,6 +95,8 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/endpoints/{endpointId}/metadata/{metadataKey}"),
     ("GET", "/endpoints/{endpointId}/metadata-keys"),
     ("GET", "/applications/{applicationName}/metadata-keys"),
+    ("GET", "/applications"),
+    ("GET", "/applications/{applicationName}"),
     ("GET", "/applications/{applicationName}/filters"),
     ("POST", "/applications/{applicationName}/filters"),
     ("GET", "/applications/{applicationName}/filters/{filterId}"),
@@ -118,11 +124,24 @@ pub use ops::OPENAPI;
 /// The API prefixes every route of [`API_ROUTES`] is served under.
 pub const API_PREFIXES: &[&str] = &["/api/v1", "/epr/api/v1"];
 
+/// Collection routes that are also served with a trailing slash (`/endpoints/` is
+/// `/endpoints`), since clients and proxies commonly add one.
+pub const TRAILING_SLASH_ROUTES: &[&str] = &[
+    "/endpoints",
+    "/applications",
+    "/applications/{applicationName}/filters",
+];
+
 fn api() -> Router<AppState> {
+    use applications as a;
     use filters as f;
     use handlers as h;
     Router::new()
         .route("/endpoints", post(h::register).get(h::list))
+        .route("/endpoints/", post(h::register).get(h::list))
+        .route("/applications", get(a::list))
+        .route("/applications/", get(a::list))
+        .route("/applications/{applicationName}", get(a::get))
         .route("/endpoints/batch", post(h::batch_register))
         .route("/endpoints/batch/status", get(h::batch_status))
         .route("/endpoints/{endpointId}", get(h::get).delete(h::unregister))
@@ -155,6 +174,10 @@ fn api() -> Router<AppState> {
             get(f::list).post(f::create),
         )
         .route(
+            "/applications/{applicationName}/filters/",
+            get(f::list).post(f::create),
+        )
+        .route(
             "/applications/{applicationName}/filters/{filterId}",
             get(f::get).patch(f::patch).delete(f::delete),
         )
@@ -172,7 +195,8 @@ pub fn router(state: AppState) -> Router {
     for prefix in API_PREFIXES {
         app = app.nest(prefix, api());
     }
-    app.fallback(ops::no_route)
+    app.route_layer(middleware::from_fn(strict::reject_unknown_query))
+        .fallback(ops::no_route)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn(track))

@@ -203,3 +203,97 @@ fn path_parameters_match_the_templates() {
         }
     }
 }
+
+/// The declared query parameters of each operation, path- and operation-level.
+fn query_params(doc: &Value, item: &Value, op: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for list in [item.get("parameters"), op.get("parameters")] {
+        for p in list.and_then(Value::as_array).into_iter().flatten() {
+            let p = deref(doc, p);
+            if p["in"] == "query" {
+                out.insert(p["name"].as_str().expect("a name").to_owned());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn query_parameters_are_exactly_those_the_server_accepts() {
+    // The server refuses any other query parameter (`strict::QUERY_PARAMS`), so the
+    // document must declare exactly these, operation by operation.
+    let doc = doc();
+    for (path, item) in paths(&doc) {
+        for (method, op) in item.as_object().unwrap() {
+            if !METHODS.contains(&method.as_str()) {
+                continue;
+            }
+            let m = axum::http::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let accepted: BTreeSet<String> = epr_http::strict::allowed_params(&m, path)
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect();
+            assert_eq!(
+                query_params(&doc, item, op),
+                accepted,
+                "{method} {path}: documented vs accepted query parameters"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_response_documents_the_request_id_and_400() {
+    let doc = doc();
+    for ((method, path), op) in operations(&doc) {
+        let responses = op["responses"].as_object().unwrap();
+        assert!(
+            responses.contains_key("400"),
+            "{method} {path}: undeclared query parameters are 400"
+        );
+        for (code, r) in responses {
+            let r = deref(&doc, r);
+            assert!(
+                r["headers"]["X-Request-Id"].is_object(),
+                "{method} {path} {code}: X-Request-Id response header"
+            );
+        }
+    }
+}
+
+#[test]
+fn json_patch_operations_require_their_members() {
+    let doc = doc();
+    let s = &doc["components"]["schemas"];
+    let required = |name: &str| -> BTreeSet<String> {
+        s[name]["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    for (name, ops, members) in [
+        (
+            "JsonPatchValueOperation",
+            vec!["add", "replace", "test"],
+            vec!["op", "path", "value"],
+        ),
+        (
+            "JsonPatchRemoveOperation",
+            vec!["remove"],
+            vec!["op", "path"],
+        ),
+        (
+            "JsonPatchFromOperation",
+            vec!["move", "copy"],
+            vec!["op", "from", "path"],
+        ),
+    ] {
+        assert_eq!(s[name]["properties"]["op"]["enum"], serde_json::json!(ops));
+        assert_eq!(
+            required(name),
+            members.iter().map(|m| (*m).to_owned()).collect()
+        );
+    }
+}

@@ -82,6 +82,8 @@ pub struct ServerSettings {
     pub shutdown_timeout_secs: u64,
     pub page_default: u64,
     pub page_max: u64,
+    /// Cross-origin requests from browser consoles (`server.cors.*`); off by default.
+    pub cors: epr_http::cors::CorsSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,6 +166,7 @@ impl Default for ServerSettings {
             shutdown_timeout_secs: 30,
             page_default: 20,
             page_max: 1000,
+            cors: epr_http::cors::CorsSettings::default(),
         }
     }
 }
@@ -324,6 +327,7 @@ impl Settings {
         if self.server.page_default == 0 || self.server.page_default > self.server.page_max {
             bail!("server.page_default must be between 1 and server.page_max");
         }
+        self.server.cors.layer().map_err(anyhow::Error::msg)?;
         if self.limits.batch_max_items == 0 {
             bail!("limits.batch_max_items must be at least 1");
         }

@@ -265,7 +265,8 @@ impl Application {
             metrics: Some(metrics_renderer),
             components: vec![Arc::new(nats_health)],
         };
-        let router = epr_http::router(state);
+        let router = epr_http::cors::with_cors(epr_http::router(state), &settings.server.cors)
+            .map_err(anyhow::Error::msg)?;
         let listener = tokio::net::TcpListener::bind(settings.listen_addr()?)
             .await
             .with_context(|| format!("binding {}", settings.server.listen))?;

@@ -76,7 +76,10 @@ async fn batch_with_mixed_items_reports_created_and_failed() {
     .await;
     assert_eq!(
         location,
-        format!("/api/v1/endpoints/batch/status?appName=demo&taskId={task_id}")
+        // Absolute, like every Location header.
+        app.url(&format!(
+            "/api/v1/endpoints/batch/status?appName=demo&taskId={task_id}"
+        ))
     );
     let report = status_ok(&app, "demo", &task_id).await;
     assert_eq!(report["taskId"], task_id);
@@ -194,7 +197,7 @@ async fn batch_status_is_repeatable_and_follows_location() {
         &json!({"appVersion": {"name": "demo-v2"}, "endpoints": [{"endpointId": "s1"}, {"endpointId": "s2"}]}),
     )
     .await;
-    let r = app.client.get(app.url(&location)).send().await.unwrap();
+    let r = app.client.get(&location).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(r.headers()["content-type"]
         .to_str()
@@ -362,7 +365,9 @@ async fn batch_works_under_both_prefixes() {
         .await;
         assert_eq!(
             location,
-            format!("{prefix}/endpoints/batch/status?appName=other&taskId={task_id}")
+            app.url(&format!(
+                "{prefix}/endpoints/batch/status?appName=other&taskId={task_id}"
+            ))
         );
         for status_prefix in ["/api/v1", "/epr/api/v1"] {
             let r = app

@@ -14,3 +14,4 @@ mod metadata;
 mod nats_protocols;
 mod nats_support;
 mod ops;
+mod strict;
