@@ -248,15 +248,25 @@ async fn a_backup_under_write_load_restores_every_write_acknowledged_before_it()
         before.len(),
         report["seconds"].as_f64().unwrap()
     );
-    // Restoring into a directory that holds a store is refused without --force.
+    // Restoring into the directory of a running server is refused, even with --force.
+    let out = epr(
+        &restored_dir,
+        &[os("restore"), os("--force"), os("--from"), file.as_os_str()],
+    )
+    .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains("in use by another EPR process"), "{stderr}");
+    restored.stop().await;
+    // Once stopped, a directory that holds a store is still refused without --force.
     let out = epr(
         &restored_dir,
         &[os("restore"), os("--from"), file.as_os_str()],
     )
     .await;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not empty"));
-    restored.stop().await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains("is not empty"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
