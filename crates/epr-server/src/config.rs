@@ -137,6 +137,9 @@ pub struct LogSettings {
     pub level: String,
     /// `human` or `json`.
     pub format: String,
+    /// One `info` line per HTTP request: request ID, method, route template, status,
+    /// latency, and the endpoint ID of `/endpoints/{endpointId}` routes.
+    pub requests: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -232,6 +235,7 @@ impl Default for LogSettings {
         Self {
             level: "info".into(),
             format: "human".into(),
+            requests: true,
         }
     }
 }

@@ -2,6 +2,9 @@
 //! them together. `main.rs` is a thin shell around [`Application`].
 
 pub mod config;
+pub mod metric_help;
+pub mod process_metrics;
+pub mod summary;
 pub mod telemetry;
 
 use anyhow::Context;
@@ -254,6 +257,7 @@ impl Application {
                 page_default: settings.server.page_default,
                 page_max: settings.server.page_max,
                 max_body_bytes: settings.server.max_body_bytes,
+                log_requests: settings.log.requests,
             },
             ready: ready.clone(),
             metrics: Some(telemetry::metrics_renderer()),

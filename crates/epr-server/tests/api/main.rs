@@ -11,4 +11,5 @@ mod helpers;
 mod metadata;
 mod nats_protocols;
 mod nats_support;
+mod observability;
 mod ops;
