@@ -29,10 +29,12 @@ pub fn init_logging(log: &LogSettings) -> LogGuard {
     let ansi = log.format == "human"
         && stdout.is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    // The writer thread drains the queue into this buffer and flushes once it is empty:
+    // under load one write(2) carries many lines instead of one each.
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("epr-log")
-        .finish(stdout);
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, stdout));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
