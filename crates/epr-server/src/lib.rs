@@ -2,6 +2,7 @@
 //! them together. `main.rs` is a thin shell around [`Application`].
 
 pub mod config;
+pub mod log_writer;
 pub mod metric_help;
 pub mod process_metrics;
 pub mod summary;

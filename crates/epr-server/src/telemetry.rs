@@ -1,11 +1,11 @@
 //! Logging and metrics set-up.
 
 use crate::config::LogSettings;
+use crate::log_writer::{batch_writer, BatchGuard};
 use epr_http::MetricsRenderer;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::io::IsTerminal;
 use std::sync::{Arc, OnceLock};
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 /// This build: version, git commit (`unknown` outside a git checkout unless
@@ -16,25 +16,19 @@ pub const RUSTC_VERSION: &str = env!("EPR_RUSTC_VERSION");
 
 /// Keeps the log writer thread running; dropping it writes out what is queued.
 #[must_use = "log lines queued when the guard is dropped may be lost"]
-pub struct LogGuard(#[allow(dead_code)] Option<WorkerGuard>);
+pub struct LogGuard(#[allow(dead_code)] Option<BatchGuard>);
 
 /// Installs the global tracing subscriber: human-readable or JSON lines on stdout, through
-/// a writer thread so a request never waits for the terminal or pipe (lines queue in a
-/// bounded buffer; when it is full, logging waits rather than dropping lines). Colours
-/// only when stdout is a terminal and `NO_COLOR` is unset. `RUST_LOG` overrides the
-/// configured level.
+/// a batching writer thread so a request never waits for the terminal or pipe (nothing
+/// is dropped; see `log_writer`). Colours only when stdout is a terminal and `NO_COLOR` is
+/// unset. `RUST_LOG` overrides the configured level.
 pub fn init_logging(log: &LogSettings) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
     let stdout = std::io::stdout();
     let ansi = log.format == "human"
         && stdout.is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    // The writer thread drains the queue into this buffer and flushes once it is empty:
-    // under load one write(2) carries many lines instead of one each.
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("epr-log")
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, stdout));
+    let (writer, guard) = batch_writer(stdout);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
