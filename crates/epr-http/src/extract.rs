@@ -279,12 +279,13 @@ fn etag_list<'a>(v: &'a HeaderValue, name: &str) -> Result<&'a str, ApiError> {
     Ok(text)
 }
 
-/// The request's correlation ID: `X-Request-Id` when the caller sent a sane one, else new.
+/// The request's correlation ID: its `X-Request-Id`, which the tracking middleware has
+/// already validated or generated (so it is also the response's); a new UUID without it.
 pub fn correlation_id(headers: &HeaderMap) -> String {
     headers
-        .get("x-request-id")
+        .get(&crate::X_REQUEST_ID)
+        .filter(|v| crate::valid_request_id(v.as_bytes()))
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }

@@ -14,17 +14,16 @@ mod handlers;
 mod ops;
 pub mod strict;
 mod wire_terms;
+mod tracking;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
 use epr_core::ids::TenantId;
 use epr_core::registry::Registry;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Renders the Prometheus exposition; the server supplies it so this crate does not pick
 /// an exporter.
@@ -35,6 +34,8 @@ pub struct HttpSettings {
     pub page_default: u64,
     pub page_max: u64,
     pub max_body_bytes: usize,
+    /// One `info` line per request (request ID, method, route, status, latency).
+    pub log_requests: bool,
 }
 
 impl Default for HttpSettings {
@@ -43,6 +44,7 @@ impl Default for HttpSettings {
             page_default: 20,
             page_max: 1000,
             max_body_bytes: 4 * 1024 * 1024,
+            log_requests: true,
         }
     }
 }
@@ -120,6 +122,7 @@ pub const OPS_ROUTES: &[(&str, &str)] = &[
 ];
 
 pub use ops::OPENAPI;
+pub use tracking::{new_request_id, valid_request_id, X_REQUEST_ID};
 
 /// The API prefixes every route of [`API_ROUTES`] is served under.
 pub const API_PREFIXES: &[&str] = &["/api/v1", "/epr/api/v1"];
@@ -186,6 +189,7 @@ fn api() -> Router<AppState> {
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
+    let log_requests = state.settings.log_requests;
     let mut app = Router::new()
         .route("/health", get(ops::health))
         .route("/health/live", get(ops::live))
@@ -199,33 +203,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(ops::no_route)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(middleware::from_fn(track))
+        .layer(middleware::from_fn_with_state(
+            log_requests,
+            tracking::track,
+        ))
         .with_state(state)
-}
-
-/// Request metrics by route template and status, and a trace line per request.
-async fn track(req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = req.method().as_str().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let request_id = req.headers().get("x-request-id").cloned();
-    let mut resp = next.run(req).await;
-    // Echo the caller's request ID; it is also the correlation ID of the events it causes.
-    if let Some(id) = request_id {
-        resp.headers_mut().insert("x-request-id", id);
-    }
-    let status = resp.status().as_u16().to_string();
-    let secs = started.elapsed().as_secs_f64();
-    let labels = [("method", method), ("route", route), ("status", status)];
-    metrics::counter!("epr_http_requests_total", &labels).increment(1);
-    metrics::histogram!("epr_http_request_duration_seconds", &labels).record(secs);
-    tracing::debug!(
-        method = %labels[0].1, route = %labels[1].1, status = %labels[2].1,
-        micros = (secs * 1e6) as u64, "request"
-    );
-    resp
 }

@@ -143,6 +143,9 @@ pub struct LogSettings {
     pub level: String,
     /// `human` or `json`.
     pub format: String,
+    /// One `info` line per HTTP request: request ID, method, route template, status,
+    /// latency, and the endpoint ID of `/endpoints/{endpointId}` routes.
+    pub requests: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -240,6 +243,7 @@ impl Default for LogSettings {
         Self {
             level: "info".into(),
             format: "human".into(),
+            requests: true,
         }
     }
 }

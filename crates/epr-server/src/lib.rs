@@ -4,6 +4,10 @@
 pub mod admin;
 pub mod config;
 pub mod export_format;
+pub mod log_writer;
+pub mod metric_help;
+pub mod process_metrics;
+pub mod summary;
 pub mod telemetry;
 
 use anyhow::Context;
@@ -260,6 +264,7 @@ impl Application {
                 page_default: settings.server.page_default,
                 page_max: settings.server.page_max,
                 max_body_bytes: settings.server.max_body_bytes,
+                log_requests: settings.log.requests,
             },
             ready: ready.clone(),
             metrics: Some(metrics_renderer),

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use epr_server::summary::StartupSummary;
 use epr_server::{admin, telemetry, Application, Settings};
 use std::path::PathBuf;
 
@@ -108,8 +109,10 @@ async fn main() -> anyhow::Result<()> {
             admin::import(&settings, from.as_deref()).await
         }
         Command::Serve => {
-            telemetry::init_logging(&settings.log);
+            // Held to the end of `main`: dropping it writes out the last queued lines.
+            let _log = telemetry::init_logging(&settings.log);
             let app = Application::build(&settings).await?;
+            StartupSummary::new(&settings, cli.config.as_deref(), app.addr()).log();
             app.run_until_stopped(epr_server::shutdown_signal()).await
         }
     }

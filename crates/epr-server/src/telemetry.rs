@@ -1,28 +1,54 @@
 //! Logging and metrics set-up.
 
 use crate::config::LogSettings;
+use crate::log_writer::{batch_writer, BatchGuard};
 use epr_http::MetricsRenderer;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::io::IsTerminal;
 use std::sync::{Arc, OnceLock};
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global tracing subscriber: human-readable or JSON lines. `RUST_LOG`
-/// overrides the configured level.
-pub fn init_logging(log: &LogSettings) {
+/// This build: version, git commit (`unknown` outside a git checkout unless
+/// `EPR_GIT_COMMIT` was set) and compiler.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const GIT_COMMIT: &str = env!("EPR_GIT_COMMIT");
+pub const RUSTC_VERSION: &str = env!("EPR_RUSTC_VERSION");
+
+/// Keeps the log writer thread running; dropping it writes out what is queued.
+#[must_use = "log lines queued when the guard is dropped may be lost"]
+pub struct LogGuard(#[allow(dead_code)] Option<BatchGuard>);
+
+/// Installs the global tracing subscriber: human-readable or JSON lines on stdout, through
+/// a batching writer thread so a request never waits for the terminal or pipe (nothing
+/// is dropped; see `log_writer`). Colours only when stdout is a terminal and `NO_COLOR` is
+/// unset. `RUST_LOG` overrides the configured level.
+pub fn init_logging(log: &LogSettings) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let stdout = std::io::stdout();
+    let ansi = log.format == "human"
+        && stdout.is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let (writer, guard) = batch_writer(stdout);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(ansi);
     let result = if log.format == "json" {
         builder.json().flatten_event(true).try_init()
     } else {
         builder.try_init()
     };
-    // A second initialisation (tests start many servers in one process) is harmless.
-    let _ = result;
+    match result {
+        Ok(()) => LogGuard(Some(guard)),
+        // A second initialisation (tests start many servers in one process) is harmless.
+        Err(_) => LogGuard(None),
+    }
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// The process-wide Prometheus recorder, installed on first use with the description of
+/// every metric and `epr_build_info`. Each render appends the `process_*` metrics.
 pub fn metrics_renderer() -> MetricsRenderer {
     let handle = HANDLE
         .get_or_init(|| {
@@ -37,12 +63,25 @@ pub fn metrics_renderer() -> MetricsRenderer {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), &group))
                 .expect("bucket lists are not empty");
-            match builder.install_recorder() {
+            let handle = match builder.install_recorder() {
                 Ok(handle) => handle,
                 // Another recorder is installed (embedding process); render ours anyway.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-            }
+            };
+            crate::metric_help::describe_all();
+            metrics::gauge!(
+                "epr_build_info",
+                "version" => VERSION,
+                "git_commit" => GIT_COMMIT,
+                "rustc_version" => RUSTC_VERSION,
+            )
+            .set(1.0);
+            handle
         })
         .clone();
-    Arc::new(move || handle.render())
+    Arc::new(move || {
+        let mut text = handle.render();
+        crate::process_metrics::append(&mut text);
+        text
+    })
 }

@@ -44,7 +44,10 @@ pub async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
 /// Spawns on the given settings (the caller owns the data directory).
 pub async fn spawn_settings(s: Settings) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
-        epr_server::telemetry::init_logging(&s.log);
+        // Kept for the whole test process: the log writer thread runs as long as it lives.
+        static LOG: std::sync::OnceLock<epr_server::telemetry::LogGuard> =
+            std::sync::OnceLock::new();
+        LOG.get_or_init(|| epr_server::telemetry::init_logging(&s.log));
     }
     let app = Application::build(&s).await.expect("the app builds");
     let addr = app.addr();

@@ -13,5 +13,6 @@ mod integrity;
 mod metadata;
 mod nats_protocols;
 mod nats_support;
+mod observability;
 mod ops;
 mod strict;

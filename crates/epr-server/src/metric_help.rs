@@ -1,0 +1,252 @@
+//! The `# HELP` text of every metric the service emits, whichever crate emits it. They are
+//! described once, when the recorder is installed; a unit test scans the sources of all
+//! crates so that a new metric without a description fails the build's tests.
+
+/// How a metric is exposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+use Kind::{Counter, Gauge, Histogram};
+
+/// (name, kind, help) of every metric emitted through the `metrics` facade.
+pub const METRICS: &[(&str, Kind, &str)] = &[
+    // epr-http
+    (
+        "epr_http_requests_total",
+        Counter,
+        "HTTP requests answered, by method, route template and status.",
+    ),
+    (
+        "epr_http_request_duration_seconds",
+        Histogram,
+        "Time from a request's arrival to its response head, by method, route template and status.",
+    ),
+    // epr-store
+    (
+        "epr_store_commit_seconds",
+        Histogram,
+        "Duration of one group commit of the store's writer (transaction and fsync).",
+    ),
+    (
+        "epr_store_commit_group_size",
+        Histogram,
+        "Writes committed together in one transaction.",
+    ),
+    (
+        "epr_store_wal_frames",
+        Gauge,
+        "Frames in the SQLite write-ahead log at the last background checkpoint.",
+    ),
+    (
+        "epr_store_checkpoint_seconds",
+        Histogram,
+        "Duration of background WAL checkpoints that copied frames.",
+    ),
+    (
+        "epr_filter_membership_changes_total",
+        Counter,
+        "Endpoints that entered or left a saved filter because of a write.",
+    ),
+    (
+        "epr_filter_backfill_endpoints_total",
+        Counter,
+        "Endpoints read by filter back-fill steps.",
+    ),
+    (
+        "epr_filter_backfill_seconds",
+        Histogram,
+        "Time from a filter's creation or query change to the end of its back-fill.",
+    ),
+    // epr-nats: connection and relay
+    (
+        "epr_nats_connected",
+        Gauge,
+        "1 while the NATS client is connected, else 0.",
+    ),
+    (
+        "epr_nats_slow_consumer_total",
+        Counter,
+        "Messages the NATS client dropped because a subscription fell behind.",
+    ),
+    (
+        "epr_outbox_depth",
+        Gauge,
+        "Events committed but not yet confirmed by NATS (sampled every 2 s).",
+    ),
+    (
+        "epr_events_published_total",
+        Counter,
+        "Events confirmed by NATS.",
+    ),
+    (
+        "epr_events_publish_lag_seconds",
+        Histogram,
+        "Time from an event's commit to its confirmation by NATS.",
+    ),
+    (
+        "epr_events_publish_failures_total",
+        Counter,
+        "Publish batches that failed or were not confirmed in time (each is retried).",
+    ),
+    (
+        "epr_events_undeliverable_total",
+        Counter,
+        "Events that could not be encoded (logged and skipped).",
+    ),
+    (
+        "epr_events_discarded_total",
+        Counter,
+        "Events dropped because NATS is not configured.",
+    ),
+    // epr-nats: 9/ELCE connected listener
+    (
+        "epr_connected_endpoints_total",
+        Counter,
+        "9/ELCE connected events handled, by outcome.",
+    ),
+    (
+        "epr_connected_events_invalid_total",
+        Counter,
+        "9/ELCE connected events ignored because they did not decode or validate.",
+    ),
+    (
+        "epr_connected_events_expired_total",
+        Counter,
+        "9/ELCE connected events ignored because they had expired.",
+    ),
+    // epr-nats: 19/EPMMP and 20/EFMP servers
+    (
+        "epr_epmmp_requests_total",
+        Counter,
+        "19/EPMMP requests answered, by request type and status code.",
+    ),
+    (
+        "epr_epmmp_request_duration_seconds",
+        Histogram,
+        "19/EPMMP request handling time, by request type.",
+    ),
+    (
+        "epr_epmmp_dropped_total",
+        Counter,
+        "19/EPMMP requests dropped unanswered, by request type and reason.",
+    ),
+    (
+        "epr_efmp_requests_total",
+        Counter,
+        "20/EFMP requests answered, by request type and status code.",
+    ),
+    (
+        "epr_efmp_request_duration_seconds",
+        Histogram,
+        "20/EFMP request handling time, by request type.",
+    ),
+    (
+        "epr_efmp_dropped_total",
+        Counter,
+        "20/EFMP requests dropped unanswered, by request type and reason.",
+    ),
+    // epr-server
+    (
+        "epr_build_info",
+        Gauge,
+        "Always 1; the labels name the version, git commit and compiler of this build.",
+    ),
+];
+
+/// Registers the description of every metric with the installed recorder.
+pub fn describe_all() {
+    for &(name, kind, help) in METRICS {
+        match kind {
+            Counter => metrics::describe_counter!(name, help),
+            Gauge => metrics::describe_gauge!(name, help),
+            Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// Every metric name the crates emit: string literals in `counter!` / `gauge!` /
+    /// `histogram!` calls, and the names the `rpc::wire!` macro builds per protocol module.
+    fn emitted() -> BTreeSet<String> {
+        let crates = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let mut files = Vec::new();
+        for c in std::fs::read_dir(crates).unwrap() {
+            let c = c.unwrap().path();
+            // The load generator reads metrics; it emits none.
+            if c.ends_with("epr-bench") || !c.join("src").is_dir() {
+                continue;
+            }
+            rust_files(&c.join("src"), &mut files);
+        }
+        let mut names = BTreeSet::new();
+        for f in files {
+            if f.ends_with("metric_help.rs") {
+                continue; // this scan's own patterns
+            }
+            let text = std::fs::read_to_string(&f).unwrap();
+            for mac in ["counter!(", "gauge!(", "histogram!("] {
+                for (i, _) in text.match_indices(mac) {
+                    // A literal name, possibly on the next line (rustfmt); constants are
+                    // the `wire!` names below.
+                    let Some(rest) = text[i + mac.len()..].trim_start().strip_prefix('"') else {
+                        continue;
+                    };
+                    names.insert(rest[..rest.find('"').unwrap()].to_owned());
+                }
+            }
+            for (i, _) in text.match_indices("rpc::wire!(") {
+                let rest = &text[i..];
+                let args = &rest[rest.find('(').unwrap() + 1..rest.find(')').unwrap()];
+                let module = args.rsplit(',').next().unwrap().trim();
+                for suffix in [
+                    "requests_total",
+                    "request_duration_seconds",
+                    "dropped_total",
+                ] {
+                    names.insert(format!("epr_{module}_{suffix}"));
+                }
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn every_emitted_metric_is_described() {
+        let described: BTreeSet<&str> = METRICS.iter().map(|m| m.0).collect();
+        let emitted = emitted();
+        assert!(emitted.len() > 20, "the scan found too little: {emitted:?}");
+        let missing: Vec<_> = emitted
+            .iter()
+            .filter(|n| !described.contains(n.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "add these to metric_help::METRICS: {missing:?}"
+        );
+        let stale: Vec<_> = described
+            .iter()
+            .filter(|n| !emitted.contains(**n))
+            .collect();
+        assert!(stale.is_empty(), "no longer emitted: {stale:?}");
+    }
+}

@@ -1,0 +1,129 @@
+//! The start-up summary: one log line naming what this process runs with, so an operator
+//! reading the log knows which build, configuration, address, store and NATS server it is.
+
+use crate::telemetry::{GIT_COMMIT, VERSION};
+use crate::Settings;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The summary's fields, as logged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartupSummary {
+    pub version: &'static str,
+    pub git_commit: &'static str,
+    /// The configuration file, or `defaults` when none was given.
+    pub config: String,
+    /// The bound address (the real port when port 0 was asked for).
+    pub listen: SocketAddr,
+    /// The store's data directory, absolute where it can be resolved.
+    pub store: String,
+    /// `off`, or the NATS URL(s) without credentials (and whether JetStream is used).
+    pub nats: String,
+    /// `app: version, version; app: version`, or `none`.
+    pub applications: String,
+}
+
+impl StartupSummary {
+    pub fn new(settings: &Settings, config_file: Option<&Path>, listen: SocketAddr) -> Self {
+        let dir = &settings.store.data_dir;
+        let store = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+        let nats = if settings.nats.url.is_empty() {
+            "off".to_owned()
+        } else {
+            let urls: Vec<String> = settings.nats.url.split(',').map(redact).collect();
+            let mode = if settings.nats.jetstream {
+                " (JetStream)"
+            } else {
+                ""
+            };
+            format!("{}{mode}", urls.join(","))
+        };
+        let mut apps: Vec<String> = settings
+            .kaa
+            .applications
+            .iter()
+            .map(|(app, s)| {
+                let versions: Vec<&str> = s.versions.keys().map(String::as_str).collect();
+                format!("{app}: {}", versions.join(", "))
+            })
+            .collect();
+        if apps.is_empty() {
+            apps.push("none".to_owned());
+        }
+        let mut applications = apps.join("; ");
+        if settings.registration.allow_unknown_app_versions {
+            applications.push_str(" (unknown versions accepted)");
+        }
+        Self {
+            version: VERSION,
+            git_commit: GIT_COMMIT,
+            config: config_file.map_or_else(|| "defaults".to_owned(), |p| p.display().to_string()),
+            listen,
+            store: format!("{} ({})", store.display(), settings.store.backend),
+            nats,
+            applications,
+        }
+    }
+
+    /// Logs the summary as one `info` line.
+    pub fn log(&self) {
+        tracing::info!(
+            version = %self.version,
+            git_commit = %self.git_commit,
+            config = %self.config,
+            listen = %self.listen,
+            store = %self.store,
+            nats = %self.nats,
+            applications = %self.applications,
+            "EPR starting"
+        );
+    }
+}
+
+/// A URL without its user information (`nats://user:secret@host` → `nats://***@host`).
+fn redact(url: &str) -> String {
+    let url = url.trim();
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let host_end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    match url[start..host_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_not_logged() {
+        assert_eq!(redact("nats://a:b@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact(" nats://tok@h"), "nats://***@h");
+        assert_eq!(redact("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact("h:4222"), "h:4222");
+    }
+
+    #[test]
+    fn names_everything() {
+        let mut s = Settings::default();
+        s.add_applications("b:b-v2,b-v1;a:a-v1").unwrap();
+        s.nats.url = "nats://u:p@127.0.0.1:4222,nats://127.0.0.1:4223".into();
+        s.nats.jetstream = true;
+        s.store.data_dir = "/nonexistent/epr".into();
+        let addr: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let sum = StartupSummary::new(&s, Some(Path::new("c.yaml")), addr);
+        assert_eq!(sum.config, "c.yaml");
+        assert_eq!(sum.store, "/nonexistent/epr (embedded)");
+        assert_eq!(
+            sum.nats,
+            "nats://***@127.0.0.1:4222,nats://127.0.0.1:4223 (JetStream)"
+        );
+        assert_eq!(sum.applications, "a: a-v1; b: b-v1, b-v2");
+        let sum = StartupSummary::new(&Settings::default(), None, addr);
+        assert_eq!(
+            (sum.config.as_str(), sum.nats.as_str()),
+            ("defaults", "off")
+        );
+        assert_eq!(sum.applications, "none");
+    }
+}
