@@ -37,6 +37,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "Writes committed together in one transaction.",
     ),
     (
+        "epr_store_corruption_detected",
+        Gauge,
+        "1 once the database file was found damaged (writes are then refused with 503), else 0.",
+    ),
+    (
         "epr_store_wal_frames",
         Gauge,
         "Frames in the SQLite write-ahead log at the last background checkpoint.",
