@@ -82,6 +82,17 @@ pub struct ServerSettings {
     pub shutdown_timeout_secs: u64,
     pub page_default: u64,
     pub page_max: u64,
+    /// Longest time to receive a request's header section, in seconds: counted from the
+    /// connection's opening for its first request, else from the request's first byte.
+    pub header_timeout_secs: u64,
+    /// Longest time to receive a request body once the server waits for it, in seconds
+    /// (408 beyond it).
+    pub body_timeout_secs: u64,
+    /// How long a keep-alive connection may stay idle between requests, in seconds.
+    pub idle_timeout_secs: u64,
+    /// Most connections served at once; beyond it idle ones are closed to make room, else
+    /// the new one is answered 503. Lowered to fit the open-files limit.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,6 +171,10 @@ impl Default for ServerSettings {
             shutdown_timeout_secs: 30,
             page_default: 20,
             page_max: 1000,
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
+            idle_timeout_secs: 60,
+            max_connections: 4096,
         }
     }
 }
@@ -313,6 +328,18 @@ impl Settings {
         if self.server.page_default == 0 || self.server.page_default > self.server.page_max {
             bail!("server.page_default must be between 1 and server.page_max");
         }
+        for (key, value) in [
+            ("server.header_timeout_secs", self.server.header_timeout_secs),
+            ("server.body_timeout_secs", self.server.body_timeout_secs),
+            ("server.idle_timeout_secs", self.server.idle_timeout_secs),
+        ] {
+            if !(1..=3600).contains(&value) {
+                bail!("{key} must be between 1 and 3600");
+            }
+        }
+        if !(1..=1_000_000).contains(&self.server.max_connections) {
+            bail!("server.max_connections must be between 1 and 1000000");
+        }
         if self.limits.batch_max_items == 0 {
             bail!("limits.batch_max_items must be at least 1");
         }
@@ -445,6 +472,12 @@ mod tests {
         std::fs::write(&file, "nats:\n  publish_batch: 5001\n").unwrap();
         let err = Settings::load(Some(&file)).unwrap_err();
         assert!(format!("{err:#}").contains("publish_batch"), "{err:#}");
+        std::fs::write(&file, "server:\n  idle_timeout_secs: 0\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err();
+        assert!(format!("{err:#}").contains("idle_timeout_secs"), "{err:#}");
+        std::fs::write(&file, "server:\n  max_connections: 0\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err();
+        assert!(format!("{err:#}").contains("max_connections"), "{err:#}");
         std::fs::write(&file, "service:\n  instance_name: a.b\n").unwrap();
         let err = Settings::load(Some(&file)).unwrap_err();
         assert!(

@@ -2,6 +2,7 @@
 //! them together. `main.rs` is a thin shell around [`Application`].
 
 pub mod config;
+pub mod serve;
 pub mod telemetry;
 
 use anyhow::Context;
@@ -110,6 +111,7 @@ pub struct Application {
     listeners: Vec<Listener>,
     ready: Arc<AtomicBool>,
     shutdown_timeout: Duration,
+    connections: serve::ConnLimits,
 }
 
 /// A NATS front-end, started with a stop signal.
@@ -273,6 +275,7 @@ impl Application {
             listeners,
             ready,
             shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_secs),
+            connections: serve::ConnLimits::from_settings(&settings.server),
         })
     }
 
@@ -287,11 +290,6 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        use axum::serve::ListenerExt;
-        let listener = self.listener.tap_io(|tcp| {
-            // Responses go out in more than one write; Nagle would delay them by ~40 ms.
-            let _ = tcp.set_nodelay(true);
-        });
         let ready = self.ready.clone();
         let (relay_stop_tx, relay_stop) = tokio::sync::watch::channel(false);
         let relay = tokio::spawn(self.relay.run(relay_stop, RELAY_DRAIN_LIMIT));
@@ -310,10 +308,10 @@ impl Application {
         };
         self.ready.store(true, Ordering::Release);
         tracing::info!(addr = %self.addr, "EPR listening");
-        let server = axum::serve(listener, self.router).with_graceful_shutdown(signal);
+        let server = serve::serve(self.listener, self.router, self.connections, signal);
         let timeout = self.shutdown_timeout;
         let result = tokio::select! {
-            r = server => r.context("HTTP server failed"),
+            _ = server => Ok(()),
             _ = async move {
                 let _ = stop_rx.wait_for(|v| *v).await;
                 tokio::time::sleep(timeout).await;
