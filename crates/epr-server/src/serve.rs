@@ -36,15 +36,18 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 
 /// How long a connection that arrives at the limit waits for idle ones to make room.
-pub const ROOM_WAIT: Duration = Duration::from_millis(250);
+pub const ROOM_WAIT: Duration = Duration::from_millis(500);
+/// A keep-alive connection idle for less than this is not closed to make room: its client
+/// is likely about to send its next request on it.
+const RECLAIM_MIN_IDLE: Duration = Duration::from_millis(100);
 /// The pause after an accept error such as EMFILE: short, so the loop serves again as soon
 /// as a file is free, long enough not to spin.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
-/// Connections over the limit being waited on or answered 503 at once; beyond this they are
-/// closed without an answer (each holds a file descriptor).
+/// Connections over the limit waiting for room or lingering after their 503 (each holds a
+/// file); beyond this they are answered 503 and closed at once.
 const REFUSE_SLOTS: usize = 64;
 /// How long a refused connection is drained so that its 503 is read, not reset.
-const REFUSE_LINGER: Duration = Duration::from_secs(1);
+const REFUSE_LINGER: Duration = Duration::from_millis(200);
 /// Minimum interval between two rounds of closing idle connections.
 const RECLAIM_EVERY: Duration = Duration::from_millis(50);
 
@@ -150,17 +153,14 @@ pub async fn serve(
     let refuse_slots = Arc::new(Semaphore::new(REFUSE_SLOTS));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (reclaim_tx, reclaim_rx) = watch::channel(0u64);
-    let mut last_reclaim: Option<Instant> = None;
-    let reclaim = |last: &mut Option<Instant>| {
-        // Every connection wakes for a round: bounded so a flood costs little.
-        if last.is_none_or(|t| t.elapsed() >= RECLAIM_EVERY) {
-            *last = Some(Instant::now());
-            reclaim_tx.send_modify(|g| *g += 1);
-        }
-    };
     let shared = Arc::new(Shared {
         router,
         limits,
+        reclaim: Reclaim {
+            tx: reclaim_tx,
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(NONE),
+        },
         http: {
             let mut b = hyper::server::conn::http1::Builder::new();
             b.keep_alive(true);
@@ -183,7 +183,7 @@ pub async fn serve(
                     metrics::counter!("epr_http_accept_errors_total").increment(1);
                     accept_errors.log(&e);
                     // Out of files: idle connections give theirs back.
-                    reclaim(&mut last_reclaim);
+                    shared.reclaim.request();
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
@@ -202,26 +202,21 @@ pub async fn serve(
         }
         match refuse_slots.clone().try_acquire_owned() {
             Ok(slot) => {
-                reclaim(&mut last_reclaim);
                 let permits = permits.clone();
                 tracker.spawn(async move {
-                    match tokio::time::timeout(ROOM_WAIT, permits.acquire_owned()).await {
-                        Ok(Ok(permit)) => {
+                    match conn.wait_for_room(&permits).await {
+                        Some(permit) => {
                             drop(slot);
                             conn.run(tcp, permit).await;
                         }
-                        _ => {
+                        None => {
                             refuse(tcp).await;
                             drop(slot);
                         }
                     }
                 });
             }
-            Err(_) => {
-                metrics::counter!("epr_http_connections_refused_total", "answer" => "none")
-                    .increment(1);
-                drop(tcp);
-            }
+            Err(_) => refuse_now(&tcp),
         }
     }
     drop(listener);
@@ -241,7 +236,7 @@ fn describe_metrics() {
     );
     metrics::describe_counter!(
         "epr_http_connections_refused_total",
-        "HTTP connections refused at the connection limit, by answer (503, or none when even refusing is saturated)"
+        "HTTP connections answered 503 at the connection limit"
     );
     metrics::describe_counter!(
         "epr_http_connections_reclaimed_total",
@@ -290,17 +285,22 @@ impl ErrorLog {
     }
 }
 
-/// Answers a connection over the limit with 503 and closes it.
+const REFUSAL: &str = concat!(
+    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n",
+    "retry-after: 1\r\nconnection: close\r\ncontent-length: 134\r\n\r\n",
+    r#"{"status":503,"error":"Service Unavailable","message":"the server is at its connection limit; retry shortly","rule":"max-connections"}"#
+);
+
+/// Answers a connection over the limit with 503, without waiting for anything.
+fn refuse_now(tcp: &TcpStream) {
+    metrics::counter!("epr_http_connections_refused_total").increment(1);
+    // A new connection's send buffer is empty: the whole answer fits at once.
+    let _ = tcp.try_write(REFUSAL.as_bytes());
+}
+
+/// Answers a connection over the limit with 503 and closes it once the client has read it.
 async fn refuse(mut tcp: TcpStream) {
-    metrics::counter!("epr_http_connections_refused_total", "answer" => "503").increment(1);
-    const BODY: &str = r#"{"status":503,"error":"Service Unavailable","message":"the server is at its connection limit; retry shortly","rule":"max-connections"}"#;
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
-        BODY.len()
-    );
-    // A new connection's send buffer is empty: the whole answer fits without waiting.
-    let _ = tcp.try_write(response.as_bytes());
+    refuse_now(&tcp);
     let _ = tcp.shutdown().await;
     // Closing with unread request bytes would reset the connection, and the client could
     // lose the 503 before reading it: read until the client closes, briefly.
@@ -319,6 +319,33 @@ struct Shared {
     router: axum::Router,
     limits: ConnLimits,
     http: hyper::server::conn::http1::Builder,
+    reclaim: Reclaim,
+}
+
+/// Rounds of closing idle connections to make room: every connection looks at each round.
+struct Reclaim {
+    tx: watch::Sender<u64>,
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Reclaim {
+    /// Starts a round unless one started within [`RECLAIM_EVERY`]: every connection wakes
+    /// for a round, so a flood of new connections costs little.
+    fn request(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.last_ms.load(Relaxed);
+        if last != NONE && now.saturating_sub(last) < RECLAIM_EVERY.as_millis() as u64 {
+            return;
+        }
+        if self
+            .last_ms
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
+        {
+            self.tx.send_modify(|round| *round += 1);
+        }
+    }
 }
 
 /// A connection about to be served.
@@ -335,9 +362,34 @@ enum Timeout {
 }
 
 impl Conn {
+    /// Asks idle connections to make room, round after round, for up to [`ROOM_WAIT`].
+    async fn wait_for_room(
+        &self,
+        permits: &Arc<Semaphore>,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let until = tokio::time::Instant::now() + ROOM_WAIT;
+        loop {
+            self.shared.reclaim.request();
+            let round = (tokio::time::Instant::now() + RECLAIM_EVERY).min(until);
+            if let Ok(Ok(permit)) =
+                tokio::time::timeout_at(round, permits.clone().acquire_owned()).await
+            {
+                return Some(permit);
+            }
+            if tokio::time::Instant::now() >= until {
+                return None;
+            }
+        }
+    }
+
     async fn run(mut self, tcp: TcpStream, permit: tokio::sync::OwnedSemaphorePermit) {
         let _open = OpenGauge::new();
         let limits = self.shared.limits;
+        // Rounds before this connection started are not for it.
+        self.reclaim.borrow_and_update();
+        // The timer never sleeps past the shortest timeout, so no deadline set meanwhile
+        // (a request finishing, a header starting) is missed.
+        let recheck = limits.header_timeout.min(limits.idle_timeout);
         let activity = Arc::new(Activity::new());
         let io = TokioIo::new(WatchedIo {
             tcp,
@@ -350,7 +402,7 @@ impl Conn {
         };
         let conn = self.shared.http.serve_connection(io, service);
         tokio::pin!(conn);
-        let timer = tokio::time::sleep(limits.header_timeout);
+        let timer = tokio::time::sleep(recheck);
         tokio::pin!(timer);
         let mut draining = false;
         loop {
@@ -368,7 +420,9 @@ impl Conn {
                                 .increment(1);
                             break;
                         }
-                        _ => timer.as_mut().reset(deadline),
+                        _ => timer
+                            .as_mut()
+                            .reset(deadline.min(tokio::time::Instant::now() + recheck)),
                     }
                 }
                 changed = self.stop.changed(), if !draining => {
@@ -381,7 +435,7 @@ impl Conn {
                 changed = self.reclaim.changed(), if !draining => {
                     if changed.is_err() {
                         draining = true;
-                    } else if activity.is_idle() {
+                    } else if activity.is_idle_for(RECLAIM_MIN_IDLE) {
                         metrics::counter!("epr_http_connections_reclaimed_total").increment(1);
                         break;
                     }
@@ -444,9 +498,16 @@ impl Activity {
         self.start + Duration::from_millis(ms)
     }
 
-    /// No request in progress and none arriving: closing loses nothing.
-    fn is_idle(&self) -> bool {
-        self.in_flight.load(Relaxed) == 0 && self.head_at.load(Relaxed) == NONE
+    /// No request in progress or arriving for at least `min`: closing loses nothing.
+    fn is_idle_for(&self, min: Duration) -> bool {
+        if self.in_flight.load(Relaxed) > 0 || self.head_at.load(Relaxed) != NONE {
+            return false;
+        }
+        let since = match self.done_at.load(Relaxed) {
+            NONE => 0,
+            done => done,
+        };
+        self.now_ms().saturating_sub(since) >= min.as_millis() as u64
     }
 
     /// When the connection times out, and why; `None` while a request is being served (then
@@ -705,6 +766,14 @@ impl Body for TimedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_is_well_formed() {
+        let (head, body) = REFUSAL.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["status"], 503);
+    }
 
     #[test]
     fn connections_fit_below_the_open_files_limit() {

@@ -2,6 +2,7 @@
 //! HTTP. One test binary (faster to link); one module per area.
 
 mod batch;
+mod connections;
 mod crash;
 mod endpoints;
 mod events;
