@@ -329,7 +329,10 @@ impl Settings {
             bail!("server.page_default must be between 1 and server.page_max");
         }
         for (key, value) in [
-            ("server.header_timeout_secs", self.server.header_timeout_secs),
+            (
+                "server.header_timeout_secs",
+                self.server.header_timeout_secs,
+            ),
             ("server.body_timeout_secs", self.server.body_timeout_secs),
             ("server.idle_timeout_secs", self.server.idle_timeout_secs),
         ] {

@@ -226,10 +226,7 @@ pub async fn serve(
 }
 
 fn describe_metrics() {
-    metrics::describe_gauge!(
-        "epr_http_connections_open",
-        "HTTP connections being served"
-    );
+    metrics::describe_gauge!("epr_http_connections_open", "HTTP connections being served");
     metrics::describe_gauge!(
         "epr_http_connections_max",
         "Most HTTP connections served at once (server.max_connections, fitted to the open-files limit)"
@@ -270,7 +267,10 @@ struct ErrorLog {
 
 impl ErrorLog {
     fn log(&mut self, e: &std::io::Error) {
-        if self.last.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
             self.suppressed += 1;
             return;
         }
@@ -578,10 +578,7 @@ impl AsyncWrite for WatchedIo {
         Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }

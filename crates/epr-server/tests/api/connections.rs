@@ -30,7 +30,10 @@ async fn read_response(tcp: &mut TcpStream) -> (String, String) {
                 return (head, body);
             }
         }
-        let n = tcp.read(&mut chunk).await.expect("the response is readable");
+        let n = tcp
+            .read(&mut chunk)
+            .await
+            .expect("the response is readable");
         assert!(n > 0, "closed before a whole response: {buf:?}");
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -50,7 +53,10 @@ async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Duration {
         }
     })
     .await;
-    assert!(closed.is_ok(), "the connection is still open after {within:?}");
+    assert!(
+        closed.is_ok(),
+        "the connection is still open after {within:?}"
+    );
     started.elapsed()
 }
 
@@ -72,7 +78,9 @@ async fn excess_connection_is_refused_quickly_with_503() {
     for _ in 0..4 {
         let mut tcp = idle_connection(app.addr).await;
         // Half a request header: the connection is in use, not idle.
-        tcp.write_all(b"GET /health/live HTTP/1.1\r\n").await.unwrap();
+        tcp.write_all(b"GET /health/live HTTP/1.1\r\n")
+            .await
+            .unwrap();
         busy.push(tcp);
     }
     // Let the server read those bytes (it reads as they arrive).
@@ -84,7 +92,11 @@ async fn excess_connection_is_refused_quickly_with_503() {
     let (head, body) = tokio::time::timeout(Duration::from_secs(2), read_response(&mut extra))
         .await
         .expect("the excess connection is answered, not left hanging");
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(head.starts_with("http/1.1 503"), "{head}");
     assert!(head.contains("retry-after: 1"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
@@ -99,7 +111,12 @@ async fn excess_connection_is_refused_quickly_with_503() {
     let (head, _) = read_response(&mut first).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     drop(first);
-    let r = app.client.get(app.url("/health/live")).send().await.unwrap();
+    let r = app
+        .client
+        .get(app.url("/health/live"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
 
@@ -141,7 +158,10 @@ async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     .await;
     let mut tcp = idle_connection(app.addr).await;
     let took = closed_within(&mut tcp, Duration::from_secs(4)).await;
-    assert!(took >= Duration::from_millis(900), "closed too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed too early: {took:?}"
+    );
 }
 
 /// A header sent a byte at a time is cut off by `header_timeout_secs`, though bytes keep
@@ -173,10 +193,19 @@ async fn slowly_sent_header_is_cut_off_by_the_header_timeout() {
     let read = tokio::time::timeout(Duration::from_secs(4), rd.read(&mut chunk))
         .await
         .expect("the connection is closed by the header timeout");
-    assert!(matches!(read, Ok(0) | Err(_)), "no response expected: {read:?}");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "no response expected: {read:?}"
+    );
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{took:?}");
-    assert!(!trickle.is_finished() || trickle.await.unwrap(), "cut off mid-header");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(
+        !trickle.is_finished() || trickle.await.unwrap(),
+        "cut off mid-header"
+    );
 }
 
 /// A body that never finishes is answered 408 (JSON error naming the rule) after
@@ -263,7 +292,8 @@ async fn at_the_open_files_limit_the_server_still_answers() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut idle = Vec::new();
     for _ in 0..400 {
-        idle.push(TcpStream::connect(addr).await.unwrap());
+        let connect = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr));
+        idle.push(connect.await.expect("connections are accepted").unwrap());
     }
     let fresh = reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
