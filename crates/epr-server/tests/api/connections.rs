@@ -237,6 +237,24 @@ async fn unfinished_body_is_answered_408_by_the_body_timeout() {
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
 
+/// Shutdown closes idle keep-alive connections at once instead of waiting for them (the
+/// in-flight case is `ops::graceful_shutdown_finishes_in_flight_batch`).
+#[tokio::test]
+async fn shutdown_closes_idle_keep_alive_connections_at_once() {
+    let app = spawn_with(|s| s.server.shutdown_timeout_secs = 30).await;
+    let mut tcp = idle_connection(app.addr).await;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), app.stop())
+        .await
+        .expect("shutdown does not wait for idle connections");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    closed_within(&mut tcp, Duration::from_secs(1)).await;
+}
+
 struct ChildServer(Child);
 
 impl Drop for ChildServer {
