@@ -382,11 +382,9 @@ impl Conn {
         }
     }
 
-    async fn run(mut self, tcp: TcpStream, permit: tokio::sync::OwnedSemaphorePermit) {
+    async fn run(self, tcp: TcpStream, permit: tokio::sync::OwnedSemaphorePermit) {
         let _open = OpenGauge::new();
         let limits = self.shared.limits;
-        // Rounds before this connection started are not for it.
-        self.reclaim.borrow_and_update();
         // The timer never sleeps past the shortest timeout, so no deadline set meanwhile
         // (a request finishing, a header starting) is missed.
         let recheck = limits.header_timeout.min(limits.idle_timeout);
@@ -400,6 +398,7 @@ impl Conn {
             activity: activity.clone(),
             body_timeout: limits.body_timeout,
         };
+        let mut signals = control(self.stop, self.reclaim, activity.clone());
         let conn = self.shared.http.serve_connection(io, service);
         tokio::pin!(conn);
         let timer = tokio::time::sleep(recheck);
@@ -425,25 +424,65 @@ impl Conn {
                             .reset(deadline.min(tokio::time::Instant::now() + recheck)),
                     }
                 }
-                changed = self.stop.changed(), if !draining => {
+                signal = signals.recv(), if !draining => match signal {
                     // Idle connections close now, busy ones after their response.
-                    draining = true;
-                    if changed.is_ok() {
+                    Some(Signal::Drain) | None => {
+                        draining = true;
                         conn.as_mut().graceful_shutdown();
                     }
-                }
-                changed = self.reclaim.changed(), if !draining => {
-                    if changed.is_err() {
-                        draining = true;
-                    } else if activity.is_idle_for(RECLAIM_MIN_IDLE) {
+                    // Checked again: a request may have come since the controller looked.
+                    Some(Signal::Close) if activity.is_idle_for(RECLAIM_MIN_IDLE) => {
                         metrics::counter!("epr_http_connections_reclaimed_total").increment(1);
                         break;
                     }
-                }
+                    Some(Signal::Close) => {}
+                },
             }
         }
         drop(permit);
     }
+}
+
+/// What a connection's controller tells it.
+enum Signal {
+    /// Shutting down: finish the request in progress, then close.
+    Drain,
+    /// A reclaim round found the connection idle: close it to make room.
+    Close,
+}
+
+/// Watches the server-wide shutdown and reclaim signals for one connection, on a task of its
+/// own: the connection's task then polls only its own channel on each wake-up (the shared
+/// signals' waiter lists are locked on every poll, which would put a global lock on every
+/// request).
+fn control(
+    mut stop: watch::Receiver<bool>,
+    mut reclaim: watch::Receiver<u64>,
+    activity: Arc<Activity>,
+) -> tokio::sync::mpsc::Receiver<Signal> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    // Rounds before this connection started are not for it.
+    reclaim.borrow_and_update();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = stop.changed() => {
+                    let _ = tx.send(Signal::Drain).await;
+                    return;
+                }
+                changed = reclaim.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if activity.is_idle_for(RECLAIM_MIN_IDLE) {
+                        let _ = tx.try_send(Signal::Close);
+                    }
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// Keeps `epr_http_connections_open` while a connection is served.
