@@ -291,20 +291,29 @@ const REFUSAL: &str = concat!(
     r#"{"status":503,"error":"Service Unavailable","message":"the server is at its connection limit; retry shortly","rule":"max-connections"}"#
 );
 
-/// Answers a connection over the limit with 503, without waiting for anything.
+/// Answers a connection over the limit with 503 if its request has arrived, without
+/// waiting; otherwise closes it (an answer before the request confuses HTTP clients, a
+/// closed connection they retry).
 fn refuse_now(tcp: &TcpStream) {
     metrics::counter!("epr_http_connections_refused_total").increment(1);
-    // A new connection's send buffer is empty: the whole answer fits at once.
-    let _ = tcp.try_write(REFUSAL.as_bytes());
+    let mut sink = [0u8; 1024];
+    if tcp.try_read(&mut sink).is_ok_and(|n| n > 0) {
+        // A new connection's send buffer is empty: the whole answer fits at once.
+        let _ = tcp.try_write(REFUSAL.as_bytes());
+    }
 }
 
-/// Answers a connection over the limit with 503 and closes it once the client has read it.
+/// Answers a connection over the limit with 503 once its request has started to arrive,
+/// and closes it once the client has read the answer.
 async fn refuse(mut tcp: TcpStream) {
-    refuse_now(&tcp);
+    metrics::counter!("epr_http_connections_refused_total").increment(1);
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(REFUSE_LINGER, tcp.readable()).await;
+    let _ = tcp.try_read(&mut sink);
+    let _ = tcp.try_write(REFUSAL.as_bytes());
     let _ = tcp.shutdown().await;
     // Closing with unread request bytes would reset the connection, and the client could
     // lose the 503 before reading it: read until the client closes, briefly.
-    let mut sink = [0u8; 1024];
     let _ = tokio::time::timeout(REFUSE_LINGER, async {
         while let Ok(n) = tcp.read(&mut sink).await {
             if n == 0 {

@@ -265,9 +265,9 @@ impl Drop for ChildServer {
 }
 
 /// A child server whose open-files limit (soft and hard) is 256 gets more idle connections
-/// than it has files for: every attempt at the health check is answered at once (200, or 503
-/// with Retry-After while the flood is being sorted out), it is 200 within a few seconds,
-/// and a registration goes through.
+/// than it has files for: every attempt at the health check ends within a second (200, or
+/// 503 with Retry-After / a closed connection while the flood is being sorted out), it is
+/// 200 within a few seconds, and a registration goes through.
 #[tokio::test]
 async fn at_the_open_files_limit_the_server_still_answers() {
     let dir = tempfile::tempdir().unwrap();
@@ -319,16 +319,15 @@ async fn at_the_open_files_limit_the_server_still_answers() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let r = fresh
-            .get(format!("{base}/health/live"))
-            .send()
-            .await
-            .expect("answered within a second");
-        if r.status() == StatusCode::OK {
-            break;
+        match fresh.get(format!("{base}/health/live")).send().await {
+            Ok(r) if r.status() == StatusCode::OK => break,
+            Ok(r) => {
+                assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+                assert_eq!(r.headers()["retry-after"], "1");
+            }
+            // Refused while even the refusals were saturated: closed, not left hanging.
+            Err(e) => assert!(!e.is_timeout(), "not answered within a second: {e}"),
         }
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(r.headers()["retry-after"], "1");
         assert!(Instant::now() < deadline, "still refused after 3 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
