@@ -84,6 +84,17 @@ pub struct ServerSettings {
     pub page_max: u64,
     /// Cross-origin requests from browser consoles (`server.cors.*`); off by default.
     pub cors: epr_http::cors::CorsSettings,
+    /// Longest time to receive a request's header section, in seconds: counted from the
+    /// connection's opening for its first request, else from the request's first byte.
+    pub header_timeout_secs: u64,
+    /// Longest time to receive a request body once the server waits for it, in seconds
+    /// (408 beyond it).
+    pub body_timeout_secs: u64,
+    /// How long a keep-alive connection may stay idle between requests, in seconds.
+    pub idle_timeout_secs: u64,
+    /// Most connections served at once; beyond it idle ones are closed to make room, else
+    /// the new one is answered 503. Lowered to fit the open-files limit.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -170,6 +181,10 @@ impl Default for ServerSettings {
             page_default: 20,
             page_max: 1000,
             cors: epr_http::cors::CorsSettings::default(),
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
+            idle_timeout_secs: 60,
+            max_connections: 4096,
         }
     }
 }
@@ -332,6 +347,21 @@ impl Settings {
             bail!("server.page_default must be between 1 and server.page_max");
         }
         self.server.cors.layer().map_err(anyhow::Error::msg)?;
+        for (key, value) in [
+            (
+                "server.header_timeout_secs",
+                self.server.header_timeout_secs,
+            ),
+            ("server.body_timeout_secs", self.server.body_timeout_secs),
+            ("server.idle_timeout_secs", self.server.idle_timeout_secs),
+        ] {
+            if !(1..=3600).contains(&value) {
+                bail!("{key} must be between 1 and 3600");
+            }
+        }
+        if !(1..=1_000_000).contains(&self.server.max_connections) {
+            bail!("server.max_connections must be between 1 and 1000000");
+        }
         if self.limits.batch_max_items == 0 {
             bail!("limits.batch_max_items must be at least 1");
         }
@@ -464,6 +494,12 @@ mod tests {
         std::fs::write(&file, "nats:\n  publish_batch: 5001\n").unwrap();
         let err = Settings::load(Some(&file)).unwrap_err();
         assert!(format!("{err:#}").contains("publish_batch"), "{err:#}");
+        std::fs::write(&file, "server:\n  idle_timeout_secs: 0\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err();
+        assert!(format!("{err:#}").contains("idle_timeout_secs"), "{err:#}");
+        std::fs::write(&file, "server:\n  max_connections: 0\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err();
+        assert!(format!("{err:#}").contains("max_connections"), "{err:#}");
         std::fs::write(&file, "service:\n  instance_name: a.b\n").unwrap();
         let err = Settings::load(Some(&file)).unwrap_err();
         assert!(

@@ -8,6 +8,7 @@ pub mod log_writer;
 pub mod metric_help;
 pub mod process_metrics;
 pub mod summary;
+pub mod serve;
 pub mod telemetry;
 
 use anyhow::Context;
@@ -116,6 +117,7 @@ pub struct Application {
     listeners: Vec<Listener>,
     ready: Arc<AtomicBool>,
     shutdown_timeout: Duration,
+    connections: serve::ConnLimits,
 }
 
 /// A NATS front-end, started with a stop signal.
@@ -285,6 +287,7 @@ impl Application {
             listeners,
             ready,
             shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_secs),
+            connections: serve::ConnLimits::from_settings(&settings.server),
         })
     }
 
@@ -299,11 +302,6 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        use axum::serve::ListenerExt;
-        let listener = self.listener.tap_io(|tcp| {
-            // Responses go out in more than one write; Nagle would delay them by ~40 ms.
-            let _ = tcp.set_nodelay(true);
-        });
         let ready = self.ready.clone();
         let (relay_stop_tx, relay_stop) = tokio::sync::watch::channel(false);
         let relay = tokio::spawn(self.relay.run(relay_stop, RELAY_DRAIN_LIMIT));
@@ -322,10 +320,10 @@ impl Application {
         };
         self.ready.store(true, Ordering::Release);
         tracing::info!(addr = %self.addr, "EPR listening");
-        let server = axum::serve(listener, self.router).with_graceful_shutdown(signal);
+        let server = serve::serve(self.listener, self.router, self.connections, signal);
         let timeout = self.shutdown_timeout;
         let result = tokio::select! {
-            r = server => r.context("HTTP server failed"),
+            _ = server => Ok(()),
             _ = async move {
                 let _ = stop_rx.wait_for(|v| *v).await;
                 tokio::time::sleep(timeout).await;

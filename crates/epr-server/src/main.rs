@@ -111,6 +111,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve => {
             // Held to the end of `main`: dropping it writes out the last queued lines.
             let _log = telemetry::init_logging(&settings.log);
+            // Every connection is a file: before the connection limit is fitted to it.
+            match epr_server::serve::raise_open_files_limit() {
+                Ok((before, after)) if after > before => {
+                    tracing::info!("open-files limit raised from {before} to {after}")
+                }
+                Ok((_, after)) => tracing::info!(open_files_limit = after, "open-files limit"),
+                Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+            }
             let app = Application::build(&settings).await?;
             StartupSummary::new(&settings, cli.config.as_deref(), app.addr()).log();
             app.run_until_stopped(epr_server::shutdown_signal()).await
