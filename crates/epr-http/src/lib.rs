@@ -13,8 +13,8 @@ mod filters;
 mod handlers;
 mod ops;
 pub mod strict;
-mod wire_terms;
 mod tracking;
+mod wire_terms;
 
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;

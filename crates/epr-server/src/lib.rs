@@ -7,8 +7,8 @@ pub mod export_format;
 pub mod log_writer;
 pub mod metric_help;
 pub mod process_metrics;
-pub mod summary;
 pub mod serve;
+pub mod summary;
 pub mod telemetry;
 
 use anyhow::Context;

@@ -20,6 +20,33 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         Counter,
         "HTTP requests answered, by method, route template and status.",
     ),
+    // epr-server::serve (the accept loop)
+    ("epr_http_connections_open", Gauge, "HTTP connections being served."),
+    (
+        "epr_http_connections_max",
+        Gauge,
+        "Most HTTP connections served at once (server.max_connections, fitted to the open-files limit).",
+    ),
+    (
+        "epr_http_connections_refused_total",
+        Counter,
+        "HTTP connections answered 503 at the connection limit.",
+    ),
+    (
+        "epr_http_connections_reclaimed_total",
+        Counter,
+        "Idle HTTP connections closed to make room for new ones.",
+    ),
+    (
+        "epr_http_connection_timeouts_total",
+        Counter,
+        "HTTP connections closed or requests answered 408 on a timeout, by kind (header, body, idle).",
+    ),
+    (
+        "epr_http_accept_errors_total",
+        Counter,
+        "Failed accepts of HTTP connections (e.g. the open-files limit reached).",
+    ),
     (
         "epr_http_request_duration_seconds",
         Histogram,

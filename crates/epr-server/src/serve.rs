@@ -140,7 +140,6 @@ pub async fn serve(
     limits: ConnLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    describe_metrics();
     tracing::info!(
         max_connections = limits.max_connections,
         header_timeout_secs = limits.header_timeout.as_secs(),
@@ -223,30 +222,6 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     tracker.close();
     tracker.wait().await;
-}
-
-fn describe_metrics() {
-    metrics::describe_gauge!("epr_http_connections_open", "HTTP connections being served");
-    metrics::describe_gauge!(
-        "epr_http_connections_max",
-        "Most HTTP connections served at once (server.max_connections, fitted to the open-files limit)"
-    );
-    metrics::describe_counter!(
-        "epr_http_connections_refused_total",
-        "HTTP connections answered 503 at the connection limit"
-    );
-    metrics::describe_counter!(
-        "epr_http_connections_reclaimed_total",
-        "Idle HTTP connections closed to make room for new ones"
-    );
-    metrics::describe_counter!(
-        "epr_http_connection_timeouts_total",
-        "HTTP connections closed or requests answered 408 on a timeout, by kind (header, body, idle)"
-    );
-    metrics::describe_counter!(
-        "epr_http_accept_errors_total",
-        "Failed accepts of HTTP connections (e.g. the open-files limit reached)"
-    );
 }
 
 /// Connection errors of one pending connection (it went away): nothing to back off from.

@@ -589,12 +589,25 @@ impl Writer {
         }
         // A clean stop folds the WAL into the database file, so the file alone holds every
         // commit (for copies and checks) and the next start replays nothing.
+        // The checkpoint answers "busy" (and folds nothing) while the background
+        // checkpointer or a reader holds the WAL, so it is retried for a moment.
         if self.health.corrupted().is_none() {
-            if let Err(e) = self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-            {
-                tracing::warn!(error = %e, "final checkpoint failed; the WAL is kept");
+            let mut outcome = Ok(1);
+            for _ in 0..100 {
+                outcome = self
+                    .conn
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                        r.get::<_, i64>(0)
+                    });
+                if !matches!(outcome, Ok(busy) if busy != 0) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            match outcome {
+                Ok(0) => {}
+                Ok(_) => tracing::warn!("final checkpoint stayed busy; the WAL is kept"),
+                Err(e) => tracing::warn!(error = %e, "final checkpoint failed; the WAL is kept"),
             }
         }
         tracing::info!("embedded store writer stopped");

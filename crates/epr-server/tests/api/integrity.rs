@@ -178,6 +178,10 @@ async fn filled_data_dir() -> tempfile::TempDir {
         assert_eq!(r.status(), StatusCode::ACCEPTED);
     }
     assert!(epr.terminate().success(), "{}", epr.finish_output());
+    // The damage below must hit the only copy of the pages: a clean stop folds the WAL in.
+    let wal = dir.path().join("epr.sqlite3-wal");
+    let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(wal_len, 0, "a clean stop leaves an empty WAL");
     dir
 }
 
