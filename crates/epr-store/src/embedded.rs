@@ -975,6 +975,16 @@ fn insert_endpoint(
     ep: &Endpoint,
     reg: &epr_core::command::Registration,
 ) -> rusqlite::Result<usize> {
+    insert_endpoint_row(conn, tenant, ep, &reg.token_hash)
+}
+
+/// The endpoint row (registration and import share it).
+pub(crate) fn insert_endpoint_row(
+    conn: &Connection,
+    tenant: &str,
+    ep: &Endpoint,
+    token_hash: &epr_core::ids::TokenHash,
+) -> rusqlite::Result<usize> {
     conn.prepare_cached(&format!(
         "INSERT INTO endpoints(tenant, {ENDPOINT_COLUMNS}, token_hash) \
          VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
@@ -991,7 +1001,7 @@ fn insert_endpoint(
         ep.metadata_updated.map(|t| t.0),
         ep.version as i64,
         ep.metadata_version as i64,
-        &reg.token_hash.0[..]
+        &token_hash.0[..]
     ])
 }
 

@@ -137,27 +137,7 @@ fn import_endpoint(
     // A fresh incarnation: this store's own entity tags and registration order.
     endpoint.incarnation = *next_incarnation;
     *next_incarnation += 1;
-    conn.prepare_cached(&format!(
-        "INSERT INTO endpoints(tenant, {ENDPOINT_COLUMNS}, token_hash) \
-         VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
-    ))
-    .and_then(|mut s| {
-        s.execute(params![
-            t,
-            endpoint.incarnation,
-            endpoint.id.as_str(),
-            endpoint.app.as_str(),
-            endpoint.app_version.as_str(),
-            endpoint.app_version_registered.0,
-            endpoint.created.0,
-            endpoint.metadata.to_json_string(),
-            endpoint.metadata_updated.map(|t| t.0),
-            endpoint.version as i64,
-            endpoint.metadata_version as i64,
-            &token_hash.0[..]
-        ])
-    })
-    .map_err(unavailable)?;
+    crate::embedded::insert_endpoint_row(conn, t, &endpoint, &token_hash).map_err(unavailable)?;
     conn.prepare_cached(
         "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, created) VALUES(?1,?2,?3,?4,?5)",
     )
