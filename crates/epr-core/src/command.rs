@@ -226,17 +226,7 @@ pub fn apply_change(
 ) -> Result<Metadata, DomainError> {
     match change {
         MetadataChange::Replace(md) => Ok(md.clone()),
-        MetadataChange::JsonPatch(patch) => {
-            let mut doc = current.to_value();
-            json_patch::patch(&mut doc, patch).map_err(|e| {
-                ValidationError::new(
-                    format!("[{}]", e.operation),
-                    "json-patch",
-                    format!("JSON Patch operation {} failed: {}", e.operation, e.kind),
-                )
-            })?;
-            Metadata::parse(doc, "metadata", limits)
-        }
+        MetadataChange::JsonPatch(patch) => crate::patch::apply_json_patch(current, patch, limits),
         MetadataChange::MergePatch(patch) => {
             if !patch.is_object() {
                 return Err(ValidationError::new(

@@ -27,6 +27,7 @@ pub mod event;
 pub mod filter;
 pub mod ids;
 pub mod metadata;
+mod patch;
 pub mod ports;
 pub mod query;
 pub mod registry;

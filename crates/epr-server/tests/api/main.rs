@@ -7,6 +7,7 @@ mod endpoints;
 mod events;
 mod filters;
 mod filters_nats;
+mod fuzz_findings;
 mod helpers;
 mod metadata;
 mod nats_protocols;
