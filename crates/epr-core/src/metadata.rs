@@ -255,8 +255,8 @@ mod tests {
     #[test]
     fn floats_survive_a_round_trip_through_json_text() {
         let l = Limits::default();
-        let written: Value = serde_json::from_str(r#"{"k": 33333333333333333333333333333333}"#)
-            .expect("valid JSON");
+        let written: Value =
+            serde_json::from_str(r#"{"k": 33333333333333333333333333333333}"#).expect("valid JSON");
         let md = Metadata::parse(written, "metadata", &l).unwrap();
         let text = md.to_json_string();
         let back = Metadata::parse(serde_json::from_str(&text).unwrap(), "metadata", &l).unwrap();

@@ -165,7 +165,11 @@ mod tests {
     fn limits_hold_at_every_step_and_the_result_is_validated() {
         // Within the depth limit at every step: fine.
         let deep = (0..31).fold(json!(1), |v, _| json!([v]));
-        assert!(apply(json!({}), json!([{"op": "add", "path": "/a", "value": deep}])).is_ok());
+        assert!(apply(
+            json!({}),
+            json!([{"op": "add", "path": "/a", "value": deep}])
+        )
+        .is_ok());
         let (field, rule) = invalid(apply(
             json!({"a": {}}),
             json!([{"op": "add", "path": "/a/b", "value": deep}]),
@@ -183,10 +187,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(md.to_value(), json!({"b": [1, 1], "c": []}));
-        let (field, rule) = invalid(apply(
-            json!({}),
-            json!([{"op": "remove", "path": "/nope"}]),
-        ));
+        let (field, rule) = invalid(apply(json!({}), json!([{"op": "remove", "path": "/nope"}])));
         assert_eq!((field.as_str(), rule), ("[0]", "json-patch"));
     }
 }

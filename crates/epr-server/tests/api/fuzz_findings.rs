@@ -53,6 +53,9 @@ async fn rewriting_the_same_float_changes_nothing() {
     };
     let first = put().await;
     let second = put().await;
-    assert_eq!(first, second, "the same document written twice is one change");
+    assert_eq!(
+        first, second,
+        "the same document written twice is one change"
+    );
     app.stop().await;
 }
