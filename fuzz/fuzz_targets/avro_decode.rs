@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
         let _ = epmmp::decode_request_envelope(t, payload);
         if let Ok((env, req)) = epmmp::decode_request(t, payload) {
             let again = epmmp::encode_request(&env, &req).expect("a decoded request encodes");
-            assert_eq!(epmmp::decode_request(t, &again).expect("re-decodes"), (env, req));
+            assert_eq!(
+                epmmp::decode_request(t, &again).expect("re-decodes"),
+                (env, req)
+            );
         }
         return;
     }
@@ -43,7 +46,10 @@ fuzz_target!(|data: &[u8]| {
         let _ = efmp::decode_request_envelope(t, payload);
         if let Ok((env, req)) = efmp::decode_request(t, payload) {
             let again = efmp::encode_request(&env, &req).expect("a decoded request encodes");
-            assert_eq!(efmp::decode_request(t, &again).expect("re-decodes"), (env, req));
+            assert_eq!(
+                efmp::decode_request(t, &again).expect("re-decodes"),
+                (env, req)
+            );
         }
         return;
     }
@@ -64,7 +70,10 @@ fuzz_target!(|data: &[u8]| {
         0 => {
             if let Ok(ev) = connectivity::decode_connected(payload) {
                 let again = connectivity::encode_connected(&ev).expect("encodes");
-                assert_eq!(connectivity::decode_connected(&again).expect("re-decodes"), ev);
+                assert_eq!(
+                    connectivity::decode_connected(&again).expect("re-decodes"),
+                    ev
+                );
             }
         }
         1..=3 => {

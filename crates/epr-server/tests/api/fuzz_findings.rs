@@ -59,3 +59,23 @@ async fn rewriting_the_same_float_changes_nothing() {
     );
     app.stop().await;
 }
+
+/// 100,000 copy/remove operations on a large value held the store's writer (every write)
+/// for about a minute; a JSON Patch now holds at most 256 operations.
+#[tokio::test]
+async fn json_patch_operations_are_bounded() {
+    let app = spawn_app().await;
+    app.register("e1", "demo-v1", json!({"a": vec![0; 1_000]}))
+        .await;
+    let ops: Vec<_> = (0..10_000)
+        .map(|i| match i % 2 {
+            0 => json!({"op": "copy", "from": "/a", "path": "/b"}),
+            _ => json!({"op": "remove", "path": "/b"}),
+        })
+        .collect();
+    let r = app
+        .send_json(Method::PATCH, "/endpoints/e1/metadata", &json!(ops))
+        .await;
+    assert_error(r, StatusCode::BAD_REQUEST, "[256]", "max-operations").await;
+    app.stop().await;
+}
