@@ -19,7 +19,7 @@ pub const MAX_JSON_PATCH_OPERATIONS: usize = 256;
 
 /// Applies `patch` to `current`. Every intermediate document stays within
 /// `limits.metadata_max_depth` and `limits.metadata_max_bytes`, else the patch is refused
-/// (`max-depth` naming the operation, or `TooLarge`); a failed operation is refused as
+/// (`max-depth` naming the key, or `TooLarge`); a failed operation is refused as
 /// `json-patch` naming it. The result is validated like any metadata document.
 pub fn apply_json_patch(
     current: &Metadata,
@@ -55,16 +55,7 @@ pub fn apply_json_patch(
         if let Some((path, Some(value))) = placed {
             // The root object is level 1, so a key's value may reach level max + 1.
             if path.count() + depth(value) > limits.metadata_max_depth + 1 {
-                return Err(ValidationError::new(
-                    at(),
-                    "max-depth",
-                    format!(
-                        "JSON Patch operation {i} would nest metadata values more than {} \
-                         levels deep",
-                        limits.metadata_max_depth
-                    ),
-                )
-                .into());
+                return Err(too_deep(path, value, limits));
             }
             size_bound = size_bound
                 .saturating_add(path.as_str().len())
@@ -89,6 +80,31 @@ pub fn apply_json_patch(
         }
     }
     Metadata::parse(doc, "metadata", limits)
+}
+
+/// The error for a value that would nest too deep at `path`, naming the top-level key as
+/// metadata validation does (`metadata.<key>`), so it does not matter at which step of a
+/// patch the limit is crossed.
+fn too_deep(path: &json_patch::jsonptr::Pointer, value: &Value, limits: &Limits) -> DomainError {
+    let key = match path.first() {
+        Some(token) => Some(token.decoded().into_owned()),
+        // The whole document is replaced: name its first key that is too deep.
+        None => value.as_object().and_then(|m| {
+            m.iter()
+                .find(|(_, v)| depth(v) > limits.metadata_max_depth)
+                .map(|(k, _)| k.clone())
+        }),
+    };
+    let field = key.map_or_else(|| "metadata".to_owned(), |k| format!("metadata.{k}"));
+    ValidationError::new(
+        field,
+        "max-depth",
+        format!(
+            "metadata values may nest at most {} levels deep",
+            limits.metadata_max_depth
+        ),
+    )
+    .into()
 }
 
 /// Serialised JSON size of a value, counted without building the text.
@@ -176,7 +192,7 @@ mod tests {
             .collect();
         let (field, rule) = invalid(apply(json!({}), Value::Array(ops)));
         // The 6th copy would put the root (32 levels) 32 levels down: past 32 + 1.
-        assert_eq!((field.as_str(), rule), ("[5]", "max-depth"));
+        assert_eq!((field.as_str(), rule), ("metadata.a", "max-depth"));
     }
 
     /// 100,000 copy/remove operations on a 28 KB array (a 3.3 MB body) took about a minute,
@@ -212,7 +228,12 @@ mod tests {
             json!({"a": {}}),
             json!([{"op": "add", "path": "/a/b", "value": deep}]),
         ));
-        assert_eq!((field.as_str(), rule), ("[0]", "max-depth"));
+        assert_eq!((field.as_str(), rule), ("metadata.a", "max-depth"));
+        let (field, rule) = invalid(apply(
+            json!({}),
+            json!([{"op": "replace", "path": "", "value": {"ok": 1, "deep": [deep]}}]),
+        ));
+        assert_eq!((field.as_str(), rule), ("metadata.deep", "max-depth"));
         // An ordinary patch still applies, and failures still name the operation.
         let md = apply(
             json!({"a": 1, "b": [1]}),
