@@ -218,31 +218,6 @@ pub fn plan(
     }
 }
 
-/// Why a JSON Patch operation failed, naming the path (and `from`) it was about.
-fn patch_failure(patch: &json_patch::Patch, e: &json_patch::PatchError) -> String {
-    use json_patch::{PatchErrorKind as K, PatchOperation as Op};
-    let path = &e.path;
-    let op = patch.0.get(e.operation);
-    let from = match op {
-        Some(Op::Move(m)) => m.from.to_string(),
-        Some(Op::Copy(c)) => c.from.to_string(),
-        _ => String::new(),
-    };
-    match (&e.kind, op) {
-        (K::TestFailed, _) => format!("the value at path '{path}' is not the test value"),
-        (K::InvalidFromPointer, _) => format!("from path '{from}' does not exist"),
-        (K::CannotMoveInsideItself, _) => {
-            format!("cannot move '{from}' into its own child '{path}'")
-        }
-        (K::InvalidPointer, Some(Op::Add(_) | Op::Move(_) | Op::Copy(_))) => format!(
-            "cannot add at path '{path}': its parent does not exist or the array index is out \
-             of range"
-        ),
-        (K::InvalidPointer, _) => format!("path '{path}' does not exist"),
-        (other, _) => format!("{other} (path '{path}')"),
-    }
-}
-
 /// Applies a metadata change to a document, validating the result.
 pub fn apply_change(
     current: &Metadata,
@@ -251,21 +226,7 @@ pub fn apply_change(
 ) -> Result<Metadata, DomainError> {
     match change {
         MetadataChange::Replace(md) => Ok(md.clone()),
-        MetadataChange::JsonPatch(patch) => {
-            let mut doc = current.to_value();
-            json_patch::patch(&mut doc, patch).map_err(|e| {
-                ValidationError::new(
-                    format!("[{}]", e.operation),
-                    "json-patch",
-                    format!(
-                        "JSON Patch operation {} failed: {}",
-                        e.operation,
-                        patch_failure(patch, &e)
-                    ),
-                )
-            })?;
-            Metadata::parse(doc, "metadata", limits)
-        }
+        MetadataChange::JsonPatch(patch) => crate::patch::apply_json_patch(current, patch, limits),
         MetadataChange::MergePatch(patch) => {
             if !patch.is_object() {
                 return Err(ValidationError::new(

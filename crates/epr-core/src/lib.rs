@@ -11,6 +11,7 @@
 //! - [`command`]: write commands and [`command::plan`], the one function that decides what a
 //!   write does to an endpoint and which events it emits.
 //! - [`event`]: domain events (the outbox carries them; wire encoding lives elsewhere).
+//! - [`patch`]: RFC 6902 JSON Patch on metadata, with the limits enforced per operation.
 //! - [`query`]: endpoint listing queries and the `metadataFilter` language.
 //! - [`filter`]: endpoint filters, Kaa's MongoDB-query criteria language.
 //! - [`endpoint_filter`]: saved filters (definition, status, commands and `plan_filter`).
@@ -29,6 +30,7 @@ pub mod filter;
 pub mod ids;
 pub mod log_gate;
 pub mod metadata;
+pub mod patch;
 pub mod ports;
 pub mod query;
 pub mod registry;

@@ -156,7 +156,7 @@ impl Metadata {
 
 /// Nesting depth of a JSON value: scalars are 1, `[1]` is 2. Iterative, so a hostile
 /// document cannot overflow the stack.
-fn depth(v: &Value) -> usize {
+pub(crate) fn depth(v: &Value) -> usize {
     let mut max = 0;
     let mut stack = vec![(v, 1usize)];
     while let Some((v, d)) = stack.pop() {
@@ -247,6 +247,20 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Fuzzing finding (`metadata_patch`): without serde_json's `float_roundtrip`, this
+    /// number parsed to a float whose JSON text parses to a different float, so stored
+    /// metadata read back differed from what was written.
+    #[test]
+    fn floats_survive_a_round_trip_through_json_text() {
+        let l = Limits::default();
+        let written: Value =
+            serde_json::from_str(r#"{"k": 33333333333333333333333333333333}"#).expect("valid JSON");
+        let md = Metadata::parse(written, "metadata", &l).unwrap();
+        let text = md.to_json_string();
+        let back = Metadata::parse(serde_json::from_str(&text).unwrap(), "metadata", &l).unwrap();
+        assert_eq!(back, md, "{text}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod endpoints;
 mod events;
 mod filters;
 mod filters_nats;
+mod fuzz_findings;
 mod helpers;
 mod integrity;
 mod metadata;

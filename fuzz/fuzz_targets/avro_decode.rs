@@ -1,0 +1,86 @@
+//! The Avro decoders of NATS requests: 19/EPMMP and 20/EFMP requests (server side) and
+//! responses (client side), 9/ELCE `connected` and the 18/EFE events. Input: one byte
+//! choosing the message type, then the raw Avro datum.
+//!
+//! Invariants: no panic, bounded memory whatever a length prefix claims; a decoded
+//! message encodes back to a datum that decodes to the same message.
+#![no_main]
+
+use epr_events::{connectivity, efe, efmp, epmmp};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&selector, payload)) = data.split_first() else {
+        return;
+    };
+    let n_epmmp = epmmp::RequestType::ALL.len();
+    let n_efmp = efmp::RequestType::ALL.len();
+    let mut s = usize::from(selector) % (2 * n_epmmp + 2 * n_efmp + 1 + 5);
+    if s < n_epmmp {
+        let t = epmmp::RequestType::ALL[s];
+        let _ = epmmp::decode_request_envelope(t, payload);
+        if let Ok((env, req)) = epmmp::decode_request(t, payload) {
+            let again = epmmp::encode_request(&env, &req).expect("a decoded request encodes");
+            assert_eq!(
+                epmmp::decode_request(t, &again).expect("re-decodes"),
+                (env, req)
+            );
+        }
+        return;
+    }
+    s -= n_epmmp;
+    if s < n_epmmp {
+        let t = epmmp::RequestType::ALL[s];
+        if let Ok((env, status, resp)) = epmmp::decode_response(t, payload) {
+            let again = epmmp::encode_response(&env, &status, &resp).expect("encodes");
+            assert_eq!(
+                epmmp::decode_response(t, &again).expect("re-decodes"),
+                (env, status, resp)
+            );
+        }
+        return;
+    }
+    s -= n_epmmp;
+    if s < n_efmp {
+        let t = efmp::RequestType::ALL[s];
+        let _ = efmp::decode_request_envelope(t, payload);
+        if let Ok((env, req)) = efmp::decode_request(t, payload) {
+            let again = efmp::encode_request(&env, &req).expect("a decoded request encodes");
+            assert_eq!(
+                efmp::decode_request(t, &again).expect("re-decodes"),
+                (env, req)
+            );
+        }
+        return;
+    }
+    s -= n_efmp;
+    if s < n_efmp {
+        let t = efmp::RequestType::ALL[s];
+        if let Ok((env, status, resp)) = efmp::decode_response(t, payload) {
+            let again = efmp::encode_response(&env, &status, &resp).expect("encodes");
+            assert_eq!(
+                efmp::decode_response(t, &again).expect("re-decodes"),
+                (env, status, resp)
+            );
+        }
+        return;
+    }
+    s -= n_efmp;
+    match s {
+        0 => {
+            if let Ok(ev) = connectivity::decode_connected(payload) {
+                let again = connectivity::encode_connected(&ev).expect("encodes");
+                assert_eq!(
+                    connectivity::decode_connected(&again).expect("re-decodes"),
+                    ev
+                );
+            }
+        }
+        1..=3 => {
+            let _ = efe::decode_filter_status(efe::FilterEventKind::ALL[s - 1], payload);
+        }
+        _ => {
+            let _ = efe::decode_endpoint_filter(s == 4, payload);
+        }
+    }
+});
