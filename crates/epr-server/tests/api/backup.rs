@@ -1,17 +1,16 @@
 //! `epr backup` / `restore` / `export` / `import`, driven as child processes of the `epr`
 //! binary against a server running in this process (backup and export must work beside it).
 
-use crate::helpers::{spawn_app, spawn_settings, test_settings, TestApp};
+use crate::helpers::{
+    poll, spawn_app, spawn_settings, test_settings, OnFailure, TestApp, WriteLoad,
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Output;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
+use std::time::Duration;
 
 /// Runs `epr --data-dir DIR ARGS…` (async, so the server in this process keeps serving).
 async fn epr(data_dir: &Path, args: &[&OsStr]) -> Output {
@@ -58,20 +57,24 @@ async fn create_filter(app: &TestApp, name: &str) -> String {
 }
 
 async fn wait_active(app: &TestApp, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let f = app
-            .get(&format!("/applications/demo/filters/{id}"))
-            .await
-            .json::<Value>()
-            .await
-            .unwrap();
-        if f["status"] == "active" {
-            return f;
-        }
-        assert!(Instant::now() < deadline, "filter {id} still pending: {f}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let f = app
+                .get(&format!("/applications/demo/filters/{id}"))
+                .await
+                .json::<Value>()
+                .await
+                .unwrap();
+            if f["status"] == "active" {
+                Ok(f)
+            } else {
+                Err(format!("filter {id} still pending: {f}"))
+            }
+        },
+    )
+    .await
 }
 
 /// Every endpoint of `demo` (paged), by ID, with metadata.
@@ -104,86 +107,39 @@ async fn members(app: &TestApp, filter: &str) -> BTreeSet<String> {
         .collect()
 }
 
-#[derive(Default)]
-struct Acked {
-    /// Registered endpoint → its `n`.
-    registered: Vec<(String, u64)>,
-    /// Per writer: (counter endpoint, last acknowledged `seq`, last attempted `seq`).
-    counters: Vec<(String, u64, u64)>,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_under_write_load_restores_every_write_acknowledged_before_it() {
     let app = spawn_app().await;
     let filter = create_filter(&app, "kyiv").await;
     wait_active(&app, &filter).await;
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for w in 0..6 {
-        let (client, base, acked, stop) = (
-            app.client.clone(),
-            app.url("/api/v1"),
-            acked.clone(),
-            stop.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let counter = format!("counter-{w}");
-            let r = client
-                .post(format!("{base}/endpoints"))
-                .json(&json!({"endpointId": counter, "appVersion": {"name": "demo-v1"}}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 201);
-            let slot = {
-                let mut a = acked.lock().await;
-                a.counters.push((counter.clone(), 0, 0));
-                a.counters.len() - 1
-            };
-            for n in 1u64.. {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let id = format!("w{w}-{n}");
-                let city = if n.is_multiple_of(2) { "Kyiv" } else { "Lviv" };
-                let r = client
-                    .post(format!("{base}/endpoints"))
-                    .json(&json!({"endpointId": id, "appVersion": {"name": "demo-v1"},
-                                  "metadata": {"n": n, "city": city}}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 201);
-                acked.lock().await.registered.push((id, n));
-                acked.lock().await.counters[slot].2 = n;
-                let r = client
-                    .put(format!("{base}/endpoints/{counter}/metadata/seq"))
-                    .json(&json!(n))
-                    .send()
-                    .await
-                    .unwrap();
-                assert!(r.status().is_success(), "{}", r.status());
-                acked.lock().await.counters[slot].1 = n;
-            }
-        }));
-    }
+    let load = WriteLoad::start(
+        6,
+        &app.client,
+        &app.url("/api/v1"),
+        "demo-v1",
+        |n| json!({"n": n, "city": if n.is_multiple_of(2) { "Kyiv" } else { "Lviv" }}),
+        OnFailure::Panic,
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     let (before, counters_before) = {
-        let a = acked.lock().await;
+        let a = load.acked.lock().await;
         (a.registered.clone(), a.counters.clone())
     };
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("backup.sqlite3");
     let out = epr(&app.data_dir, &[os("backup"), os("--to"), file.as_os_str()]).await;
-    let counters_after: Vec<u64> = acked.lock().await.counters.iter().map(|c| c.2).collect();
-    let during = acked.lock().await.registered.len() - before.len();
+    let counters_after: Vec<u64> = load
+        .acked
+        .lock()
+        .await
+        .counters
+        .iter()
+        .map(|c| c.2)
+        .collect();
+    let during = load.acked.lock().await.registered.len() - before.len();
     // The load goes on after the backup too.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    load.finish().await;
     let report = ok(&out);
     assert!(before.len() > 50, "the load ran ({} writes)", before.len());
     assert!(

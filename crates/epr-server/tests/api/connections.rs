@@ -2,11 +2,11 @@
 //! room, busy ones make the excess get a quick 503), the header, body and idle timeouts,
 //! and a server at its open-files limit that still answers.
 
-use crate::helpers::spawn_with;
+use crate::child::EprCommand;
+use crate::helpers::{poll, spawn_with};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -255,15 +255,6 @@ async fn shutdown_closes_idle_keep_alive_connections_at_once() {
     closed_within(&mut tcp, Duration::from_secs(1)).await;
 }
 
-struct ChildServer(Child);
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A child server whose open-files limit (soft and hard) is 256 gets more idle connections
 /// than it has files for: every attempt at the health check ends within a second (200, or
 /// 503 with Retry-After / a closed connection while the flood is being sorted out), it is
@@ -271,43 +262,13 @@ impl Drop for ChildServer {
 #[tokio::test]
 async fn at_the_open_files_limit_the_server_still_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _child = ChildServer(
-        Command::new("sh")
-            .arg("-c")
-            .arg(r#"ulimit -n 256 && exec "$0" "$@""#)
-            .arg(env!("CARGO_BIN_EXE_epr"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("EPR_APPLICATIONS", "conn:conn-v1")
-            .env("EPR__LOG__LEVEL", "error")
-            .env_remove("EPR_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the epr binary starts"),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !client
-        .get(format!("{base}/health/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        assert!(Instant::now() < deadline, "server did not become ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server = EprCommand::new(dir.path())
+        .shell_prelude("ulimit -n 256")
+        .env("EPR_APPLICATIONS", "conn:conn-v1")
+        .env("EPR__LOG__LEVEL", "error")
+        .start()
+        .await;
+    let addr = server.addr();
     let mut idle = Vec::new();
     for _ in 0..400 {
         let connect = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr));
@@ -317,22 +278,25 @@ async fn at_the_open_files_limit_the_server_still_answers() {
         .timeout(Duration::from_secs(1))
         .build()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        match fresh.get(format!("{base}/health/live")).send().await {
-            Ok(r) if r.status() == StatusCode::OK => break,
-            Ok(r) => {
-                assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-                assert_eq!(r.headers()["retry-after"], "1");
+    poll(
+        Duration::from_secs(3),
+        Duration::from_millis(100),
+        || async {
+            match fresh.get(server.url("/health/live")).send().await {
+                Ok(r) if r.status() == StatusCode::OK => return Ok(()),
+                Ok(r) => {
+                    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+                    assert_eq!(r.headers()["retry-after"], "1");
+                }
+                // Refused while even the refusals were saturated: closed, not left hanging.
+                Err(e) => assert!(!e.is_timeout(), "not answered within a second: {e}"),
             }
-            // Refused while even the refusals were saturated: closed, not left hanging.
-            Err(e) => assert!(!e.is_timeout(), "not answered within a second: {e}"),
-        }
-        assert!(Instant::now() < deadline, "still refused after 3 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            Err("still refused after 3 s".to_owned())
+        },
+    )
+    .await;
     let r = fresh
-        .post(format!("{base}/api/v1/endpoints"))
+        .post(server.url("/api/v1/endpoints"))
         .json(&json!({"endpointId": "fd-1", "appVersion": {"name": "conn-v1"}}))
         .send()
         .await

@@ -3,124 +3,36 @@
 //! acknowledged with a 2xx is present and intact, and (with NATS) every event of every
 //! acknowledged write is published.
 
+use crate::child::{Epr, EprCommand};
+use crate::helpers::{poll, Acked, OnFailure, WriteLoad};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start(data_dir: &Path, env: &[(&str, String)]) -> Server {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_epr"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(data_dir)
+async fn start(data_dir: &Path, env: &[(&str, String)]) -> Epr {
+    EprCommand::new(data_dir)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("EPR_APPLICATIONS", "crash:crash-v1")
         .env("EPR__LOG__LEVEL", "warn")
-        .env_remove("EPR_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the epr binary starts");
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = client.get(format!("{base}/health/ready")).send().await {
-            if r.status().is_success() {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "server did not become ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Server { child, base }
-}
-
-#[derive(Default)]
-struct Acked {
-    /// Registered endpoint → the metadata value it was registered with.
-    registered: Vec<(String, u64)>,
-    /// Per writer: (counter endpoint, last acknowledged value, last attempted value).
-    counters: Vec<(String, u64, u64)>,
+        .start()
+        .await
 }
 
 /// Runs 16 writers against `server` (each: registrations with metadata, and a counter key
 /// updated after each one), kills the server with SIGKILL after 1.5 s, and returns what was
 /// acknowledged.
-async fn load_then_kill(server: Server) -> Acked {
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let client = reqwest::Client::new();
-    let writers = 16;
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let (client, base, acked) = (client.clone(), server.base.clone(), acked.clone());
-        tasks.push(tokio::spawn(async move {
-            let counter = format!("counter-{w}");
-            let r = client
-                .post(format!("{base}/api/v1/endpoints"))
-                .json(&json!({"endpointId": counter, "appVersion": {"name": "crash-v1"}}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 201);
-            let slot = {
-                let mut a = acked.lock().await;
-                a.counters.push((counter.clone(), 0, 0));
-                a.counters.len() - 1
-            };
-            for n in 1u64.. {
-                let id = format!("w{w}-{n}");
-                let reg = client
-                    .post(format!("{base}/api/v1/endpoints"))
-                    .json(&json!({"endpointId": id, "appVersion": {"name": "crash-v1"}, "metadata": {"n": n, "pad": "x".repeat(64)}}))
-                    .send()
-                    .await;
-                match reg {
-                    Ok(r) if r.status().is_success() => acked.lock().await.registered.push((id, n)),
-                    _ => return,
-                }
-                acked.lock().await.counters[slot].2 = n;
-                let put = client
-                    .put(format!("{base}/api/v1/endpoints/{counter}/metadata/seq"))
-                    .json(&json!(n))
-                    .send()
-                    .await;
-                match put {
-                    Ok(r) if r.status().is_success() => acked.lock().await.counters[slot].1 = n,
-                    _ => return,
-                }
-            }
-        }));
-    }
+async fn load_then_kill(server: Epr) -> Acked {
+    let load = WriteLoad::start(
+        16,
+        &reqwest::Client::new(),
+        &server.url("/api/v1"),
+        "crash-v1",
+        |n| json!({"n": n, "pad": "x".repeat(64)}),
+        OnFailure::Stop,
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    drop(server); // SIGKILL mid-load
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let acked = Arc::try_unwrap(acked).ok().unwrap().into_inner();
+    server.kill(); // SIGKILL mid-load
+    let acked = load.finish().await;
     assert!(
         acked.registered.len() > 100,
         "the load ran ({} acked)",
@@ -137,7 +49,7 @@ async fn acknowledged_writes_survive_sigkill() {
     let server = start(dir.path(), &[]).await;
     for (id, n) in &acked.registered {
         let r = client
-            .get(format!("{}/api/v1/endpoints/{id}/metadata", server.base))
+            .get(server.url(&format!("/api/v1/endpoints/{id}/metadata")))
             .send()
             .await
             .unwrap();
@@ -147,10 +59,7 @@ async fn acknowledged_writes_survive_sigkill() {
     }
     for (counter, last_acked, last_tried) in &acked.counters {
         let r = client
-            .get(format!(
-                "{}/api/v1/endpoints/{counter}/metadata",
-                server.base
-            ))
+            .get(server.url(&format!("/api/v1/endpoints/{counter}/metadata")))
             .send()
             .await
             .unwrap();
@@ -260,7 +169,7 @@ async fn a_killed_back_fill_resumes_and_completes() {
     ];
     let client = reqwest::Client::new();
     let server = start(dir.path(), &slow).await;
-    let base = server.base.clone();
+    let base = server.base();
     for chunk in 0..3 {
         let endpoints: Vec<Value> = (0..200)
             .map(|i| {
@@ -302,10 +211,10 @@ async fn a_killed_back_fill_resumes_and_completes() {
     assert_eq!(before["status"], "pending", "{before}");
     let seen = before["matchedEndpointsCount"].as_u64().unwrap();
     assert!(seen > 0 && seen < 300, "half-way: {before}");
-    drop(server); // SIGKILL mid-back-fill
+    server.kill(); // SIGKILL mid-back-fill
 
     let server = start(dir.path(), &slow).await;
-    let base = server.base.clone();
+    let base = server.base();
     let after = get(base.clone(), filter_url.clone()).await;
     assert_eq!(after["status"], "pending", "{after}");
     assert!(
@@ -322,15 +231,19 @@ async fn a_killed_back_fill_resumes_and_completes() {
             .unwrap();
         assert!(r.status().is_success());
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let active = loop {
-        let f = get(base.clone(), filter_url.clone()).await;
-        if f["status"] == "active" {
-            break f;
-        }
-        assert!(Instant::now() < deadline, "never turned active: {f}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let active = poll(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            let f = get(base.clone(), filter_url.clone()).await;
+            if f["status"] == "active" {
+                Ok(f)
+            } else {
+                Err(format!("never turned active: {f}"))
+            }
+        },
+    )
+    .await;
     let all = get(
         base.clone(),
         "/api/v1/endpoints?applicationName=crash&include=metadata&limit=1000".into(),

@@ -2,21 +2,38 @@
 //! `.avsc` files), delivery across a NATS outage, JetStream acknowledgements, and the NATS
 //! state in health.
 
-use crate::helpers::{spawn_with, TestApp};
+use crate::helpers::{poll, spawn_with, TestApp};
 use crate::nats_support::{
-    capture_stream, collect, shared_client, shared_url, spawn_on_nats, stream_messages,
+    capture_stream, collect, shared_url, spawn_on_nats, stream_messages, subscribe_events,
     unique_instance, wait_for_stream, wait_nats, Event, PrivateNats,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 async fn spawn_on(url: &str, instance: &str, jetstream: bool) -> TestApp {
     spawn_on_nats(url, instance, move |s| {
         s.nats.jetstream = jetstream;
         s.nats.max_backoff_ms = 200;
     })
+    .await
+}
+
+/// Waits (10 s at most) until NATS is up and the outbox holds `depth` events.
+async fn outbox_depth(app: &TestApp, depth: u64, failure: &str) {
+    poll(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || async {
+            let body = wait_nats(app, "UP").await;
+            if body["components"]["nats"]["details"]["outboxDepth"] == depth {
+                Ok(())
+            } else {
+                Err(format!("{failure}: {body}"))
+            }
+        },
+    )
     .await
 }
 
@@ -27,12 +44,7 @@ fn some(s: &str) -> Option<String> {
 #[tokio::test]
 async fn every_event_type_arrives_on_its_subject_and_decodes_with_the_avsc() {
     let instance = unique_instance("ev");
-    let nats = shared_client().await;
-    let mut sub = nats
-        .subscribe(format!("kaa.v1.events.{instance}.>"))
-        .await
-        .unwrap();
-    nats.flush().await.unwrap();
+    let (_nats, mut sub) = subscribe_events(&instance).await;
     let app = spawn_on(&shared_url(), &instance, false).await;
     wait_nats(&app, "UP").await;
     let started = std::time::SystemTime::now()
@@ -244,18 +256,7 @@ async fn with_jetstream_events_leave_the_outbox_only_when_a_stream_acknowledges_
     app.register("ep-js", "demo-v1", json!({})).await;
 
     // No stream captures the subject: the publish is not acknowledged, the event stays.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let body = wait_nats(&app, "UP").await;
-        if body["components"]["nats"]["details"]["outboxDepth"] == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "outbox depth never showed 1: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    outbox_depth(&app, 1, "outbox depth never showed 1").await;
 
     let observer = nats.client().await;
     let mut stream = capture_stream(&observer, "JS", &instance).await;
@@ -292,15 +293,7 @@ async fn with_jetstream_events_leave_the_outbox_only_when_a_stream_acknowledges_
         ack.duplicate,
         "a republished event is recognised as a duplicate"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let body = wait_nats(&app, "UP").await;
-        if body["components"]["nats"]["details"]["outboxDepth"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "outbox never drained: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    outbox_depth(&app, 0, "outbox never drained").await;
     app.stop().await;
 }
 

@@ -2,11 +2,13 @@
 //! a filter active, its stored membership (`GET /endpoints?filterId=`, `include=filters`)
 //! kept up to date by endpoint writes, preconditions, scoping and restarts.
 
-use crate::helpers::{assert_error, spawn_app, spawn_settings, spawn_with, test_settings, TestApp};
+use crate::helpers::{
+    assert_error, poll, spawn_app, spawn_settings, spawn_with, test_settings, TestApp,
+};
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CITIES: [&str; 4] = ["Kyiv", "Lviv", "Odesa", "Kharkiv"];
 
@@ -134,19 +136,19 @@ async fn get_filter(app: &TestApp, app_name: &str, id: &str) -> (Value, String) 
 
 /// Polls the filter every 20 ms until it is active (at most 10 s); returns it.
 async fn wait_active(app: &TestApp, app_name: &str, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (f, _) = get_filter(app, app_name, id).await;
-        if f["status"] == "active" {
-            return f;
-        }
-        assert_eq!(f["status"], "pending", "{f}");
-        assert!(
-            Instant::now() < deadline,
-            "filter {id} still pending after 10 s: {f}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let (f, _) = get_filter(app, app_name, id).await;
+            if f["status"] == "active" {
+                return Ok(f);
+            }
+            assert_eq!(f["status"], "pending", "{f}");
+            Err(format!("filter {id} still pending after 10 s: {f}"))
+        },
+    )
+    .await
 }
 
 /// The members of a filter, by listing endpoints with `filterId` (asserting `200`).

@@ -2,10 +2,10 @@
 //! with the `.avsc` files), and the 20/EFMP requests (filters of an endpoint, endpoints of a
 //! filter, errors, and the 413 of a reply larger than the server's `max_payload`).
 
-use crate::helpers::TestApp;
+use crate::helpers::{poll, TestApp};
 use crate::nats_support::{
-    decode, schema_for, shared_client, shared_url, spawn_on_nats, unique_instance, wait_nats,
-    PrivateNats,
+    decode, schema_for, shared_client, shared_url, spawn_on_nats, subscribe_events,
+    unique_instance, wait_nats, PrivateNats,
 };
 use apache_avro::types::Value as Avro;
 use epr_events::efmp::{
@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -73,16 +73,20 @@ async fn create_filter(app: &TestApp, name: &str, query: Value, request_id: &str
 
 /// Waits until the filter is active (its back-fill done); returns it.
 async fn wait_active(app: &TestApp, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = app.get(&format!("/applications/demo/filters/{id}")).await;
-        let body = expect(r, StatusCode::OK).await;
-        if body["status"] == "active" {
-            return body;
-        }
-        assert!(Instant::now() < deadline, "filter {id} never became active");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll(
+        Duration::from_secs(15),
+        Duration::from_millis(10),
+        || async {
+            let r = app.get(&format!("/applications/demo/filters/{id}")).await;
+            let body = expect(r, StatusCode::OK).await;
+            if body["status"] == "active" {
+                Ok(body)
+            } else {
+                Err(format!("filter {id} never became active"))
+            }
+        },
+    )
+    .await
 }
 
 /// One message of an instance's event stream, decoded with the `.avsc` file of its subject.
@@ -259,12 +263,7 @@ fn is_endpoint_event(kind: &'static str, endpoint: &'static str) -> impl Fn(&Msg
 #[tokio::test]
 async fn a_filters_life_is_published_as_18_efe_events() {
     let instance = unique_instance("fe");
-    let nats = shared_client().await;
-    let sub = nats
-        .subscribe(format!("kaa.v1.events.{instance}.>"))
-        .await
-        .unwrap();
-    nats.flush().await.unwrap();
+    let (_nats, sub) = subscribe_events(&instance).await;
     let app = spawn_on_nats(&shared_url(), &instance, |_| {}).await;
     wait_nats(&app, "UP").await;
     let mut feed = Feed {
@@ -509,11 +508,6 @@ fn map(entries: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
         .collect()
 }
 
-async fn metrics(app: &TestApp) -> String {
-    let r = app.client.get(app.url("/metrics")).send().await.unwrap();
-    r.text().await.unwrap()
-}
-
 #[tokio::test]
 async fn efmp_answers_the_filters_of_an_endpoint_and_the_endpoints_of_a_filter() {
     let instance = unique_instance("fm");
@@ -645,23 +639,26 @@ async fn efmp_answers_the_filters_of_an_endpoint_and_the_endpoints_of_a_filter()
     let no_reply = request("c-no-reply", now_ms(), 0, &by_tx);
     c.nats.publish(subject, no_reply.into()).await.unwrap();
     c.nats.flush().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let m = metrics(&app).await;
-        let dropped = |reason: &str| {
-            m.lines().any(|l| {
-                l.starts_with("epr_efmp_dropped_total") && l.contains(&format!("\"{reason}\""))
-            })
-        };
-        if dropped("expired") && dropped("no-reply-subject") {
-            assert!(m.lines().any(|l| l.starts_with("epr_efmp_requests_total")
-                && l.contains("ep-list-by-filter-request")
-                && l.contains("\"404\"")));
-            break;
-        }
-        assert!(Instant::now() < deadline, "drops are not counted:\n{m}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            let m = app.metrics().await;
+            let dropped = |reason: &str| {
+                m.lines().any(|l| {
+                    l.starts_with("epr_efmp_dropped_total") && l.contains(&format!("\"{reason}\""))
+                })
+            };
+            if dropped("expired") && dropped("no-reply-subject") {
+                assert!(m.lines().any(|l| l.starts_with("epr_efmp_requests_total")
+                    && l.contains("ep-list-by-filter-request")
+                    && l.contains("\"404\"")));
+                return Ok(());
+            }
+            Err(format!("drops are not counted:\n{m}"))
+        },
+    )
+    .await;
     app.stop().await;
 }
 

@@ -1,11 +1,15 @@
-//! `spawn_app()` and typed request helpers.
+//! `spawn_app()`, typed request helpers, polling, and a concurrent write load.
 
 use epr_server::{Application, Settings};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use tokio::sync::oneshot;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, Mutex};
 
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -129,6 +133,11 @@ impl TestApp {
             .unwrap()
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        get_text(&self.client, &self.url("/metrics")).await
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -138,6 +147,28 @@ impl TestApp {
             h.await.unwrap().unwrap();
         }
     }
+}
+
+/// Calls `probe` until it returns `Ok`, waiting `every` between calls; panics with the last
+/// `Err` message once `limit` has passed.
+pub async fn poll<T, F, Fut>(limit: Duration, every: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match probe().await {
+            Ok(done) => return done,
+            Err(why) => assert!(Instant::now() < deadline, "{why}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// GETs `url` and returns the body as text.
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
 }
 
 /// Asserts an error response: status, JSON body naming `field` and `rule`.
@@ -151,4 +182,114 @@ pub async fn assert_error(r: Response, status: StatusCode, field: &str, rule: &s
     assert_eq!(body["rule"], rule, "{body}");
     assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
     body
+}
+
+/// What the writers of a [`WriteLoad`] had acknowledged.
+#[derive(Default)]
+pub struct Acked {
+    /// Registered endpoint → its `n`.
+    pub registered: Vec<(String, u64)>,
+    /// Per writer: (counter endpoint, last acknowledged `seq`, last attempted `seq`).
+    pub counters: Vec<(String, u64, u64)>,
+}
+
+/// What a write that fails or is not acknowledged does to its writer.
+#[derive(Clone, Copy)]
+pub enum OnFailure {
+    /// The writer ends (the server is expected to go away).
+    Stop,
+    /// The writer panics (every write must succeed).
+    Panic,
+}
+
+/// Concurrent writers, each: registers `counter-{w}` in `version`, then for n = 1, 2, …
+/// registers `w{w}-{n}` with `metadata(n)` and sets the counter's `seq` key to n, recording
+/// what was acknowledged.
+pub struct WriteLoad {
+    pub acked: Arc<Mutex<Acked>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl WriteLoad {
+    /// Starts `writers` writers against `api` (the `…/api/v1` URL).
+    pub fn start(
+        writers: usize,
+        client: &reqwest::Client,
+        api: &str,
+        version: &'static str,
+        metadata: fn(u64) -> Value,
+        on_failure: OnFailure,
+    ) -> Self {
+        let acked = Arc::new(Mutex::new(Acked::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let (client, base, acked, stop) =
+                (client.clone(), api.to_owned(), acked.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                // Whether a write was acknowledged (with `OnFailure::Panic`: asserts it was).
+                let acknowledged = |r: reqwest::Result<Response>, status: Option<StatusCode>| {
+                    if let OnFailure::Stop = on_failure {
+                        return r.is_ok_and(|r| r.status().is_success());
+                    }
+                    let r = r.unwrap();
+                    match status {
+                        Some(status) => assert_eq!(r.status(), status),
+                        None => assert!(r.status().is_success(), "{}", r.status()),
+                    }
+                    true
+                };
+                let counter = format!("counter-{w}");
+                let r = client
+                    .post(format!("{base}/endpoints"))
+                    .json(&json!({"endpointId": counter, "appVersion": {"name": version}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+                let slot = {
+                    let mut a = acked.lock().await;
+                    a.counters.push((counter.clone(), 0, 0));
+                    a.counters.len() - 1
+                };
+                for n in 1u64.. {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let id = format!("w{w}-{n}");
+                    let r = client
+                        .post(format!("{base}/endpoints"))
+                        .json(&json!({"endpointId": id, "appVersion": {"name": version},
+                                      "metadata": metadata(n)}))
+                        .send()
+                        .await;
+                    if !acknowledged(r, Some(StatusCode::CREATED)) {
+                        return;
+                    }
+                    acked.lock().await.registered.push((id, n));
+                    acked.lock().await.counters[slot].2 = n;
+                    let r = client
+                        .put(format!("{base}/endpoints/{counter}/metadata/seq"))
+                        .json(&json!(n))
+                        .send()
+                        .await;
+                    if !acknowledged(r, None) {
+                        return;
+                    }
+                    acked.lock().await.counters[slot].1 = n;
+                }
+            }));
+        }
+        Self { acked, stop, tasks }
+    }
+
+    /// Stops the writers, waits for them, and returns what they had acknowledged.
+    pub async fn finish(self) -> Acked {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        Arc::try_unwrap(self.acked).ok().unwrap().into_inner()
+    }
 }

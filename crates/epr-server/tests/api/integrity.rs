@@ -2,149 +2,42 @@
 //! database refused at start and detected at run time, and a full disk answered with
 //! `503` + `Retry-After` without flooding the log.
 
+use crate::child::{Epr, EprCommand};
+use crate::helpers::get_text;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// An `epr` child process with its output (logs on stdout, the exit error on stderr)
-/// collected line by line.
-struct Epr {
-    child: Child,
-    base: String,
-    output: Arc<Mutex<Vec<String>>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Epr {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// `epr` on `data_dir`, its output (logs on stdout, the exit error on stderr) collected.
+/// `file_size_kib` runs it with that largest file size (`RLIMIT_FSIZE`) and SIGXFSZ ignored,
+/// so writes past it fail with EFBIG like on a full disk.
+fn epr_on(data_dir: &Path, env: &[(&str, &str)], file_size_kib: Option<u64>) -> EprCommand {
+    let mut cmd = EprCommand::new(data_dir);
+    if let Some(kib) = file_size_kib {
+        // Ignored signals stay ignored across exec; bash counts -f in KiB.
+        cmd = cmd.shell_prelude(format!("trap '' XFSZ; ulimit -f {kib}"));
     }
+    cmd.envs(env.iter().copied())
+        .env("EPR_APPLICATIONS", "demo:demo-v1")
+        .env("EPR__LOG__LEVEL", "warn")
+        .env("NO_COLOR", "1")
+        .capture_output()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+/// Registers `endpoints` in `demo-v1` with one batch request.
+async fn post_batch(
+    client: &reqwest::Client,
+    epr: &Epr,
+    endpoints: Vec<Value>,
+) -> reqwest::Response {
+    client
+        .post(epr.url("/api/v1/endpoints/batch"))
+        .json(&json!({"appVersion": {"name": "demo-v1"}, "endpoints": endpoints}))
+        .send()
+        .await
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Epr {
-    /// Starts `epr` on `data_dir` without waiting for it. `file_size_kib` runs it with that
-    /// largest file size (`RLIMIT_FSIZE`) and SIGXFSZ ignored, so writes past it fail with
-    /// EFBIG like on a full disk.
-    fn spawn(data_dir: &Path, env: &[(&str, &str)], file_size_kib: Option<u64>) -> Self {
-        let port = free_port();
-        let bin = env!("CARGO_BIN_EXE_epr");
-        let mut cmd = match file_size_kib {
-            None => Command::new(bin),
-            Some(kib) => {
-                let mut c = Command::new("bash");
-                // Ignored signals stay ignored across exec; bash counts -f in KiB.
-                c.args([
-                    "-c",
-                    &format!("trap '' XFSZ; ulimit -f {kib} && exec \"$@\""),
-                    "epr-limited",
-                    bin,
-                ]);
-                c
-            }
-        };
-        let mut child = cmd
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .envs(env.iter().copied())
-            .env("EPR_APPLICATIONS", "demo:demo-v1")
-            .env("EPR__LOG__LEVEL", "warn")
-            .env("NO_COLOR", "1")
-            .env_remove("EPR_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the epr binary starts");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let collect = |pipe: Box<dyn std::io::Read + Send>| {
-            let lines = output.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line);
-                }
-            })
-        };
-        let readers = vec![
-            collect(Box::new(child.stdout.take().unwrap())),
-            collect(Box::new(child.stderr.take().unwrap())),
-        ];
-        Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            output,
-            readers,
-        }
-    }
-
-    /// Starts `epr` and waits until it is ready.
-    async fn start(data_dir: &Path, env: &[(&str, &str)], file_size_kib: Option<u64>) -> Self {
-        let mut epr = Self::spawn(data_dir, env, file_size_kib);
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = client.get(epr.url("/health/ready")).send().await {
-                if r.status().is_success() {
-                    return epr;
-                }
-            }
-            if let Ok(Some(status)) = epr.child.try_wait() {
-                panic!("epr exited with {status}: {}", epr.finish_output());
-            }
-            assert!(Instant::now() < deadline, "epr did not become ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// Waits for the process to exit by itself.
-    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-
-    /// Stops the process gracefully (SIGTERM) and waits for it.
-    fn terminate(&mut self) -> ExitStatus {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM works");
-        self.wait_exit(Duration::from_secs(30))
-            .expect("epr stops on SIGTERM")
-    }
-
-    /// Everything the process wrote (it is killed if still running).
-    fn finish_output(&mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for reader in self.readers.drain(..) {
-            reader.join().unwrap();
-        }
-        self.output.lock().unwrap().join("\n")
-    }
 }
 
 fn db_file(dir: &Path) -> PathBuf {
@@ -163,18 +56,13 @@ fn damage(file: &Path, offset: u64, len: usize) {
 /// cleanly (so the database file alone holds them).
 async fn filled_data_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let mut epr = Epr::start(dir.path(), &[], None).await;
+    let mut epr = epr_on(dir.path(), &[], None).start().await;
     let client = reqwest::Client::new();
     for b in 0..2 {
         let endpoints: Vec<Value> = (0..1000)
             .map(|i| json!({"endpointId": format!("ep-{b}-{i}"), "metadata": {"i": i, "pad": "x".repeat(100)}}))
             .collect();
-        let r = client
-            .post(epr.url("/api/v1/endpoints/batch"))
-            .json(&json!({"appVersion": {"name": "demo-v1"}, "endpoints": endpoints}))
-            .send()
-            .await
-            .unwrap();
+        let r = post_batch(&client, &epr, endpoints).await;
         assert_eq!(r.status(), StatusCode::ACCEPTED);
     }
     assert!(epr.terminate().success(), "{}", epr.finish_output());
@@ -194,9 +82,9 @@ fn retry_after(r: &reqwest::Response) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_on_one_data_directory_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let first = Epr::start(dir.path(), &[], None).await;
+    let first = epr_on(dir.path(), &[], None).start().await;
     let started = Instant::now();
-    let mut second = Epr::spawn(dir.path(), &[], None);
+    let mut second = epr_on(dir.path(), &[], None).spawn();
     let status = second
         .wait_exit(Duration::from_secs(10))
         .expect("the second process exits instead of serving");
@@ -204,7 +92,7 @@ async fn a_second_process_on_one_data_directory_exits_at_once() {
     assert!(started.elapsed() < Duration::from_secs(5), "exits at once");
     let err = second.finish_output();
     assert!(err.contains(&dir.path().display().to_string()), "{err}");
-    assert!(err.contains(&format!("pid {}", first.child.id())), "{err}");
+    assert!(err.contains(&format!("pid {}", first.pid())), "{err}");
     // The first one goes on serving writes.
     let client = reqwest::Client::new();
     let r = client
@@ -234,7 +122,7 @@ async fn a_damaged_database_refuses_to_start() {
             "integrity_check",
         ),
     ] {
-        let mut epr = Epr::spawn(dir.path(), env, None);
+        let mut epr = epr_on(dir.path(), env, None).spawn();
         let status = epr
             .wait_exit(Duration::from_secs(20))
             .expect("a damaged database refuses the start");
@@ -249,7 +137,7 @@ async fn a_damaged_database_refuses_to_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damage_under_a_running_server_stops_writes_and_readiness() {
     let dir = filled_data_dir().await;
-    let mut epr = Epr::start(dir.path(), &[], None).await;
+    let mut epr = epr_on(dir.path(), &[], None).start().await;
     let client = reqwest::Client::new();
     // The middle half of the file: whichever pages a listing needs, some are damaged. No
     // reader has cached them (the server just started, and only the writer read them).
@@ -283,14 +171,7 @@ async fn damage_under_a_running_server_stops_writes_and_readiness() {
         let r = client.get(&listing).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
-    let metrics = client
-        .get(epr.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&client, &epr.url("/metrics")).await;
     assert!(
         metrics.contains("epr_store_corruption_detected 1"),
         "{metrics}"
@@ -309,19 +190,14 @@ async fn a_full_disk_answers_503_with_retry_after_and_logs_little() {
     let dir = tempfile::tempdir().unwrap();
     // Files may not grow past 1 MiB: the WAL or the database file fills up after a few
     // batches, and every write after that fails with EFBIG, as on a full disk.
-    let mut epr = Epr::start(dir.path(), &[], Some(1024)).await;
+    let mut epr = epr_on(dir.path(), &[], Some(1024)).start().await;
     let client = reqwest::Client::new();
     let mut full = false;
     for b in 0..40 {
         let endpoints: Vec<Value> = (0..50)
             .map(|i| json!({"endpointId": format!("ep-{b}-{i}"), "metadata": {"pad": "x".repeat(4000)}}))
             .collect();
-        let r = client
-            .post(epr.url("/api/v1/endpoints/batch"))
-            .json(&json!({"appVersion": {"name": "demo-v1"}, "endpoints": endpoints}))
-            .send()
-            .await
-            .unwrap();
+        let r = post_batch(&client, &epr, endpoints).await;
         if r.status() == StatusCode::SERVICE_UNAVAILABLE {
             assert_eq!(retry_after(&r).as_deref(), Some("1"));
             full = true;

@@ -3,6 +3,7 @@
 
 mod backup;
 mod batch;
+mod child;
 mod connections;
 mod crash;
 mod endpoints;

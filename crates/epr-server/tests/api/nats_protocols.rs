@@ -449,15 +449,7 @@ async fn every_epmmp_operation_round_trips_with_rfc_status_codes() {
         c.raw(RequestType::KeysGet, expired).await.is_none(),
         "an expired request is dropped"
     );
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics
             .lines()
@@ -530,15 +522,7 @@ async fn connected_events_update_changed_app_versions_only() {
     );
     assert_eq!(app.total("").await, 2, "unknown endpoints are not created");
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     let count = |outcome: &str| -> f64 {
         metrics
             .lines()

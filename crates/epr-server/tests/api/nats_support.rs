@@ -2,7 +2,7 @@
 //! private nats-server processes that a test may stop and restart, and an Avro decoder that
 //! parses the `.avsc` files on disk, independently of the crate that encodes them.
 
-use crate::helpers::{spawn_with, TestApp};
+use crate::helpers::{poll, spawn_with, TestApp};
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::Schema;
@@ -28,6 +28,18 @@ pub async fn shared_client() -> async_nats::Client {
         .unwrap_or_else(|e| {
             panic!("no NATS at {url} ({e}); start it with scripts/services-up.sh or set EPR_TEST_NATS_URL")
         })
+}
+
+/// A subscription on the shared server to every event of service instance `instance`,
+/// in place when this returns; with the client, to be kept as long as the subscription.
+pub async fn subscribe_events(instance: &str) -> (async_nats::Client, async_nats::Subscriber) {
+    let nats = shared_client().await;
+    let sub = nats
+        .subscribe(format!("kaa.v1.events.{instance}.>"))
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    (nats, sub)
 }
 
 /// A unique service instance name, so that parallel tests never see each other's events.
@@ -323,18 +335,19 @@ pub async fn collect(sub: &mut async_nats::Subscriber, n: usize, limit: Duration
 
 /// Waits until `/health/ready` reports the NATS component as `status`; returns the body.
 pub async fn wait_nats(app: &TestApp, status: &str) -> Json {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let body = app.get_json("/health/ready").await;
-        if body["components"]["nats"]["status"] == status {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "NATS never became {status}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll(
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        || async {
+            let body = app.get_json("/health/ready").await;
+            if body["components"]["nats"]["status"] == status {
+                Ok(body)
+            } else {
+                Err(format!("NATS never became {status}: {body}"))
+            }
+        },
+    )
+    .await
 }
 
 /// Spawns an app that uses NATS at `url` as service instance `instance` (replica

@@ -2,16 +2,15 @@
 //! the events' `correlationId`), the request log, no colour codes in a pipe, the start-up
 //! summary, and `/metrics` (a `# HELP` for every metric, `process_*`, `epr_build_info`).
 
+use crate::child::{free_port, Epr, EprCommand};
 use crate::helpers::spawn_app;
-use crate::nats_support::{collect, shared_client, shared_url, spawn_on_nats, unique_instance};
+use crate::nats_support::{collect, shared_url, spawn_on_nats, subscribe_events, unique_instance};
 use reqwest::header::HeaderValue;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn request_id(r: &reqwest::Response) -> String {
     r.headers()
@@ -83,12 +82,7 @@ async fn request_ids_are_echoed_replaced_or_generated() {
 #[tokio::test]
 async fn a_generated_request_id_is_the_correlation_id_of_the_events() {
     let instance = unique_instance("obs");
-    let nats = shared_client().await;
-    let mut sub = nats
-        .subscribe(format!("kaa.v1.events.{instance}.>"))
-        .await
-        .unwrap();
-    nats.flush().await.unwrap();
+    let (_nats, mut sub) = subscribe_events(&instance).await;
     let app = spawn_on_nats(&shared_url(), &instance, |_| {}).await;
 
     let r = app
@@ -155,15 +149,7 @@ async fn metrics_describe_every_metric_and_report_process_and_build_info() {
     // Emit HTTP and store metrics (a commit) before scraping.
     app.register("ep-m", "demo-v1", json!({"a": 1})).await;
     assert_eq!(app.get("/endpoints/ep-m").await.status(), StatusCode::OK);
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     let (types, helps) = families(&text);
     for name in [
         "epr_http_requests_total",
@@ -213,89 +199,26 @@ async fn metrics_describe_every_metric_and_report_process_and_build_info() {
     app.stop().await;
 }
 
-/// A child `epr` process with piped output.
-struct Child {
-    child: std::process::Child,
-    base: String,
-    output: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_child(config: &Path, data_dir: &Path) -> Child {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_epr"))
+/// An `epr` child process on `config`, with its output collected, once it is ready.
+async fn start_child(config: &Path, data_dir: &Path) -> Epr {
+    EprCommand::new(data_dir)
         .arg("--config")
         .arg(config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(data_dir)
         .env_remove("RUST_LOG")
         .env_remove("NO_COLOR")
         .env_remove("EPR_APPLICATIONS")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the epr binary starts");
-    // Read both streams to their end in the background, so a full pipe never blocks it.
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let output = std::thread::spawn(move || {
-        let e = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s + &e.join().unwrap()
-    });
-    Child {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        output: Some(output),
-    }
+        .capture_output()
+        .start()
+        .await
 }
 
-impl Child {
-    async fn wait_ready(&self, client: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = client
-                .get(format!("{}/health/ready", self.base))
-                .send()
-                .await
-            {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "server did not become ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Stops the server with SIGTERM (a graceful stop writes out queued log lines) and
-    /// returns everything it printed.
-    fn stop(mut self) -> String {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let exit = self.child.wait().unwrap();
-        assert!(exit.success(), "{exit:?}");
-        self.output.take().unwrap().join().unwrap()
-    }
+/// Stops the server with SIGTERM (a graceful stop writes out queued log lines) and returns
+/// everything it printed.
+fn stop(mut child: Epr) -> String {
+    child.sigterm();
+    let exit = child.wait();
+    assert!(exit.success(), "{exit:?}");
+    child.finish_output()
 }
 
 #[tokio::test]
@@ -308,18 +231,16 @@ async fn human_logs_in_a_pipe_have_a_startup_summary_request_lines_and_no_colour
     )
     .unwrap();
     let data = dir.path().join("data");
-    let child = start_child(&config, &data);
-    let client = reqwest::Client::new();
-    child.wait_ready(&client).await;
-    let r = client
-        .get(format!("{}/api/v1/endpoints/ep-log", child.base))
+    let child = start_child(&config, &data).await;
+    let r = reqwest::Client::new()
+        .get(child.url("/api/v1/endpoints/ep-log"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let id = request_id(&r);
-    let base = child.base.clone();
-    let out = child.stop();
+    let base = child.base();
+    let out = stop(child);
 
     assert!(
         !out.contains("\x1b["),
@@ -361,26 +282,20 @@ async fn json_logs_can_leave_requests_out_and_hide_nats_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("epr.yaml");
     // NATS on a port nothing listens on: the service starts anyway and retries.
-    let nats_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let nats_port = free_port();
     std::fs::write(
         &config,
         format!("log:\n  level: info\n  format: json\n  requests: false\nnats:\n  url: nats://obs:s3cret@127.0.0.1:{nats_port}\n"),
     )
     .unwrap();
-    let child = start_child(&config, &dir.path().join("data"));
-    let client = reqwest::Client::new();
-    child.wait_ready(&client).await;
-    let r = client
-        .get(format!("{}/api/v1/endpoints/ep-log", child.base))
+    let child = start_child(&config, &dir.path().join("data")).await;
+    let r = reqwest::Client::new()
+        .get(child.url("/api/v1/endpoints/ep-log"))
         .send()
         .await
         .unwrap();
     let id = request_id(&r);
-    let out = child.stop();
+    let out = stop(child);
 
     let lines: Vec<Value> = out
         .lines()

@@ -8,6 +8,20 @@ use serde_json::{json, Value};
 
 const PREFIXES: [&str; 2] = ["/api/v1", "/epr/api/v1"];
 
+/// `(index, endpointId)` of each item of a batch report list.
+fn indexed(list: &Value) -> Vec<(u64, &str)> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["index"].as_u64().unwrap(),
+                i["endpointId"].as_str().unwrap(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn empty_endpoint_id_is_400_not_every_endpoint() {
     let app = spawn_app().await;
@@ -331,30 +345,20 @@ async fn batch_location_is_absolute_and_items_carry_their_index() {
         .json()
         .await
         .unwrap();
-    let failed: Vec<(u64, &str)> = report["failed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                f["index"].as_u64().unwrap(),
-                f["endpointId"].as_str().unwrap(),
-            )
-        })
-        .collect();
+    let failed = indexed(&report["failed"]);
     assert_eq!(failed, [(1, "bad id!"), (3, "ok-0")], "{report}");
-    let created: Vec<(u64, &str)> = report["created"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["index"].as_u64().unwrap(),
-                c["endpointId"].as_str().unwrap(),
-            )
-        })
-        .collect();
+    let created = indexed(&report["created"]);
     assert_eq!(created, [(0, "ok-0"), (2, "ok-2")], "{report}");
+}
+
+/// Sends a JSON Patch to the metadata of `e1`.
+async fn patch_e1(app: &TestApp, patch: &Value) -> reqwest::Response {
+    app.api(Method::PATCH, "/endpoints/e1/metadata")
+        .header("content-type", "application/json-patch+json")
+        .body(patch.to_string())
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -388,13 +392,7 @@ async fn json_patch_errors_name_the_path() {
             "/gone",
         ),
     ] {
-        let r = app
-            .api(Method::PATCH, "/endpoints/e1/metadata")
-            .header("content-type", "application/json-patch+json")
-            .body(patch.to_string())
-            .send()
-            .await
-            .unwrap();
+        let r = patch_e1(&app, &patch).await;
         let body = assert_error(r, StatusCode::BAD_REQUEST, index, "json-patch").await;
         let msg = body["message"].as_str().unwrap();
         assert!(msg.contains(&format!("'{path}'")), "{patch}: {msg}");
@@ -408,13 +406,7 @@ async fn json_patch_errors_name_the_path() {
             "[1].from",
         ),
     ] {
-        let r = app
-            .api(Method::PATCH, "/endpoints/e1/metadata")
-            .header("content-type", "application/json-patch+json")
-            .body(patch.to_string())
-            .send()
-            .await
-            .unwrap();
+        let r = patch_e1(&app, &patch).await;
         let body = assert_error(r, StatusCode::BAD_REQUEST, field, "json-patch").await;
         assert!(
             body["message"].as_str().unwrap().contains("required"),
