@@ -6,7 +6,7 @@
 //! with it the `correlationId` of every event the request causes, is that same ID.
 
 use axum::extract::{MatchedPath, RawPathParams, Request, State};
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::RequestExt;
@@ -75,7 +75,19 @@ pub(crate) async fn track(
             id
         }
     };
-    let method = req.method().as_str().to_owned();
+    // A label from a fixed set: hyper accepts any token as a method, and every new label
+    // value would be a new series kept for the life of the process.
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+    .to_owned();
     let route = req
         .extensions()
         .get::<MatchedPath>()

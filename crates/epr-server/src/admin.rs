@@ -422,16 +422,30 @@ async fn import_into(
         }
     }
     import_chunk(store, chunk, &mut report, &mut filters).await?;
+    // Back-fills are waited for, so the imported store is complete when the command ends;
+    // a store that refuses writes (found damaged) never finishes them.
+    let deadline = std::time::Instant::now() + BACKFILL_WAIT;
     for (tenant, id) in filters {
         while let Some(f) = store.get_filter(&tenant, &id).await? {
             if f.status != FilterStatus::Pending {
                 break;
+            }
+            store.ping().await?;
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "filter {id} is still being back-filled after {} s; the imported data is \
+                     committed, and the back-fill resumes when a server starts on this directory",
+                    BACKFILL_WAIT.as_secs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     Ok(report)
 }
+
+/// How long `epr import` waits for the back-fills of imported filters.
+const BACKFILL_WAIT: Duration = Duration::from_secs(600);
 
 async fn import_chunk(
     store: &dyn Store,

@@ -201,7 +201,7 @@ impl Application {
         };
         let relay = Relay::new(store.clone() as Arc<dyn Store>, sink, relay_settings);
         let nats_health = NatsHealth {
-            url: settings.nats.url.clone(),
+            url: summary::redact(&settings.nats.url),
             state: nats.as_ref().map(|n| n.state.clone()),
             outbox_depth: relay.depth(),
         };

@@ -84,8 +84,9 @@ pub fn batch_writer<W: Write + Send + 'static>(mut out: W) -> (BatchWriter, Batc
                 };
                 if !spare.is_empty() {
                     s.drained.notify_all();
-                    // Nowhere to report a failed log write; the next batch tries again.
-                    let _ = out.write_all(&spare).and_then(|()| out.flush());
+                    // Nowhere to report a failed log write: a batch that cannot be
+                    // written (disk full, closed pipe) is dropped whole.
+                    let _ = write_batch(&mut out, &spare);
                     spare.clear();
                     if spare.capacity() > 4 * FLUSH_AT {
                         spare.shrink_to(FLUSH_AT);
@@ -149,6 +150,27 @@ impl<'a> MakeWriter<'a> for BatchWriter {
     fn make_writer(&'a self) -> Self::Writer {
         BatchLine(&self.0)
     }
+}
+
+/// Writes a whole batch. A non-blocking output (an inherited descriptor can be one) is
+/// waited for up to a second instead of losing the batch, or half of it, at the first
+/// `WouldBlock`.
+fn write_batch(out: &mut impl Write, mut buf: &[u8]) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    let mut waits = 0;
+    while !buf.is_empty() {
+        match out.write(buf) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock && waits < 100 => {
+                waits += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    out.flush()
 }
 
 #[cfg(test)]

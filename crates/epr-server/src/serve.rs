@@ -500,6 +500,10 @@ struct Activity {
     done_at: AtomicU64,
     /// The current request's body timed out: its response becomes a 408.
     body_timed_out: AtomicBool,
+    /// A write to the socket is waiting for the client to read: hyper drops a response's
+    /// body once its last chunk is queued, so without this a slow reader's connection
+    /// would look idle (and be reclaimed) while its response is still going out.
+    write_blocked: AtomicBool,
 }
 
 impl Activity {
@@ -510,6 +514,7 @@ impl Activity {
             head_at: AtomicU64::new(NONE),
             done_at: AtomicU64::new(NONE),
             body_timed_out: AtomicBool::new(false),
+            write_blocked: AtomicBool::new(false),
         }
     }
 
@@ -523,7 +528,10 @@ impl Activity {
 
     /// No request in progress or arriving for at least `min`: closing loses nothing.
     fn is_idle_for(&self, min: Duration) -> bool {
-        if self.in_flight.load(Relaxed) > 0 || self.head_at.load(Relaxed) != NONE {
+        if self.in_flight.load(Relaxed) > 0
+            || self.head_at.load(Relaxed) != NONE
+            || self.write_blocked.load(Relaxed)
+        {
             return false;
         }
         let since = match self.done_at.load(Relaxed) {
@@ -531,6 +539,23 @@ impl Activity {
             done => done,
         };
         self.now_ms().saturating_sub(since) >= min.as_millis() as u64
+    }
+
+    /// Tracks whether a response is still going out (see `write_blocked`); progress after
+    /// the response's body was handed over counts as activity for the idle timeout.
+    fn note_write(&self, polled: &Poll<std::io::Result<usize>>) {
+        match polled {
+            Poll::Pending => self.write_blocked.store(true, Relaxed),
+            Poll::Ready(result) => {
+                self.write_blocked.store(false, Relaxed);
+                if matches!(result, Ok(n) if *n > 0)
+                    && self.in_flight.load(Relaxed) == 0
+                    && self.done_at.load(Relaxed) != NONE
+                {
+                    self.done_at.store(self.now_ms(), Relaxed);
+                }
+            }
+        }
     }
 
     /// When the connection times out, and why; `None` while a request is being served (then
@@ -582,7 +607,9 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.activity.note_write(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -590,7 +617,9 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.activity.note_write(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -680,7 +709,19 @@ impl Future for ResponseFuture {
         if guard.0.body_timed_out.load(Relaxed) {
             guard.0.body_timed_out.store(false, Relaxed);
             metrics::counter!("epr_http_connection_timeouts_total", "kind" => "body").increment(1);
-            response = body_timeout_response(*this.body_timeout);
+            let mut timed_out = body_timeout_response(*this.body_timeout);
+            // The router's answer went through the request-ID and CORS layers; the 408
+            // replacing it keeps what they added.
+            for (name, value) in response.headers() {
+                let name_str = name.as_str();
+                if name_str == "x-request-id"
+                    || name_str == "vary"
+                    || name_str.starts_with("access-control-")
+                {
+                    timed_out.headers_mut().append(name.clone(), value.clone());
+                }
+            }
+            response = timed_out;
         }
         Poll::Ready(Ok(response.map(|inner| TrackedBody {
             inner,

@@ -81,7 +81,7 @@ impl StartupSummary {
 }
 
 /// A URL without its user information (`nats://user:secret@host` → `nats://***@host`).
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     let url = url.trim();
     let start = url.find("://").map_or(0, |i| i + 3);
     let host_end = url[start..].find('/').map_or(url.len(), |i| start + i);

@@ -140,6 +140,17 @@ pub fn restore(
             from.display()
         )));
     }
+    // A WAL beside the source holds commits a file copy would leave behind (and, after an
+    // interrupted checkpoint, the main file alone may be inconsistent).
+    let mut wal = from.as_os_str().to_os_string();
+    wal.push("-wal");
+    if std::fs::metadata(PathBuf::from(wal)).is_ok_and(|m| m.len() > 0) {
+        return Err(BackupError::Refused(format!(
+            "'{}' has a write-ahead log beside it: restore from a file made by `epr backup`, \
+             or start and cleanly stop a server on its directory first",
+            from.display()
+        )));
+    }
     // Checked before anything is touched: a bad file changes nothing.
     check(from)?;
     std::fs::create_dir_all(data_dir).map_err(io(format!("creating '{}'", data_dir.display())))?;
@@ -181,6 +192,8 @@ pub fn restore(
             .map_err(sql("giving the restored store a new identity"))?;
         }
         sync_file(&tmp)?;
+        // The copy is checked before the old store is touched.
+        check(&tmp)?;
         for suffix in ["-wal", "-shm"] {
             let mut p = db.clone().into_os_string();
             p.push(suffix);
@@ -369,6 +382,20 @@ mod tests {
             "the old store is replaced"
         );
         store.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn restore_refuses_a_source_with_a_wal_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        empty_store(&data).await;
+        let file = dir.path().join("b.sqlite3");
+        backup(&data, &file).unwrap();
+        std::fs::write(dir.path().join("b.sqlite3-wal"), b"frames").unwrap();
+        let target = dir.path().join("restored");
+        let e = restore(&file, &target, Overwrite::Never).unwrap_err();
+        assert!(e.to_string().contains("write-ahead log"), "{e}");
+        assert!(!target.join("epr.sqlite3").exists());
     }
 
     #[tokio::test]

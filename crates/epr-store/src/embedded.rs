@@ -592,6 +592,9 @@ impl Writer {
         // The checkpoint answers "busy" (and folds nothing) while the background
         // checkpointer or a reader holds the WAL, so it is retried for a moment.
         if self.health.corrupted().is_none() {
+            // No busy waits inside SQLite: a reader beside the server (an online backup or
+            // export) may hold the WAL for long, and shutdown must not wait for it.
+            let _ = self.conn.execute_batch("PRAGMA busy_timeout=0;");
             let mut outcome = Ok(1);
             for _ in 0..100 {
                 outcome = self
@@ -730,7 +733,9 @@ impl Writer {
             self.last_prune = Some(Instant::now());
             let cutoff = now_millis() - self.batch_retention_ms;
             if let Err(e) = tx.execute("DELETE FROM batch_tasks WHERE created < ?1", [cutoff]) {
-                tracing::warn!(error = %e, "pruning old batch outcomes failed");
+                // A damaged page found here latches the corrupted state like any other.
+                self.health.observe(&unavailable(e));
+                tracing::warn!("pruning old batch outcomes failed");
             }
         }
         match tx.commit() {

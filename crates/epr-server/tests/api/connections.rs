@@ -216,7 +216,7 @@ async fn unfinished_body_is_answered_408_by_the_body_timeout() {
     let mut tcp = TcpStream::connect(app.addr).await.unwrap();
     tcp.write_all(
         b"POST /api/v1/endpoints HTTP/1.1\r\nHost: epr\r\nContent-Type: application/json\r\n\
-          Content-Length: 100\r\n\r\n{\"endpointId\":\"slow-1\",",
+          X-Request-Id: slow-req-1\r\nContent-Length: 100\r\n\r\n{\"endpointId\":\"slow-1\",",
     )
     .await
     .unwrap();
@@ -228,6 +228,8 @@ async fn unfinished_body_is_answered_408_by_the_body_timeout() {
     assert!(took >= Duration::from_millis(900), "{took:?}");
     assert!(head.starts_with("http/1.1 408"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
+    // Like every response, it carries the request's ID.
+    assert!(head.contains("x-request-id: slow-req-1"), "{head}");
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["status"], 408, "{body}");
     assert_eq!(body["field"], "body", "{body}");

@@ -143,6 +143,27 @@ fn sample(text: &str, prefix: &str) -> f64 {
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
+/// Made-up HTTP methods share one `method="other"` label: each distinct label value would
+/// be a series kept for the life of the process.
+#[tokio::test]
+async fn unknown_methods_do_not_grow_the_metrics() {
+    let app = spawn_app().await;
+    for i in 0..3 {
+        let method = reqwest::Method::from_bytes(format!("XMETHOD{i}").as_bytes()).unwrap();
+        let r = app
+            .client
+            .request(method, app.url("/api/v1/endpoints"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{}", r.status());
+    }
+    let text = app.metrics().await;
+    assert!(!text.contains("XMETHOD"), "{text}");
+    assert!(text.contains("method=\"other\""), "{text}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn metrics_describe_every_metric_and_report_process_and_build_info() {
     let app = spawn_app().await;
