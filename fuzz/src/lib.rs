@@ -1,7 +1,7 @@
 //! Helpers shared by the fuzz targets: splitting one input into parts, sample metadata
 //! documents to evaluate against, and the invariants every valid metadata document keeps.
 
-use epr_core::metadata::{Limits, Metadata, MetadataKey};
+use epr_core::metadata::{depth, Limits, Metadata, MetadataKey};
 use serde_json::{json, Map, Value};
 
 /// Splits an input at its first NUL byte: `(before, after)`; `after` is empty without one.
@@ -52,21 +52,6 @@ pub fn limits(selector: u8) -> Limits {
             metadata_max_depth: 2,
         },
     }
-}
-
-/// Nesting depth, scalars are 1 (the definition `Limits::metadata_max_depth` uses).
-pub fn depth(v: &Value) -> usize {
-    let mut max = 0;
-    let mut stack = vec![(v, 1usize)];
-    while let Some((v, d)) = stack.pop() {
-        max = max.max(d);
-        match v {
-            Value::Array(a) => stack.extend(a.iter().map(|x| (x, d + 1))),
-            Value::Object(o) => stack.extend(o.values().map(|x| (x, d + 1))),
-            _ => {}
-        }
-    }
-    max
 }
 
 /// Panics unless `md` keeps every promise of [`Metadata`] under `limits`, and survives a

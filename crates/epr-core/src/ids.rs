@@ -195,6 +195,16 @@ impl TokenHash {
     pub fn to_hex(self) -> String {
         hex::encode(self.0)
     }
+
+    /// The inverse of [`TokenHash::to_hex`]: exactly 64 lowercase hexadecimal digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Self(out))
+    }
 }
 
 impl fmt::Debug for TokenHash {

@@ -156,7 +156,7 @@ impl Metadata {
 
 /// Nesting depth of a JSON value: scalars are 1, `[1]` is 2. Iterative, so a hostile
 /// document cannot overflow the stack.
-pub(crate) fn depth(v: &Value) -> usize {
+pub fn depth(v: &Value) -> usize {
     let mut max = 0;
     let mut stack = vec![(v, 1usize)];
     while let Some((v, d)) = stack.pop() {

@@ -10,9 +10,9 @@ use anyhow::{bail, Context};
 use epr_core::endpoint_filter::{FilterId, FilterStatus};
 use epr_core::ids::TenantId;
 use epr_core::metadata::Limits;
-use epr_core::ports::{ImportOutcome, ImportRecord, Store};
+use epr_core::ports::{Clock, ImportOutcome, ImportRecord, Store};
 use epr_store::backup::{self, BackupReport, Overwrite};
-use epr_store::{BackfillPace, EmbeddedConfig, EmbeddedStore};
+use epr_store::{EmbeddedConfig, EmbeddedStore};
 use serde::Serialize;
 use serde_json::json;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -95,19 +95,12 @@ pub fn restore(settings: &Settings, from: &Path, force: bool) -> anyhow::Result<
     print_json(&CopyReport::from(report))
 }
 
+/// The server's store configuration, with a small reader pool and no back-fill throttle (an
+/// operator command is the store's only user).
 fn store_config(settings: &Settings, data_dir: &Path) -> EmbeddedConfig {
-    let mut cfg = EmbeddedConfig::new(data_dir);
-    cfg.max_group = settings.store.max_group;
+    let mut cfg = settings.embedded_config(data_dir);
     cfg.readers = 2;
-    cfg.batch_retention_ms = settings.store.batch_retention_hours as i64 * 3_600_000;
-    // As the server would: an `activated` event of an imported filter waits for NATS.
-    cfg.record_events = !settings.nats.url.is_empty();
-    cfg.cache_mib = settings.store.cache_mib;
-    cfg.backfill = BackfillPace {
-        step: Duration::from_millis(settings.store.backfill_step_ms),
-        batch: settings.store.backfill_batch,
-        pause: Duration::ZERO,
-    };
+    cfg.backfill.pause = Duration::ZERO;
     cfg
 }
 
@@ -202,7 +195,7 @@ pub async fn export_to(store: &dyn Store, out: &mut dyn Write) -> anyhow::Result
         &Line::Header(Header {
             format: format::FORMAT.into(),
             version: format::VERSION,
-            exported_at: now_millis(),
+            exported_at: crate::SystemClock.now().0,
             store_id: store.store_id(),
         }),
     )?;
@@ -232,13 +225,6 @@ pub async fn export_to(store: &dyn Store, out: &mut dyn Write) -> anyhow::Result
     )?;
     out.flush().context("writing the export")?;
     Ok(counts)
-}
-
-fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[derive(Serialize, Default)]

@@ -264,6 +264,25 @@ impl Default for LogSettings {
 }
 
 impl Settings {
+    /// The embedded store's configuration for `data_dir` (the server's `store.data_dir`, or
+    /// a directory an operator command works on).
+    pub fn embedded_config(&self, data_dir: &Path) -> epr_store::EmbeddedConfig {
+        let mut cfg = epr_store::EmbeddedConfig::new(data_dir);
+        cfg.max_group = self.store.max_group;
+        cfg.readers = self.store.readers;
+        cfg.batch_retention_ms = self.store.batch_retention_hours as i64 * 3_600_000;
+        cfg.record_events = !self.nats.url.is_empty();
+        cfg.cache_mib = self.store.cache_mib;
+        cfg.integrity_check =
+            epr_store::IntegrityCheck::parse(&self.store.integrity_check).unwrap_or_default();
+        cfg.backfill = epr_store::BackfillPace {
+            step: std::time::Duration::from_millis(self.store.backfill_step_ms),
+            batch: self.store.backfill_batch,
+            pause: std::time::Duration::from_millis(self.store.backfill_pause_ms),
+        };
+        cfg
+    }
+
     /// Loads defaults → file → `EPR__*` environment → `EPR_APPLICATIONS`.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
         let defaults = config::Config::try_from(&Settings::default())?;

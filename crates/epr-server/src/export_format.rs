@@ -182,7 +182,7 @@ impl EndpointLine {
         let app = checked("applicationName", AppName::parse(&self.application_name))?;
         let metadata = Metadata::parse(self.metadata, "metadata", limits)
             .map_err(|e| domain("metadata", e))?;
-        let hash = hex_32(&self.token_hash).ok_or_else(|| {
+        let hash = TokenHash::from_hex(&self.token_hash).ok_or_else(|| {
             invalid(
                 "tokenHash",
                 "pattern",
@@ -207,7 +207,7 @@ impl EndpointLine {
         Ok(ImportRecord::Endpoint(EndpointExport {
             tenant,
             endpoint,
-            token_hash: TokenHash(hash),
+            token_hash: hash,
         }))
     }
 }
@@ -240,17 +240,6 @@ impl FilterLine {
             },
         })
     }
-}
-
-fn hex_32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Parses one line (its JSON shape only).

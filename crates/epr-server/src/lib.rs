@@ -17,7 +17,7 @@ use epr_core::registry::Registry;
 use epr_core::Timestamp;
 use epr_http::{AppState, ComponentHealth, HealthComponent, HttpSettings};
 use epr_nats::{ConnectionState, Nats, NatsSettings, Relay, RelaySettings, Sink};
-use epr_store::{BackfillPace, EmbeddedConfig, EmbeddedStore};
+use epr_store::EmbeddedStore;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,7 +26,7 @@ use std::time::Duration;
 
 pub use config::Settings;
 
-struct SystemClock;
+pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
@@ -142,19 +142,7 @@ impl Application {
         }
         // Installed before the store opens, so gauges the store sets at open are recorded.
         let metrics_renderer = telemetry::metrics_renderer();
-        let mut store_cfg = EmbeddedConfig::new(&settings.store.data_dir);
-        store_cfg.max_group = settings.store.max_group;
-        store_cfg.readers = settings.store.readers;
-        store_cfg.batch_retention_ms = settings.store.batch_retention_hours as i64 * 3_600_000;
-        store_cfg.record_events = !settings.nats.url.is_empty();
-        store_cfg.cache_mib = settings.store.cache_mib;
-        store_cfg.integrity_check =
-            epr_store::IntegrityCheck::parse(&settings.store.integrity_check).unwrap_or_default();
-        store_cfg.backfill = BackfillPace {
-            step: Duration::from_millis(settings.store.backfill_step_ms),
-            batch: settings.store.backfill_batch,
-            pause: Duration::from_millis(settings.store.backfill_pause_ms),
-        };
+        let store_cfg = settings.embedded_config(&settings.store.data_dir);
         let store = Arc::new(EmbeddedStore::open(store_cfg).with_context(|| {
             format!("opening the store in {}", settings.store.data_dir.display())
         })?);
