@@ -15,12 +15,14 @@
 //! - [`query`]: endpoint listing queries and the `metadataFilter` language.
 //! - [`filter`]: endpoint filters, Kaa's MongoDB-query criteria language.
 //! - [`endpoint_filter`]: saved filters (definition, status, commands and `plan_filter`).
+//! - [`auth`]: principals, Kaa's scopes and which tenant NATS subjects belong to.
 //! - [`apps`]: the application / application-version catalogue.
 //! - [`ports`]: the [`ports::Store`] trait and its error type.
 //! - [`log_gate`]: one log line per interval for failures that repeat on every request.
 //! - [`registry`]: the use cases the HTTP and NATS front-ends call.
 
 pub mod apps;
+pub mod auth;
 pub mod command;
 pub mod endpoint;
 pub mod endpoint_filter;
