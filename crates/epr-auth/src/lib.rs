@@ -7,7 +7,9 @@
 //! SKELETON: the public API is settled; the implementation is being written.
 
 use async_trait::async_trait;
-use epr_core::auth::{AuthError, Authenticator, Principal, TenantControl, TenantSnapshot};
+use epr_core::auth::{
+    AuthError, Authenticator, Principal, TenantControl, TenantInfo, TenantSnapshot,
+};
 use epr_core::ids::TenantId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -213,7 +215,40 @@ impl Authenticator for Auth {
     }
 }
 
+/// Authentication off: the default tenant alone. On: the configured tenants (the Tenant
+/// Manager's are added by [`Auth::run`]).
+fn initial_tenants(settings: &AuthSettings, default: &TenantId) -> Result<TenantSnapshot, String> {
+    if !settings.enabled() {
+        return Ok(TenantSnapshot::single(default.clone()));
+    }
+    let mut snap = TenantSnapshot::default();
+    for (i, t) in settings.tenants.iter().enumerate() {
+        let id = TenantId::parse(&t.id).map_err(|e| format!("auth.tenants[{i}].id: {e}"))?;
+        snap.tenants.insert(
+            id.clone(),
+            TenantInfo {
+                id,
+                issuer: Some(t.issuer.clone()),
+            },
+        );
+    }
+    Ok(snap)
+}
+
 impl TenantControl for Auth {
     fn tenant_updated(&self, _tenant: &str) {}
-    fn tenant_unregistered(&self, _tenant: &str) {}
+    fn tenant_unregistered(&self, tenant: &str) {
+        self.tenants_tx.send_if_modified(|snap| {
+            let Ok(id) = TenantId::parse(tenant) else {
+                return false;
+            };
+            if !snap.contains(&id) {
+                return false;
+            }
+            let mut next = (**snap).clone();
+            next.tenants.remove(&id);
+            *snap = Arc::new(next);
+            true
+        });
+    }
 }
