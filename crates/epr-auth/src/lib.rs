@@ -171,7 +171,7 @@ impl Auth {
     pub fn new(settings: AuthSettings, default_tenant: TenantId) -> Result<Arc<Auth>, String> {
         settings.validate()?;
         let (tenants_tx, _) =
-            watch::channel(Arc::new(TenantSnapshot::single(default_tenant.clone())));
+            watch::channel(Arc::new(initial_tenants(&settings, &default_tenant)?));
         Ok(Arc::new(Auth {
             settings,
             default_tenant,
