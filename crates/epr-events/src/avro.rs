@@ -66,6 +66,8 @@ compiled_schemas! {
     EFMP_ENDPOINT_FILTERS_RESPONSE => "0020-endpoint-filters-response.avsc",
     EFMP_LIST_BY_FILTER_REQUEST => "0020-endpoint-list-by-filter-request.avsc",
     EFMP_LIST_BY_FILTER_RESPONSE => "0020-endpoint-list-by-filter-response.avsc",
+    TLE_UPDATED => "0021-tenant-updated.avsc",
+    TLE_UNREGISTERED => "0021-tenant-unregistered.avsc",
 }
 
 impl CompiledSchema {

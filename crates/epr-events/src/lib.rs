@@ -9,6 +9,8 @@
 //! - [`efe`] encodes the 18/EFE endpoint filter events (filter status, endpoint matched or
 //!   unmatched) and decodes them for tests and tools.
 //! - [`efmp`] decodes 20/EFMP requests and encodes their responses (and the reverse).
+//! - [`tenant`] decodes the 21/TLE tenant lifecycle events that EPR listens to (and encodes
+//!   them, for tests and tools).
 //!
 //! All of it is pure (no NATS client, no clock).
 //!
@@ -35,6 +37,7 @@ pub mod efe;
 pub mod efmp;
 pub mod epmmp;
 mod rpc;
+pub mod tenant;
 
 use avro::{CompiledSchema, Datum, Fields};
 use epr_core::event::{DomainEvent, EventKind, OutboxEvent};

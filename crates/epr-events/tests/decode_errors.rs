@@ -7,6 +7,7 @@ use epr_events::epmmp::{
     decode_request, decode_request_envelope, decode_response, encode_request, Envelope,
     KeyUpdateCommand, Request, RequestType,
 };
+use epr_events::tenant::{decode_tenant_event, TenantEventKind};
 use epr_events::{DecodeError, Originator};
 use proptest::prelude::*;
 
@@ -28,6 +29,9 @@ fn decode_everything(bytes: &[u8]) -> usize {
     }
     for matched in [true, false] {
         ok += usize::from(efe::decode_endpoint_filter(matched, bytes).is_ok());
+    }
+    for kind in TenantEventKind::ALL {
+        ok += usize::from(decode_tenant_event(kind, bytes).is_ok());
     }
     ok
 }
