@@ -80,6 +80,14 @@ impl OutboxEvent {
         }
     }
 
+    /// The tenant the event belongs to.
+    pub fn tenant(&self) -> &TenantId {
+        match self {
+            Self::Endpoint(e) => &e.tenant,
+            Self::Filter(e) => &e.tenant,
+        }
+    }
+
     /// The endpoint event, if this is one.
     pub fn as_endpoint(&self) -> Option<&DomainEvent> {
         match self {

@@ -6,8 +6,16 @@
 //! Subscribed in the instance's queue group, so each event is handled by one replica. Work is
 //! spread over shards by endpoint ID: one endpoint's reports are applied in arrival order,
 //! different endpoints in parallel (their writes share group commits).
+//!
+//! The event carries no tenant: its publisher's instance name (the subject's originator
+//! token) picks it through `nats.connected_tenants`; an originator not listed there belongs
+//! to the default tenant. An event whose tenant is not a current tenant is ignored
+//! (counted as `epr_connected_events_ignored_total{reason="unknown-tenant"}`). Kaa's unmerged
+//! `EndpointMeta {appVersion, tenantId}` map values are not decoded (such an event is
+//! undecodable).
 
 use crate::connection::{now_millis, Nats};
+use crate::tenancy::Tenancy;
 use epr_core::endpoint::Precondition;
 use epr_core::ids::{EndpointId, TenantId};
 use epr_core::ports::StoreError;
@@ -15,21 +23,23 @@ use epr_core::registry::Registry;
 use epr_core::DomainError;
 use epr_events::connectivity::{connected_subject_wildcard, decode_connected};
 use futures_util::StreamExt;
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 #[derive(Debug, Clone)]
 pub struct ConnectedSettings {
-    pub instance_name: String,
-    /// The tenant of every event: 9/ELCE carries none (see docs/events.md).
-    pub tenant: TenantId,
     /// Parallel workers (each applies its endpoints' reports in order).
     pub shards: usize,
+    /// The tenant of the events of each publisher instance (the subject's originator token);
+    /// other publishers' events belong to the default tenant.
+    pub tenants_by_originator: BTreeMap<String, TenantId>,
 }
 
 /// One endpoint's report from one `connected` event.
 struct Report {
+    tenant: Arc<TenantId>,
     endpoint_id: String,
     app_version: String,
     correlation_id: String,
@@ -43,6 +53,7 @@ fn count(outcome: &'static str) {
 pub async fn listen(
     nats: Nats,
     registry: Arc<Registry>,
+    tenancy: Tenancy,
     settings: ConnectedSettings,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), async_nats::SubscribeError> {
@@ -50,20 +61,22 @@ pub async fn listen(
         .client
         .queue_subscribe(
             connected_subject_wildcard().to_owned(),
-            settings.instance_name.clone(),
+            tenancy.naming.instance_name.clone(),
         )
         .await?;
+    let by_originator: BTreeMap<String, Arc<TenantId>> = settings
+        .tenants_by_originator
+        .iter()
+        .map(|(o, t)| (o.clone(), Arc::new(t.clone())))
+        .collect();
+    let default_tenant = Arc::new(tenancy.naming.default_tenant.clone());
     let shards = settings.shards.max(1);
     let mut senders = Vec::with_capacity(shards);
     let mut workers = Vec::with_capacity(shards);
     for _ in 0..shards {
         let (tx, rx) = mpsc::channel::<Report>(1024);
         senders.push(tx);
-        workers.push(tokio::spawn(worker(
-            rx,
-            registry.clone(),
-            settings.tenant.clone(),
-        )));
+        workers.push(tokio::spawn(worker(rx, registry.clone())));
     }
     loop {
         let msg = tokio::select! {
@@ -84,9 +97,25 @@ pub async fn listen(
             tracing::info!(correlation_id = %event.correlation_id, "expired connected event dropped");
             continue;
         }
+        let originator = msg.subject.split('.').nth(3).unwrap_or_default();
+        let tenant = by_originator
+            .get(originator)
+            .unwrap_or(&default_tenant)
+            .clone();
+        if !tenancy.tenants.borrow().contains(&tenant) {
+            metrics::counter!("epr_connected_events_ignored_total", "reason" => "unknown-tenant")
+                .increment(1);
+            if let Some(suppressed) = UNKNOWN_TENANT_LOG.admit(std::time::Instant::now()) {
+                tracing::warn!(originator, tenant = %tenant, suppressed,
+                    "connected event of a tenant that is not served ignored \
+                     (see nats.connected_tenants)");
+            }
+            continue;
+        }
         for (endpoint_id, app_version) in event.endpoints {
             let shard = shard_of(&endpoint_id, shards);
             let report = Report {
+                tenant: tenant.clone(),
                 endpoint_id,
                 app_version,
                 correlation_id: event.correlation_id.clone(),
@@ -111,11 +140,16 @@ fn shard_of(id: &str, shards: usize) -> usize {
     (h.finish() % shards as u64) as usize
 }
 
-async fn worker(mut rx: mpsc::Receiver<Report>, registry: Arc<Registry>, tenant: TenantId) {
+async fn worker(mut rx: mpsc::Receiver<Report>, registry: Arc<Registry>) {
     while let Some(r) = rx.recv().await {
+        let tenant = r.tenant.clone();
         apply(&registry, &tenant, r).await;
     }
 }
+
+/// Events of an unserved tenant may come on every connection: one line per interval.
+static UNKNOWN_TENANT_LOG: epr_core::log_gate::LogGate =
+    epr_core::log_gate::LogGate::new(epr_core::log_gate::DEFAULT_LOG_INTERVAL);
 
 /// A store refusing writes fails every connected event: one line per interval (counted in
 /// the `failed` outcome all the same).

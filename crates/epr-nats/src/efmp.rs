@@ -1,7 +1,9 @@
 //! The 20/EFMP repository: answers endpoint filter requests on
 //! `kaa.v1.service.{instance}.efmp.ep-filters-request` and `…efmp.ep-list-by-filter-request`,
-//! in the instance's queue group so replicas share the work. The reply rules (drops, `400`
-//! for an undecodable request, metrics) are the shared `crate::rpc` server's.
+//! in the instance's queue group so replicas share the work; each tenant has its own
+//! instance name, and a request is served in that tenant only (see [`crate::tenancy`]). The
+//! reply rules (drops, `400` for an undecodable request, metrics) are the shared
+//! `crate::rpc` server's.
 //!
 //! - **ep-filters**: the *active* filters the endpoint matches (a pending filter's membership
 //!   is incomplete); `404` for an unknown endpoint.
@@ -12,6 +14,7 @@
 
 use crate::connection::{now_millis, Nats};
 use crate::rpc::{self, error_status, status, Protocol};
+use crate::tenancy::Tenancy;
 use epr_core::endpoint_filter::{EndpointFilter, FilterId, FilterStatus};
 use epr_core::ids::{AppVersionName, EndpointId, TenantId};
 use epr_core::ports::StoreError;
@@ -24,50 +27,40 @@ use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
 pub struct EfmpSettings {
-    pub instance_name: String,
-    /// The tenant of every request: 20/EFMP messages carry none (see docs/events.md).
-    pub tenant: TenantId,
     /// Requests handled at once.
     pub max_in_flight: usize,
 }
 
-/// Serves until `stop` turns true, then stops taking requests and waits (briefly) for the
-/// ones in flight.
+/// Serves every current tenant of `tenancy` (each on its own instance name, see
+/// [`crate::tenancy`]) until `stop` turns true, then stops taking requests and waits
+/// (briefly) for the ones in flight.
 pub async fn serve(
     nats: Nats,
     registry: Arc<Registry>,
+    tenancy: Tenancy,
     settings: EfmpSettings,
     stop: watch::Receiver<bool>,
 ) -> Result<(), async_nats::SubscribeError> {
     let handler = Handler {
         client: nats.client.clone(),
         registry,
-        tenant: settings.tenant,
     };
-    rpc::serve(
-        nats,
-        handler,
-        &settings.instance_name,
-        settings.max_in_flight,
-        stop,
-    )
-    .await
+    rpc::serve(nats, handler, tenancy, settings.max_in_flight, stop).await
 }
 
 struct Handler {
     /// For the server's `max_payload`, which bounds a reply.
     client: async_nats::Client,
     registry: Arc<Registry>,
-    tenant: TenantId,
 }
 
 impl Protocol for Handler {
     rpc::wire!("20/EFMP", efmp);
 
-    async fn answer(&self, req: Request, corr: &str) -> (Status, Response) {
+    async fn answer(&self, tenant: &TenantId, req: Request, corr: &str) -> (Status, Response) {
         match req {
             Request::EndpointFilters { endpoint_id } => {
-                match self.endpoint_filters(&endpoint_id).await {
+                match self.endpoint_filters(tenant, &endpoint_id).await {
                     Ok(filter_ids) => (
                         Status::OK,
                         Response::EndpointFilters {
@@ -85,7 +78,7 @@ impl Protocol for Handler {
                 }
             }
             Request::ListByFilter { filter_id } => {
-                let (status, map) = match self.list_by_filter(&filter_id, corr).await {
+                let (status, map) = match self.list_by_filter(tenant, &filter_id, corr).await {
                     Ok(map) => (Status::OK, map),
                     Err(s) => (s, BTreeMap::new()),
                 };
@@ -104,17 +97,17 @@ impl Protocol for Handler {
 impl Handler {
     /// The active filters the endpoint matches: 400 for a malformed ID, 404 for an unknown
     /// endpoint.
-    async fn endpoint_filters(&self, raw: &str) -> Result<Vec<String>, Status> {
+    async fn endpoint_filters(&self, tenant: &TenantId, raw: &str) -> Result<Vec<String>, Status> {
         let id = EndpointId::parse(raw).map_err(|e| status(400, e.at("endpointId").to_string()))?;
         // An endpoint in no filter and an unknown endpoint both give an empty list; only the
         // endpoint read tells them apart.
         self.registry
-            .get(&self.tenant, &id)
+            .get(tenant, &id)
             .await
             .map_err(|e| error_status(&e))?;
         let mut matched = self
             .registry
-            .matched_filters(&self.tenant, std::slice::from_ref(&id))
+            .matched_filters(tenant, std::slice::from_ref(&id))
             .await
             .map_err(|e| error_status(&e))?;
         Ok(matched
@@ -128,19 +121,20 @@ impl Handler {
     /// The members of an active filter by app version, if the reply fits in one NATS message.
     async fn list_by_filter(
         &self,
+        tenant: &TenantId,
         raw: &str,
         corr: &str,
     ) -> Result<BTreeMap<String, Vec<String>>, Status> {
         let id = FilterId::parse(raw).map_err(|e| status(400, e.at("filterId").to_string()))?;
         let store = self.registry.store();
-        let before = self.active_filter(&id).await?;
+        let before = self.active_filter(tenant, &id).await?;
         let members = store
-            .filter_members(&self.tenant, &id)
+            .filter_members(tenant, &id)
             .await
             .map_err(|e| error_status(&e))?;
         // The filter may have been changed (sent back to pending) or deleted while its
         // members were read; then they may belong to a half-built membership.
-        let after = self.active_filter(&id).await?;
+        let after = self.active_filter(tenant, &id).await?;
         if after.version != before.version {
             return Err(pending(&id));
         }
@@ -158,11 +152,15 @@ impl Handler {
     }
 
     /// The filter, if it exists and is active (404, 409 otherwise).
-    async fn active_filter(&self, id: &FilterId) -> Result<EndpointFilter, Status> {
+    async fn active_filter(
+        &self,
+        tenant: &TenantId,
+        id: &FilterId,
+    ) -> Result<EndpointFilter, Status> {
         let filter = self
             .registry
             .store()
-            .get_filter(&self.tenant, id)
+            .get_filter(tenant, id)
             .await
             .map_err(|e| error_status(&e))?
             .ok_or_else(|| {

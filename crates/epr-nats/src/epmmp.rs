@@ -1,6 +1,7 @@
 //! The 19/EPMMP repository: answers metadata requests on
 //! `kaa.v1.service.{instance}.epmmp.*-request`, in the instance's queue group so replicas
-//! share the work.
+//! share the work; each tenant has its own instance name, and a request is served in that
+//! tenant only (see [`crate::tenancy`]).
 //!
 //! The reply rules (drops, `400` for an undecodable request, metrics) are the shared
 //! `crate::rpc` server's. Changes go through the same [`Registry`] use cases as REST, so they
@@ -8,6 +9,7 @@
 
 use crate::connection::Nats;
 use crate::rpc::{self, error_status, status, Protocol};
+use crate::tenancy::Tenancy;
 use epr_core::command::MetadataChange;
 use epr_core::endpoint::Precondition;
 use epr_core::ids::{EndpointId, TenantId};
@@ -23,9 +25,6 @@ use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
 pub struct EpmmpSettings {
-    pub instance_name: String,
-    /// The tenant of every request: 19/EPMMP messages carry none (see docs/events.md).
-    pub tenant: TenantId,
     /// Keys that requests may not create, change or delete (answered with 403).
     pub restricted_keys: BTreeSet<String>,
     /// Requests handled at once.
@@ -38,18 +37,19 @@ pub struct EpmmpSettings {
 /// A reply: status and body.
 type Answer = (Status, Response);
 
-/// Serves until `stop` turns true, then stops taking requests and waits (briefly) for the
-/// ones in flight.
+/// Serves every current tenant of `tenancy` (each on its own instance name, see
+/// [`crate::tenancy`]) until `stop` turns true, then stops taking requests and waits
+/// (briefly) for the ones in flight.
 pub async fn serve(
     nats: Nats,
     registry: Arc<Registry>,
+    tenancy: Tenancy,
     settings: EpmmpSettings,
     stop: watch::Receiver<bool>,
 ) -> Result<(), async_nats::SubscribeError> {
-    let instance = settings.instance_name.clone();
     let max_in_flight = settings.max_in_flight;
     let handler = Handler { registry, settings };
-    rpc::serve(nats, handler, &instance, max_in_flight, stop).await
+    rpc::serve(nats, handler, tenancy, max_in_flight, stop).await
 }
 
 struct Handler {
@@ -60,25 +60,31 @@ struct Handler {
 impl Protocol for Handler {
     rpc::wire!("19/EPMMP", epmmp);
 
-    async fn answer(&self, req: Request, corr: &str) -> Answer {
-        self.reply(req, corr).await
+    async fn answer(&self, tenant: &TenantId, req: Request, corr: &str) -> Answer {
+        self.reply(tenant, req, corr).await
     }
 }
 
 impl Handler {
-    async fn reply(&self, req: Request, corr: &str) -> Answer {
+    async fn reply(&self, tenant: &TenantId, req: Request, corr: &str) -> Answer {
         let on_error = error_body(&req);
         let result = match req {
             Request::MetadataGet {
                 endpoint_id,
                 include,
                 include_metadata,
-            } => self.get(endpoint_id, include, include_metadata).await,
+            } => {
+                self.get(tenant, endpoint_id, include, include_metadata)
+                    .await
+            }
             Request::MetadataPatch {
                 endpoint_id,
                 if_match,
                 patch,
-            } => self.patch(endpoint_id, if_match, &patch, corr).await,
+            } => {
+                self.patch(tenant, endpoint_id, if_match, &patch, corr)
+                    .await
+            }
             Request::KeyUpdate {
                 endpoint_id,
                 key,
@@ -89,16 +95,18 @@ impl Handler {
                     key,
                     value,
                 };
-                self.key_update(&[cmd], corr)
+                self.key_update(tenant, &[cmd], corr)
                     .await
                     .map(|()| Response::KeyUpdate { endpoint_id })
             }
             Request::KeyBatchUpdate { commands } => self
-                .key_update(&commands, corr)
+                .key_update(tenant, &commands, corr)
                 .await
                 .map(|()| Response::KeyBatchUpdate),
-            Request::KeysGet { endpoint_id } => self.keys(endpoint_id).await,
-            Request::AppVersionsGet { endpoint_ids } => self.app_versions(endpoint_ids).await,
+            Request::KeysGet { endpoint_id } => self.keys(tenant, endpoint_id).await,
+            Request::AppVersionsGet { endpoint_ids } => {
+                self.app_versions(tenant, endpoint_ids).await
+            }
         };
         match result {
             Ok(body) => (Status::OK, body),
@@ -111,21 +119,26 @@ impl Handler {
     }
 
     /// The endpoint a request names: 400 for a malformed ID, 404 for an unknown one.
-    async fn endpoint(&self, raw: &str) -> Result<epr_core::endpoint::Endpoint, Status> {
+    async fn endpoint(
+        &self,
+        tenant: &TenantId,
+        raw: &str,
+    ) -> Result<epr_core::endpoint::Endpoint, Status> {
         let id = self.endpoint_id(raw)?;
         self.registry
-            .get(&self.settings.tenant, &id)
+            .get(tenant, &id)
             .await
             .map_err(|e| error_status(&e))
     }
 
     async fn get(
         &self,
+        tenant: &TenantId,
         endpoint_id: String,
         include: Vec<String>,
         include_metadata: bool,
     ) -> Result<Response, Status> {
-        let ep = self.endpoint(&endpoint_id).await?;
+        let ep = self.endpoint(tenant, &endpoint_id).await?;
         let payload = include_metadata.then(|| {
             let map = ep.metadata.as_map();
             let selected: serde_json::Map<String, Value> = if include.is_empty() {
@@ -158,6 +171,7 @@ impl Handler {
 
     async fn patch(
         &self,
+        tenant: &TenantId,
         endpoint_id: String,
         if_match: Option<String>,
         patch: &[u8],
@@ -189,7 +203,7 @@ impl Handler {
         };
         self.registry
             .update_metadata(
-                &self.settings.tenant,
+                tenant,
                 id,
                 MetadataChange::JsonPatch(patch),
                 precondition,
@@ -203,7 +217,12 @@ impl Handler {
     /// Sets keys. All commands are validated first (a bad one refuses the whole request and
     /// changes nothing), and all endpoints must exist; then each endpoint's keys are set in
     /// one atomic change (one 15/EME event per endpoint).
-    async fn key_update(&self, commands: &[KeyUpdateCommand], corr: &str) -> Result<(), Status> {
+    async fn key_update(
+        &self,
+        tenant: &TenantId,
+        commands: &[KeyUpdateCommand],
+        corr: &str,
+    ) -> Result<(), Status> {
         let limits = *self.registry.limits();
         let mut per_endpoint: BTreeMap<EndpointId, Vec<json_patch::PatchOperation>> =
             BTreeMap::new();
@@ -234,7 +253,7 @@ impl Handler {
         }
         let mut missing = Vec::new();
         for id in per_endpoint.keys() {
-            match self.registry.get(&self.settings.tenant, id).await {
+            match self.registry.get(tenant, id).await {
                 Ok(_) => {}
                 Err(StoreError::Rejected(DomainError::NotFound { .. })) => {
                     missing.push(id.to_string())
@@ -253,7 +272,7 @@ impl Handler {
         }
         let updates = per_endpoint.into_iter().map(|(id, ops)| {
             self.registry.update_metadata(
-                &self.settings.tenant,
+                tenant,
                 id,
                 MetadataChange::JsonPatch(json_patch::Patch(ops)),
                 Precondition::None,
@@ -267,15 +286,19 @@ impl Handler {
         Ok(())
     }
 
-    async fn keys(&self, endpoint_id: String) -> Result<Response, Status> {
-        let ep = self.endpoint(&endpoint_id).await?;
+    async fn keys(&self, tenant: &TenantId, endpoint_id: String) -> Result<Response, Status> {
+        let ep = self.endpoint(tenant, &endpoint_id).await?;
         Ok(Response::KeysGet {
             endpoint_id,
             keys: ep.metadata.as_map().keys().cloned().collect(),
         })
     }
 
-    async fn app_versions(&self, endpoint_ids: Vec<String>) -> Result<Response, Status> {
+    async fn app_versions(
+        &self,
+        tenant: &TenantId,
+        endpoint_ids: Vec<String>,
+    ) -> Result<Response, Status> {
         if endpoint_ids.len() > self.settings.max_endpoint_ids {
             return Err(status(
                 400,
@@ -296,7 +319,7 @@ impl Handler {
             if !seen.insert(id.clone()) {
                 continue;
             }
-            match self.registry.get(&self.settings.tenant, &id).await {
+            match self.registry.get(tenant, &id).await {
                 Ok(ep) => by_version
                     .entry(ep.app_version.to_string())
                     .or_default()

@@ -7,7 +7,10 @@
 //! - [`epmmp`]: the 19/EPMMP request/reply server.
 //! - [`efmp`]: the 20/EFMP request/reply server (filters of an endpoint, endpoints of a
 //!   filter).
-//! - `rpc`: what the two request/reply servers share (subscriptions, reply rules, metrics).
+//! - `rpc`: what the two request/reply servers share (subscriptions per tenant, reply rules,
+//!   metrics).
+//! - [`tenancy`]: the tenants served and their service instance names.
+//! - [`tenant_lifecycle`]: the 21/TLE listener (tenant updated or unregistered).
 
 pub mod connected;
 pub mod connection;
@@ -15,6 +18,9 @@ pub mod efmp;
 pub mod epmmp;
 pub mod relay;
 mod rpc;
+pub mod tenancy;
+pub mod tenant_lifecycle;
 
 pub use connection::{ConnectionState, Nats, NatsSettings};
 pub use relay::{Relay, RelaySettings, Sink};
+pub use tenancy::Tenancy;

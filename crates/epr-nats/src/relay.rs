@@ -9,11 +9,18 @@
 //! consumer can see an event twice after a failure, but never a later event of an endpoint
 //! before an earlier one on the first delivery. While NATS is down nothing is published:
 //! events wait in the outbox and go out, in order, after reconnection.
+//!
+//! Each event is published under its tenant's service instance name
+//! (`kaa.v1.events.<instance>.…`, see [`crate::tenancy`]), so listeners tell tenants apart
+//! by subject; with JetStream, streams must capture every tenant's subjects.
 
 use crate::connection::{now_millis, Nats};
+use epr_core::auth::TenantNaming;
 use epr_core::event::OutboxEvent;
+use epr_core::ids::TenantId;
 use epr_core::ports::{OutboxEntry, Store, StoreError};
 use epr_events::Originator;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +29,10 @@ use tokio::sync::{watch, Notify};
 /// How events leave the outbox.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
+    /// The default tenant's originator; every other tenant's events are published under its
+    /// own instance name (`<instance_name>-<tenant>`, see [`crate::tenancy`]).
     pub origin: Originator,
+    pub default_tenant: TenantId,
     /// Most events read and published per round.
     pub batch: usize,
     /// Publish through JetStream and wait for the stream's acknowledgement.
@@ -37,15 +47,33 @@ pub struct RelaySettings {
 }
 
 impl RelaySettings {
-    pub fn new(origin: Originator) -> Self {
+    pub fn new(origin: Originator, default_tenant: TenantId) -> Self {
         Self {
             origin,
+            default_tenant,
             batch: 1024,
             jetstream: false,
             confirm_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(5),
             poll_interval: Duration::from_secs(1),
         }
+    }
+}
+
+impl RelaySettings {
+    /// Who publishes `tenant`'s events: its instance name, this replica.
+    fn originator(&self, tenant: &TenantId) -> Cow<'_, Originator> {
+        if *tenant == self.default_tenant {
+            return Cow::Borrowed(&self.origin);
+        }
+        let naming = TenantNaming {
+            instance_name: self.origin.instance_name.clone(),
+            default_tenant: self.default_tenant.clone(),
+        };
+        Cow::Owned(Originator {
+            instance_name: naming.instance_of(tenant),
+            replica_id: self.origin.replica_id.clone(),
+        })
     }
 }
 
@@ -240,7 +268,8 @@ impl Relay {
         let js = self.jetstream.as_ref();
         let mut acks = Vec::new();
         for entry in batch {
-            let encoded = match epr_events::encode_outbox(&entry.event, &self.settings.origin) {
+            let origin = self.settings.originator(entry.event.tenant());
+            let encoded = match epr_events::encode_outbox(&entry.event, &origin) {
                 Ok(e) => e,
                 Err(e) => {
                     metrics::counter!("epr_events_undeliverable_total").increment(1);
@@ -404,10 +433,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
         register(&store, "before-start").await;
-        let mut settings = RelaySettings::new(Originator {
-            instance_name: "epr".into(),
-            replica_id: "r".into(),
-        });
+        let mut settings = RelaySettings::new(
+            Originator {
+                instance_name: "epr".into(),
+                replica_id: "r".into(),
+            },
+            TenantId::parse("t").unwrap(),
+        );
         settings.poll_interval = Duration::from_secs(3600);
         let relay = Relay::new(store.clone() as Arc<dyn Store>, Sink::Discard, settings);
         let (stop_tx, stop) = watch::channel(false);

@@ -1,5 +1,6 @@
-//! The request/reply server that 19/EPMMP and 20/EFMP share (3/ISM): one queue subscription
-//! per request type in the instance's queue group, at most `max_in_flight` requests at once,
+//! The request/reply server that 19/EPMMP and 20/EFMP share (3/ISM): for every current
+//! tenant, one queue subscription per request type on the tenant's instance name, in that
+//! instance's queue group; at most `max_in_flight` requests at once,
 //! and the same reply rules for both protocols.
 //!
 //! Every request gets a reply on its reply subject unless it has none or has expired (both are
@@ -8,15 +9,19 @@
 //! its [`Protocol::answer`].
 
 use crate::connection::{now_millis, Nats};
+use crate::tenancy::Tenancy;
+use epr_core::ids::TenantId;
 use epr_core::ports::StoreError;
 use epr_core::DomainError;
 use epr_events::epmmp::{Envelope, Status};
 use epr_events::{DecodeError, EncodeError};
 use futures_util::StreamExt;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
 
 /// One request/reply protocol: its wire API (from `epr_events`) and its use cases.
 pub(crate) trait Protocol: Send + Sync + 'static {
@@ -50,9 +55,11 @@ pub(crate) trait Protocol: Send + Sync + 'static {
     /// The body of a reply to a request that could not be decoded.
     fn empty(t: Self::Type) -> Self::Response;
 
-    /// The reply to a decoded, unexpired request; `corr` is its `correlationId`.
+    /// The reply to a decoded, unexpired request to `tenant`'s instance; `corr` is its
+    /// `correlationId`.
     fn answer(
         &self,
+        tenant: &TenantId,
         req: Self::Request,
         corr: &str,
     ) -> impl Future<Output = (Status, Self::Response)> + Send;
@@ -132,49 +139,144 @@ pub(crate) fn error_status(e: &StoreError) -> Status {
     }
 }
 
-/// Serves `protocol` until `stop` turns true, then stops taking requests and waits (briefly)
-/// for the ones in flight.
+/// Serves `protocol` for every current tenant until `stop` turns true, then stops taking
+/// requests and waits (briefly) for the ones in flight.
+///
+/// Each tenant gets its own subscriptions on its instance name's subjects, in that instance
+/// name's queue group; the tenant set is followed: a new tenant is subscribed, a removed
+/// tenant's subscriptions are dropped at once (its requests then find no responder, like
+/// those of an unknown service). `max_in_flight` bounds the requests of all tenants together.
+/// Fails only if the first tenants cannot be subscribed.
 pub(crate) async fn serve<P: Protocol>(
     nats: Nats,
     protocol: P,
-    instance_name: &str,
+    tenancy: Tenancy,
     max_in_flight: usize,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), async_nats::SubscribeError> {
-    let mut subs = Vec::new();
-    for t in P::types() {
-        let sub = nats
-            .client
-            .queue_subscribe(P::subject(instance_name, t), instance_name.to_owned())
-            .await?;
-        subs.push(sub.map(move |m| (t, m)));
-    }
-    let mut requests = futures_util::stream::select_all(subs);
     let slots = Arc::new(Semaphore::new(max_in_flight));
     let ctx = Arc::new((nats, protocol));
+    let mut tenants = tenancy.tenants.clone();
+    let mut running: BTreeMap<TenantId, (watch::Sender<bool>, JoinHandle<()>)> = BTreeMap::new();
+    let mut first = true;
     loop {
-        let next = tokio::select! {
-            next = requests.next() => next,
-            _ = stop.changed() => None,
+        let snapshot = tenants.borrow_and_update().clone();
+        let gone: Vec<TenantId> = running
+            .keys()
+            .filter(|t| !snapshot.contains(t))
+            .cloned()
+            .collect();
+        for tenant in gone {
+            if let Some((stop_tx, _task)) = running.remove(&tenant) {
+                // The task drops its subscriptions (unsubscribes) and ends; requests it
+                // already took are still answered.
+                let _ = stop_tx.send(true);
+                tracing::info!(tenant = %tenant, instance = %tenancy.naming.instance_of(&tenant),
+                    "{} stopped serving a removed tenant", P::NAME);
+            }
+        }
+        for tenant in snapshot.tenants.keys() {
+            if running.contains_key(tenant) {
+                continue;
+            }
+            let instance = tenancy.naming.instance_of(tenant);
+            match subscribe::<P>(&ctx.0, &instance).await {
+                Ok(requests) => {
+                    let (stop_tx, stop_rx) = watch::channel(false);
+                    let task = tokio::spawn(serve_tenant(
+                        ctx.clone(),
+                        tenant.clone(),
+                        requests,
+                        slots.clone(),
+                        stop_rx,
+                    ));
+                    running.insert(tenant.clone(), (stop_tx, task));
+                    tracing::debug!(tenant = %tenant, instance = %instance, "{} serving", P::NAME);
+                }
+                // Nothing runs yet: the caller reports the front-end as not running.
+                Err(e) if first => return Err(e),
+                // Retried at the next change of the tenant set.
+                Err(e) => tracing::error!(tenant = %tenant, instance = %instance, error = %e,
+                    "{} could not subscribe for a tenant; its requests are not served", P::NAME),
+            }
+        }
+        first = false;
+        let fixed = tokio::select! {
+            changed = tenants.changed() => changed.is_err(),
+            _ = stop.wait_for(|s| *s) => break,
         };
-        let Some((t, msg)) = next else { break };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
+        if fixed {
+            // The tenant set no longer changes: serve the current one until stopped.
+            let _ = stop.wait_for(|s| *s).await;
             break;
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let (nats, protocol) = &*ctx;
-            handle(nats, protocol, t, msg).await;
-            drop(permit);
-        });
+        }
     }
-    drop(requests); // unsubscribes
+    let mut tasks = Vec::new();
+    for (_, (stop_tx, task)) in running {
+        let _ = stop_tx.send(true);
+        tasks.push(task);
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
     let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(Duration::from_secs(5), slots.acquire_many(all)).await;
     Ok(())
 }
 
-async fn handle<P: Protocol>(nats: &Nats, protocol: &P, t: P::Type, msg: async_nats::Message) {
+type Requests<T> = futures_util::stream::BoxStream<'static, (T, async_nats::Message)>;
+
+/// One queue subscription per request type on `instance`'s subjects, in its queue group.
+async fn subscribe<P: Protocol>(
+    nats: &Nats,
+    instance: &str,
+) -> Result<Requests<P::Type>, async_nats::SubscribeError> {
+    let mut subs = Vec::new();
+    for t in P::types() {
+        let sub = nats
+            .client
+            .queue_subscribe(P::subject(instance, t), instance.to_owned())
+            .await?;
+        subs.push(sub.map(move |m| (t, m)));
+    }
+    Ok(futures_util::stream::select_all(subs).boxed())
+}
+
+/// Takes one tenant's requests until `stop` turns true, then unsubscribes.
+async fn serve_tenant<P: Protocol>(
+    ctx: Arc<(Nats, P)>,
+    tenant: TenantId,
+    mut requests: Requests<P::Type>,
+    slots: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let tenant = Arc::new(tenant);
+    loop {
+        let next = tokio::select! {
+            next = requests.next() => next,
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let Some((t, msg)) = next else { break };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let (ctx, tenant) = (ctx.clone(), tenant.clone());
+        tokio::spawn(async move {
+            let (nats, protocol) = &*ctx;
+            handle(nats, protocol, &tenant, t, msg).await;
+            drop(permit);
+        });
+    }
+    drop(requests); // unsubscribes
+}
+
+async fn handle<P: Protocol>(
+    nats: &Nats,
+    protocol: &P,
+    tenant: &TenantId,
+    t: P::Type,
+    msg: async_nats::Message,
+) {
     let started = Instant::now();
     let kind = P::token(t);
     let name = P::NAME;
@@ -193,7 +295,7 @@ async fn handle<P: Protocol>(nats: &Nats, protocol: &P, t: P::Type, msg: async_n
                 tracing::info!(correlation_id = %corr, kind, "expired {name} request dropped");
                 return;
             }
-            let answer = protocol.answer(req, &env.correlation_id).await;
+            let answer = protocol.answer(tenant, req, &env.correlation_id).await;
             (env, answer)
         }
         Err(e) => {
