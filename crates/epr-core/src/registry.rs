@@ -82,6 +82,15 @@ impl Default for RegistrySettings {
     }
 }
 
+/// What one [`Registry::purge_tenant_step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PurgeStep {
+    pub filters_deleted: u64,
+    pub endpoints_deleted: u64,
+    /// Nothing of the tenant was left to delete.
+    pub done: bool,
+}
+
 type BatchTokens = HashMap<(TenantId, String), (Timestamp, Vec<Option<String>>)>;
 
 pub struct Registry {
@@ -512,6 +521,85 @@ impl Registry {
         Ok(BatchReport {
             outcome,
             tokens: Some(tokens),
+        })
+    }
+
+    /// One step of deleting a removed tenant's data: up to `limit` of its saved filters or,
+    /// once none is left, up to `limit` of its endpoints, each through the ordinary delete
+    /// use case, so every deletion emits its events (18/EFE `deleted`, 9/ELCE
+    /// `unregistered`). Filters go first, so unregistering the endpoints emits no
+    /// `ep-unmatched` events. Idempotent: call until [`PurgeStep::done`]; something deleted
+    /// meanwhile by someone else is skipped. The caller paces the steps.
+    pub async fn purge_tenant_step(
+        &self,
+        tenant: &TenantId,
+        limit: usize,
+        correlation_id: &str,
+    ) -> Result<PurgeStep, Error> {
+        let limit = limit.max(1);
+        let filters = self.store.export_filters(tenant).await?;
+        if !filters.is_empty() {
+            let deletions = filters.iter().take(limit).map(|f| {
+                let cmd = FilterCommand::Delete {
+                    id: f.id.clone(),
+                    app: f.app.clone(),
+                    precondition: Precondition::None,
+                };
+                // Concurrently, so the store commits them together.
+                self.store
+                    .execute_filter(cmd, self.ctx(tenant, correlation_id))
+            });
+            let mut deleted = 0;
+            for result in futures_util::future::join_all(deletions).await {
+                match result {
+                    Ok(_) => deleted += 1,
+                    Err(StoreError::Rejected(DomainError::NotFound { .. })) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(PurgeStep {
+                filters_deleted: deleted,
+                endpoints_deleted: 0,
+                done: false,
+            });
+        }
+        let page = self
+            .store
+            .list(
+                tenant,
+                &EndpointQuery::default(),
+                PageRequest {
+                    offset: 0,
+                    limit: u32::try_from(limit).unwrap_or(u32::MAX),
+                },
+            )
+            .await?;
+        if page.items.is_empty() {
+            return Ok(PurgeStep {
+                filters_deleted: 0,
+                endpoints_deleted: 0,
+                done: true,
+            });
+        }
+        let deletions = page.items.into_iter().map(|ep| {
+            let cmd = Command::Unregister {
+                id: ep.id,
+                precondition: Precondition::None,
+            };
+            self.store.execute(cmd, self.ctx(tenant, correlation_id))
+        });
+        let mut deleted = 0;
+        for result in futures_util::future::join_all(deletions).await {
+            match result {
+                Ok(_) => deleted += 1,
+                Err(StoreError::Rejected(DomainError::NotFound { .. })) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(PurgeStep {
+            filters_deleted: 0,
+            endpoints_deleted: deleted,
+            done: false,
         })
     }
 

@@ -1,4 +1,5 @@
-//! The operator subcommands: `backup`, `restore`, `export` and `import` (docs/operations.md).
+//! The operator subcommands: `backup`, `restore`, `export`, `import` and `purge-tenant`
+//! (docs/operations.md, docs/security.md).
 //!
 //! `backup` and `export` work while a server runs on the data directory: they read through a
 //! read-only connection of their own (`epr_store::backup`), never through the server's store.
@@ -278,6 +279,73 @@ pub async fn import(settings: &Settings, from: Option<&Path>) -> anyhow::Result<
     let refused = report.filters.refused + report.endpoints.refused;
     if refused > 0 {
         bail!("{refused} records were refused (listed above); the others are imported");
+    }
+    Ok(())
+}
+
+/// `epr purge-tenant --tenant X`: deletes a removed tenant's filters and endpoints, as the
+/// server does on a 21/TLE `unregistered` event with `auth.removed_tenant_data: purge`
+/// (finishes a purge a restart interrupted). The server of the data directory must be
+/// stopped. The deletions' events wait in the outbox for the server's next start.
+pub async fn purge_tenant(
+    settings: &Settings,
+    tenant: &str,
+    per_second: u32,
+) -> anyhow::Result<()> {
+    let tenant = TenantId::parse(tenant).map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
+    if settings
+        .auth
+        .tenants
+        .iter()
+        .any(|t| t.id == tenant.as_str())
+    {
+        bail!("--tenant: '{tenant}' is configured in auth.tenants; remove it there first");
+    }
+    if !settings.auth.enabled() && tenant == settings.tenant()? {
+        bail!("--tenant: '{tenant}' is tenant.default, the tenant of every request while authentication is off");
+    }
+    if per_second == 0 {
+        bail!("--rate must be at least 1");
+    }
+    let started = Instant::now();
+    let store = std::sync::Arc::new(
+        EmbeddedStore::open(store_config(settings, &settings.store.data_dir)).with_context(
+            || {
+                format!(
+                    "opening the store in '{}' (is its server stopped?)",
+                    settings.store.data_dir.display()
+                )
+            },
+        )?,
+    );
+    let registry = epr_core::registry::Registry::new(
+        store.clone() as std::sync::Arc<dyn Store>,
+        settings.catalog()?,
+        settings.registry_settings(),
+        std::sync::Arc::new(crate::SystemClock),
+        std::sync::Arc::new(crate::UuidIds),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        on_signal.cancel();
+    });
+    let pace = crate::purge::PurgePace {
+        per_second,
+        ..Default::default()
+    };
+    let report = crate::purge::purge_tenant(&registry, &tenant, pace, &stop, || true).await;
+    store.shutdown().await;
+    print_json(&json!({
+        "tenant": tenant.as_str(),
+        "filtersDeleted": report.filters_deleted,
+        "endpointsDeleted": report.endpoints_deleted,
+        "complete": report.complete,
+        "seconds": started.elapsed().as_secs_f64(),
+    }))?;
+    if !report.complete {
+        bail!("interrupted: run the command again to finish");
     }
     Ok(())
 }

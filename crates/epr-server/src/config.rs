@@ -27,6 +27,8 @@ pub struct Settings {
     pub service: ServiceSettings,
     pub nats: NatsConfig,
     pub kaa: KaaSettings,
+    /// Authentication, tenants, and what happens to a removed tenant's data.
+    pub auth: epr_auth::AuthSettings,
 }
 
 /// Identity on the Kaa message bus (3/ISM).
@@ -69,6 +71,13 @@ pub struct NatsConfig {
     pub efmp: bool,
     /// Metadata keys that 19/EPMMP may not create or change (answered with 403).
     pub restricted_metadata_keys: Vec<String>,
+    /// The tenant of 9/ELCE `connected` events by their publisher's service instance name
+    /// (`{originator instance: tenant}`); other publishers' events belong to
+    /// `tenant.default`.
+    pub connected_tenants: BTreeMap<String, String>,
+    /// Apply 21/TLE tenant lifecycle events (`updated`: re-read the tenants; `unregistered`:
+    /// remove the tenant). Only with authentication on.
+    pub tenant_lifecycle: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -249,6 +258,8 @@ impl Default for NatsConfig {
             epmmp: true,
             efmp: true,
             restricted_metadata_keys: Vec::new(),
+            connected_tenants: BTreeMap::new(),
+            tenant_lifecycle: true,
         }
     }
 }
@@ -399,6 +410,8 @@ impl Settings {
         if self.nats.subscription_capacity < 1024 {
             bail!("nats.subscription_capacity must be at least 1024");
         }
+        self.connected_tenants()?;
+        crate::purge::RemovedTenantData::parse(&self.auth.removed_tenant_data)?;
         Ok(())
     }
 
@@ -426,6 +439,26 @@ impl Settings {
             .listen
             .parse()
             .with_context(|| format!("server.listen '{}' is not an address", self.server.listen))
+    }
+
+    /// `nats.connected_tenants`, checked: keys are subject tokens, values tenant IDs.
+    pub fn connected_tenants(&self) -> anyhow::Result<BTreeMap<String, TenantId>> {
+        let mut out = BTreeMap::new();
+        for (originator, tenant) in &self.nats.connected_tenants {
+            subject_token("nats.connected_tenants key", originator)?;
+            let id = TenantId::parse(tenant)
+                .map_err(|e| anyhow::anyhow!("nats.connected_tenants.{originator}: {e}"))?;
+            out.insert(originator.clone(), id);
+        }
+        Ok(out)
+    }
+
+    /// The service instance name of each tenant on NATS.
+    pub fn tenant_naming(&self) -> anyhow::Result<epr_core::auth::TenantNaming> {
+        Ok(epr_core::auth::TenantNaming {
+            instance_name: self.service.instance_name.clone(),
+            default_tenant: self.tenant()?,
+        })
     }
 
     pub fn tenant(&self) -> anyhow::Result<TenantId> {

@@ -7,6 +7,7 @@ pub mod export_format;
 pub mod log_writer;
 pub mod metric_help;
 pub mod process_metrics;
+pub mod purge;
 pub mod serve;
 pub mod summary;
 pub mod telemetry;
@@ -39,7 +40,7 @@ impl Clock for SystemClock {
 }
 
 /// UUIDv4 everywhere: Kaa's endpoint IDs are UUIDs, and 122 random bits make a token.
-struct UuidIds;
+pub(crate) struct UuidIds;
 
 impl IdSource for UuidIds {
     fn endpoint_id(&self) -> String {
@@ -118,6 +119,10 @@ pub struct Application {
     ready: Arc<AtomicBool>,
     shutdown_timeout: Duration,
     connections: serve::ConnLimits,
+    registry: Arc<Registry>,
+    auth: Arc<epr_auth::Auth>,
+    /// Removed tenants' data being deleted (`auth.removed_tenant_data: purge`).
+    purge: Option<Arc<purge::PurgeJobs>>,
 }
 
 /// A NATS front-end, started with a stop signal.
@@ -175,10 +180,28 @@ impl Application {
                     .with_context(|| format!("nats.url '{}'", settings.nats.url))?,
             )
         };
-        let mut relay_settings = RelaySettings::new(epr_events::Originator {
-            instance_name: settings.service.instance_name.clone(),
-            replica_id: settings.replica_id(),
-        });
+        let auth = epr_auth::Auth::new(settings.auth.clone(), settings.tenant()?)
+            .map_err(anyhow::Error::msg)?;
+        // NATS messages carry no tenant: each tenant is served under its own instance name.
+        let tenancy = epr_nats::Tenancy {
+            naming: settings.tenant_naming()?,
+            tenants: auth.tenants(),
+        };
+        let purge = match purge::RemovedTenantData::parse(&settings.auth.removed_tenant_data)? {
+            purge::RemovedTenantData::Purge => Some(Arc::new(purge::PurgeJobs::new(
+                registry.clone(),
+                auth.tenants(),
+                purge::PurgePace::default(),
+            ))),
+            purge::RemovedTenantData::Keep => None,
+        };
+        let mut relay_settings = RelaySettings::new(
+            epr_events::Originator {
+                instance_name: settings.service.instance_name.clone(),
+                replica_id: settings.replica_id(),
+            },
+            settings.tenant()?,
+        );
         relay_settings.batch = settings.nats.publish_batch;
         relay_settings.jetstream = settings.nats.jetstream;
         relay_settings.confirm_timeout = Duration::from_millis(settings.nats.confirm_timeout_ms);
@@ -195,26 +218,39 @@ impl Application {
         };
         let mut listeners: Vec<Listener> = Vec::new();
         if let Some(nats) = &nats {
-            let tenant = settings.tenant()?;
             if settings.nats.connected_listener {
                 let (nats, registry) = (nats.clone(), registry.clone());
+                let tenancy = tenancy.clone();
                 let cfg = epr_nats::connected::ConnectedSettings {
-                    instance_name: settings.service.instance_name.clone(),
-                    tenant: tenant.clone(),
                     shards: 16,
+                    tenants_by_originator: settings.connected_tenants()?,
                 };
                 listeners.push(Box::new(move |stop| {
                     tokio::spawn(logged(
                         "9/ELCE connected listener",
-                        epr_nats::connected::listen(nats, registry, cfg, stop),
+                        epr_nats::connected::listen(nats, registry, tenancy, cfg, stop),
+                    ))
+                }));
+            }
+            // Without authentication there is one tenant, which no Tenant Manager manages.
+            if settings.nats.tenant_lifecycle && settings.auth.enabled() {
+                let nats = nats.clone();
+                let control: Arc<dyn epr_core::auth::TenantControl> =
+                    Arc::new(purge::ServerTenantControl {
+                        auth: auth.clone(),
+                        purge: purge.clone(),
+                    });
+                listeners.push(Box::new(move |stop| {
+                    tokio::spawn(logged(
+                        "21/TLE tenant lifecycle listener",
+                        epr_nats::tenant_lifecycle::listen(nats, control, stop),
                     ))
                 }));
             }
             if settings.nats.epmmp {
                 let (nats, registry) = (nats.clone(), registry.clone());
+                let tenancy = tenancy.clone();
                 let cfg = epr_nats::epmmp::EpmmpSettings {
-                    instance_name: settings.service.instance_name.clone(),
-                    tenant: tenant.clone(),
                     restricted_keys: settings
                         .nats
                         .restricted_metadata_keys
@@ -227,28 +263,27 @@ impl Application {
                 listeners.push(Box::new(move |stop| {
                     tokio::spawn(logged(
                         "19/EPMMP server",
-                        epr_nats::epmmp::serve(nats, registry, cfg, stop),
+                        epr_nats::epmmp::serve(nats, registry, tenancy, cfg, stop),
                     ))
                 }));
             }
             if settings.nats.efmp {
                 let (nats, registry) = (nats.clone(), registry.clone());
+                let tenancy = tenancy.clone();
                 let cfg = epr_nats::efmp::EfmpSettings {
-                    instance_name: settings.service.instance_name.clone(),
-                    tenant,
                     max_in_flight: settings.nats.max_in_flight,
                 };
                 listeners.push(Box::new(move |stop| {
                     tokio::spawn(logged(
                         "20/EFMP server",
-                        epr_nats::efmp::serve(nats, registry, cfg, stop),
+                        epr_nats::efmp::serve(nats, registry, tenancy, cfg, stop),
                     ))
                 }));
             }
         }
         let ready = Arc::new(AtomicBool::new(false));
         let state = AppState {
-            registry,
+            registry: registry.clone(),
             tenant: settings.tenant()?,
             settings: HttpSettings {
                 page_default: settings.server.page_default,
@@ -276,11 +311,19 @@ impl Application {
             ready,
             shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_secs),
             connections: serve::ConnLimits::from_settings(&settings.server),
+            registry,
+            auth,
+            purge,
         })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The use cases, for tools and tests that act in any tenant without a token.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
     }
 
     /// Serves until `shutdown` completes, then: readiness goes down, the listener closes,
@@ -291,6 +334,8 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let ready = self.ready.clone();
+        let auth_stop = tokio_util::sync::CancellationToken::new();
+        let auth_task = tokio::spawn(self.auth.clone().run(auth_stop.clone()));
         let (relay_stop_tx, relay_stop) = tokio::sync::watch::channel(false);
         let relay = tokio::spawn(self.relay.run(relay_stop, RELAY_DRAIN_LIMIT));
         let (listeners_stop_tx, listeners_stop) = tokio::sync::watch::channel(false);
@@ -327,6 +372,12 @@ impl Application {
                 tracing::error!(error = %e, "a NATS listener panicked");
             }
         }
+        // Purges stop after their current step; `epr purge-tenant` finishes them.
+        if let Some(purge) = &self.purge {
+            purge.shutdown().await;
+        }
+        auth_stop.cancel();
+        let _ = auth_task.await;
         // Publish what the last requests committed while the store can still acknowledge;
         // anything left goes out at the next start.
         let _ = relay_stop_tx.send(true);

@@ -66,6 +66,16 @@ enum Command {
         #[arg(long)]
         from: Option<PathBuf>,
     },
+    /// Delete a removed tenant's filters and endpoints (with their events), e.g. to finish a
+    /// purge that a restart interrupted. Stop the server of the data directory first.
+    PurgeTenant {
+        /// The tenant ID.
+        #[arg(long)]
+        tenant: String,
+        /// Most deletions per second.
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+    },
 }
 
 fn settings(cli: &Cli) -> anyhow::Result<Settings> {
@@ -107,6 +117,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Import { from } => {
             admin::init_logging(&settings);
             admin::import(&settings, from.as_deref()).await
+        }
+        Command::PurgeTenant { tenant, rate } => {
+            admin::init_logging(&settings);
+            admin::purge_tenant(&settings, &tenant, rate).await
         }
         Command::Serve => {
             // Held to the end of `main`: dropping it writes out the last queued lines.
