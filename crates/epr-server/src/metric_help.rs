@@ -150,6 +150,33 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         Counter,
         "9/ELCE connected events ignored because they had expired.",
     ),
+    (
+        "epr_connected_events_ignored_total",
+        Counter,
+        "9/ELCE connected events ignored, by reason (unknown-tenant: their publisher maps to no current tenant, see nats.connected_tenants).",
+    ),
+    // epr-nats: 21/TLE listener
+    (
+        "epr_tenant_events_total",
+        Counter,
+        "21/TLE tenant lifecycle events applied, by type (updated, unregistered).",
+    ),
+    (
+        "epr_tenant_events_dropped_total",
+        Counter,
+        "21/TLE tenant lifecycle events dropped, by type and reason (undecodable, expired).",
+    ),
+    // epr-server: removed tenants' data
+    (
+        "epr_tenant_purge_deleted_total",
+        Counter,
+        "Records of removed tenants deleted by purges, by kind (filter, endpoint).",
+    ),
+    (
+        "epr_tenant_purges_total",
+        Counter,
+        "Purges of removed tenants' data that finished.",
+    ),
     // epr-nats: 19/EPMMP and 20/EFMP servers
     (
         "epr_epmmp_requests_total",

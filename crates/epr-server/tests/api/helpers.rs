@@ -15,6 +15,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub client: reqwest::Client,
     pub data_dir: PathBuf,
+    /// The app's use cases, to act in any tenant without a token.
+    pub registry: Arc<epr_core::registry::Registry>,
     _dir: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -55,6 +57,7 @@ pub async fn spawn_settings(s: Settings) -> TestApp {
     }
     let app = Application::build(&s).await.expect("the app builds");
     let addr = app.addr();
+    let registry = app.registry();
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -63,6 +66,7 @@ pub async fn spawn_settings(s: Settings) -> TestApp {
         addr,
         client: reqwest::Client::new(),
         data_dir: s.store.data_dir.clone(),
+        registry,
         _dir: None,
         stop: Some(stop),
         handle: Some(handle),

@@ -19,3 +19,4 @@ mod nats_support;
 mod observability;
 mod ops;
 mod strict;
+mod tenancy_nats;
