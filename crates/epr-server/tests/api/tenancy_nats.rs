@@ -375,22 +375,23 @@ async fn an_unregistered_tenant_goes_silent_and_its_data_is_purged_with_events()
     assert_eq!(owner(&nats, &beta, "ep-1").await, "beta");
 
     tle(TenantEventKind::Unregistered, "beta").await;
-    // Beta's request subjects go silent: no responder at all.
+    // Beta's request subjects go silent: no responder at all. (A request that reached the
+    // subscription just before it was dropped gets no reply either: a client timeout.)
     poll(
         Duration::from_secs(5),
         Duration::from_millis(20),
         || async {
-            match epmmp_call(
+            let call = epmmp_call(
                 &nats,
                 &beta,
                 epmmp::Request::KeysGet {
                     endpoint_id: "ep-1".into(),
                 },
-            )
-            .await
-            {
-                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
-                other => Err(format!("beta still answers: {other:?}")),
+            );
+            match tokio::time::timeout(Duration::from_millis(500), call).await {
+                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+                Ok(Ok(reply)) => Err(format!("beta still answers: {reply:?}")),
+                other => Err(format!("beta has a subscription: {other:?}")),
             }
         },
     )
