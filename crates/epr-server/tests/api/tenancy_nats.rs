@@ -254,7 +254,7 @@ async fn tenants_with_the_same_ids_are_served_apart_on_every_protocol() {
         let efmp::Response::EndpointFilters { filter_ids, .. } = body else {
             panic!()
         };
-        assert_eq!(&filter_ids, &[own.clone()]);
+        assert_eq!(filter_ids, std::slice::from_ref(own));
         let (status, _) = efmp_call(
             &nats,
             instance,
