@@ -1,12 +1,12 @@
 //! The Avro decoders of NATS requests: 19/EPMMP and 20/EFMP requests (server side) and
-//! responses (client side), 9/ELCE `connected` and the 18/EFE events. Input: one byte
+//! responses (client side), 9/ELCE `connected`, the 18/EFE events and the 21/TLE events. Input: one byte
 //! choosing the message type, then the raw Avro datum.
 //!
 //! Invariants: no panic, bounded memory whatever a length prefix claims; a decoded
 //! message encodes back to a datum that decodes to the same message.
 #![no_main]
 
-use epr_events::{connectivity, efe, efmp, epmmp};
+use epr_events::{connectivity, efe, efmp, epmmp, tenant};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let n_epmmp = epmmp::RequestType::ALL.len();
     let n_efmp = efmp::RequestType::ALL.len();
-    let mut s = usize::from(selector) % (2 * n_epmmp + 2 * n_efmp + 1 + 5);
+    let mut s = usize::from(selector) % (2 * n_epmmp + 2 * n_efmp + 1 + 5 + 2);
     if s < n_epmmp {
         let t = epmmp::RequestType::ALL[s];
         let _ = epmmp::decode_request_envelope(t, payload);
@@ -79,8 +79,18 @@ fuzz_target!(|data: &[u8]| {
         1..=3 => {
             let _ = efe::decode_filter_status(efe::FilterEventKind::ALL[s - 1], payload);
         }
-        _ => {
+        4 | 5 => {
             let _ = efe::decode_endpoint_filter(s == 4, payload);
+        }
+        _ => {
+            let kind = tenant::TenantEventKind::ALL[s - 6];
+            if let Ok(ev) = tenant::decode_tenant_event(kind, payload) {
+                let again = tenant::encode_tenant_event(kind, &ev).expect("encodes");
+                assert_eq!(
+                    tenant::decode_tenant_event(kind, &again).expect("re-decodes"),
+                    ev
+                );
+            }
         }
     }
 });

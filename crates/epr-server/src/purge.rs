@@ -228,3 +228,119 @@ impl TenantControl for ServerTenantControl {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use epr_core::apps::AppCatalog;
+    use epr_core::ports::Store;
+    use epr_core::query::{EndpointQuery, PageRequest};
+    use epr_core::registry::{FilterInput, RegisterInput};
+    use epr_store::{EmbeddedConfig, EmbeddedStore};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn t(s: &str) -> TenantId {
+        TenantId::parse(s).unwrap()
+    }
+
+    async fn count(registry: &Registry, tenant: &str) -> (u64, usize) {
+        let page = PageRequest {
+            offset: 0,
+            limit: 1,
+        };
+        let eps = registry
+            .list(&t(tenant), &EndpointQuery::default(), page)
+            .await
+            .unwrap()
+            .total;
+        let filters = registry
+            .store()
+            .export_filters(&t(tenant))
+            .await
+            .unwrap()
+            .len();
+        (eps, filters)
+    }
+
+    /// Interrupted after a step, a purge finishes when run again; the other tenant keeps
+    /// everything.
+    #[tokio::test]
+    async fn an_interrupted_purge_finishes_when_run_again_and_spares_other_tenants() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap());
+        let mut catalog = AppCatalog::new(false);
+        catalog
+            .add(
+                epr_core::ids::AppName::parse("demo").unwrap(),
+                epr_core::ids::AppVersionName::parse("demo-v1").unwrap(),
+            )
+            .unwrap();
+        let registry = Registry::new(
+            store.clone() as Arc<dyn Store>,
+            catalog,
+            Default::default(),
+            Arc::new(crate::SystemClock),
+            Arc::new(crate::UuidIds),
+        );
+        for tenant in ["gone", "kept"] {
+            for i in 0..25 {
+                let input = RegisterInput {
+                    endpoint_id: Some(format!("ep-{i}")),
+                    app_version: "demo-v1".into(),
+                    ..Default::default()
+                };
+                registry.register(&t(tenant), input, "c").await.unwrap();
+            }
+            for name in ["f1", "f2", "f3"] {
+                let input = FilterInput {
+                    name: Some(name.into()),
+                    description: None,
+                    mongo_query: Some(serde_json::json!({"application_version": "demo-v1"})),
+                };
+                registry
+                    .create_filter(&t(tenant), "demo", input, "c")
+                    .await
+                    .unwrap();
+            }
+        }
+        let pace = PurgePace {
+            page: 2,
+            per_second: 100_000,
+        };
+        let stop = CancellationToken::new();
+        // The tenant "comes back" after three steps.
+        let checks = AtomicUsize::new(0);
+        let first = purge_tenant(&registry, &t("gone"), pace, &stop, || {
+            checks.fetch_add(1, Ordering::Relaxed) < 3
+        })
+        .await;
+        assert!(!first.complete);
+        assert_eq!((first.filters_deleted, first.endpoints_deleted), (3, 2));
+        assert_eq!(count(&registry, "gone").await, (23, 0));
+        let second = purge_tenant(&registry, &t("gone"), pace, &stop, || true).await;
+        assert!(second.complete);
+        assert_eq!((second.filters_deleted, second.endpoints_deleted), (0, 23));
+        assert_eq!(count(&registry, "gone").await, (0, 0));
+        assert_eq!(count(&registry, "kept").await, (25, 3));
+        // Shutdown stops a purge before its next step.
+        stop.cancel();
+        let third = purge_tenant(&registry, &t("kept"), pace, &stop, || true).await;
+        assert_eq!(third, PurgeReport::default());
+        assert_eq!(count(&registry, "kept").await, (25, 3));
+        store.shutdown().await;
+    }
+
+    #[test]
+    fn removed_tenant_data_setting() {
+        assert_eq!(
+            RemovedTenantData::parse("keep").unwrap(),
+            RemovedTenantData::Keep
+        );
+        assert_eq!(
+            RemovedTenantData::parse("purge").unwrap(),
+            RemovedTenantData::Purge
+        );
+        let err = RemovedTenantData::parse("delete").unwrap_err().to_string();
+        assert!(err.contains("auth.removed_tenant_data") && err.contains("'keep' or 'purge'"));
+    }
+}
