@@ -559,4 +559,24 @@ mod tests {
             "{err:#}"
         );
     }
+
+    #[test]
+    fn tenancy_settings_name_the_key_and_rule() {
+        let mut s = Settings::default();
+        s.nats
+            .connected_tenants
+            .insert("kpc.a".into(), "acme".into());
+        let err = format!("{:#}", s.validate().unwrap_err());
+        assert!(err.contains("nats.connected_tenants key 'kpc.a'"), "{err}");
+        s.nats.connected_tenants.clear();
+        s.nats.connected_tenants.insert("kpc".into(), "a b".into());
+        let err = format!("{:#}", s.validate().unwrap_err());
+        assert!(err.contains("nats.connected_tenants.kpc"), "{err}");
+        s.nats.connected_tenants.clear();
+        s.auth.removed_tenant_data = "drop".into();
+        let err = format!("{:#}", s.validate().unwrap_err());
+        assert!(err.contains("auth.removed_tenant_data 'drop'"), "{err}");
+        s.auth.removed_tenant_data = "purge".into();
+        s.validate().unwrap();
+    }
 }
