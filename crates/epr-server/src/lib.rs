@@ -12,6 +12,8 @@ pub mod summary;
 pub mod telemetry;
 
 use anyhow::Context;
+use epr_auth::Auth;
+use epr_core::auth::{Authenticator, Principal};
 use epr_core::ports::{Clock, IdSource, Store};
 use epr_core::registry::Registry;
 use epr_core::Timestamp;
@@ -90,6 +92,20 @@ impl HealthComponent for NatsHealth {
     }
 }
 
+/// Authentication's state for health: issuers and their keys, the Tenant Manager.
+struct AuthHealth(Arc<Auth>);
+
+impl HealthComponent for AuthHealth {
+    fn name(&self) -> &'static str {
+        "auth"
+    }
+
+    fn check(&self) -> ComponentHealth {
+        let (status, details) = self.0.health();
+        ComponentHealth { status, details }
+    }
+}
+
 /// Runs a NATS front-end and reports at once if it cannot start (it then stays off).
 async fn logged(
     what: &'static str,
@@ -118,6 +134,10 @@ pub struct Application {
     ready: Arc<AtomicBool>,
     shutdown_timeout: Duration,
     connections: serve::ConnLimits,
+    /// The authenticator and tenant directory; its background work runs with the server.
+    auth: Arc<Auth>,
+    /// HTTPS on the listener (`server.tls`).
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// A NATS front-end, started with a stop signal.
@@ -133,6 +153,19 @@ impl Application {
     /// free port, see [`Application::addr`]).
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         settings.validate()?;
+        let listen = settings.listen_addr()?;
+        // The safe default: without authentication, loopback only (or a loud opt-in).
+        if let Some(warning) = settings.listener_security(listen)? {
+            tracing::warn!("{warning}");
+        }
+        let tls = if settings.server.tls.enabled() {
+            Some(serve::tls_acceptor(&settings.server.tls)?)
+        } else {
+            None
+        };
+        let default_tenant = settings.tenant()?;
+        let auth =
+            Auth::new(settings.auth.clone(), default_tenant.clone()).map_err(anyhow::Error::msg)?;
         let catalog = settings.catalog()?;
         if catalog.applications().next().is_none() && !catalog.allows_unknown() {
             tracing::warn!(
@@ -249,7 +282,9 @@ impl Application {
         let ready = Arc::new(AtomicBool::new(false));
         let state = AppState {
             registry,
-            tenant: settings.tenant()?,
+            auth: auth.clone() as Arc<dyn Authenticator>,
+            anonymous: Arc::new(Principal::anonymous(default_tenant)),
+            open_routes: settings.auth.open_routes.clone().into(),
             settings: HttpSettings {
                 page_default: settings.server.page_default,
                 page_max: settings.server.page_max,
@@ -258,11 +293,11 @@ impl Application {
             },
             ready: ready.clone(),
             metrics: Some(metrics_renderer),
-            components: vec![Arc::new(nats_health)],
+            components: vec![Arc::new(nats_health), Arc::new(AuthHealth(auth.clone()))],
         };
         let router = epr_http::cors::with_cors(epr_http::router(state), &settings.server.cors)
             .map_err(anyhow::Error::msg)?;
-        let listener = tokio::net::TcpListener::bind(settings.listen_addr()?)
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {}", settings.server.listen))?;
         let addr = listener.local_addr()?;
@@ -276,7 +311,14 @@ impl Application {
             ready,
             shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_secs),
             connections: serve::ConnLimits::from_settings(&settings.server),
+            auth,
+            tls,
         })
+    }
+
+    /// The authenticator and tenant directory (its tenant set, its `TenantControl`).
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -291,6 +333,8 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let ready = self.ready.clone();
+        let auth_stop = tokio_util::sync::CancellationToken::new();
+        let auth_task = tokio::spawn(self.auth.clone().run(auth_stop.clone()));
         let (relay_stop_tx, relay_stop) = tokio::sync::watch::channel(false);
         let relay = tokio::spawn(self.relay.run(relay_stop, RELAY_DRAIN_LIMIT));
         let (listeners_stop_tx, listeners_stop) = tokio::sync::watch::channel(false);
@@ -308,7 +352,13 @@ impl Application {
         };
         self.ready.store(true, Ordering::Release);
         tracing::info!(addr = %self.addr, "EPR listening");
-        let server = serve::serve(self.listener, self.router, self.connections, signal);
+        let server = serve::serve(
+            self.listener,
+            self.router,
+            self.connections,
+            self.tls,
+            signal,
+        );
         let timeout = self.shutdown_timeout;
         let result = tokio::select! {
             _ = server => Ok(()),
@@ -320,6 +370,9 @@ impl Application {
                 Ok(())
             }
         };
+        // No request needs a token checked any more.
+        auth_stop.cancel();
+        let _ = auth_task.await;
         // NATS front-ends stop taking work and finish what they hold.
         let _ = listeners_stop_tx.send(true);
         for l in listeners {
