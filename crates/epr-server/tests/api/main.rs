@@ -18,4 +18,5 @@ mod nats_protocols;
 mod nats_support;
 mod observability;
 mod ops;
+mod security;
 mod strict;
