@@ -533,4 +533,17 @@ async fn without_authentication_every_caller_is_the_default_tenant() {
     assert_eq!(resp.status(), StatusCode::OK);
     let list: Value = resp.json().await.unwrap();
     assert_eq!(list["totalElements"], 1);
+    // The served document describes this server: no token is asked for.
+    let (_, _, doc) = s.call(Method::GET, "/openapi.json", None, None).await;
+    assert!(doc["components"].get("securitySchemes").is_none());
+    assert!(doc["paths"]["/endpoints"]["get"].get("security").is_none());
+    assert!(doc["paths"]["/endpoints"]["get"]["responses"]
+        .get("401")
+        .is_none());
+    let on = serve(true).await;
+    let (_, _, doc) = on.call(Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(
+        doc["paths"]["/endpoints"]["get"]["security"][0]["bearerAuth"],
+        json!([])
+    );
 }
