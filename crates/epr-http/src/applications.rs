@@ -1,12 +1,14 @@
 //! The configured applications and their versions (`GET /applications`,
 //! `GET /applications/{applicationName}`), read from the registry's catalogue.
 
+use crate::auth::Caller;
 use crate::handlers::{json_response, path, Result};
 use crate::AppState;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use epr_core::auth::{Resource, Scope};
 use epr_core::ids::{AppName, AppVersionName};
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -42,12 +44,19 @@ impl ApplicationDto {
 
 /// `GET /applications`: every configured application, by name, each with its versions by
 /// name; `{totalElements, content}` like the other listings, unpaged (the catalogue is
-/// configuration, small).
-pub async fn list(State(s): State<AppState>) -> Result<Response> {
+/// configuration, small). Only the applications the caller may read are listed; a caller
+/// who may read none is refused.
+pub async fn list(State(s): State<AppState>, caller: Caller) -> Result<Response> {
+    caller.require_anywhere(Scope::ApplicationRead)?;
     let content: Vec<ApplicationDto> = s
         .registry
         .catalog()
         .applications()
+        .filter(|(app, _)| {
+            caller
+                .principal()
+                .allows(Scope::ApplicationRead, Resource::Application(app.as_str()))
+        })
         .map(|(app, versions)| ApplicationDto::new(app, versions))
         .collect();
     Ok(json_response(
@@ -64,9 +73,12 @@ pub async fn list(State(s): State<AppState>) -> Result<Response> {
 /// `applicationName`) when it is not configured, even if unknown versions are allowed.
 pub async fn get(
     State(s): State<AppState>,
+    caller: Caller,
     p: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
-    let app = AppName::parse(&path(p)?)?;
+    let raw = path(p)?;
+    caller.require(Scope::ApplicationRead, Resource::Application(&raw))?;
+    let app = AppName::parse(&raw)?;
     let found = s
         .registry
         .catalog()

@@ -7,6 +7,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use epr_core::auth::{AuthError, Forbidden};
 use epr_core::log_gate::{LogGate, DEFAULT_LOG_INTERVAL};
 use epr_core::ports::StoreError;
 use epr_core::{DomainError, ValidationError};
@@ -25,6 +26,8 @@ pub struct ApiError {
     pub message: String,
     pub field: Option<String>,
     pub rule: Option<String>,
+    /// The `WWW-Authenticate` challenge of a 401.
+    pub challenge: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -45,6 +48,7 @@ impl ApiError {
             message: message.into(),
             field: None,
             rule: None,
+            challenge: None,
         }
     }
 
@@ -121,6 +125,73 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// "Cannot check tokens now" repeats on every request while the issuer is unreachable.
+static AUTH_UNAVAILABLE_LOG: LogGate = LogGate::new(DEFAULT_LOG_INTERVAL);
+
+/// The realm of every bearer challenge.
+pub const REALM: &str = "epr";
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Missing => {
+                let mut err = Self::new(StatusCode::UNAUTHORIZED, AuthError::Missing.to_string())
+                    .with("Authorization", "bearer-token");
+                err.challenge = Some(format!("Bearer realm=\"{REALM}\""));
+                err
+            }
+            AuthError::Invalid(why) => {
+                let mut err = Self::new(
+                    StatusCode::UNAUTHORIZED,
+                    format!("the access token is not valid: {why}"),
+                )
+                .with("Authorization", "valid-token");
+                err.challenge = Some(format!(
+                    "Bearer realm=\"{REALM}\", error=\"invalid_token\", error_description=\"{}\"",
+                    challenge_text(&why)
+                ));
+                err
+            }
+            AuthError::Unavailable(cause) => {
+                if let Some(suppressed) = AUTH_UNAVAILABLE_LOG.admit(std::time::Instant::now()) {
+                    tracing::error!(
+                        error = %cause,
+                        suppressed,
+                        "access tokens cannot be checked (repeats are logged at most every {}s, \
+                         counted in `suppressed`)",
+                        DEFAULT_LOG_INTERVAL.as_secs()
+                    );
+                }
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the access token cannot be checked now; retry later",
+                )
+            }
+        }
+    }
+}
+
+impl From<Forbidden> for ApiError {
+    fn from(e: Forbidden) -> Self {
+        let rule = format!("scope:{}", e.scope);
+        Self::new(StatusCode::FORBIDDEN, e.to_string()).with("Authorization", rule)
+    }
+}
+
+/// `error_description` is a quoted-string limited to printable ASCII without `"` and `\`
+/// (RFC 6750 §3): anything else is replaced, and the text is kept short.
+fn challenge_text(s: &str) -> String {
+    s.chars()
+        .take(200)
+        .map(|c| match c {
+            '"' => '\'',
+            '\\' => '/',
+            ' '..='~' => c,
+            _ => '?',
+        })
+        .collect()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Body {
@@ -136,10 +207,51 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(v) = self
+            .challenge
+            .as_deref()
+            .and_then(|c| HeaderValue::from_str(c).ok())
+        {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_are_quoted_string_safe() {
+        let e = ApiError::from(AuthError::Invalid("bad \"kid\" \\ \u{7f} é".into()));
+        let c = e.challenge.unwrap();
+        assert_eq!(
+            c,
+            "Bearer realm=\"epr\", error=\"invalid_token\", error_description=\"bad 'kid' / ? ?\""
+        );
+        assert!(HeaderValue::from_str(&c).is_ok());
+        let e = ApiError::from(AuthError::Missing);
+        assert_eq!(e.challenge.as_deref(), Some("Bearer realm=\"epr\""));
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn forbidden_names_the_scope() {
+        let e = ApiError::from(Forbidden {
+            scope: epr_core::auth::Scope::EndpointRead,
+            resource: "endpoint-e1".into(),
+        });
+        assert_eq!(e.status, StatusCode::FORBIDDEN);
+        assert_eq!(e.rule.as_deref(), Some("scope:endpoint:read"));
+        assert!(
+            e.message.contains("endpoint:read on endpoint-e1"),
+            "{}",
+            e.message
+        );
     }
 }

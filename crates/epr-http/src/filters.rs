@@ -6,6 +6,7 @@
 //! `If-Match` on `PATCH` and `DELETE` is checked against. Status and
 //! `matchedEndpointsCount` change without changing it, so reads never answer `304` on it.
 
+use crate::auth::Caller;
 use crate::dto::{self, FilterDto, PageDto};
 use crate::error::ApiError;
 use crate::extract::{
@@ -21,6 +22,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{OriginalUri, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use epr_core::auth::{Resource, Scope};
 use epr_core::registry::FilterInput;
 
 type AppAndId = std::result::Result<Path<(String, String)>, PathRejection>;
@@ -29,11 +31,14 @@ type AppAndId = std::result::Result<Path<(String, String)>, PathRejection>;
 /// filters, oldest first; `name` keeps only the one with that exact name.
 pub async fn list(
     State(s): State<AppState>,
+    caller: Caller,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     p: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
-    let app = known_app(&s, &path(p)?)?;
+    let raw = path(p)?;
+    caller.require(Scope::FilterRead, Resource::Application(&raw))?;
+    let app = known_app(&s, &raw)?;
     let pairs = query_pairs(uri.query());
     // Names are stored trimmed; an empty `name=` (a cleared search box) filters nothing.
     let name = single_param(&pairs, "name")?
@@ -41,7 +46,12 @@ pub async fn list(
         .filter(|n| !n.is_empty());
     let page = s
         .registry
-        .list_filters(&s.tenant, app.as_str(), name, page_params(&s, &pairs)?)
+        .list_filters(
+            caller.tenant(),
+            app.as_str(),
+            name,
+            page_params(&s, &pairs)?,
+        )
         .await?;
     let dto = PageDto {
         total_elements: page.total,
@@ -60,18 +70,20 @@ pub async fn list(
 /// `201`, the new filter (`pending`), its `ETag` and `Location`.
 pub async fn create(
     State(s): State<AppState>,
+    caller: Caller,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     p: std::result::Result<Path<String>, PathRejection>,
     body: RawBody,
 ) -> Result<Response> {
     let app = path(p)?;
+    caller.require(Scope::FilterCreate, Resource::Application(&app))?;
     require_json(&body)?;
     let req: dto::CreateFilterBody = parse_object(&body.bytes)?;
     let corr = correlation_id(&headers);
     let f = s
         .registry
-        .create_filter(&s.tenant, &app, req.into(), &corr)
+        .create_filter(caller.tenant(), &app, req.into(), &corr)
         .await?;
     let location = absolute_url(
         &headers,
@@ -87,9 +99,10 @@ pub async fn create(
 
 /// `GET /applications/{applicationName}/filters/{filterId}`: a filter of another
 /// application is not found through this one.
-pub async fn get(State(s): State<AppState>, p: AppAndId) -> Result<Response> {
+pub async fn get(State(s): State<AppState>, caller: Caller, p: AppAndId) -> Result<Response> {
     let (app, id) = path(p)?;
-    let f = s.registry.get_filter(&s.tenant, &app, &id).await?;
+    caller.require(Scope::FilterRead, Resource::Application(&app))?;
+    let f = s.registry.get_filter(caller.tenant(), &app, &id).await?;
     Ok(json_response(
         StatusCode::OK,
         &FilterDto::from_filter(&f),
@@ -102,11 +115,13 @@ pub async fn get(State(s): State<AppState>, p: AppAndId) -> Result<Response> {
 /// `application/merge-patch+json`). A new query sends the filter back to `pending`.
 pub async fn patch(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     p: AppAndId,
     body: RawBody,
 ) -> Result<Response> {
     let (app, id) = path(p)?;
+    caller.require(Scope::FilterUpdate, Resource::Application(&app))?;
     if body.kind == BodyKind::JsonPatch {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -119,7 +134,14 @@ pub async fn patch(
     let pre = precondition(&headers)?;
     let f = s
         .registry
-        .update_filter(&s.tenant, &app, &id, input, pre, &correlation_id(&headers))
+        .update_filter(
+            caller.tenant(),
+            &app,
+            &id,
+            input,
+            pre,
+            &correlation_id(&headers),
+        )
         .await?;
     Ok(json_response(
         StatusCode::OK,
@@ -166,13 +188,15 @@ fn patch_input(req: dto::PatchFilterBody) -> Result<FilterInput> {
 /// the filter's tag.
 pub async fn delete(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     p: AppAndId,
 ) -> Result<Response> {
     let (app, id) = path(p)?;
+    caller.require(Scope::FilterDelete, Resource::Application(&app))?;
     let pre = precondition(&headers)?;
     s.registry
-        .delete_filter(&s.tenant, &app, &id, pre, &correlation_id(&headers))
+        .delete_filter(caller.tenant(), &app, &id, pre, &correlation_id(&headers))
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

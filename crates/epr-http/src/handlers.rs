@@ -2,6 +2,7 @@
 //! handlers are in `filters`). Thin: parse the wire format, call the registry, shape the
 //! answer.
 
+use crate::auth::Caller;
 use crate::dto::{self, EndpointDto, Include, MatchedFilters, PageDto};
 use crate::error::ApiError;
 use crate::extract::{
@@ -13,6 +14,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{OriginalUri, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use epr_core::auth::{Resource, Scope};
 use epr_core::command::MetadataChange;
 use epr_core::endpoint_filter::FilterId;
 use epr_core::ids::{AppName, AppVersionName, EndpointId};
@@ -41,6 +43,37 @@ pub(crate) fn path<T>(p: std::result::Result<Path<T>, PathRejection>) -> Result<
 
 fn endpoint_id(raw: &str) -> Result<EndpointId> {
     Ok(EndpointId::parse(raw)?)
+}
+
+/// The endpoint of the path, once the caller is allowed `scope` on it: checked on the raw
+/// ID before it is validated or looked up, so a refusal tells nothing about it.
+fn authorized_endpoint(
+    caller: &Caller,
+    scope: Scope,
+    p: std::result::Result<Path<String>, PathRejection>,
+) -> Result<EndpointId> {
+    let raw = path(p)?;
+    caller.require(scope, Resource::Endpoint(&raw))?;
+    endpoint_id(&raw)
+}
+
+/// Like [`authorized_endpoint`], for the routes that also name a metadata key.
+fn authorized_endpoint_key(
+    s: &AppState,
+    caller: &Caller,
+    scope: Scope,
+    p: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<(EndpointId, MetadataKey)> {
+    let (raw_id, raw_key) = path(p)?;
+    caller.require(scope, Resource::Endpoint(&raw_id))?;
+    Ok((endpoint_id(&raw_id)?, metadata_key(s, &raw_key)?))
+}
+
+/// The application an application version belongs to, for authorizing a registration
+/// before the registry is asked (which resolves it again: a map lookup).
+fn app_of_version(s: &AppState, version: &str) -> Result<AppName> {
+    let version = AppVersionName::parse(version)?;
+    Ok(s.registry.catalog().resolve(&version)?)
 }
 
 pub(crate) fn json_response(
@@ -175,13 +208,14 @@ pub(crate) fn known_app(s: &AppState, raw: &str) -> Result<AppName> {
 /// The filters the endpoints of a read match, in one store call, only when asked for.
 async fn matched_filters(
     s: &AppState,
+    caller: &Caller,
     include: Include,
     ids: &[EndpointId],
 ) -> Result<MatchedFilters> {
     if !include.filters {
         return Ok(MatchedFilters::new());
     }
-    Ok(s.registry.matched_filters(&s.tenant, ids).await?)
+    Ok(s.registry.matched_filters(caller.tenant(), ids).await?)
 }
 
 fn required_name(v: Option<dto::AppVersionRef>, field: &str) -> Result<String> {
@@ -192,10 +226,13 @@ fn required_name(v: Option<dto::AppVersionRef>, field: &str) -> Result<String> {
 /// `POST /endpoints`
 pub async fn register(
     State(s): State<AppState>,
+    caller: Caller,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: RawBody,
 ) -> Result<Response> {
+    // The application is in the body: a caller who may create in none is refused first.
+    caller.require_anywhere(Scope::ApplicationEndpointCreate)?;
     require_json(&body)?;
     let req: dto::RegisterBody = parse_object(&body.bytes)?;
     let input = RegisterInput {
@@ -204,8 +241,13 @@ pub async fn register(
         metadata: req.metadata.filter(|m| !m.is_null()),
         token: req.endpoint_token,
     };
+    let app = app_of_version(&s, &input.app_version)?;
+    caller.require(
+        Scope::ApplicationEndpointCreate,
+        Resource::Application(app.as_str()),
+    )?;
     let corr = correlation_id(&headers);
-    let done = s.registry.register(&s.tenant, input, &corr).await?;
+    let done = s.registry.register(caller.tenant(), input, &corr).await?;
     let ep = &done.endpoint;
     let base = uri
         .path()
@@ -227,9 +269,12 @@ pub async fn register(
 /// `GET /endpoints`
 pub async fn list(
     State(s): State<AppState>,
+    caller: Caller,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Result<Response> {
+    // A listing spans endpoints: grants on single endpoints do not allow it.
+    caller.require(Scope::EndpointRead, Resource::Tenant)?;
     let pairs = query_pairs(uri.query());
     let include = include_param(&pairs)?;
     let mut q = EndpointQuery::default();
@@ -251,12 +296,20 @@ pub async fn list(
         // The registry checks that it exists (in `applicationName`, if given) and is active.
         q.filter = Some(FilterId::parse(f)?);
     }
+    // Listing by a filter, or with each endpoint's filters, reads filter membership.
+    if q.filter.is_some() || include.filters {
+        let on = q
+            .app
+            .as_ref()
+            .map_or(Resource::Tenant, |a| Resource::Application(a.as_str()));
+        caller.require(Scope::FilterRead, on)?;
+    }
     let page = s
         .registry
-        .list(&s.tenant, &q, page_params(&s, &pairs)?)
+        .list(caller.tenant(), &q, page_params(&s, &pairs)?)
         .await?;
     let ids: Vec<EndpointId> = page.items.iter().map(|e| e.id.clone()).collect();
-    let matched = matched_filters(&s, include, &ids).await?;
+    let matched = matched_filters(&s, &caller, include, &ids).await?;
     let dto = PageDto {
         total_elements: page.total,
         content: page
@@ -283,17 +336,22 @@ pub(crate) fn body_etag(bytes: &[u8]) -> String {
 /// `GET /endpoints/{endpointId}`
 pub async fn get(
     State(s): State<AppState>,
+    caller: Caller,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     p: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
-    let id = endpoint_id(&path(p)?)?;
+    let id = authorized_endpoint(&caller, Scope::EndpointRead, p)?;
     let include = include_param(&query_pairs(uri.query()))?;
-    let ep = s.registry.get(&s.tenant, &id).await?;
+    let ep = s.registry.get(caller.tenant(), &id).await?;
+    if include.filters {
+        // The endpoint's filters are its application's.
+        caller.require(Scope::FilterRead, Resource::Application(ep.app.as_str()))?;
+    }
     let body = EndpointDto::from_endpoint(
         &ep,
         include,
-        &matched_filters(&s, include, std::slice::from_ref(&ep.id)).await?,
+        &matched_filters(&s, &caller, include, std::slice::from_ref(&ep.id)).await?,
     );
     if include.filters {
         // Checked for its form only: a malformed header is refused on every read.
@@ -309,13 +367,14 @@ pub async fn get(
 /// `DELETE /endpoints/{endpointId}`
 pub async fn unregister(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     p: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
-    let id = endpoint_id(&path(p)?)?;
+    let id = authorized_endpoint(&caller, Scope::EndpointDelete, p)?;
     let pre = precondition(&headers)?;
     s.registry
-        .unregister(&s.tenant, id, pre, &correlation_id(&headers))
+        .unregister(caller.tenant(), id, pre, &correlation_id(&headers))
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -323,11 +382,12 @@ pub async fn unregister(
 /// `GET /endpoints/{endpointId}/app-version`
 pub async fn get_app_version(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     p: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
-    let id = endpoint_id(&path(p)?)?;
-    let ep = s.registry.get(&s.tenant, &id).await?;
+    let id = authorized_endpoint(&caller, Scope::EndpointRead, p)?;
+    let ep = s.registry.get(caller.tenant(), &id).await?;
     let body = dto::AppVersionDto {
         name: ep.app_version.to_string(),
         registered_date: dto::iso(ep.app_version_registered),
@@ -338,11 +398,12 @@ pub async fn get_app_version(
 /// `PUT /endpoints/{endpointId}/app-version`, body `{"name": "<appVersionName>"}`
 pub async fn put_app_version(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     p: std::result::Result<Path<String>, PathRejection>,
     body: RawBody,
 ) -> Result<Response> {
-    let id = endpoint_id(&path(p)?)?;
+    let id = authorized_endpoint(&caller, Scope::EndpointUpdate, p)?;
     require_json(&body)?;
     let req: dto::AppVersionBody = parse_object(&body.bytes)?;
     let name = req
@@ -351,7 +412,7 @@ pub async fn put_app_version(
     let pre = precondition(&headers)?;
     let ep = s
         .registry
-        .set_app_version(&s.tenant, id, &name, pre, &correlation_id(&headers))
+        .set_app_version(caller.tenant(), id, &name, pre, &correlation_id(&headers))
         .await?;
     Ok(no_content(&ep.etag()))
 }
@@ -359,13 +420,14 @@ pub async fn put_app_version(
 /// `GET /endpoints/{endpointId}/metadata[?include=k1,k2]`
 pub async fn get_metadata(
     State(s): State<AppState>,
+    caller: Caller,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     p: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
-    let id = endpoint_id(&path(p)?)?;
+    let id = authorized_endpoint(&caller, Scope::EndpointRead, p)?;
     let keys = list_param(&query_pairs(uri.query()), "include")?;
-    let ep = s.registry.get(&s.tenant, &id).await?;
+    let ep = s.registry.get(caller.tenant(), &id).await?;
     let body = if keys.is_empty() {
         ep.metadata.to_value()
     } else {
@@ -383,6 +445,7 @@ pub async fn get_metadata(
 
 async fn change_metadata(
     s: &AppState,
+    caller: &Caller,
     headers: &HeaderMap,
     id: EndpointId,
     change: MetadataChange,
@@ -390,7 +453,7 @@ async fn change_metadata(
     let pre = precondition(headers)?;
     let effect = s
         .registry
-        .update_metadata(&s.tenant, id, change, pre, &correlation_id(headers))
+        .update_metadata(caller.tenant(), id, change, pre, &correlation_id(headers))
         .await?;
     Ok(no_content(&effect.endpoint().metadata_etag()))
 }
@@ -398,15 +461,16 @@ async fn change_metadata(
 /// `PUT /endpoints/{endpointId}/metadata`: replaces the whole document.
 pub async fn put_metadata(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     p: std::result::Result<Path<String>, PathRejection>,
     body: RawBody,
 ) -> Result<Response> {
-    let id = endpoint_id(&path(p)?)?;
+    let id = authorized_endpoint(&caller, Scope::EndpointUpdate, p)?;
     require_json(&body)?;
     let value: Value = parse_json(&body.bytes)?;
     let md = Metadata::parse(value, "body", s.registry.limits())?;
-    change_metadata(&s, &headers, id, MetadataChange::Replace(md)).await
+    change_metadata(&s, &caller, &headers, id, MetadataChange::Replace(md)).await
 }
 
 /// `PATCH /endpoints/{endpointId}/metadata`: RFC 6902 JSON Patch
@@ -415,11 +479,12 @@ pub async fn put_metadata(
 /// a JSON Patch and an object as a merge patch.
 pub async fn patch_metadata(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     p: std::result::Result<Path<String>, PathRejection>,
     body: RawBody,
 ) -> Result<Response> {
-    let id = endpoint_id(&path(p)?)?;
+    let id = authorized_endpoint(&caller, Scope::EndpointUpdate, p)?;
     let value: Value = parse_json(&body.bytes)?;
     let as_json_patch = match body.kind {
         BodyKind::JsonPatch => true,
@@ -436,7 +501,7 @@ pub async fn patch_metadata(
     } else {
         MetadataChange::MergePatch(value)
     };
-    change_metadata(&s, &headers, id, change).await
+    change_metadata(&s, &caller, &headers, id, change).await
 }
 
 fn metadata_key(s: &AppState, raw: &str) -> Result<MetadataKey> {
@@ -446,13 +511,12 @@ fn metadata_key(s: &AppState, raw: &str) -> Result<MetadataKey> {
 /// `GET /endpoints/{endpointId}/metadata/{metadataKey}`: the key's raw JSON value.
 pub async fn get_metadata_key(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     p: std::result::Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response> {
-    let (raw_id, raw_key) = path(p)?;
-    let id = endpoint_id(&raw_id)?;
-    let key = metadata_key(&s, &raw_key)?;
-    let ep = s.registry.get(&s.tenant, &id).await?;
+    let (id, key) = authorized_endpoint_key(&s, &caller, Scope::EndpointRead, p)?;
+    let ep = s.registry.get(caller.tenant(), &id).await?;
     let value = ep.metadata.get(key.as_str()).ok_or_else(|| {
         ApiError::from(epr_core::DomainError::not_found(
             "metadata key",
@@ -465,38 +529,44 @@ pub async fn get_metadata_key(
 /// `PUT /endpoints/{endpointId}/metadata/{metadataKey}`: body is the raw JSON value.
 pub async fn put_metadata_key(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     p: std::result::Result<Path<(String, String)>, PathRejection>,
     body: RawBody,
 ) -> Result<Response> {
-    let (raw_id, raw_key) = path(p)?;
-    let id = endpoint_id(&raw_id)?;
-    let key = metadata_key(&s, &raw_key)?;
+    let (id, key) = authorized_endpoint_key(&s, &caller, Scope::EndpointUpdate, p)?;
     require_json(&body)?;
     let value: Value = parse_json(&body.bytes)?;
-    change_metadata(&s, &headers, id, MetadataChange::PutKey(key, value)).await
+    change_metadata(
+        &s,
+        &caller,
+        &headers,
+        id,
+        MetadataChange::PutKey(key, value),
+    )
+    .await
 }
 
 /// `DELETE /endpoints/{endpointId}/metadata/{metadataKey}`
 pub async fn delete_metadata_key(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     p: std::result::Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response> {
-    let (raw_id, raw_key) = path(p)?;
-    let id = endpoint_id(&raw_id)?;
-    let key = metadata_key(&s, &raw_key)?;
-    change_metadata(&s, &headers, id, MetadataChange::DeleteKey(key)).await
+    let (id, key) = authorized_endpoint_key(&s, &caller, Scope::EndpointUpdate, p)?;
+    change_metadata(&s, &caller, &headers, id, MetadataChange::DeleteKey(key)).await
 }
 
 /// `GET /endpoints/{endpointId}/metadata-keys`
 pub async fn endpoint_metadata_keys(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     p: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
-    let id = endpoint_id(&path(p)?)?;
-    let ep = s.registry.get(&s.tenant, &id).await?;
+    let id = authorized_endpoint(&caller, Scope::EndpointRead, p)?;
+    let ep = s.registry.get(caller.tenant(), &id).await?;
     let keys: Vec<&String> = ep.metadata.keys().collect();
     read_response(&headers, &keys, &ep.metadata_etag())
 }
@@ -504,10 +574,16 @@ pub async fn endpoint_metadata_keys(
 /// `GET /applications/{applicationName}/metadata-keys`: `{appVersionName: [keys]}`.
 pub async fn application_metadata_keys(
     State(s): State<AppState>,
+    caller: Caller,
     p: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
-    let app = known_app(&s, &path(p)?)?;
-    let keys = s.registry.metadata_keys(&s.tenant, &app).await?;
+    let raw = path(p)?;
+    caller.require(
+        Scope::ApplicationMetadataKeysRead,
+        Resource::Application(&raw),
+    )?;
+    let app = known_app(&s, &raw)?;
+    let keys = s.registry.metadata_keys(caller.tenant(), &app).await?;
     Ok(json_response(StatusCode::OK, &keys, None))
 }
 
@@ -516,13 +592,20 @@ pub async fn application_metadata_keys(
 /// `GET /endpoints/batch/status`.
 pub async fn batch_register(
     State(s): State<AppState>,
+    caller: Caller,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: RawBody,
 ) -> Result<Response> {
+    caller.require_anywhere(Scope::ApplicationEndpointCreate)?;
     require_json(&body)?;
     let req: dto::BatchBody = parse_object(&body.bytes)?;
     let version = required_name(req.app_version, "appVersion.name")?;
+    let app = app_of_version(&s, &version)?;
+    caller.require(
+        Scope::ApplicationEndpointCreate,
+        Resource::Application(app.as_str()),
+    )?;
     let endpoints = req
         .endpoints
         .ok_or_else(|| ApiError::bad_request("endpoints", "required", "endpoints is required"))?;
@@ -536,7 +619,7 @@ pub async fn batch_register(
         .collect();
     let report = s
         .registry
-        .register_batch(&s.tenant, &version, inputs, &correlation_id(&headers))
+        .register_batch(caller.tenant(), &version, inputs, &correlation_id(&headers))
         .await?;
     let base = uri.path().trim_end_matches('/').trim_end_matches("/batch");
     let location = absolute_url(
@@ -559,8 +642,10 @@ pub async fn batch_register(
 /// `GET /endpoints/batch/status?appName=&taskId=`
 pub async fn batch_status(
     State(s): State<AppState>,
+    caller: Caller,
     OriginalUri(uri): OriginalUri,
 ) -> Result<Response> {
+    caller.require_anywhere(Scope::ApplicationEndpointCreate)?;
     let pairs = query_pairs(uri.query());
     let required = |name: &str| -> Result<String> {
         single_param(&pairs, name)?
@@ -570,8 +655,15 @@ pub async fn batch_status(
     };
     let app =
         AppName::parse(&required("appName")?).map_err(|e: ValidationError| e.at("appName"))?;
+    caller.require(
+        Scope::ApplicationEndpointCreate,
+        Resource::Application(app.as_str()),
+    )?;
     let task_id = required("taskId")?;
-    let report = s.registry.batch_status(&s.tenant, &app, &task_id).await?;
+    let report = s
+        .registry
+        .batch_status(caller.tenant(), &app, &task_id)
+        .await?;
     Ok(json_response(
         StatusCode::OK,
         &dto::BatchStatusDto::from_report(&report),

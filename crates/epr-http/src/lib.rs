@@ -5,6 +5,7 @@
 //! `/health`, `/health/live`, `/health/ready`, `/metrics` and `/openapi.json`.
 
 mod applications;
+pub mod auth;
 pub mod cors;
 pub mod dto;
 pub mod error;
@@ -20,7 +21,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
-use epr_core::ids::TenantId;
+use epr_core::auth::{Authenticator, Principal};
 use epr_core::registry::Registry;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -68,8 +69,13 @@ pub struct ComponentHealth {
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
-    /// The tenant of every request while authentication is off.
-    pub tenant: TenantId,
+    /// Turns bearer tokens into callers; each request's tenant is its caller's.
+    pub auth: Arc<dyn Authenticator>,
+    /// The caller of every request while authentication is off: the default tenant, every
+    /// scope.
+    pub anonymous: Arc<Principal>,
+    /// Paths served without a token while authentication is on (exact paths).
+    pub open_routes: Arc<[String]>,
     pub settings: HttpSettings,
     /// False while starting and once shutdown begins; readiness reports it.
     pub ready: Arc<AtomicBool>,
@@ -190,6 +196,12 @@ fn api() -> Router<AppState> {
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
     let log_requests = state.settings.log_requests;
+    // Not installed while authentication is off: requests then cost nothing for it (the
+    // `Caller` extractor gives the anonymous principal).
+    let auth = state
+        .auth
+        .enabled()
+        .then(|| middleware::from_fn_with_state(state.clone(), auth::authenticate));
     let mut app = Router::new()
         .route("/health", get(ops::health))
         .route("/health/live", get(ops::live))
@@ -199,13 +211,19 @@ pub fn router(state: AppState) -> Router {
     for prefix in API_PREFIXES {
         app = app.nest(prefix, api());
     }
-    app.route_layer(middleware::from_fn(strict::reject_unknown_query))
+    let app = app
+        .route_layer(middleware::from_fn(strict::reject_unknown_query))
         .fallback(ops::no_route)
         .method_not_allowed_fallback(ops::method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body))
-        .layer(middleware::from_fn_with_state(
-            log_requests,
-            tracking::track,
-        ))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(max_body));
+    // Inside the tracking layer, so refused requests are counted and logged too.
+    let app = match auth {
+        Some(layer) => app.layer(layer),
+        None => app,
+    };
+    app.layer(middleware::from_fn_with_state(
+        log_requests,
+        tracking::track,
+    ))
+    .with_state(state)
 }

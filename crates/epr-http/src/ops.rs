@@ -102,13 +102,42 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
     }
 }
 
-pub async fn openapi() -> Response {
+/// The document as served while authentication is off: no operation asks for a token
+/// (none is looked at), so it declares no security requirement. Computed once.
+static OPENAPI_WITHOUT_AUTH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let mut doc: serde_json::Value =
+        serde_json::from_str(OPENAPI).expect("openapi.json is valid JSON (tested)");
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for item in paths.values_mut().filter_map(|i| i.as_object_mut()) {
+            for op in item.values_mut().filter_map(|o| o.as_object_mut()) {
+                op.remove("security");
+                if let Some(r) = op.get_mut("responses").and_then(|r| r.as_object_mut()) {
+                    r.remove("401");
+                    r.remove("403");
+                }
+            }
+        }
+    }
+    if let Some(c) = doc["components"].as_object_mut() {
+        c.remove("securitySchemes");
+    }
+    serde_json::to_string(&doc).unwrap_or_default()
+});
+
+/// The OpenAPI document: as written while authentication is on, without its security
+/// requirements while it is off (so it describes the server that serves it).
+pub async fn openapi(State(s): State<AppState>) -> Response {
+    let doc: &'static str = if s.auth.enabled() {
+        OPENAPI
+    } else {
+        OPENAPI_WITHOUT_AUTH.as_str()
+    };
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        OPENAPI,
+        doc,
     )
         .into_response()
 }

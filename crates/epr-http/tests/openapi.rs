@@ -297,3 +297,35 @@ fn json_patch_operations_require_their_members() {
         );
     }
 }
+
+#[test]
+fn api_operations_need_a_bearer_token_and_ops_routes_do_not() {
+    let doc = doc();
+    let scheme = &doc["components"]["securitySchemes"]["bearerAuth"];
+    assert_eq!(scheme["type"], "http");
+    assert_eq!(scheme["scheme"], "bearer");
+    assert_eq!(scheme["bearerFormat"], "JWT");
+    let api = route_set(API_ROUTES);
+    for ((method, path), op) in operations(&doc) {
+        let route = (method.clone(), path.clone());
+        if api.contains(&route) {
+            assert_eq!(
+                op["security"],
+                serde_json::json!([{"bearerAuth": []}]),
+                "{route:?}"
+            );
+            for (status, target) in [
+                ("401", "#/components/responses/Unauthorized"),
+                ("403", "#/components/responses/Forbidden"),
+            ] {
+                assert_eq!(op["responses"][status]["$ref"], target, "{route:?}");
+            }
+            let desc = op["description"].as_str().unwrap_or_default();
+            assert!(desc.contains("Scope: `"), "{route:?} names no scope");
+        } else {
+            assert!(op.get("security").is_none(), "{route:?} is open");
+        }
+    }
+    let challenge = &doc["components"]["responses"]["Unauthorized"]["headers"];
+    assert!(challenge.get("WWW-Authenticate").is_some());
+}

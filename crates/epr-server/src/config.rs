@@ -4,6 +4,8 @@
 //! Applications use Kaa's key shape, `kaa.applications.<app>.versions.<version>`. Since
 //! version names contain `-`, which environment variable names cannot carry portably, the
 //! shorthand `EPR_APPLICATIONS="app1:app1-v1,app1-v2;app2:app2-v1"` adds applications too.
+//! Likewise `EPR_AUTH_TENANTS="acme=https://issuer-a,beta=https://issuer-b"` adds tenants
+//! and their issuers (`auth.tenants` is a list, which `EPR__` variables cannot set).
 
 use anyhow::{bail, Context};
 use epr_core::apps::AppCatalog;
@@ -27,8 +29,25 @@ pub struct Settings {
     pub service: ServiceSettings,
     pub nats: NatsConfig,
     pub kaa: KaaSettings,
-    /// Authentication, tenants, and what happens to a removed tenant's data.
+    /// Bearer-token authentication, tenants and their issuers (`auth.*`); off while no
+    /// tenant has an issuer and no Tenant Manager is set.
     pub auth: epr_auth::AuthSettings,
+}
+
+/// `server.tls.*`: HTTPS on the listener. Both files or neither.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The certificate chain (PEM), leaf first.
+    pub cert_file: String,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+}
+
+impl TlsSettings {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty() || !self.key_file.is_empty()
+    }
 }
 
 /// Identity on the Kaa message bus (3/ISM).
@@ -104,6 +123,8 @@ pub struct ServerSettings {
     /// Most connections served at once; beyond it idle ones are closed to make room, else
     /// the new one is answered 503. Lowered to fit the open-files limit.
     pub max_connections: usize,
+    /// HTTPS (`server.tls.cert_file`, `server.tls.key_file`); plain HTTP when both are empty.
+    pub tls: TlsSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,6 +215,7 @@ impl Default for ServerSettings {
             body_timeout_secs: 30,
             idle_timeout_secs: 60,
             max_connections: 4096,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -320,6 +342,9 @@ impl Settings {
         if let Ok(spec) = std::env::var("EPR_APPLICATIONS") {
             settings.add_applications(&spec)?;
         }
+        if let Ok(spec) = std::env::var("EPR_AUTH_TENANTS") {
+            settings.add_tenants(&spec)?;
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -340,6 +365,58 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// Adds `tenant=issuer,tenant2=issuer2` tenants (a tenant already listed gets the
+    /// issuer).
+    pub fn add_tenants(&mut self, spec: &str) -> anyhow::Result<()> {
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((id, issuer)) = part.split_once('=') else {
+                bail!("EPR_AUTH_TENANTS: '{part}' is not '<tenant>=<issuer URL>'");
+            };
+            let (id, issuer) = (id.trim(), issuer.trim());
+            if id.is_empty() || issuer.is_empty() {
+                bail!("EPR_AUTH_TENANTS: '{part}' needs both a tenant and an issuer URL");
+            }
+            match self.auth.tenants.iter_mut().find(|t| t.id == id) {
+                Some(t) => t.issuer = issuer.to_owned(),
+                None => self.auth.tenants.push(epr_auth::TenantSettings {
+                    id: id.to_owned(),
+                    issuer: issuer.to_owned(),
+                    ..Default::default()
+                }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the listener at `addr` may run with the authentication in effect: without
+    /// authentication only a loopback address is allowed, unless
+    /// `auth.insecure_allow_remote`. `Ok(Some(warning))` when it runs insecurely.
+    pub fn listener_security(&self, addr: SocketAddr) -> anyhow::Result<Option<String>> {
+        if self.auth.enabled() {
+            return Ok(None);
+        }
+        let tenant = &self.tenant.default;
+        let off = format!(
+            "authentication is OFF: every caller has every right in tenant '{tenant}' \
+             (set auth.tenants[].issuer or auth.tenant_manager.url to turn it on)"
+        );
+        if is_loopback(addr.ip()) {
+            return Ok(Some(off));
+        }
+        if self.auth.insecure_allow_remote {
+            return Ok(Some(format!(
+                "{off}; server.listen {addr} is reachable from other hosts because \
+                 auth.insecure_allow_remote is true"
+            )));
+        }
+        bail!(
+            "server.listen {addr} is not a loopback address and authentication is off: \
+             anyone who reaches it could read and change every endpoint. Turn \
+             authentication on (auth.tenants[].issuer or auth.tenant_manager.url), listen on \
+             127.0.0.1 or [::1], or set auth.insecure_allow_remote: true to accept the risk"
+        )
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -392,6 +469,19 @@ impl Settings {
         if !(1..=1_000_000).contains(&self.server.max_connections) {
             bail!("server.max_connections must be between 1 and 1000000");
         }
+        if self.server.tls.enabled() {
+            for (key, value) in [
+                ("server.tls.cert_file", &self.server.tls.cert_file),
+                ("server.tls.key_file", &self.server.tls.key_file),
+            ] {
+                if value.is_empty() {
+                    bail!(
+                        "{key} is empty: server.tls needs both cert_file and key_file (or neither)"
+                    );
+                }
+            }
+        }
+        self.auth.validate().map_err(anyhow::Error::msg)?;
         if self.limits.batch_max_items == 0 {
             bail!("limits.batch_max_items must be at least 1");
         }
@@ -493,6 +583,11 @@ impl Settings {
     }
 }
 
+/// 127.0.0.0/8, ::1, and IPv4 loopback written as an IPv4-mapped IPv6 address.
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
 /// Names that become one NATS subject token (or a queue group) must not split or widen
 /// the subject.
 fn subject_token(key: &str, value: &str) -> anyhow::Result<()> {
@@ -525,6 +620,84 @@ mod tests {
         let c = s.catalog().unwrap();
         assert!(c.knows_app(&AppName::parse("demo").unwrap()));
         assert!(c.knows_app(&AppName::parse("other").unwrap()));
+    }
+
+    #[test]
+    fn tenants_shorthand() {
+        let mut s = Settings::default();
+        assert!(!s.auth.enabled());
+        s.add_tenants("acme=https://a.example/realms/acme, beta=https://b.example")
+            .unwrap();
+        assert!(s.auth.enabled());
+        assert_eq!(s.auth.tenants.len(), 2);
+        assert_eq!(s.auth.tenants[1].id, "beta");
+        assert_eq!(s.auth.tenants[1].issuer, "https://b.example");
+        s.add_tenants("acme=https://a2.example").unwrap();
+        assert_eq!(s.auth.tenants.len(), 2);
+        assert_eq!(s.auth.tenants[0].issuer, "https://a2.example");
+        for bad in ["acme", "=https://x", "acme="] {
+            let e = s.add_tenants(bad).unwrap_err().to_string();
+            assert!(e.contains("EPR_AUTH_TENANTS"), "{e}");
+        }
+    }
+
+    #[test]
+    fn without_authentication_only_loopback() {
+        let mut s = Settings::default();
+        for ok in [
+            "127.0.0.1:8080",
+            "127.1.2.3:1",
+            "[::1]:8080",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            let w = s.listener_security(ok.parse().unwrap()).unwrap().unwrap();
+            assert!(
+                w.contains("authentication is OFF") && w.contains("'kaa'"),
+                "{w}"
+            );
+        }
+        for bad in [
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "10.0.0.1:80",
+            "[::ffff:10.0.0.1]:80",
+        ] {
+            let e = s.listener_security(bad.parse().unwrap()).unwrap_err();
+            assert!(e.to_string().contains("auth.insecure_allow_remote"), "{e}");
+        }
+        s.auth.insecure_allow_remote = true;
+        let w = s
+            .listener_security("0.0.0.0:8080".parse().unwrap())
+            .unwrap()
+            .unwrap();
+        assert!(w.contains("insecure_allow_remote"), "{w}");
+        s.auth.insecure_allow_remote = false;
+        s.add_tenants("acme=https://issuer.example").unwrap();
+        assert_eq!(
+            s.listener_security("0.0.0.0:8080".parse().unwrap())
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.yaml");
+        std::fs::write(&file, "server:\n  tls:\n    cert_file: /x/cert.pem\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("server.tls.key_file"),
+            "{err:#}"
+        );
+        std::fs::write(&file, "server:\n  tls:\n    key_file: /x/key.pem\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("server.tls.cert_file"),
+            "{err:#}"
+        );
+        std::fs::write(&file, "auth:\n  tenantz: []\n").unwrap();
+        assert!(Settings::load(Some(&file)).is_err());
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub mod summary;
 pub mod telemetry;
 
 use anyhow::Context;
+use epr_auth::Auth;
+use epr_core::auth::{Authenticator, Principal};
 use epr_core::ports::{Clock, IdSource, Store};
 use epr_core::registry::Registry;
 use epr_core::Timestamp;
@@ -91,6 +93,20 @@ impl HealthComponent for NatsHealth {
     }
 }
 
+/// Authentication's state for health: issuers and their keys, the Tenant Manager.
+struct AuthHealth(Arc<Auth>);
+
+impl HealthComponent for AuthHealth {
+    fn name(&self) -> &'static str {
+        "auth"
+    }
+
+    fn check(&self) -> ComponentHealth {
+        let (status, details) = self.0.health();
+        ComponentHealth { status, details }
+    }
+}
+
 /// Runs a NATS front-end and reports at once if it cannot start (it then stays off).
 async fn logged(
     what: &'static str,
@@ -120,9 +136,12 @@ pub struct Application {
     shutdown_timeout: Duration,
     connections: serve::ConnLimits,
     registry: Arc<Registry>,
-    auth: Arc<epr_auth::Auth>,
+    /// The authenticator and tenant directory; its background work runs with the server.
+    auth: Arc<Auth>,
     /// Removed tenants' data being deleted (`auth.removed_tenant_data: purge`).
     purge: Option<Arc<purge::PurgeJobs>>,
+    /// HTTPS on the listener (`server.tls`).
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// A NATS front-end, started with a stop signal.
@@ -138,6 +157,19 @@ impl Application {
     /// free port, see [`Application::addr`]).
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         settings.validate()?;
+        let listen = settings.listen_addr()?;
+        // The safe default: without authentication, loopback only (or a loud opt-in).
+        if let Some(warning) = settings.listener_security(listen)? {
+            tracing::warn!("{warning}");
+        }
+        let tls = if settings.server.tls.enabled() {
+            Some(serve::tls_acceptor(&settings.server.tls)?)
+        } else {
+            None
+        };
+        let default_tenant = settings.tenant()?;
+        let auth =
+            Auth::new(settings.auth.clone(), default_tenant.clone()).map_err(anyhow::Error::msg)?;
         let catalog = settings.catalog()?;
         if catalog.applications().next().is_none() && !catalog.allows_unknown() {
             tracing::warn!(
@@ -180,8 +212,6 @@ impl Application {
                     .with_context(|| format!("nats.url '{}'", settings.nats.url))?,
             )
         };
-        let auth = epr_auth::Auth::new(settings.auth.clone(), settings.tenant()?)
-            .map_err(anyhow::Error::msg)?;
         // NATS messages carry no tenant: each tenant is served under its own instance name.
         let tenancy = epr_nats::Tenancy {
             naming: settings.tenant_naming()?,
@@ -284,7 +314,9 @@ impl Application {
         let ready = Arc::new(AtomicBool::new(false));
         let state = AppState {
             registry: registry.clone(),
-            tenant: settings.tenant()?,
+            auth: auth.clone() as Arc<dyn Authenticator>,
+            anonymous: Arc::new(Principal::anonymous(default_tenant)),
+            open_routes: settings.auth.open_routes.clone().into(),
             settings: HttpSettings {
                 page_default: settings.server.page_default,
                 page_max: settings.server.page_max,
@@ -293,11 +325,11 @@ impl Application {
             },
             ready: ready.clone(),
             metrics: Some(metrics_renderer),
-            components: vec![Arc::new(nats_health)],
+            components: vec![Arc::new(nats_health), Arc::new(AuthHealth(auth.clone()))],
         };
         let router = epr_http::cors::with_cors(epr_http::router(state), &settings.server.cors)
             .map_err(anyhow::Error::msg)?;
-        let listener = tokio::net::TcpListener::bind(settings.listen_addr()?)
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {}", settings.server.listen))?;
         let addr = listener.local_addr()?;
@@ -314,7 +346,13 @@ impl Application {
             registry,
             auth,
             purge,
+            tls,
         })
+    }
+
+    /// The authenticator and tenant directory (its tenant set, its `TenantControl`).
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -353,7 +391,13 @@ impl Application {
         };
         self.ready.store(true, Ordering::Release);
         tracing::info!(addr = %self.addr, "EPR listening");
-        let server = serve::serve(self.listener, self.router, self.connections, signal);
+        let server = serve::serve(
+            self.listener,
+            self.router,
+            self.connections,
+            self.tls,
+            signal,
+        );
         let timeout = self.shutdown_timeout;
         let result = tokio::select! {
             _ = server => Ok(()),
@@ -365,6 +409,9 @@ impl Application {
                 Ok(())
             }
         };
+        // No request needs a token checked any more.
+        auth_stop.cancel();
+        let _ = auth_task.await;
         // NATS front-ends stop taking work and finish what they hold.
         let _ = listeners_stop_tx.send(true);
         for l in listeners {

@@ -95,6 +95,10 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Dependencies may enable two rustls crypto providers (async-nats: ring; an HTTP client
+    // may bring aws-lc), and then rustls cannot pick one and panics at the first TLS
+    // client: the process uses ring, chosen before anything opens a connection.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let settings = settings(&cli).context("invalid configuration")?;
     match cli.command.unwrap_or(Command::Serve) {

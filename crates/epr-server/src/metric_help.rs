@@ -30,7 +30,12 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         "epr_http_connections_refused_total",
         Counter,
-        "HTTP connections answered 503 at the connection limit.",
+        "HTTP connections answered 503 (plain HTTP) or closed (TLS) at the connection limit.",
+    ),
+    (
+        "epr_http_tls_handshake_failures_total",
+        Counter,
+        "TLS handshakes that failed (reason: error, e.g. a plain-HTTP client or an unknown CA; timeout: not done within the header timeout); the connection is closed.",
     ),
     (
         "epr_http_connections_reclaimed_total",

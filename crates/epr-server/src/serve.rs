@@ -16,8 +16,15 @@
 //! - Accept errors (EMFILE when the open-files limit is reached) back off for
 //!   [`ACCEPT_BACKOFF`] instead of stalling, and close idle connections to free files.
 //! - Shutdown: the listener closes, idle connections close, in-flight requests finish.
+//! - TLS (`server.tls`): the handshake runs on the connection's task once it holds a slot
+//!   (the connection limit applies), within the header timeout, which counts from the
+//!   connection's opening; a failed handshake closes that connection only, counted in
+//!   `epr_http_tls_handshake_failures_total` and logged at most every 10 s. Connections
+//!   refused at the limit are closed without the plain-text 503.
 
+use anyhow::Context as _;
 use bytes::Bytes;
+use epr_core::log_gate::{LogGate, DEFAULT_LOG_INTERVAL};
 use epr_http::error::ApiError;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -33,6 +40,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 /// How long a connection that arrives at the limit waits for idle ones to make room.
@@ -116,6 +124,66 @@ fn open_files_limit() -> Option<u64> {
     }
 }
 
+/// The TLS acceptor of `server.tls`: the ring provider, chosen explicitly (another crate
+/// may enable a second one, and then rustls cannot pick a default), TLS 1.2 and 1.3, ALPN
+/// `http/1.1`. Errors name the setting and the file.
+pub fn tls_acceptor(s: &crate::config::TlsSettings) -> anyhow::Result<TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&s.cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "server.tls.cert_file {}: no PEM certificate could be read: {e}",
+                s.cert_file
+            )
+        })?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "server.tls.cert_file {}: no CERTIFICATE block in it",
+            s.cert_file
+        );
+    }
+    let key = PrivateKeyDer::from_pem_file(&s.key_file).map_err(|e| {
+        anyhow::anyhow!(
+            "server.tls.key_file {}: no PEM private key (PKCS#8, PKCS#1 or SEC1) could be \
+             read: {e}",
+            s.key_file
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("server.tls: the TLS provider supports no protocol version")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .with_context(|| {
+            format!(
+                "server.tls: the key in {} does not fit the certificate in {}",
+                s.key_file, s.cert_file
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Failed TLS handshakes repeat whenever a scanner or a plain-HTTP client calls.
+static HANDSHAKE_LOG: LogGate = LogGate::new(DEFAULT_LOG_INTERVAL);
+
+fn handshake_failed(reason: &'static str, error: &dyn std::fmt::Display) {
+    metrics::counter!("epr_http_tls_handshake_failures_total", "reason" => reason).increment(1);
+    if let Some(suppressed) = HANDSHAKE_LOG.admit(std::time::Instant::now()) {
+        tracing::warn!(
+            %error,
+            reason,
+            suppressed,
+            "TLS handshake failed; the connection is closed (logged at most every {}s, \
+             repeats counted in `suppressed`)",
+            DEFAULT_LOG_INTERVAL.as_secs()
+        );
+    }
+}
+
 /// Raises the soft open-files limit to the hard limit; returns (before, after). Every
 /// connection is a file, and the default soft limit (often 1,024) is below what a
 /// registry with thousands of devices' services needs.
@@ -138,9 +206,11 @@ pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     limits: ConnLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     tracing::info!(
+        tls = tls.is_some(),
         max_connections = limits.max_connections,
         header_timeout_secs = limits.header_timeout.as_secs(),
         body_timeout_secs = limits.body_timeout.as_secs(),
@@ -152,9 +222,11 @@ pub async fn serve(
     let refuse_slots = Arc::new(Semaphore::new(REFUSE_SLOTS));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (reclaim_tx, reclaim_rx) = watch::channel(0u64);
+    let plain = tls.is_none();
     let shared = Arc::new(Shared {
         router,
         limits,
+        tls,
         reclaim: Reclaim {
             tx: reclaim_tx,
             epoch: Instant::now(),
@@ -209,13 +281,13 @@ pub async fn serve(
                             conn.run(tcp, permit).await;
                         }
                         None => {
-                            refuse(tcp).await;
+                            refuse(tcp, plain).await;
                             drop(slot);
                         }
                     }
                 });
             }
-            Err(_) => refuse_now(&tcp),
+            Err(_) => refuse_now(&tcp, plain),
         }
     }
     drop(listener);
@@ -268,11 +340,12 @@ const REFUSAL: &str = concat!(
 
 /// Answers a connection over the limit with 503 if its request has arrived, without
 /// waiting; otherwise closes it (an answer before the request confuses HTTP clients, a
-/// closed connection they retry).
-fn refuse_now(tcp: &TcpStream) {
+/// closed connection they retry). Over TLS it is only closed: no handshake is spent on a
+/// refusal.
+fn refuse_now(tcp: &TcpStream, plain: bool) {
     metrics::counter!("epr_http_connections_refused_total").increment(1);
     let mut sink = [0u8; 1024];
-    if tcp.try_read(&mut sink).is_ok_and(|n| n > 0) {
+    if plain && tcp.try_read(&mut sink).is_ok_and(|n| n > 0) {
         // A new connection's send buffer is empty: the whole answer fits at once.
         let _ = tcp.try_write(REFUSAL.as_bytes());
     }
@@ -280,8 +353,11 @@ fn refuse_now(tcp: &TcpStream) {
 
 /// Answers a connection over the limit with 503 once its request has started to arrive,
 /// and closes it once the client has read the answer.
-async fn refuse(mut tcp: TcpStream) {
+async fn refuse(mut tcp: TcpStream, plain: bool) {
     metrics::counter!("epr_http_connections_refused_total").increment(1);
+    if !plain {
+        return;
+    }
     let mut sink = [0u8; 1024];
     let _ = tokio::time::timeout(REFUSE_LINGER, tcp.readable()).await;
     let _ = tcp.try_read(&mut sink);
@@ -302,6 +378,7 @@ async fn refuse(mut tcp: TcpStream) {
 struct Shared {
     router: axum::Router,
     limits: ConnLimits,
+    tls: Option<TlsAcceptor>,
     http: hyper::server::conn::http1::Builder,
     reclaim: Reclaim,
 }
@@ -368,13 +445,44 @@ impl Conn {
 
     async fn run(self, tcp: TcpStream, permit: tokio::sync::OwnedSemaphorePermit) {
         let _open = OpenGauge::new();
+        let start = tokio::time::Instant::now();
+        match self.shared.tls.clone() {
+            None => self.serve_io(tcp, start).await,
+            Some(acceptor) => {
+                let mut stop = self.stop.clone();
+                let stopping = async move {
+                    let _ = stop.wait_for(|v| *v).await;
+                };
+                let handshake = tokio::time::timeout_at(
+                    start + self.shared.limits.header_timeout,
+                    acceptor.accept(tcp),
+                );
+                tokio::select! {
+                    done = handshake => match done {
+                        Ok(Ok(stream)) => self.serve_io(stream, start).await,
+                        Ok(Err(e)) => handshake_failed("error", &e),
+                        Err(_) => handshake_failed("timeout", &"no handshake within the header timeout"),
+                    },
+                    // Shutting down: a connection without a request yet has nothing to finish.
+                    _ = stopping => {}
+                }
+            }
+        }
+        drop(permit);
+    }
+
+    /// Serves HTTP/1.1 on an open (and, with TLS, handshaken) connection until it closes.
+    async fn serve_io<S>(self, stream: S, start: tokio::time::Instant)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let limits = self.shared.limits;
         // The timer never sleeps past the shortest timeout, so no deadline set meanwhile
         // (a request finishing, a header starting) is missed.
         let recheck = limits.header_timeout.min(limits.idle_timeout);
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(start));
         let io = TokioIo::new(WatchedIo {
-            tcp,
+            tcp: stream,
             activity: activity.clone(),
         });
         let service = ConnService {
@@ -423,7 +531,6 @@ impl Conn {
                 },
             }
         }
-        drop(permit);
     }
 }
 
@@ -507,9 +614,11 @@ struct Activity {
 }
 
 impl Activity {
-    fn new() -> Self {
+    /// `start`: when the connection opened (before a TLS handshake, which the header
+    /// timeout covers).
+    fn new(start: tokio::time::Instant) -> Self {
         Self {
-            start: tokio::time::Instant::now(),
+            start,
             in_flight: AtomicU32::new(0),
             head_at: AtomicU64::new(NONE),
             done_at: AtomicU64::new(NONE),
@@ -576,13 +685,13 @@ impl Activity {
     }
 }
 
-/// The socket, noting when a request's first byte arrives.
-struct WatchedIo {
-    tcp: TcpStream,
+/// The socket (or its TLS stream), noting when a request's first byte arrives.
+struct WatchedIo<S> {
+    tcp: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for WatchedIo {
+impl<S: AsyncRead + Unpin> AsyncRead for WatchedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -601,7 +710,7 @@ impl AsyncRead for WatchedIo {
     }
 }
 
-impl AsyncWrite for WatchedIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -21,6 +21,10 @@ pub struct StartupSummary {
     pub nats: String,
     /// `app: version, version; app: version`, or `none`.
     pub applications: String,
+    /// `off (...)`, or `on` with the configured tenants and the Tenant Manager.
+    pub auth: String,
+    /// `off`, or the certificate file served.
+    pub tls: String,
 }
 
 impl StartupSummary {
@@ -54,7 +58,36 @@ impl StartupSummary {
         if settings.registration.allow_unknown_app_versions {
             applications.push_str(" (unknown versions accepted)");
         }
+        let auth = &settings.auth;
+        let auth_mode = if auth.enabled() {
+            let tenants: Vec<&str> = auth.tenants.iter().map(|t| t.id.as_str()).collect();
+            let mut mode = format!("on: tenants {}", tenants.join(", "));
+            if tenants.is_empty() {
+                mode = "on".to_owned();
+            }
+            if !auth.tenant_manager.url.is_empty() {
+                mode.push_str(&format!(
+                    "; Tenant Manager {}",
+                    redact(&auth.tenant_manager.url)
+                ));
+            }
+            mode
+        } else if auth.insecure_allow_remote && !listen.ip().to_canonical().is_loopback() {
+            format!(
+                "OFF (tenant {}, remote callers allowed)",
+                settings.tenant.default
+            )
+        } else {
+            format!("OFF (tenant {}, loopback only)", settings.tenant.default)
+        };
+        let tls = if settings.server.tls.enabled() {
+            settings.server.tls.cert_file.clone()
+        } else {
+            "off".to_owned()
+        };
         Self {
+            auth: auth_mode,
+            tls,
             version: VERSION,
             git_commit: GIT_COMMIT,
             config: config_file.map_or_else(|| "defaults".to_owned(), |p| p.display().to_string()),
@@ -75,6 +108,8 @@ impl StartupSummary {
             store = %self.store,
             nats = %self.nats,
             applications = %self.applications,
+            auth = %self.auth,
+            tls = %self.tls,
             "EPR starting"
         );
     }
@@ -125,5 +160,15 @@ mod tests {
             ("defaults", "off")
         );
         assert_eq!(sum.applications, "none");
+        assert_eq!(sum.auth, "OFF (tenant kaa, loopback only)");
+        assert_eq!(sum.tls, "off");
+        let mut s = Settings::default();
+        s.add_tenants("acme=https://a.example,beta=https://b.example")
+            .unwrap();
+        s.server.tls.cert_file = "/etc/epr/cert.pem".into();
+        s.server.tls.key_file = "/etc/epr/key.pem".into();
+        let sum = StartupSummary::new(&s, None, addr);
+        assert_eq!(sum.auth, "on: tenants acme, beta");
+        assert_eq!(sum.tls, "/etc/epr/cert.pem");
     }
 }

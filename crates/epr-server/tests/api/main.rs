@@ -18,5 +18,6 @@ mod nats_protocols;
 mod nats_support;
 mod observability;
 mod ops;
+mod security;
 mod strict;
 mod tenancy_nats;
