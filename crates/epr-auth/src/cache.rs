@@ -52,11 +52,21 @@ impl TokenCache {
         if self.per_shard == 0 {
             return None;
         }
-        self.shard(k).read().expect("token cache lock").get(k).cloned()
+        self.shard(k)
+            .read()
+            .expect("token cache lock")
+            .get(k)
+            .cloned()
     }
 
     pub fn remove(&self, k: &TokenKey) {
-        if self.shard(k).write().expect("token cache lock").remove(k).is_some() {
+        if self
+            .shard(k)
+            .write()
+            .expect("token cache lock")
+            .remove(k)
+            .is_some()
+        {
             self.len.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -117,7 +127,10 @@ mod tests {
         k2[1] = 2; // same shard as k1
         c.insert(k1, entry(100), 50);
         c.insert(k2, entry(200), 50);
-        assert!(c.get(&k1).is_none(), "the shard holds one entry: the older goes");
+        assert!(
+            c.get(&k1).is_none(),
+            "the shard holds one entry: the older goes"
+        );
         assert!(c.get(&k2).is_some());
         assert_eq!(c.len(), 1);
         c.remove(&k2);

@@ -107,7 +107,12 @@ impl Directory {
 
     /// Every issuer's keys, for the periodic refresh and health.
     pub fn issuers(&self) -> Vec<Arc<IssuerKeys>> {
-        let mut v: Vec<_> = self.state().by_issuer.values().map(|t| t.keys.clone()).collect();
+        let mut v: Vec<_> = self
+            .state()
+            .by_issuer
+            .values()
+            .map(|t| t.keys.clone())
+            .collect();
         v.sort_by(|a, b| a.issuer().cmp(b.issuer()));
         v
     }
@@ -223,11 +228,19 @@ mod tests {
     }
 
     fn dir() -> Directory {
-        Directory::new(vec![spec("cfg", "http://i/cfg")], vec![Algorithm::RS256], Duration::from_secs(1))
+        Directory::new(
+            vec![spec("cfg", "http://i/cfg")],
+            vec![Algorithm::RS256],
+            Duration::from_secs(1),
+        )
     }
 
     fn ids(d: &Directory) -> Vec<String> {
-        d.snapshot().tenants.keys().map(|t| t.as_str().to_owned()).collect()
+        d.snapshot()
+            .tenants
+            .keys()
+            .map(|t| t.as_str().to_owned())
+            .collect()
     }
 
     #[test]
@@ -235,7 +248,10 @@ mod tests {
         let d = dir();
         let started = d.read_started();
         d.unregister(TenantId::parse("t1").unwrap());
-        d.apply_tm(vec![spec("t1", "http://i/t1"), spec("t2", "http://i/t2")], started);
+        d.apply_tm(
+            vec![spec("t1", "http://i/t1"), spec("t2", "http://i/t2")],
+            started,
+        );
         assert_eq!(ids(&d), ["cfg", "t2"]);
         assert_eq!(
             d.state().removed_issuers.get("http://i/t1"),
@@ -243,7 +259,10 @@ mod tests {
             "t1 was not known when unregistered, so its issuer is not remembered"
         );
         let newer = d.read_started();
-        d.apply_tm(vec![spec("t1", "http://i/t1"), spec("t2", "http://i/t2")], newer);
+        d.apply_tm(
+            vec![spec("t1", "http://i/t1"), spec("t2", "http://i/t2")],
+            newer,
+        );
         assert_eq!(ids(&d), ["cfg", "t1", "t2"]);
     }
 
@@ -255,7 +274,10 @@ mod tests {
         assert!(ids(&d).is_empty());
         assert_eq!(d.state().removed_issuers.get("http://i/cfg"), Some(&cfg));
         d.apply_tm(vec![], d.read_started());
-        assert!(ids(&d).is_empty(), "a TM read does not bring back a configured tenant");
+        assert!(
+            ids(&d).is_empty(),
+            "a TM read does not bring back a configured tenant"
+        );
         d.updated(&cfg);
         assert_eq!(ids(&d), ["cfg"]);
         assert!(d.state().removed_issuers.is_empty());
@@ -265,9 +287,16 @@ mod tests {
     fn keys_survive_refreshes_and_config_wins() {
         let d = dir();
         let k1 = d.state().by_issuer["http://i/cfg"].keys.clone();
-        d.apply_tm(vec![spec("cfg", "http://other"), spec("t", "http://i/cfg")], d.read_started());
+        d.apply_tm(
+            vec![spec("cfg", "http://other"), spec("t", "http://i/cfg")],
+            d.read_started(),
+        );
         let st = d.state();
         assert!(Arc::ptr_eq(&k1, &st.by_issuer["http://i/cfg"].keys));
-        assert_eq!(ids(&d), ["cfg"], "same id or same issuer as a configured tenant: left out");
+        assert_eq!(
+            ids(&d),
+            ["cfg"],
+            "same id or same issuer as a configured tenant: left out"
+        );
     }
 }

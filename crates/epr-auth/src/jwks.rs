@@ -111,7 +111,12 @@ impl IssuerKeys {
     fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<Arc<KeyEntry>> {
         let keys = self.keys();
         match kid {
-            Some(kid) => keys.get(kid).filter(|k| k.fits(alg)).cloned().into_iter().collect(),
+            Some(kid) => keys
+                .get(kid)
+                .filter(|k| k.fits(alg))
+                .cloned()
+                .into_iter()
+                .collect(),
             None => keys.values().filter(|k| k.fits(alg)).cloned().collect(),
         }
     }
@@ -202,7 +207,12 @@ impl IssuerKeys {
         &self,
         http: &reqwest::Client,
     ) -> Result<(HashMap<String, Arc<KeyEntry>>, String), String> {
-        let discovered = self.state.read().expect("key state lock").discovered.clone();
+        let discovered = self
+            .state
+            .read()
+            .expect("key state lock")
+            .discovered
+            .clone();
         let uri = match (&self.jwks_uri, discovered) {
             (Some(u), _) => u.clone(),
             (None, Some(u)) => u,
@@ -242,7 +252,10 @@ impl IssuerKeys {
 
     /// A signing key of an accepted algorithm, or `None` for keys of other uses.
     fn parse_key(&self, k: &Value) -> Result<Option<KeyEntry>, String> {
-        if k.get("use").and_then(Value::as_str).is_some_and(|u| u != "sig") {
+        if k.get("use")
+            .and_then(Value::as_str)
+            .is_some_and(|u| u != "sig")
+        {
             return Ok(None);
         }
         let alg = match k.get("alg").and_then(Value::as_str) {

@@ -17,6 +17,8 @@ mod settings;
 mod tenant_manager;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+#[cfg(test)]
+mod tests;
 mod verify;
 
 pub use settings::{
@@ -31,7 +33,7 @@ use futures_util::future::join_all;
 use std::sync::Arc;
 use std::time::Duration;
 use tenant_manager::TenantManager;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use verify::Verifier;
 
@@ -47,8 +49,10 @@ pub struct Auth {
     dir: Directory,
     verifier: Verifier,
     tm: Option<TenantManager>,
-    /// `tenant_updated`: re-read the Tenant Manager now (a stored permit coalesces bursts).
-    tm_wake: Notify,
+    /// `tenant_updated`: re-read the Tenant Manager now. Capacity 1: notices arriving
+    /// while one is pending coalesce; the receiver is taken by [`Auth::run`].
+    tm_wake_tx: mpsc::Sender<()>,
+    tm_wake_rx: std::sync::Mutex<Option<mpsc::Receiver<()>>>,
     /// New issuers appeared: fetch their keys now.
     keys_wake: Notify,
 }
@@ -101,6 +105,7 @@ impl Auth {
             cache: cache::TokenCache::new(settings.token_cache_entries),
             http,
         };
+        let (tm_wake_tx, tm_wake_rx) = mpsc::channel(1);
         Ok(Arc::new(Auth {
             settings,
             default_tenant,
@@ -108,7 +113,8 @@ impl Auth {
             dir,
             verifier,
             tm,
-            tm_wake: Notify::new(),
+            tm_wake_tx,
+            tm_wake_rx: std::sync::Mutex::new(Some(tm_wake_rx)),
             keys_wake: Notify::new(),
         }))
     }
@@ -125,6 +131,7 @@ impl Auth {
 
     async fn tenants_loop(&self, shutdown: &CancellationToken) {
         let every = Duration::from_secs(self.settings.tenant_manager.refresh_secs);
+        let mut wake = self.tm_wake_rx.lock().expect("wake lock").take();
         loop {
             if let Some(tm) = &self.tm {
                 let started = self.dir.read_started();
@@ -134,16 +141,22 @@ impl Auth {
                         self.publish();
                     }
                     // The last list stays: an outage of the Tenant Manager locks no one out.
-                    Err(e) => tracing::warn!(error = %e, "reading the Tenant Manager failed; the last tenant list is kept"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the Tenant Manager failed; the last tenant list is kept")
+                    }
                 }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every), if self.tm.is_some() => {}
-                _ = self.tm_wake.notified() => {
+                Some(()) = async { match wake.as_mut() { Some(w) => w.recv().await, None => std::future::pending().await } } => {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(TM_DEBOUNCE) => {}
+                    }
+                    // Notices of the burst that arrived meanwhile are served by this read.
+                    if let Some(w) = wake.as_mut() {
+                        while w.try_recv().is_ok() {}
                     }
                 }
             }
@@ -207,7 +220,8 @@ impl Auth {
         }
         let issuers = self.dir.issuers();
         let any_loaded = issuers.iter().any(|k| k.is_loaded());
-        let tm_ok = self.tm.as_ref().is_none_or(|t| t.ever_read()) || !self.settings.tenants.is_empty();
+        let tm_ok =
+            self.tm.as_ref().is_none_or(|t| t.ever_read()) || !self.settings.tenants.is_empty();
         let status = if tm_ok && any_loaded { "UP" } else { "DOWN" };
         let details = serde_json::json!({
             "tenants": self.dir.state().by_id.len(),
@@ -246,12 +260,16 @@ impl TenantControl for Auth {
             self.dir.updated(&id);
             self.publish();
         }
-        self.tm_wake.notify_one();
+        // Full: a re-read is pending already.
+        let _ = self.tm_wake_tx.try_send(());
     }
 
     fn tenant_unregistered(&self, tenant: &str) {
         let Ok(id) = TenantId::parse(tenant) else {
-            tracing::warn!(tenant, "a tenant unregistered notice names an invalid tenant id; ignored");
+            tracing::warn!(
+                tenant,
+                "a tenant unregistered notice names an invalid tenant id; ignored"
+            );
             return;
         };
         tracing::info!(tenant = %id, "tenant unregistered: its tokens are refused from now on");

@@ -89,14 +89,20 @@ impl ScopeMapper {
                 "scope" => ClaimForm::Scope,
                 "scp" => ClaimForm::Scp,
                 "authorization.permissions" => ClaimForm::Permissions,
-                "realm_access.roles" => ClaimForm::Roles(vec!["realm_access".into(), "roles".into()]),
+                "realm_access.roles" => {
+                    ClaimForm::Roles(vec!["realm_access".into(), "roles".into()])
+                }
                 other => {
                     // resource_access.<client>.roles: the client ID may itself contain dots.
                     let client = other
                         .strip_prefix("resource_access.")
                         .and_then(|r| r.strip_suffix(".roles"))
                         .unwrap_or_default();
-                    ClaimForm::Roles(vec!["resource_access".into(), client.into(), "roles".into()])
+                    ClaimForm::Roles(vec![
+                        "resource_access".into(),
+                        client.into(),
+                        "roles".into(),
+                    ])
                 }
             })
             .collect();
@@ -219,8 +225,12 @@ mod tests {
 
     #[test]
     fn scope_string() {
-        let g = mapper(&["scope"]).grants(&json!({"scope": "openid endpoint:read  application:read profile"}));
-        assert_eq!(g.scopes, set(&[Scope::EndpointRead, Scope::ApplicationRead]));
+        let g = mapper(&["scope"])
+            .grants(&json!({"scope": "openid endpoint:read  application:read profile"}));
+        assert_eq!(
+            g.scopes,
+            set(&[Scope::EndpointRead, Scope::ApplicationRead])
+        );
         assert!(g.resource_scopes.is_empty());
     }
 
@@ -232,11 +242,15 @@ mod tests {
             set(&[Scope::EndpointDelete])
         );
         assert_eq!(
-            m.grants(&json!({"scp": "endpoint:update application:endpoint-filter:read"})).scopes,
+            m.grants(&json!({"scp": "endpoint:update application:endpoint-filter:read"}))
+                .scopes,
             set(&[Scope::EndpointUpdate, Scope::FilterRead])
         );
         // A claim not configured is not read.
-        assert!(m.grants(&json!({"scope": "endpoint:read"})).scopes.is_empty());
+        assert!(m
+            .grants(&json!({"scope": "endpoint:read"}))
+            .scopes
+            .is_empty());
     }
 
     #[test]
@@ -259,7 +273,10 @@ mod tests {
         .into_iter()
         .collect();
         assert_eq!(g.scopes, want);
-        assert!(!g.scopes.contains(Scope::EndpointDelete), "the other client's roles are not read");
+        assert!(
+            !g.scopes.contains(Scope::EndpointDelete),
+            "the other client's roles are not read"
+        );
     }
 
     #[test]
@@ -271,7 +288,9 @@ mod tests {
             },
             true,
         );
-        let g = m.grants(&json!({"realm_access": {"roles": ["ops", "endpoint-admin", "endpoint:read"]}}));
+        let g = m.grants(
+            &json!({"realm_access": {"roles": ["ops", "endpoint-admin", "endpoint:read"]}}),
+        );
         assert_eq!(g.scopes, set(&[Scope::EndpointDelete, Scope::EndpointRead]));
     }
 
@@ -291,7 +310,11 @@ mod tests {
         assert_eq!(g.scopes, set(&[Scope::ApplicationRead, Scope::FilterRead]));
         assert_eq!(
             g.resource_scopes.get("endpoint-e1"),
-            Some(&set(&[Scope::EndpointRead, Scope::EndpointUpdate, Scope::EndpointDelete]))
+            Some(&set(&[
+                Scope::EndpointRead,
+                Scope::EndpointUpdate,
+                Scope::EndpointDelete
+            ]))
         );
         assert_eq!(
             g.resource_scopes.get("application-demo"),
@@ -321,7 +344,13 @@ mod tests {
 
     #[test]
     fn malformed_claims_grant_nothing() {
-        let g = mapper(&["scope", "scp", "realm_access.roles", "authorization.permissions"]).grants(&json!({
+        let g = mapper(&[
+            "scope",
+            "scp",
+            "realm_access.roles",
+            "authorization.permissions",
+        ])
+        .grants(&json!({
             "scope": ["endpoint:read"], "scp": 5, "realm_access": "endpoint-admin",
             "authorization": {"permissions": {"rsname": "tenant-system"}}
         }));

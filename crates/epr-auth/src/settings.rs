@@ -151,10 +151,7 @@ pub const ALGORITHMS: [(&str, Algorithm); 9] = [
 
 /// An algorithm name of [`ALGORITHMS`].
 pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
-    ALGORITHMS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, a)| *a)
+    ALGORITHMS.iter().find(|(n, _)| *n == name).map(|(_, a)| *a)
 }
 
 /// The claim forms `auth.scopes.claims` may name (`resource_access.<client>.roles` has a
@@ -242,10 +239,15 @@ impl AuthSettings {
             return Err("auth.http_timeout_ms: must be between 100 and 120000".into());
         }
         if self.token_cache_entries > 10_000_000 {
-            return Err("auth.token_cache_entries: must be at most 10000000 (0 turns the cache off)".into());
+            return Err(
+                "auth.token_cache_entries: must be at most 10000000 (0 turns the cache off)".into(),
+            );
         }
         if self.scopes.claims.is_empty() && self.authorization {
-            return Err("auth.scopes.claims: must name at least one claim while auth.authorization is on".into());
+            return Err(
+                "auth.scopes.claims: must name at least one claim while auth.authorization is on"
+                    .into(),
+            );
         }
         for c in &self.scopes.claims {
             if !valid_scope_claim(c) {
@@ -278,7 +280,10 @@ impl AuthSettings {
         if !tm.token_url.is_empty() {
             check_url("auth.tenant_manager.token_url", &tm.token_url)?;
             if tm.client_id.is_empty() {
-                return Err("auth.tenant_manager.client_id: is required with auth.tenant_manager.token_url".into());
+                return Err(
+                    "auth.tenant_manager.client_id: is required with auth.tenant_manager.token_url"
+                        .into(),
+                );
             }
         }
         if !matches!(self.removed_tenant_data.as_str(), "keep" | "purge") {
@@ -315,8 +320,8 @@ fn scope_names() -> String {
 }
 
 fn check_url(key: &str, value: &str) -> Result<(), String> {
-    let url = reqwest::Url::parse(value)
-        .map_err(|e| format!("{key}: `{value}` is not a URL ({e})"))?;
+    let url =
+        reqwest::Url::parse(value).map_err(|e| format!("{key}: `{value}` is not a URL ({e})"))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!("{key}: `{value}` must be an http or https URL"));
     }
@@ -368,7 +373,10 @@ mod tests {
             t.id = "other".into();
             s.tenants.push(t);
         });
-        assert!(dup.starts_with("auth.tenants[1].issuer:") && dup.contains("tenant `acme`"), "{dup}");
+        assert!(
+            dup.starts_with("auth.tenants[1].issuer:") && dup.contains("tenant `acme`"),
+            "{dup}"
+        );
         assert!(err(|s| {
             let mut t = s.tenants[0].clone();
             t.issuer = "https://x".into();
@@ -380,22 +388,29 @@ mod tests {
             .starts_with("auth.algorithms: `HS256` is not accepted"));
         assert!(err(|s| s.algorithms = vec!["none".into()]).contains("`none` is not accepted"));
         assert!(err(|s| s.algorithms.clear()).starts_with("auth.algorithms:"));
-        assert!(err(|s| s.jwks_refresh_secs = 0).starts_with("auth.jwks_refresh_secs: must be at least 1"));
+        assert!(err(|s| s.jwks_refresh_secs = 0)
+            .starts_with("auth.jwks_refresh_secs: must be at least 1"));
         assert!(err(|s| s.jwks_min_refetch_secs = 0).starts_with("auth.jwks_min_refetch_secs:"));
         assert!(err(|s| s.http_timeout_ms = 5).starts_with("auth.http_timeout_ms:"));
         assert!(err(|s| s.leeway_secs = 3600).starts_with("auth.leeway_secs:"));
         assert!(err(|s| s.scopes.claims = vec!["groups".into()])
             .starts_with("auth.scopes.claims: `groups` is not a known claim form"));
         assert!(err(|s| {
-            s.scopes.roles.insert("admin".into(), vec!["endpoint:write".into()]);
+            s.scopes
+                .roles
+                .insert("admin".into(), vec!["endpoint:write".into()]);
         })
         .starts_with("auth.scopes.roles.admin: `endpoint:write` is not a scope"));
         assert!(err(|s| s.tenant_manager.url = "tm".into()).starts_with("auth.tenant_manager.url:"));
         assert!(err(|s| s.tenant_manager.refresh_secs = 0)
             .starts_with("auth.tenant_manager.refresh_secs: must be at least 1"));
-        assert!(err(|s| s.tenant_manager.page_size = 0).starts_with("auth.tenant_manager.page_size:"));
-        assert!(err(|s| s.tenant_manager.token_url = "http://kc/token".into())
-            .starts_with("auth.tenant_manager.client_id: is required"));
+        assert!(
+            err(|s| s.tenant_manager.page_size = 0).starts_with("auth.tenant_manager.page_size:")
+        );
+        assert!(
+            err(|s| s.tenant_manager.token_url = "http://kc/token".into())
+                .starts_with("auth.tenant_manager.client_id: is required")
+        );
         assert!(err(|s| s.removed_tenant_data = "delete".into())
             .starts_with("auth.removed_tenant_data: `delete` is not allowed; use keep or purge"));
         assert!(err(|s| s.open_routes = vec!["health".into()]).starts_with("auth.open_routes:"));
@@ -411,7 +426,13 @@ mod tests {
 
     #[test]
     fn scope_claim_forms() {
-        for c in ["scope", "scp", "realm_access.roles", "resource_access.kaa-rest.roles", "authorization.permissions"] {
+        for c in [
+            "scope",
+            "scp",
+            "realm_access.roles",
+            "resource_access.kaa-rest.roles",
+            "authorization.permissions",
+        ] {
             assert!(valid_scope_claim(c), "{c}");
         }
         for c in ["resource_access..roles", "resource_access.x", "roles"] {

@@ -121,7 +121,9 @@ impl TenantManager {
                 .await
                 .map_err(|e| format!("{url}: not JSON ({})", describe(&e)));
         }
-        Err(format!("{url}: HTTP 401 with a fresh service-account token"))
+        Err(format!(
+            "{url}: HTTP 401 with a fresh service-account token"
+        ))
     }
 
     /// The service-account token, cached until shortly before it expires.
@@ -245,6 +247,10 @@ impl TenantManager {
 
     /// A list was read at least once.
     pub fn ever_read(&self) -> bool {
-        self.status.lock().expect("tm status lock").last_ok.is_some()
+        self.status
+            .lock()
+            .expect("tm status lock")
+            .last_ok
+            .is_some()
     }
 }

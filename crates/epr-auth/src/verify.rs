@@ -66,11 +66,7 @@ impl Verifier {
         }
     }
 
-    async fn verify(
-        &self,
-        dir: &Directory,
-        token: &str,
-    ) -> Result<(Principal, Cached), AuthError> {
+    async fn verify(&self, dir: &Directory, token: &str) -> Result<(Principal, Cached), AuthError> {
         let header = match jsonwebtoken::decode_header(token) {
             Ok(h) => h,
             Err(_) => {
@@ -97,7 +93,9 @@ impl Verifier {
         let st = dir.state();
         let tenant = match st.by_issuer.get(iss) {
             Some(t) => t.clone(),
-            None if st.removed_issuers.contains_key(iss) => return Err(invalid("tenant unregistered")),
+            None if st.removed_issuers.contains_key(iss) => {
+                return Err(invalid("tenant unregistered"))
+            }
             None => return Err(invalid("unknown issuer")),
         };
         drop(st);
@@ -161,7 +159,9 @@ fn reason(kind: &ErrorKind) -> AuthError {
         ErrorKind::InvalidIssuer => "wrong issuer",
         ErrorKind::InvalidSignature => "bad signature",
         ErrorKind::MissingRequiredClaim(c) if c == "exp" => "the access token has no expiry (exp)",
-        ErrorKind::MissingRequiredClaim(c) if c == "aud" => "the access token has no audience (aud)",
+        ErrorKind::MissingRequiredClaim(c) if c == "aud" => {
+            "the access token has no audience (aud)"
+        }
         ErrorKind::MissingRequiredClaim(_) => "the access token lacks a required claim",
         ErrorKind::InvalidClaimFormat(_) => "a claim of the access token has the wrong type",
         ErrorKind::InvalidAlgorithm => "the key does not match the token algorithm",
