@@ -153,7 +153,7 @@ impl TokenBuilder {
     pub fn aud(self, aud: Value) -> Self {
         self.claim("aud", aud)
     }
-    pub fn sub(self, sub: &str) -> Self {
+    pub fn subject(self, sub: &str) -> Self {
         self.claim("sub", json!(sub))
     }
     /// `exp` = now + `secs` (negative: in the past).

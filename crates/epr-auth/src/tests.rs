@@ -61,7 +61,7 @@ async fn each_accepted_algorithm_verifies_and_selects_the_tenant() {
     let iss = TestIssuer::start(&[TestKey::Rsa1, TestKey::Ec1, TestKey::Ed1]).await;
     let a = auth(settings(&[("acme", &iss)]));
     for key in [TestKey::Rsa1, TestKey::Ec1, TestKey::Ed1] {
-        let tok = iss.token(key).sub("dev-1").scope("endpoint:read").sign();
+        let tok = iss.token(key).subject("dev-1").scope("endpoint:read").sign();
         let p = a
             .authenticate(&tok)
             .await
@@ -267,7 +267,7 @@ async fn rotated_away_keys_invalidate_cached_tokens_and_failed_refreshes_keep_ke
     // The issuer is down: the refresh fails, the keys stay.
     iss.set_available(false);
     refresh_keys(&a).await;
-    a.authenticate(&iss.token(TestKey::Rsa1).sub("fresh").sign())
+    a.authenticate(&iss.token(TestKey::Rsa1).subject("fresh").sign())
         .await
         .unwrap();
     assert_eq!(a.health().0, "UP");
@@ -445,7 +445,7 @@ async fn unregistered_tenants_are_refused_at_once_even_when_cached() {
     a.authenticate(&tok).await.unwrap();
     a.tenant_unregistered("acme");
     assert_eq!(invalid(a.authenticate(&tok).await), "tenant unregistered");
-    let fresh = acme.token(TestKey::Rsa1).sub("other").sign();
+    let fresh = acme.token(TestKey::Rsa1).subject("other").sign();
     assert_eq!(invalid(a.authenticate(&fresh).await), "tenant unregistered");
     assert!(rx.has_changed().unwrap());
     assert!(!rx.borrow_and_update().contains(&tid("acme")));
