@@ -41,6 +41,10 @@ use verify::Verifier;
 /// burst of notices costs one read.
 const TM_DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// After a failed Tenant Manager read, the next one comes this soon (or at the refresh
+/// interval, if shorter).
+const TM_RETRY: Duration = Duration::from_secs(5);
+
 /// The authenticator and tenant directory.
 pub struct Auth {
     settings: AuthSettings,
@@ -133,6 +137,7 @@ impl Auth {
         let every = Duration::from_secs(self.settings.tenant_manager.refresh_secs);
         let mut wake = self.tm_wake_rx.lock().expect("wake lock").take();
         loop {
+            let mut wait = every;
             if let Some(tm) = &self.tm {
                 let started = self.dir.read_started();
                 match tm.list(&self.verifier.http).await {
@@ -141,14 +146,16 @@ impl Auth {
                         self.publish();
                     }
                     // The last list stays: an outage of the Tenant Manager locks no one out.
+                    // The next attempt comes sooner than the refresh interval.
                     Err(e) => {
-                        tracing::warn!(error = %e, "reading the Tenant Manager failed; the last tenant list is kept")
+                        tracing::warn!(error = %e, "reading the Tenant Manager failed; the last tenant list is kept");
+                        wait = every.min(TM_RETRY);
                     }
                 }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(every), if self.tm.is_some() => {}
+                _ = tokio::time::sleep(wait), if self.tm.is_some() => {}
                 Some(()) = async { match wake.as_mut() { Some(w) => w.recv().await, None => std::future::pending().await } } => {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,

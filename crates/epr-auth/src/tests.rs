@@ -61,7 +61,11 @@ async fn each_accepted_algorithm_verifies_and_selects_the_tenant() {
     let iss = TestIssuer::start(&[TestKey::Rsa1, TestKey::Ec1, TestKey::Ed1]).await;
     let a = auth(settings(&[("acme", &iss)]));
     for key in [TestKey::Rsa1, TestKey::Ec1, TestKey::Ed1] {
-        let tok = iss.token(key).subject("dev-1").scope("endpoint:read").sign();
+        let tok = iss
+            .token(key)
+            .subject("dev-1")
+            .scope("endpoint:read")
+            .sign();
         let p = a
             .authenticate(&tok)
             .await
@@ -679,6 +683,25 @@ async fn configured_and_tenant_manager_tenants_merge() {
             .tenant,
         tid("t1")
     );
+    stop.cancel();
+    run.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tenant_manager_down_at_start_is_retried_before_the_refresh_interval() {
+    let i1 = TestIssuer::start(&[TestKey::Rsa1]).await;
+    let tm = TestTenantManager::start().await;
+    tm.set_tenants(vec![tm_tenant("t1", i1.url(), "AVAILABLE")]);
+    tm.set_available(false);
+    let a = auth(tm_settings(&tm)); // refresh_secs: 3600
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(a.clone().run(stop.clone()));
+    eventually(|| tm.requests() == 1).await;
+    assert_eq!(a.health().0, "DOWN");
+    tm.set_available(true);
+    tokio::time::sleep(crate::TM_RETRY).await;
+    eventually(|| ids(&a) == ["t1"]).await;
+    assert_eq!(tm.requests(), 2);
     stop.cancel();
     run.await.unwrap();
 }
