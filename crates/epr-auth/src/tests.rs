@@ -705,3 +705,17 @@ async fn a_tenant_manager_down_at_start_is_retried_before_the_refresh_interval()
     stop.cancel();
     run.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_fractional_exp_is_accepted_and_cached() {
+    let iss = TestIssuer::start(&[TestKey::Rsa1]).await;
+    let a = auth(settings(&[("acme", &iss)]));
+    let exp = crate::testkit::now() as f64 + 300.5;
+    let tok = iss.token(TestKey::Rsa1).claim("exp", json!(exp)).sign();
+    // NumericDate may be fractional (RFC 7519): accepted, and the cached copy keeps the
+    // expiry in seconds.
+    let p = a.authenticate(&tok).await.unwrap();
+    assert_eq!(p.expires_at_ms, Some((exp as i64) * 1000));
+    a.authenticate(&tok).await.unwrap();
+    assert_eq!(a.verifier.cache.len(), 1);
+}

@@ -119,7 +119,11 @@ impl Verifier {
             match jsonwebtoken::decode::<Value>(token, &k.key, &validation) {
                 Ok(data) => {
                     let claims = data.claims;
-                    let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+                    // Checked present and numeric by `decode`; a fractional `exp` is cut to seconds.
+                    let exp = claims
+                        .get("exp")
+                        .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)))
+                        .unwrap_or(0);
                     let grants = self.mapper.grants(&claims);
                     let principal = Principal {
                         tenant: tenant.spec.id.clone(),
