@@ -1,6 +1,7 @@
 //! One issuer's signing keys: discovered from its OpenID configuration, fetched as a
 //! JWKS, cached by `kid`, re-read periodically and on an unknown `kid` (rate-limited).
 
+use crate::http::HttpClient;
 use crate::settings::parse_algorithm;
 use jsonwebtoken::jwk::{Jwk, ThumbprintHash};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
@@ -125,7 +126,7 @@ impl IssuerKeys {
     /// `jwks_min_refetch_secs`.
     pub async fn find(
         &self,
-        http: &reqwest::Client,
+        http: &HttpClient,
         kid: Option<&str>,
         alg: Algorithm,
     ) -> Result<Vec<Arc<KeyEntry>>, KeyMiss> {
@@ -167,12 +168,12 @@ impl IssuerKeys {
     }
 
     /// Re-read the keys now (periodic refresh). A failure keeps the old keys.
-    pub async fn refresh(&self, http: &reqwest::Client) -> Result<(), String> {
+    pub async fn refresh(&self, http: &HttpClient) -> Result<(), String> {
         let _gate = self.fetch_gate.lock().await;
         self.fetch_locked(http).await
     }
 
-    async fn fetch_locked(&self, http: &reqwest::Client) -> Result<(), String> {
+    async fn fetch_locked(&self, http: &HttpClient) -> Result<(), String> {
         self.state.write().expect("key state lock").last_attempt = Some(Instant::now());
         let result = self.fetch(http).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
@@ -205,7 +206,7 @@ impl IssuerKeys {
 
     async fn fetch(
         &self,
-        http: &reqwest::Client,
+        http: &HttpClient,
     ) -> Result<(HashMap<String, Arc<KeyEntry>>, String), String> {
         let discovered = self
             .state
@@ -218,7 +219,7 @@ impl IssuerKeys {
             (None, Some(u)) => u,
             (None, None) => self.discover(http).await?,
         };
-        let body: Value = get_json(http, &uri).await?;
+        let body: Value = http.get_json(&uri).await?;
         let keys = body
             .get("keys")
             .and_then(Value::as_array)
@@ -238,12 +239,12 @@ impl IssuerKeys {
         Ok((out, uri))
     }
 
-    async fn discover(&self, http: &reqwest::Client) -> Result<String, String> {
+    async fn discover(&self, http: &HttpClient) -> Result<String, String> {
         let url = format!(
             "{}/.well-known/openid-configuration",
             self.issuer.trim_end_matches('/')
         );
-        let doc = get_json(http, &url).await?;
+        let doc = http.get_json(&url).await?;
         doc.get("jwks_uri")
             .and_then(Value::as_str)
             .map(str::to_owned)
@@ -308,33 +309,4 @@ impl IssuerKeys {
     pub fn is_loaded(&self) -> bool {
         self.state.read().expect("key state lock").loaded
     }
-}
-
-/// GET a JSON document; the error names the URL and what went wrong.
-pub(crate) async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String> {
-    let resp = http
-        .get(url)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {}", describe(&e)))?;
-    if !resp.status().is_success() {
-        return Err(format!("{url}: HTTP {}", resp.status().as_u16()));
-    }
-    resp.json::<Value>()
-        .await
-        .map_err(|e| format!("{url}: not JSON ({})", describe(&e)))
-}
-
-/// A reqwest error with its causes (reqwest's own message is often just "error sending
-/// request").
-pub(crate) fn describe(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

@@ -11,6 +11,7 @@
 
 mod cache;
 mod directory;
+mod http;
 mod jwks;
 pub mod scopes;
 mod settings;
@@ -65,15 +66,7 @@ impl Auth {
     /// Build from settings (validated). No I/O yet: [`Auth::run`] fetches.
     pub fn new(settings: AuthSettings, default_tenant: TenantId) -> Result<Arc<Auth>, String> {
         settings.validate()?;
-        // reqwest is built without a bundled rustls provider; the process uses ring (which
-        // async-nats links too). Installing fails harmlessly when one is installed already.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(settings.http_timeout_ms))
-            .connect_timeout(Duration::from_millis(settings.http_timeout_ms))
-            .user_agent(concat!("epr/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("auth: the HTTP client cannot be built: {e}"))?;
+        let http = http::HttpClient::new(Duration::from_millis(settings.http_timeout_ms));
         let mut config = Vec::new();
         for (i, t) in settings.tenants.iter().enumerate() {
             let id = TenantId::parse(&t.id).map_err(|e| format!("auth.tenants[{i}].id: {e}"))?;

@@ -320,15 +320,9 @@ fn scope_names() -> String {
 }
 
 fn check_url(key: &str, value: &str) -> Result<(), String> {
-    let url =
-        reqwest::Url::parse(value).map_err(|e| format!("{key}: `{value}` is not a URL ({e})"))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("{key}: `{value}` must be an http or https URL"));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{key}: `{value}` has no host"));
-    }
-    Ok(())
+    crate::http::parse(value)
+        .map(|_| ())
+        .map_err(|e| format!("{key}: {e}"))
 }
 
 #[cfg(test)]

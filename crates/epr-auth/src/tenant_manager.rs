@@ -2,7 +2,7 @@
 //! by page, with an optional service-account token (client credentials grant).
 
 use crate::directory::TenantSpec;
-use crate::jwks::describe;
+use crate::http::HttpClient;
 use crate::settings::TenantManagerSettings;
 use epr_core::ids::TenantId;
 use serde_json::Value;
@@ -54,7 +54,7 @@ impl TenantManager {
 
     /// Every usable tenant; an error if any page could not be read (the caller keeps the
     /// last list).
-    pub async fn list(&self, http: &reqwest::Client) -> Result<Vec<TenantSpec>, String> {
+    pub async fn list(&self, http: &HttpClient) -> Result<Vec<TenantSpec>, String> {
         let result = self.list_inner(http).await;
         let mut st = self.status.lock().expect("tm status lock");
         match &result {
@@ -70,7 +70,7 @@ impl TenantManager {
         result
     }
 
-    async fn list_inner(&self, http: &reqwest::Client) -> Result<Vec<TenantSpec>, String> {
+    async fn list_inner(&self, http: &HttpClient) -> Result<Vec<TenantSpec>, String> {
         let mut raw = Vec::new();
         let mut offset: u64 = 0;
         for _ in 0..MAX_PAGES {
@@ -97,29 +97,19 @@ impl TenantManager {
         Err(format!("{}/tenants: more than {MAX_PAGES} pages", self.url))
     }
 
-    async fn get_page(&self, http: &reqwest::Client, url: &str) -> Result<Value, String> {
+    async fn get_page(&self, http: &HttpClient, url: &str) -> Result<Value, String> {
         for attempt in 0..2 {
-            let mut req = http.get(url).header("accept", "application/json");
-            if let Some(t) = self.bearer(http).await? {
-                req = req.bearer_auth(t);
-            }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| format!("{url}: {}", describe(&e)))?;
-            let status = resp.status();
-            if status.as_u16() == 401 && attempt == 0 && !self.token_url.is_empty() {
+            let bearer = self.bearer(http).await?;
+            let a = http.get(url, bearer.as_deref()).await?;
+            if a.status == 401 && attempt == 0 && !self.token_url.is_empty() {
                 // The service-account token may have been revoked early: get a new one once.
                 *self.token.lock().expect("token lock") = None;
                 continue;
             }
-            if !status.is_success() {
-                return Err(format!("{url}: HTTP {}", status.as_u16()));
+            if !(200..300).contains(&a.status) {
+                return Err(format!("{url}: HTTP {}", a.status));
             }
-            return resp
-                .json()
-                .await
-                .map_err(|e| format!("{url}: not JSON ({})", describe(&e)));
+            return a.json;
         }
         Err(format!(
             "{url}: HTTP 401 with a fresh service-account token"
@@ -127,7 +117,7 @@ impl TenantManager {
     }
 
     /// The service-account token, cached until shortly before it expires.
-    async fn bearer(&self, http: &reqwest::Client) -> Result<Option<String>, String> {
+    async fn bearer(&self, http: &HttpClient) -> Result<Option<String>, String> {
         if self.token_url.is_empty() {
             return Ok(None);
         }
@@ -142,24 +132,14 @@ impl TenantManager {
             .append_pair("client_secret", &self.client_secret)
             .finish();
         let url = &self.token_url;
-        let resp = http
-            .post(url)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("accept", "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {}", describe(&e)))?;
-        if !resp.status().is_success() {
+        let a = http.post_form(url, body).await?;
+        if !(200..300).contains(&a.status) {
             return Err(format!(
                 "{url}: the client credentials grant failed with HTTP {}",
-                resp.status().as_u16()
+                a.status
             ));
         }
-        let v: Value = resp
-            .json()
-            .await
-            .map_err(|e| format!("{url}: not JSON ({})", describe(&e)))?;
+        let v = a.json?;
         let token = v
             .get("access_token")
             .and_then(Value::as_str)
@@ -199,7 +179,7 @@ impl TenantManager {
                 tracing::debug!(tenant = %id, "tenant without an issuer yet");
                 continue;
             }
-            if reqwest::Url::parse(issuer).is_err() {
+            if crate::http::parse(issuer).is_err() {
                 tracing::warn!(tenant = %id, issuer, "the tenant's issuer is not a URL; skipped");
                 continue;
             }

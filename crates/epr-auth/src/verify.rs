@@ -17,7 +17,7 @@ pub struct Verifier {
     pub leeway: u64,
     pub mapper: ScopeMapper,
     pub cache: TokenCache,
-    pub http: reqwest::Client,
+    pub http: crate::http::HttpClient,
 }
 
 fn invalid(reason: &str) -> AuthError {
