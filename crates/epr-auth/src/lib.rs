@@ -4,185 +4,205 @@
 //! - [`Auth`]: implements [`epr_core::auth::Authenticator`] (token → principal) and
 //!   [`epr_core::auth::TenantControl`] (21/TLE notices); publishes the tenant set.
 //!
-//! SKELETON: the public API is settled; the implementation is being written.
+//! Modules: `settings` (the section, validation), `jwks` (an issuer's keys), `verify`
+//! (token checks), `cache` (verified tokens), `scopes` (claims → scopes), `directory`
+//! (tenants and the unregistration rule), `tenant_manager` (Kaa's Tenant Manager client),
+//! `testkit` (feature `testkit`: loopback issuer, minter and Tenant Manager).
+
+mod cache;
+mod directory;
+mod http;
+mod jwks;
+pub mod scopes;
+mod settings;
+mod tenant_manager;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
+#[cfg(test)]
+mod tests;
+mod verify;
+
+pub use settings::{
+    AuthSettings, ScopeSettings, TenantManagerSettings, TenantSettings, ALGORITHMS,
+};
 
 use async_trait::async_trait;
-use epr_core::auth::{
-    AuthError, Authenticator, Principal, TenantControl, TenantInfo, TenantSnapshot,
-};
+use directory::{Directory, TenantSpec};
+use epr_core::auth::{AuthError, Authenticator, Principal, TenantControl, TenantSnapshot};
 use epr_core::ids::TenantId;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use futures_util::future::join_all;
 use std::sync::Arc;
-use tokio::sync::watch;
+use std::time::Duration;
+use tenant_manager::TenantManager;
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
+use verify::Verifier;
 
-/// The `auth` configuration section. Authentication is on when at least one tenant has an
-/// issuer or a Tenant Manager URL is set.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthSettings {
-    /// Tenants and their issuers, from configuration.
-    pub tenants: Vec<TenantSettings>,
-    /// Audiences accepted when a tenant names none: a token's `aud` must contain one.
-    pub audiences: Vec<String>,
-    /// Clock skew allowed on `exp` and `nbf`, in seconds.
-    pub leeway_secs: u64,
-    /// Signature algorithms accepted (of RS256, RS384, RS512, PS256, PS384, PS512, ES256,
-    /// ES384, EdDSA). `none` and HMAC are never accepted.
-    pub algorithms: Vec<String>,
-    /// How often an issuer's keys are re-read, in seconds.
-    pub jwks_refresh_secs: u64,
-    /// A token with an unknown `kid` makes the keys be re-read at most once per this many
-    /// seconds per issuer.
-    pub jwks_min_refetch_secs: u64,
-    /// Timeout of calls to issuers and the Tenant Manager, in milliseconds.
-    pub http_timeout_ms: u64,
-    /// Checked tokens remembered (until they expire), so a token's signature is verified
-    /// once, not on every request.
-    pub token_cache_entries: usize,
-    /// `false`: authentication without authorization (any valid token of the tenant may do
-    /// everything in it).
-    pub authorization: bool,
-    pub scopes: ScopeSettings,
-    pub tenant_manager: TenantManagerSettings,
-    /// What happens to an unregistered tenant's data: `keep` or `purge` (endpoints and
-    /// filters deleted in the background, with their events).
-    pub removed_tenant_data: String,
-    /// Allow a non-loopback listener without authentication.
-    pub insecure_allow_remote: bool,
-    /// Routes served without a token (exact paths).
-    pub open_routes: Vec<String>,
-}
+/// How long a `tenant_updated` notice waits for others before the list is re-read, so a
+/// burst of notices costs one read.
+const TM_DEBOUNCE: Duration = Duration::from_millis(200);
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TenantSettings {
-    pub id: String,
-    /// The issuer URL, exactly as in the tokens' `iss`; its OpenID configuration is at
-    /// `<issuer>/.well-known/openid-configuration`.
-    pub issuer: String,
-    /// Audiences accepted for this tenant; empty: `auth.audiences`.
-    pub audiences: Vec<String>,
-    /// Where the keys are, if not discoverable from the issuer.
-    pub jwks_uri: String,
-}
-
-/// Where a token's scopes come from.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ScopeSettings {
-    /// `scope` (space-separated string), `scp` (array or string), `realm_access.roles`,
-    /// `resource_access.<client>.roles`, or `authorization.permissions` (Keycloak UMA
-    /// RPT: `[{rsname, scopes}]`, scopes per resource).
-    pub claims: Vec<String>,
-    /// Roles (or any claim value) that grant scopes, e.g. `endpoint-admin` → all endpoint
-    /// scopes. A value that is itself a scope name grants that scope.
-    pub roles: BTreeMap<String, Vec<String>>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TenantManagerSettings {
-    /// Base URL of the Tenant Manager REST API (e.g. `http://tenant-manager/api/v1`);
-    /// empty: tenants come from configuration only.
-    pub url: String,
-    /// How often the tenant list is re-read, in seconds.
-    pub refresh_secs: u64,
-    /// Tenants per page (`limit`).
-    pub page_size: u32,
-    /// Service account for the Tenant Manager (OAuth 2.0 client credentials grant);
-    /// empty token URL: no `Authorization` header.
-    pub token_url: String,
-    pub client_id: String,
-    pub client_secret: String,
-}
-
-impl Default for AuthSettings {
-    fn default() -> Self {
-        Self {
-            tenants: Vec::new(),
-            audiences: vec!["kaa-rest-api".into()],
-            leeway_secs: 30,
-            algorithms: vec!["RS256".into(), "ES256".into(), "EdDSA".into()],
-            jwks_refresh_secs: 300,
-            jwks_min_refetch_secs: 10,
-            http_timeout_ms: 5000,
-            token_cache_entries: 100_000,
-            authorization: true,
-            scopes: ScopeSettings::default(),
-            tenant_manager: TenantManagerSettings::default(),
-            removed_tenant_data: "keep".into(),
-            insecure_allow_remote: false,
-            open_routes: vec![
-                "/health".into(),
-                "/health/live".into(),
-                "/health/ready".into(),
-                "/metrics".into(),
-                "/openapi.json".into(),
-            ],
-        }
-    }
-}
-
-impl Default for ScopeSettings {
-    fn default() -> Self {
-        Self {
-            claims: vec!["scope".into(), "realm_access.roles".into()],
-            roles: BTreeMap::new(),
-        }
-    }
-}
-
-impl Default for TenantManagerSettings {
-    fn default() -> Self {
-        Self {
-            url: String::new(),
-            refresh_secs: 60,
-            page_size: 50,
-            token_url: String::new(),
-            client_id: String::new(),
-            client_secret: String::new(),
-        }
-    }
-}
-
-impl AuthSettings {
-    /// Whether tokens are required.
-    pub fn enabled(&self) -> bool {
-        self.tenants.iter().any(|t| !t.issuer.is_empty()) || !self.tenant_manager.url.is_empty()
-    }
-
-    /// Check the section; the error names the key and the rule.
-    pub fn validate(&self) -> Result<(), String> {
-        Ok(())
-    }
-}
+/// After a failed Tenant Manager read, the next one comes this soon (or at the refresh
+/// interval, if shorter).
+const TM_RETRY: Duration = Duration::from_secs(5);
 
 /// The authenticator and tenant directory.
 pub struct Auth {
     settings: AuthSettings,
     default_tenant: TenantId,
     tenants_tx: watch::Sender<Arc<TenantSnapshot>>,
+    dir: Directory,
+    verifier: Verifier,
+    tm: Option<TenantManager>,
+    /// `tenant_updated`: re-read the Tenant Manager now. Capacity 1: notices arriving
+    /// while one is pending coalesce; the receiver is taken by [`Auth::run`].
+    tm_wake_tx: mpsc::Sender<()>,
+    tm_wake_rx: std::sync::Mutex<Option<mpsc::Receiver<()>>>,
+    /// New issuers appeared: fetch their keys now.
+    keys_wake: Notify,
 }
 
 impl Auth {
     /// Build from settings (validated). No I/O yet: [`Auth::run`] fetches.
     pub fn new(settings: AuthSettings, default_tenant: TenantId) -> Result<Arc<Auth>, String> {
         settings.validate()?;
-        let (tenants_tx, _) =
-            watch::channel(Arc::new(initial_tenants(&settings, &default_tenant)?));
+        let http = http::HttpClient::new(Duration::from_millis(settings.http_timeout_ms));
+        let mut config = Vec::new();
+        for (i, t) in settings.tenants.iter().enumerate() {
+            let id = TenantId::parse(&t.id).map_err(|e| format!("auth.tenants[{i}].id: {e}"))?;
+            config.push(TenantSpec {
+                id,
+                issuer: t.issuer.clone(),
+                audiences: if t.audiences.is_empty() {
+                    settings.audiences.clone()
+                } else {
+                    t.audiences.clone()
+                },
+                jwks_uri: (!t.jwks_uri.is_empty()).then(|| t.jwks_uri.clone()),
+            });
+        }
+        let accepted = settings.algorithm_list();
+        let dir = Directory::new(
+            config,
+            accepted.clone(),
+            Duration::from_secs(settings.jwks_min_refetch_secs),
+        );
+        let snapshot = if settings.enabled() {
+            dir.snapshot()
+        } else {
+            TenantSnapshot::single(default_tenant.clone())
+        };
+        let (tenants_tx, _) = watch::channel(Arc::new(snapshot));
+        let tm = (!settings.tenant_manager.url.is_empty())
+            .then(|| TenantManager::new(&settings.tenant_manager, settings.audiences.clone()));
+        let verifier = Verifier {
+            accepted,
+            leeway: settings.leeway_secs,
+            mapper: scopes::ScopeMapper::new(&settings.scopes, settings.authorization),
+            cache: cache::TokenCache::new(settings.token_cache_entries),
+            http,
+        };
+        let (tm_wake_tx, tm_wake_rx) = mpsc::channel(1);
         Ok(Arc::new(Auth {
             settings,
             default_tenant,
             tenants_tx,
+            dir,
+            verifier,
+            tm,
+            tm_wake_tx,
+            tm_wake_rx: std::sync::Mutex::new(Some(tm_wake_rx)),
+            keys_wake: Notify::new(),
         }))
     }
 
     /// Background work until `shutdown`: the first tenant list and key fetch, periodic
     /// refreshes of tenants and keys.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        shutdown.cancelled().await;
+        if !self.settings.enabled() {
+            shutdown.cancelled().await;
+            return;
+        }
+        tokio::join!(self.tenants_loop(&shutdown), self.keys_loop(&shutdown));
+    }
+
+    async fn tenants_loop(&self, shutdown: &CancellationToken) {
+        let every = Duration::from_secs(self.settings.tenant_manager.refresh_secs);
+        let mut wake = self.tm_wake_rx.lock().expect("wake lock").take();
+        loop {
+            let mut wait = every;
+            if let Some(tm) = &self.tm {
+                let started = self.dir.read_started();
+                match tm.list(&self.verifier.http).await {
+                    Ok(list) => {
+                        self.dir.apply_tm(list, started);
+                        self.publish();
+                    }
+                    // The last list stays: an outage of the Tenant Manager locks no one out.
+                    // The next attempt comes sooner than the refresh interval.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the Tenant Manager failed; the last tenant list is kept");
+                        wait = every.min(TM_RETRY);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait), if self.tm.is_some() => {}
+                Some(()) = async { match wake.as_mut() { Some(w) => w.recv().await, None => std::future::pending().await } } => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(TM_DEBOUNCE) => {}
+                    }
+                    // Notices of the burst that arrived meanwhile are served by this read.
+                    if let Some(w) = wake.as_mut() {
+                        while w.try_recv().is_ok() {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn keys_loop(&self, shutdown: &CancellationToken) {
+        let every = Duration::from_secs(self.settings.jwks_refresh_secs);
+        let mut next_full = tokio::time::Instant::now();
+        loop {
+            let full = tokio::time::Instant::now() >= next_full;
+            if full {
+                next_full = tokio::time::Instant::now() + every;
+            }
+            let issuers: Vec<_> = self
+                .dir
+                .issuers()
+                .into_iter()
+                .filter(|k| full || !k.ever_attempted())
+                .collect();
+            let http = &self.verifier.http;
+            join_all(issuers.iter().map(|k| k.refresh(http))).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(next_full) => {}
+                _ = self.keys_wake.notified() => {}
+            }
+        }
+    }
+
+    /// Publish the directory's tenants if they changed.
+    fn publish(&self) {
+        let next = self.dir.snapshot();
+        let count = next.tenants.len();
+        let changed = self.tenants_tx.send_if_modified(|cur| {
+            if **cur == next {
+                return false;
+            }
+            *cur = Arc::new(next);
+            true
+        });
+        if changed {
+            metrics::gauge!("epr_auth_tenants").set(count as f64);
+            tracing::info!(tenants = count, "tenant list changed");
+            self.keys_wake.notify_one();
+        }
     }
 
     /// The current tenants, updated whenever they change.
@@ -191,13 +211,25 @@ impl Auth {
     }
 
     /// For readiness: `UP`, `DOWN` or `DISABLED`, and details (issuers and their key fetch
-    /// state, Tenant Manager state).
+    /// state, Tenant Manager state). `DOWN` while no tenant can be served: the Tenant
+    /// Manager never answered and no tenant is configured, or no issuer's keys were ever
+    /// loaded. One issuer without keys answers 503 for its tenant only; it shows here.
     pub fn health(&self) -> (&'static str, serde_json::Value) {
-        if self.settings.enabled() {
-            ("UP", serde_json::json!({}))
-        } else {
-            ("DISABLED", serde_json::json!({}))
+        if !self.settings.enabled() {
+            return ("DISABLED", serde_json::json!({}));
         }
+        let issuers = self.dir.issuers();
+        let any_loaded = issuers.iter().any(|k| k.is_loaded());
+        let tm_ok =
+            self.tm.as_ref().is_none_or(|t| t.ever_read()) || !self.settings.tenants.is_empty();
+        let status = if tm_ok && any_loaded { "UP" } else { "DOWN" };
+        let details = serde_json::json!({
+            "tenants": self.dir.state().by_id.len(),
+            "issuers": issuers.iter().map(|k| k.health()).collect::<Vec<_>>(),
+            "tenant_manager": self.tm.as_ref().map(|t| t.health()),
+            "token_cache_entries": self.verifier.cache.len(),
+        });
+        (status, details)
     }
 }
 
@@ -207,48 +239,41 @@ impl Authenticator for Auth {
         self.settings.enabled()
     }
 
-    async fn authenticate(&self, _token: &str) -> Result<Principal, AuthError> {
+    async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
         if !self.settings.enabled() {
             return Ok(Principal::anonymous(self.default_tenant.clone()));
         }
-        Err(AuthError::Unavailable("not implemented yet".into()))
+        let r = self.verifier.authenticate(&self.dir, token).await;
+        let outcome = match &r {
+            Ok(_) => "ok",
+            Err(AuthError::Unavailable(_)) => "unavailable",
+            Err(_) => "invalid",
+        };
+        metrics::counter!("epr_auth_tokens_total", "outcome" => outcome).increment(1);
+        r
     }
-}
-
-/// Authentication off: the default tenant alone. On: the configured tenants (the Tenant
-/// Manager's are added by [`Auth::run`]).
-fn initial_tenants(settings: &AuthSettings, default: &TenantId) -> Result<TenantSnapshot, String> {
-    if !settings.enabled() {
-        return Ok(TenantSnapshot::single(default.clone()));
-    }
-    let mut snap = TenantSnapshot::default();
-    for (i, t) in settings.tenants.iter().enumerate() {
-        let id = TenantId::parse(&t.id).map_err(|e| format!("auth.tenants[{i}].id: {e}"))?;
-        snap.tenants.insert(
-            id.clone(),
-            TenantInfo {
-                id,
-                issuer: Some(t.issuer.clone()),
-            },
-        );
-    }
-    Ok(snap)
 }
 
 impl TenantControl for Auth {
-    fn tenant_updated(&self, _tenant: &str) {}
+    fn tenant_updated(&self, tenant: &str) {
+        if let Ok(id) = TenantId::parse(tenant) {
+            self.dir.updated(&id);
+            self.publish();
+        }
+        // Full: a re-read is pending already.
+        let _ = self.tm_wake_tx.try_send(());
+    }
+
     fn tenant_unregistered(&self, tenant: &str) {
-        self.tenants_tx.send_if_modified(|snap| {
-            let Ok(id) = TenantId::parse(tenant) else {
-                return false;
-            };
-            if !snap.contains(&id) {
-                return false;
-            }
-            let mut next = (**snap).clone();
-            next.tenants.remove(&id);
-            *snap = Arc::new(next);
-            true
-        });
+        let Ok(id) = TenantId::parse(tenant) else {
+            tracing::warn!(
+                tenant,
+                "a tenant unregistered notice names an invalid tenant id; ignored"
+            );
+            return;
+        };
+        tracing::info!(tenant = %id, "tenant unregistered: its tokens are refused from now on");
+        self.dir.unregister(id);
+        self.publish();
     }
 }

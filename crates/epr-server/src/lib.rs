@@ -423,8 +423,6 @@ impl Application {
         if let Some(purge) = &self.purge {
             purge.shutdown().await;
         }
-        auth_stop.cancel();
-        let _ = auth_task.await;
         // Publish what the last requests committed while the store can still acknowledge;
         // anything left goes out at the next start.
         let _ = relay_stop_tx.send(true);

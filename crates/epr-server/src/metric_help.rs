@@ -219,6 +219,28 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         Gauge,
         "Always 1; the labels name the version, git commit and compiler of this build.",
     ),
+    // epr-auth
+    (
+        "epr_auth_tokens_total",
+        Counter,
+        "Bearer tokens checked, by outcome (ok, invalid, unavailable: the issuer's keys could not be fetched).",
+    ),
+    (
+        "epr_auth_jwks_fetches_total",
+        Counter,
+        "Fetches of an issuer's signing keys (JWKS), by outcome (ok, error).",
+    ),
+    (
+        "epr_auth_token_cache_entries",
+        Gauge,
+        "Verified tokens remembered (auth.token_cache_entries at most).",
+    ),
+    (
+        "epr_auth_tenant_manager_reads_total",
+        Counter,
+        "Complete reads of the Tenant Manager's tenant list, by outcome (ok, error).",
+    ),
+    ("epr_auth_tenants", Gauge, "Tenants whose tokens are accepted."),
 ];
 
 /// Registers the description of every metric with the installed recorder.
