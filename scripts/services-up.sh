@@ -12,6 +12,8 @@ need=()
 command -v nats-server >/dev/null || need+=(nats-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v curl >/dev/null || need+=(curl)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   echo "installing ${need[*]}" >&2
@@ -42,7 +44,15 @@ as_pg "$PGBIN/pg_ctl" -D "$RUN_DIR/pg/data" status >/dev/null 2>&1 || \
         -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $RUN_DIR/pg" start >/dev/null
 "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres
 
+# The real OpenID provider of the end-to-end authentication tests (npm `oidc-provider`,
+# pinned by its package-lock.json).
+OIDC_DIR="$(cd "$(dirname "$0")/.." && pwd)/crates/epr-server/tests/oidc"
+if [ ! -f "$OIDC_DIR/node_modules/oidc-provider/package.json" ]; then
+  (cd "$OIDC_DIR" && npm ci --no-audit --no-fund --loglevel=error >&2)
+fi
+
 echo "export EPR_TEST_NATS_URL=nats://127.0.0.1:$NATS_PORT"
 # Tests that stop and restart a broker (outage, crash) start their own from this binary.
 echo "export EPR_TEST_NATS_BIN=$NATS_BIN"
 echo "export EPR_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+echo "export EPR_TEST_OIDC_PROVIDER=$OIDC_DIR/provider.mjs"

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/services-up.sh)"
-export EPR_TEST_NATS_URL EPR_TEST_NATS_BIN EPR_TEST_DATABASE_URL
+export EPR_TEST_NATS_URL EPR_TEST_NATS_BIN EPR_TEST_DATABASE_URL EPR_TEST_OIDC_PROVIDER
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
