@@ -1,0 +1,416 @@
+//! The listing index of the embedded store: for every (tenant, application), compressed
+//! bitmaps of endpoint incarnations by application version, by metadata key (present) and by
+//! metadata value (top-level values of every JSON type, keyed by a canonical JSON text).
+//!
+//! Why in memory rather than a SQLite table: a table keyed by value would add one B-tree
+//! insert per metadata key to every registration, each on a different "last page" of its
+//! value's range, so a commit group would write about twice the WAL pages it writes today;
+//! bitmaps cost the writer a few microseconds and nothing on disk, answer `totalElements`
+//! exactly (a bitmap's cardinality) and evaluate `!=`, `key` and `!key` as set algebra.
+//! The price: the index is rebuilt from the `endpoints` table when the store opens (about
+//! a second per million endpoints, BENCHMARKS.md) and it takes memory (a few bytes per
+//! endpoint and key for low-cardinality keys, ~70 bytes per distinct value otherwise).
+//!
+//! The writer applies a group's changes after the group commits and before it answers, so a
+//! listing that starts after a write was acknowledged sees it. A listing that runs beside a
+//! write may read the index before and the row after it (or the reverse): rows are checked
+//! again with the reference semantics ([`EndpointQuery::matches`]) and dropped if they no
+//! longer match, so a page never holds a wrong endpoint.
+
+use epr_core::endpoint::Endpoint;
+use epr_core::ids::TenantId;
+use epr_core::query::{EndpointQuery, MetadataCondition, PageRequest};
+use roaring::RoaringTreemap;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+/// One endpoint's change, applied once its transaction committed.
+#[derive(Debug, Clone)]
+pub(crate) struct IndexChange {
+    pub tenant: TenantId,
+    pub old: Option<Endpoint>,
+    pub new: Option<Endpoint>,
+}
+
+/// The incarnations holding one value: most values of a high-cardinality key (serial
+/// numbers) belong to one endpoint, and a bitmap for one would cost hundreds of bytes.
+#[derive(Debug, Clone)]
+enum Posting {
+    One(u64),
+    Many(RoaringTreemap),
+}
+
+impl Posting {
+    fn insert(&mut self, inc: u64) {
+        match self {
+            Self::One(one) if *one == inc => {}
+            Self::One(one) => {
+                let mut set = RoaringTreemap::new();
+                set.insert(*one);
+                set.insert(inc);
+                *self = Self::Many(set);
+            }
+            Self::Many(set) => {
+                set.insert(inc);
+            }
+        }
+    }
+
+    /// Removes `inc`; true when nothing is left.
+    fn remove(&mut self, inc: u64) -> bool {
+        match self {
+            Self::One(one) => *one == inc,
+            Self::Many(set) => {
+                set.remove(inc);
+                set.is_empty()
+            }
+        }
+    }
+
+    fn union_into(&self, out: &mut RoaringTreemap) {
+        match self {
+            Self::One(one) => {
+                out.insert(*one);
+            }
+            Self::Many(set) => *out |= set,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct KeyIndex {
+    present: RoaringTreemap,
+    values: HashMap<Box<str>, Posting>,
+}
+
+#[derive(Debug, Default)]
+struct AppIndex {
+    all: RoaringTreemap,
+    versions: HashMap<String, RoaringTreemap>,
+    keys: HashMap<String, KeyIndex>,
+}
+
+type Tenants = HashMap<String, HashMap<String, AppIndex>>;
+
+/// The index, shared by the writer (which updates it) and the readers.
+#[derive(Debug, Default)]
+pub(crate) struct MetaIndex {
+    tenants: RwLock<Tenants>,
+}
+
+/// A page picked from the index: the incarnations to read, in listing order.
+#[derive(Debug, PartialEq)]
+pub(crate) struct IndexPage {
+    pub total: u64,
+    pub incarnations: Vec<i64>,
+    /// Whether matches remain after the page's last one.
+    pub more: bool,
+}
+
+/// The canonical text of a JSON value: equal values (serde_json's `==`) give equal texts.
+/// Object keys are sorted and `-0.0` is written as `0.0` (the two compare equal).
+pub(crate) fn canonical(v: &Value) -> String {
+    let mut out = String::new();
+    write_canonical(v, &mut out);
+    out
+}
+
+fn write_canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Number(n) if n.as_f64() == Some(0.0) && n.is_f64() => out.push_str("0.0"),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                write_canonical(&map[k], out);
+            }
+            out.push('}');
+        }
+        // Strings (quoted and escaped), other numbers, booleans, null.
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+impl AppIndex {
+    fn add(&mut self, ep: &Endpoint) {
+        let inc = ep.incarnation as u64;
+        self.all.insert(inc);
+        self.versions
+            .entry(ep.app_version.to_string())
+            .or_default()
+            .insert(inc);
+        for (k, v) in ep.metadata.as_map() {
+            self.add_value(k, v, inc);
+        }
+    }
+
+    fn add_value(&mut self, k: &str, v: &Value, inc: u64) {
+        let key = match self.keys.get_mut(k) {
+            Some(key) => key,
+            None => self.keys.entry(k.to_owned()).or_default(),
+        };
+        key.present.insert(inc);
+        let text = canonical(v);
+        match key.values.get_mut(text.as_str()) {
+            Some(p) => p.insert(inc),
+            None => {
+                key.values.insert(text.into_boxed_str(), Posting::One(inc));
+            }
+        }
+    }
+
+    fn remove_value(&mut self, k: &str, v: &Value, inc: u64) {
+        let Some(key) = self.keys.get_mut(k) else {
+            return;
+        };
+        key.present.remove(inc);
+        let text = canonical(v);
+        if key
+            .values
+            .get_mut(text.as_str())
+            .is_some_and(|p| p.remove(inc))
+        {
+            key.values.remove(text.as_str());
+        }
+        if key.present.is_empty() {
+            self.keys.remove(k);
+        }
+    }
+
+    fn remove_version(&mut self, version: &str, inc: u64) {
+        if let Some(set) = self.versions.get_mut(version) {
+            set.remove(inc);
+            if set.is_empty() {
+                self.versions.remove(version);
+            }
+        }
+    }
+
+    fn remove(&mut self, ep: &Endpoint) {
+        let inc = ep.incarnation as u64;
+        self.all.remove(inc);
+        self.remove_version(ep.app_version.as_str(), inc);
+        for (k, v) in ep.metadata.as_map() {
+            self.remove_value(k, v, inc);
+        }
+    }
+
+    /// An endpoint changed within its application: only the keys whose value changed.
+    fn update(&mut self, old: &Endpoint, new: &Endpoint) {
+        let (inc_old, inc) = (old.incarnation as u64, new.incarnation as u64);
+        if inc_old != inc {
+            self.remove(old);
+            self.add(new);
+            return;
+        }
+        if old.app_version != new.app_version {
+            self.remove_version(old.app_version.as_str(), inc);
+            self.versions
+                .entry(new.app_version.to_string())
+                .or_default()
+                .insert(inc);
+        }
+        let (before, after) = (old.metadata.as_map(), new.metadata.as_map());
+        for (k, v) in before {
+            if after.get(k) != Some(v) {
+                self.remove_value(k, v, inc);
+            }
+        }
+        for (k, v) in after {
+            if before.get(k) != Some(v) {
+                self.add_value(k, v, inc);
+            }
+        }
+    }
+
+    /// The incarnations of this application that satisfy the query's version and metadata
+    /// conditions (the application itself is the caller's choice).
+    fn eval(&self, q: &EndpointQuery) -> RoaringTreemap {
+        let empty = RoaringTreemap::new();
+        // Sets the result must lie in, and sets it must avoid.
+        let mut within: Vec<std::borrow::Cow<'_, RoaringTreemap>> = Vec::new();
+        let mut avoid: Vec<std::borrow::Cow<'_, RoaringTreemap>> = Vec::new();
+        if let Some(v) = &q.app_version {
+            within.push(std::borrow::Cow::Borrowed(
+                self.versions.get(v.as_str()).unwrap_or(&empty),
+            ));
+        }
+        let present = |k: &str| self.keys.get(k).map(|key| &key.present);
+        let holding = |k: &str, vs: &[Value]| -> std::borrow::Cow<'_, RoaringTreemap> {
+            let Some(key) = self.keys.get(k) else {
+                return std::borrow::Cow::Owned(RoaringTreemap::new());
+            };
+            let mut found = vs
+                .iter()
+                .filter_map(|v| key.values.get(canonical(v).as_str()))
+                .collect::<Vec<_>>();
+            match found.as_slice() {
+                [Posting::Many(set)] => std::borrow::Cow::Borrowed(set),
+                _ => {
+                    let mut out = RoaringTreemap::new();
+                    for p in found.drain(..) {
+                        p.union_into(&mut out);
+                    }
+                    std::borrow::Cow::Owned(out)
+                }
+            }
+        };
+        for c in &q.metadata {
+            match c {
+                MetadataCondition::Exists(k) => within.push(std::borrow::Cow::Borrowed(
+                    present(k).unwrap_or(&empty),
+                )),
+                MetadataCondition::Absent(k) => {
+                    if let Some(p) = present(k) {
+                        avoid.push(std::borrow::Cow::Borrowed(p));
+                    }
+                }
+                MetadataCondition::Equals(k, vs) => within.push(holding(k, vs)),
+                MetadataCondition::NotEquals(k, vs) => avoid.push(holding(k, vs)),
+            }
+        }
+        // Start from the smallest set: intersections then copy the least.
+        within.sort_by_key(|s| s.len());
+        let mut out = match within.first() {
+            Some(smallest) => smallest.as_ref().clone(),
+            None => self.all.clone(),
+        };
+        for s in within.iter().skip(1) {
+            if out.is_empty() {
+                break;
+            }
+            out &= s.as_ref();
+        }
+        for s in &avoid {
+            if out.is_empty() {
+                break;
+            }
+            out -= s.as_ref();
+        }
+        out
+    }
+}
+
+impl MetaIndex {
+    /// Indexes endpoints read from the store (at open).
+    pub(crate) fn load(&self, tenant: &str, ep: &Endpoint) {
+        let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        app_mut(&mut tenants, tenant, ep.app.as_str()).add(ep);
+    }
+
+    /// Applies committed changes, in commit order.
+    pub(crate) fn apply(&self, changes: &[IndexChange]) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        for c in changes {
+            let t = c.tenant.as_str();
+            match (&c.old, &c.new) {
+                (Some(old), Some(new)) if old.app == new.app => {
+                    app_mut(&mut tenants, t, new.app.as_str()).update(old, new)
+                }
+                (old, new) => {
+                    if let Some(old) = old {
+                        app_mut(&mut tenants, t, old.app.as_str()).remove(old);
+                        drop_if_empty(&mut tenants, t, old.app.as_str());
+                    }
+                    if let Some(new) = new {
+                        app_mut(&mut tenants, t, new.app.as_str()).add(new);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether [`Self::page`] answers this query: not when it restricts by endpoint IDs or
+    /// by a saved filter (SQL reads those few rows or that membership directly).
+    pub(crate) fn serves(q: &EndpointQuery) -> bool {
+        q.endpoint_ids.is_empty() && q.filter.is_none()
+    }
+
+    /// The matches of `q` in `tenant` (every application when `q.app` is `None`), their
+    /// number, and the incarnations of the requested page.
+    pub(crate) fn page(&self, tenant: &str, q: &EndpointQuery, page: PageRequest) -> IndexPage {
+        let tenants = self.tenants.read().unwrap_or_else(|p| p.into_inner());
+        let apps = tenants.get(tenant);
+        let matches = match (&q.app, apps) {
+            (_, None) => RoaringTreemap::new(),
+            (Some(app), Some(apps)) => apps
+                .get(app.as_str())
+                .map(|a| a.eval(q))
+                .unwrap_or_default(),
+            (None, Some(apps)) => {
+                let mut out = RoaringTreemap::new();
+                for a in apps.values() {
+                    out |= a.eval(q);
+                }
+                out
+            }
+        };
+        drop(tenants);
+        let total = matches.len();
+        // Position of the page's first match: after the cursor (keyset), or `offset`.
+        let start = match page.after {
+            Some(after) if after < 0 => 0,
+            Some(after) => matches.rank(after as u64),
+            None => page.offset,
+        };
+        let mut incarnations = Vec::with_capacity(page.limit.min(1024) as usize);
+        if start < total {
+            let first = matches.select(start).unwrap_or(u64::MAX);
+            for inc in matches
+                .iter()
+                .skip_while(|i| *i < first)
+                .take(page.limit as usize)
+            {
+                incarnations.push(inc as i64);
+            }
+        }
+        let more = start.saturating_add(incarnations.len() as u64) < total;
+        IndexPage {
+            total,
+            incarnations,
+            more,
+        }
+    }
+}
+
+fn app_mut<'a>(tenants: &'a mut Tenants, tenant: &str, app: &str) -> &'a mut AppIndex {
+    let apps = match tenants.get_mut(tenant) {
+        Some(_) => tenants.get_mut(tenant).expect("present"),
+        None => tenants.entry(tenant.to_owned()).or_default(),
+    };
+    if !apps.contains_key(app) {
+        apps.insert(app.to_owned(), AppIndex::default());
+    }
+    apps.get_mut(app).expect("inserted")
+}
+
+fn drop_if_empty(tenants: &mut Tenants, tenant: &str, app: &str) {
+    if let Some(apps) = tenants.get_mut(tenant) {
+        if apps.get(app).is_some_and(|a| a.all.is_empty()) {
+            apps.remove(app);
+        }
+        if apps.is_empty() {
+            tenants.remove(tenant);
+        }
+    }
+}
