@@ -5,6 +5,7 @@ mod client;
 mod cpu;
 mod events;
 mod filters;
+mod metalist;
 mod metrics;
 mod outbox;
 
@@ -41,8 +42,8 @@ struct Args {
     #[arg(long, short, default_value_t = 10.0)]
     duration: f64,
     /// Comma-separated subset of: health,register,get,put,latency,drain,backfill,
-    /// filter-update,filter-register (always run in that order; latency and drain need
-    /// --nats-url).
+    /// filter-update,filter-register,metalist (always run in that order; latency and drain
+    /// need --nats-url).
     #[arg(long, default_value = "health,register,get,put", value_delimiter = ',')]
     phases: Vec<String>,
     /// Run `health` again at the end of each round (the machine is noisy).
@@ -114,6 +115,10 @@ struct Args {
     /// difference disappears.
     #[arg(long, default_value_t = 100.0)]
     update_rate: f64,
+    /// metalist phase: endpoints (5 metadata keys of issue 13's mix) of application `meta`,
+    /// registered once per run through the batch API.
+    #[arg(long, default_value_t = 100_000)]
+    meta_endpoints: usize,
     /// filter-register phase: active filters in application `regb`; `rega` has none.
     #[arg(long, default_value_t = 100)]
     register_filters: usize,
@@ -140,10 +145,12 @@ enum Phase {
     FilterUpdate,
     /// Closed-loop registrations into apps with and without `--register-filters` filters.
     FilterRegister,
+    /// Listing by a metadata value over `--meta-endpoints` endpoints ([`metalist`]).
+    MetaList,
 }
 
 impl Phase {
-    const ALL: [Phase; 9] = [
+    const ALL: [Phase; 10] = [
         Phase::Health,
         Phase::Register,
         Phase::Get,
@@ -153,6 +160,7 @@ impl Phase {
         Phase::Backfill,
         Phase::FilterUpdate,
         Phase::FilterRegister,
+        Phase::MetaList,
     ];
 
     fn name(self) -> &'static str {
@@ -166,6 +174,7 @@ impl Phase {
             Phase::Backfill => "backfill",
             Phase::FilterUpdate => "filter-update",
             Phase::FilterRegister => "filter-register",
+            Phase::MetaList => "metalist",
         }
     }
 
@@ -180,9 +189,10 @@ impl Phase {
             "backfill" => Phase::Backfill,
             "filter-update" => Phase::FilterUpdate,
             "filter-register" => Phase::FilterRegister,
+            "metalist" => Phase::MetaList,
             _ => bail!(
                 "unknown phase {s:?} (use health,register,get,put,latency,drain,backfill,\
-                 filter-update,filter-register)"
+                 filter-update,filter-register,metalist)"
             ),
         })
     }
@@ -251,6 +261,7 @@ struct Round {
     drain: Vec<outbox::DrainResult>,
     /// Filter phases (their registrations are rows of `phases`).
     filters: filters::RoundOut,
+    metalist: metalist::MetaOut,
 }
 
 /// What the subscriber saw of one closed-loop phase against the events-on server.
@@ -770,6 +781,7 @@ fn spawn_server_in(bin: &Path, dir: &Path, events: EventsMode) -> Result<(Server
     for (app, versions) in [("bench", &["bench-v1", "bench-v2"][..])]
         .into_iter()
         .chain(filters::APPS.iter().copied())
+        .chain([metalist::APP])
     {
         write!(yaml, "    {app}:\n      versions:\n")?;
         for v in versions {
@@ -1138,6 +1150,7 @@ async fn run(args: Args) -> Result<()> {
     });
 
     let mut filter_bench = filters::FilterBench::default();
+    let mut meta_bench = metalist::MetaBench::default();
     let mut rounds = Vec::new();
     for round in 1..=args.repeat {
         let mut results = Vec::new();
@@ -1145,7 +1158,15 @@ async fn run(args: Args) -> Result<()> {
         let mut latency = Vec::new();
         let mut drain = Vec::new();
         let mut filter_out = filters::RoundOut::default();
+        let mut meta_out = metalist::MetaOut::default();
         for &phase in &seq {
+            if phase == Phase::MetaList {
+                let t = targets.first().ok_or_else(|| anyhow!("no server"))?;
+                settle(&targets).await;
+                println!("\n{}", metalist::HEADER);
+                meta_bench.run(t, round, &args, &mut meta_out).await?;
+                continue;
+            }
             if phase.filters() {
                 // On the first server (events off, when there are two).
                 let r = filter_bench
@@ -1261,6 +1282,7 @@ async fn run(args: Args) -> Result<()> {
             latency,
             drain,
             filters: filter_out,
+            metalist: meta_out,
         });
     }
     println!();

@@ -117,16 +117,36 @@ impl EndpointQuery {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageRequest {
+    /// Matches skipped (after `after`, when given).
     pub offset: u64,
     pub limit: u32,
+    /// Keyset paging: start after the match with this incarnation (the listing order), so
+    /// a deep page costs what the first one does. Backends other than endpoint listings
+    /// ignore it.
+    pub after: Option<i64>,
+}
+
+impl PageRequest {
+    /// `limit` matches from `offset`, without a cursor.
+    pub fn new(offset: u64, limit: u32) -> Self {
+        Self {
+            offset,
+            limit,
+            after: None,
+        }
+    }
 }
 
 /// One page of a listing, with the total number of matches. Listings are ordered by
 /// registration (oldest first), a stable order across pages.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page<T> {
+    /// Every match of the query, whatever the page (not only those after a cursor).
     pub total: u64,
     pub items: Vec<T>,
+    /// When matches follow this page: the `after` of the next page (the last item's
+    /// incarnation). Endpoint listings only.
+    pub next: Option<i64>,
 }
 
 #[cfg(test)]

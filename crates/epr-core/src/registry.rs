@@ -571,6 +571,7 @@ impl Registry {
                 PageRequest {
                     offset: 0,
                     limit: u32::try_from(limit).unwrap_or(u32::MAX),
+                    after: None,
                 },
             )
             .await?;

@@ -63,6 +63,7 @@ pub async fn list(State(s): State<AppState>, caller: Caller) -> Result<Response>
         StatusCode::OK,
         &crate::dto::PageDto {
             total_elements: content.len() as u64,
+            next_cursor: None,
             content,
         },
         None,

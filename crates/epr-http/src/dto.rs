@@ -100,6 +100,10 @@ impl EndpointDto {
 pub struct PageDto<T> {
     pub total_elements: u64,
     pub content: Vec<T>,
+    /// Endpoint listings: the `cursor` of the next page, when one follows (ours; Kaa
+    /// clients ignore unknown fields).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// `POST /applications/{app}/filters`. `mongoQuery` is an object or a string holding one

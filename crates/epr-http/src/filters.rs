@@ -55,6 +55,7 @@ pub async fn list(
         .await?;
     let dto = PageDto {
         total_elements: page.total,
+        next_cursor: None,
         content: page.items.iter().map(FilterDto::from_filter).collect(),
     };
     // Like the endpoint listing: a weak tag over the body, so status and counts count.

@@ -191,7 +191,42 @@ pub(crate) fn page_params(s: &AppState, pairs: &[(String, String)]) -> Result<Pa
         offset,
         // page_max is a u32-sized setting; saturate rather than wrap if it is not.
         limit: u32::try_from(limit).unwrap_or(u32::MAX),
+        after: None,
     })
+}
+
+/// The text of a keyset cursor: opaque to clients (docs/api.md), versioned so that its
+/// form can change.
+fn cursor_text(incarnation: i64) -> String {
+    format!("c1.{incarnation:x}")
+}
+
+/// `cursor`: a token of [`cursor_text`]; not together with a non-zero `offset`.
+fn cursor_param(pairs: &[(String, String)], page: &mut PageRequest) -> Result<()> {
+    let Some(raw) = single_param(pairs, "cursor")? else {
+        return Ok(());
+    };
+    let bad = || {
+        ApiError::bad_request(
+            "cursor",
+            "format",
+            format!("cursor '{raw}' is not a cursor of this server: pass a nextCursor as given"),
+        )
+    };
+    let hex = raw.strip_prefix("c1.").ok_or_else(bad)?;
+    if hex.is_empty() || hex.len() > 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let after = u64::from_str_radix(hex, 16).map_err(|_| bad())?;
+    if page.offset != 0 {
+        return Err(ApiError::bad_request(
+            "cursor",
+            "exclusive",
+            "cursor and a non-zero offset cannot be combined: a cursor already names the position",
+        ));
+    }
+    page.after = Some(i64::try_from(after).map_err(|_| bad())?);
+    Ok(())
 }
 
 /// An application named in a path that must be configured (or unknown applications be
@@ -304,14 +339,14 @@ pub async fn list(
             .map_or(Resource::Tenant, |a| Resource::Application(a.as_str()));
         caller.require(Scope::FilterRead, on)?;
     }
-    let page = s
-        .registry
-        .list(caller.tenant(), &q, page_params(&s, &pairs)?)
-        .await?;
+    let mut page = page_params(&s, &pairs)?;
+    cursor_param(&pairs, &mut page)?;
+    let page = s.registry.list(caller.tenant(), &q, page).await?;
     let ids: Vec<EndpointId> = page.items.iter().map(|e| e.id.clone()).collect();
     let matched = matched_filters(&s, &caller, include, &ids).await?;
     let dto = PageDto {
         total_elements: page.total,
+        next_cursor: page.next.map(cursor_text),
         content: page
             .items
             .iter()

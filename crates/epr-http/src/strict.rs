@@ -25,6 +25,7 @@ pub const QUERY_PARAMS: &[(&str, &str, &[&str])] = &[
             "include",
             "offset",
             "limit",
+            "cursor",
         ],
     ),
     ("GET", "/endpoints/batch/status", &["appName", "taskId"]),

@@ -247,6 +247,7 @@ mod tests {
         let page = PageRequest {
             offset: 0,
             limit: 1,
+            after: None,
         };
         let eps = registry
             .list(&t(tenant), &EndpointQuery::default(), page)

@@ -66,10 +66,14 @@ pub const CASES: &[(&str, Case)] = &[
     ("import_conflicts_and_validation", |s| {
         Box::pin(export::import_conflicts(s))
     }),
+    ("listing_agrees_with_reference", |s| {
+        Box::pin(listing::listing_agrees_with_reference(s))
+    }),
 ];
 
 mod export;
 mod filters;
+mod listing;
 
 /// Runs every case on a fresh store from `make`, naming the case that fails.
 pub async fn run_all<F, Fut>(make: F)
@@ -231,6 +235,7 @@ async fn tenants_are_isolated(s: Arc<dyn Store>) {
     let page = PageRequest {
         offset: 0,
         limit: 10,
+        after: None,
     };
     let listed = s
         .list(&tenant("t2"), &EndpointQuery::default(), page)
@@ -452,6 +457,7 @@ async fn listing_pages_and_filters(s: Arc<dyn Store>) {
             PageRequest {
                 offset: 0,
                 limit: 10,
+                after: None,
             },
         )
         .await
@@ -467,6 +473,7 @@ async fn listing_pages_and_filters(s: Arc<dyn Store>) {
             PageRequest {
                 offset: 20,
                 limit: 10,
+                after: None,
             },
         )
         .await
@@ -479,6 +486,7 @@ async fn listing_pages_and_filters(s: Arc<dyn Store>) {
             PageRequest {
                 offset: 100,
                 limit: 10,
+                after: None,
             },
         )
         .await
@@ -491,6 +499,7 @@ async fn listing_pages_and_filters(s: Arc<dyn Store>) {
             PageRequest {
                 offset: 0,
                 limit: 100,
+                after: None,
             },
         )
         .await
@@ -506,7 +515,8 @@ async fn listing_pages_and_filters(s: Arc<dyn Store>) {
             &v2,
             PageRequest {
                 offset: 0,
-                limit: 1
+                limit: 1,
+                after: None,
             }
         )
         .await
@@ -524,7 +534,8 @@ async fn listing_pages_and_filters(s: Arc<dyn Store>) {
             &by_ids,
             PageRequest {
                 offset: 0,
-                limit: 10
+                limit: 10,
+                after: None,
             }
         )
         .await
@@ -544,6 +555,7 @@ async fn listing_pages_and_filters(s: Arc<dyn Store>) {
             PageRequest {
                 offset: 2,
                 limit: 3,
+                after: None,
             },
         )
         .await
@@ -692,6 +704,7 @@ async fn concurrent_writes(s: Arc<dyn Store>) {
             PageRequest {
                 offset: 0,
                 limit: 1000,
+                after: None,
             },
         )
         .await

@@ -11,6 +11,7 @@
 use crate::codec;
 use crate::integrity::{self, IntegrityCheck, StoreHealth};
 use crate::lock::DataDirLock;
+use crate::meta_index::{IndexChange, MetaIndex};
 pub use crate::sqlite_filters::BackfillPace;
 use crate::sqlite_filters::{self, FilterCache};
 use async_trait::async_trait;
@@ -145,6 +146,8 @@ pub struct EmbeddedStore {
     /// The data directory lock, released by `shutdown` (or on drop), so the directory can
     /// be opened again in the same process.
     lock: Mutex<Option<DataDirLock>>,
+    /// The listing index (application, version, metadata values), kept by the writer.
+    index: Arc<MetaIndex>,
 }
 
 pub(crate) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -219,12 +222,14 @@ impl EmbeddedStore {
         let (tx, rx) = mpsc::channel(config.max_group.max(1) * 4);
         let waker: Arc<Mutex<Option<OutboxWaker>>> = Arc::default();
         let filters = FilterCache::load(&conn)?;
+        let index = Arc::new(build_index(&conn)?);
         let health = Arc::new(StoreHealth::new(path.clone()));
         let mut writer = Writer {
             health: health.clone(),
             failure_log: LogGate::default(),
             waker: waker.clone(),
             filters,
+            index: index.clone(),
             conn,
             next_incarnation,
             max_group: config.max_group.max(1),
@@ -258,6 +263,7 @@ impl EmbeddedStore {
             store_id: format!("{store_id:x}"),
             health,
             lock: Mutex::new(Some(lock)),
+            index,
         })
     }
 
@@ -350,6 +356,46 @@ fn checkpointer(
             }
         }
     }
+}
+
+/// Reads every endpoint into a new listing index (the index lives in memory only, so every
+/// data directory, old ones included, gets it at open).
+fn build_index(conn: &Connection) -> Result<MetaIndex, StoreError> {
+    let started = Instant::now();
+    let index = MetaIndex::default();
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {ENDPOINT_COLUMNS}, tenant FROM endpoints ORDER BY incarnation"
+        ))
+        .map_err(unavailable)?;
+    let mut rows = stmt.query([]).map_err(unavailable)?;
+    let mut n = 0u64;
+    let mut batch = Vec::with_capacity(4096);
+    let flush = |batch: &mut Vec<IndexChange>| {
+        index.apply(batch);
+        batch.clear();
+    };
+    while let Some(row) = rows.next().map_err(unavailable)? {
+        let ep = endpoint_from_row(row).map_err(unavailable)?;
+        let tenant: String = row.get(10).map_err(unavailable)?;
+        let tenant = TenantId::parse(&tenant).map_err(|e| unavailable_msg(e.to_string()))?;
+        batch.push(IndexChange {
+            tenant,
+            old: None,
+            new: Some(ep),
+        });
+        if batch.len() == batch.capacity() {
+            flush(&mut batch);
+        }
+        n += 1;
+    }
+    flush(&mut batch);
+    tracing::info!(
+        endpoints = n,
+        ms = started.elapsed().as_millis() as u64,
+        "listing index built"
+    );
+    Ok(index)
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -496,6 +542,8 @@ struct Writer {
     waker: Arc<Mutex<Option<OutboxWaker>>>,
     /// Every saved filter, compiled; mirrors the committed `filters` rows.
     filters: FilterCache,
+    /// The listing index: a group's changes are applied once it committed.
+    index: Arc<MetaIndex>,
     backfill: BackfillPace,
     health: Arc<StoreHealth>,
     /// Failed groups are logged once per interval (a full disk fails every group).
@@ -651,6 +699,7 @@ impl Writer {
         // aborts the whole group: nothing in it was acknowledged, all of it is rolled back.
         let mut failure: Option<String> = None;
         let mut appended = false;
+        let mut changes: Vec<IndexChange> = Vec::new();
         for job in jobs {
             if let Some(msg) = &failure {
                 reply_unavailable(job, msg);
@@ -661,14 +710,22 @@ impl Writer {
                 Job::Execute(cmd, ctx, reply) => {
                     let inc = self.next_incarnation;
                     self.next_incarnation += 1;
-                    let result =
-                        execute(&tx, &mut self.filters, &cmd, &ctx, inc, self.record_events);
+                    let result = execute(
+                        &tx,
+                        &mut self.filters,
+                        &mut changes,
+                        &cmd,
+                        &ctx,
+                        inc,
+                        self.record_events,
+                    );
                     Pending::Effect(reply, result)
                 }
                 Job::Batch(batch, ctx, reply) => {
                     let result = register_batch(
                         &tx,
                         &mut self.filters,
+                        &mut changes,
                         batch,
                         &ctx,
                         &mut self.next_incarnation,
@@ -694,6 +751,7 @@ impl Writer {
                     let result = crate::sqlite_export::import(
                         &tx,
                         &mut self.filters,
+                        &mut changes,
                         records,
                         &mut self.next_incarnation,
                     );
@@ -740,6 +798,8 @@ impl Writer {
         }
         match tx.commit() {
             Ok(()) => {
+                // Before any answer: a listing started after an acknowledged write sees it.
+                self.index.apply(&changes);
                 pending.into_iter().for_each(Pending::deliver);
                 if appended {
                     self.wake_relay();
@@ -843,9 +903,11 @@ fn reply_unavailable(job: Job, msg: &str) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn execute(
     conn: &Connection,
     filters: &mut FilterCache,
+    changes: &mut Vec<IndexChange>,
     cmd: &Command,
     ctx: &WriteCtx,
     incarnation: i64,
@@ -858,7 +920,33 @@ fn execute(
         .as_ref()
         .filter(|e| filters.has_filters(&ctx.tenant, &e.app))
         .cloned();
+    // The listing index needs the state before an update (kept only if one happens).
+    let before = current.clone();
     let plan = plan(current, cmd, ctx, incarnation)?;
+    let change = match &plan.effect {
+        Effect::Insert(ep) => Some(IndexChange {
+            tenant: ctx.tenant.clone(),
+            old: None,
+            new: Some(ep.clone()),
+        }),
+        Effect::Update(ep)
+            if before
+                .as_ref()
+                .is_none_or(|b| b.app_version != ep.app_version || b.metadata != ep.metadata) =>
+        {
+            Some(IndexChange {
+                tenant: ctx.tenant.clone(),
+                old: before,
+                new: Some(ep.clone()),
+            })
+        }
+        Effect::Delete(ep) => Some(IndexChange {
+            tenant: ctx.tenant.clone(),
+            old: Some(ep.clone()),
+            new: None,
+        }),
+        Effect::Update(_) | Effect::Unchanged(_) => None,
+    };
     match (&plan.effect, cmd) {
         (Effect::Insert(ep), Command::Register(reg)) => {
             let taken: bool = conn
@@ -971,6 +1059,8 @@ fn execute(
     if record_events {
         append_events(conn, &events).map_err(unavailable)?;
     }
+    // Only now: a refused command changes nothing, the index included.
+    changes.extend(change);
     Ok(plan.effect)
 }
 
@@ -1031,6 +1121,7 @@ fn outbox_delete(conn: &Connection, through: i64) -> Result<(), StoreError> {
 fn register_batch(
     conn: &Connection,
     filters: &mut FilterCache,
+    changes: &mut Vec<IndexChange>,
     batch: BatchRequest,
     ctx: &WriteCtx,
     next_incarnation: &mut i64,
@@ -1050,7 +1141,7 @@ fn register_batch(
                 let inc = *next_incarnation;
                 *next_incarnation += 1;
                 let cmd = Command::Register(reg);
-                match execute(conn, filters, &cmd, ctx, inc, record_events) {
+                match execute(conn, filters, changes, &cmd, ctx, inc, record_events) {
                     Ok(effect) => Ok(effect),
                     Err(StoreError::Rejected(e)) => Err(e.to_string()),
                     Err(e) => return Err(e),
@@ -1121,47 +1212,113 @@ fn where_clause(tenant: &TenantId, q: &EndpointQuery) -> (String, Vec<String>) {
 
 fn list(
     conn: &Connection,
+    index: &MetaIndex,
     tenant: &TenantId,
     q: &EndpointQuery,
     page: PageRequest,
 ) -> rusqlite::Result<Page<Endpoint>> {
+    if MetaIndex::serves(q) {
+        return list_indexed(conn, index, tenant, q, page);
+    }
+    // By endpoint IDs or a saved filter's membership: SQL narrows to those rows.
     let (cond, args) = where_clause(tenant, q);
-    let params = rusqlite::params_from_iter(args.iter());
+    let after = page.after.unwrap_or(i64::MIN);
     if q.metadata.is_empty() {
         let total: i64 = conn
             .prepare_cached(&format!("SELECT COUNT(*) FROM endpoints WHERE {cond}"))?
             .query_row(rusqlite::params_from_iter(args.iter()), |r| r.get(0))?;
+        // One row more than the page tells whether another page follows.
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE {cond} ORDER BY incarnation \
-             LIMIT {} OFFSET {}",
-            page.limit, page.offset
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE {cond} AND incarnation > {after} \
+             ORDER BY incarnation LIMIT {} OFFSET {}",
+            u64::from(page.limit) + 1,
+            page.offset
         ))?;
-        let items = stmt
-            .query_map(params, endpoint_from_row)?
+        let mut items = stmt
+            .query_map(rusqlite::params_from_iter(args.iter()), endpoint_from_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
+        let more = items.len() > page.limit as usize;
+        items.truncate(page.limit as usize);
+        let next = more.then(|| items.last().map(|e| e.incarnation)).flatten();
         return Ok(Page {
             total: total as u64,
             items,
+            next,
         });
     }
     // Metadata conditions are evaluated here with the domain's reference semantics.
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE {cond} ORDER BY incarnation"
     ))?;
-    let mut total = 0u64;
+    let (mut total, mut skipped, mut more) = (0u64, 0u64, false);
     let mut items = Vec::new();
-    let mut rows = stmt.query(params)?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
     while let Some(row) = rows.next()? {
         let ep = endpoint_from_row(row)?;
         if !q.matches(&ep) {
             continue;
         }
-        if total >= page.offset && items.len() < page.limit as usize {
-            items.push(ep);
-        }
         total += 1;
+        if ep.incarnation <= after {
+            continue;
+        }
+        if skipped < page.offset {
+            skipped += 1;
+        } else if items.len() < page.limit as usize {
+            items.push(ep);
+        } else {
+            more = true;
+        }
     }
-    Ok(Page { total, items })
+    let next = more.then(|| items.last().map(|e| e.incarnation)).flatten();
+    Ok(Page { total, items, next })
+}
+
+/// A listing answered by the index: it picks the page's incarnations and counts the
+/// matches; the rows are then read by incarnation (the table's key) in one read
+/// transaction and checked again, since a write may land between the two reads.
+fn list_indexed(
+    conn: &Connection,
+    index: &MetaIndex,
+    tenant: &TenantId,
+    q: &EndpointQuery,
+    page: PageRequest,
+) -> rusqlite::Result<Page<Endpoint>> {
+    const BY_INCARNATION: &str = "SELECT incarnation, endpoint_id, app, app_version, \
+        app_version_registered, created, metadata, metadata_updated, version, metadata_version, \
+        tenant FROM endpoints WHERE incarnation=?1";
+    debug_assert!(BY_INCARNATION.contains(ENDPOINT_COLUMNS));
+    let picked = index.page(tenant.as_str(), q, page);
+    let mut items = Vec::with_capacity(picked.incarnations.len());
+    if !picked.incarnations.is_empty() {
+        let tx = conn.unchecked_transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(BY_INCARNATION)?;
+            for inc in &picked.incarnations {
+                let row = stmt
+                    .query_row([inc], |r| {
+                        Ok((endpoint_from_row(r)?, r.get::<_, String>(10)?))
+                    })
+                    .optional()?;
+                if let Some((ep, t)) = row {
+                    if t == tenant.as_str() && q.matches(&ep) {
+                        items.push(ep);
+                    }
+                }
+            }
+        }
+        tx.finish()?;
+    }
+    let next = if picked.more {
+        picked.incarnations.last().copied()
+    } else {
+        None
+    };
+    Ok(Page {
+        total: picked.total,
+        items,
+        next,
+    })
 }
 
 #[async_trait]
@@ -1197,8 +1354,8 @@ impl Store for EmbeddedStore {
         query: &EndpointQuery,
         page: PageRequest,
     ) -> Result<Page<Endpoint>, StoreError> {
-        let (tenant, query) = (tenant.clone(), query.clone());
-        self.read(move |c| list(c, &tenant, &query, page).map_err(unavailable))
+        let (tenant, query, index) = (tenant.clone(), query.clone(), self.index.clone());
+        self.read(move |c| list(c, &index, &tenant, &query, page).map_err(unavailable))
             .await
     }
 
@@ -1292,7 +1449,11 @@ impl Store for EmbeddedStore {
                 page.limit,
             )
             .map_err(unavailable)?;
-            Ok(Page { total, items })
+            Ok(Page {
+                total,
+                items,
+                next: None,
+            })
         })
         .await
     }
@@ -1504,6 +1665,24 @@ mod tests {
         let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
         let after = ep1(&store).await;
         assert_eq!(before, after);
+        // The listing index lives in memory: the reopened store built it from the rows.
+        let t1 = TenantId::parse("t1").unwrap();
+        let (k, v) = after
+            .metadata
+            .as_map()
+            .iter()
+            .next()
+            .expect("case 0 registers with metadata");
+        let q = EndpointQuery {
+            metadata: vec![epr_core::query::MetadataCondition::Equals(
+                k.clone(),
+                vec![v.clone()],
+            )],
+            ..Default::default()
+        };
+        let page = store.list(&t1, &q, PageRequest::new(0, 10)).await.unwrap();
+        assert_eq!(page.total, 1);
+        assert_eq!(page.items, vec![after.clone()]);
         // Incarnations keep growing across restarts, so old entity tags never match again.
         let app = AppName::parse("app").unwrap();
         let reg = epr_core::command::Registration {

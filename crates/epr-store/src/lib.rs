@@ -10,6 +10,8 @@
 //! - [`lock`]: the data directory lock (one open store per directory).
 //! - [`integrity`]: the database check at open and the corrupted state at run time.
 //! - `sqlite_filters`: saved filters in the embedded store (rows, live matching, back-fill).
+//! - `meta_index`: the embedded store's in-memory listing index (application, version and
+//!   metadata values as bitmaps of incarnations).
 
 pub mod backup;
 pub mod codec;
@@ -17,6 +19,7 @@ pub mod conformance;
 pub mod embedded;
 pub mod integrity;
 pub mod lock;
+mod meta_index;
 mod sqlite_export;
 mod sqlite_filters;
 

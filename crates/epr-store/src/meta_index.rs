@@ -274,9 +274,9 @@ impl AppIndex {
         };
         for c in &q.metadata {
             match c {
-                MetadataCondition::Exists(k) => within.push(std::borrow::Cow::Borrowed(
-                    present(k).unwrap_or(&empty),
-                )),
+                MetadataCondition::Exists(k) => {
+                    within.push(std::borrow::Cow::Borrowed(present(k).unwrap_or(&empty)))
+                }
                 MetadataCondition::Absent(k) => {
                     if let Some(p) = present(k) {
                         avoid.push(std::borrow::Cow::Borrowed(p));
@@ -309,12 +309,6 @@ impl AppIndex {
 }
 
 impl MetaIndex {
-    /// Indexes endpoints read from the store (at open).
-    pub(crate) fn load(&self, tenant: &str, ep: &Endpoint) {
-        let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
-        app_mut(&mut tenants, tenant, ep.app.as_str()).add(ep);
-    }
-
     /// Applies committed changes, in commit order.
     pub(crate) fn apply(&self, changes: &[IndexChange]) {
         if changes.is_empty() {
@@ -367,22 +361,20 @@ impl MetaIndex {
         };
         drop(tenants);
         let total = matches.len();
-        // Position of the page's first match: after the cursor (keyset), or `offset`.
+        // Position of the page's first match: `offset` matches after the cursor (keyset).
         let start = match page.after {
-            Some(after) if after < 0 => 0,
-            Some(after) => matches.rank(after as u64),
-            None => page.offset,
-        };
+            Some(after) if after >= 0 => matches.rank(after as u64),
+            _ => 0,
+        }
+        .saturating_add(page.offset);
         let mut incarnations = Vec::with_capacity(page.limit.min(1024) as usize);
         if start < total {
+            // `select` and `advance_to` skip whole containers: a deep page costs what the
+            // first one does.
             let first = matches.select(start).unwrap_or(u64::MAX);
-            for inc in matches
-                .iter()
-                .skip_while(|i| *i < first)
-                .take(page.limit as usize)
-            {
-                incarnations.push(inc as i64);
-            }
+            let mut iter = matches.iter();
+            iter.advance_to(first);
+            incarnations.extend(iter.take(page.limit as usize).map(|i| i as i64));
         }
         let more = start.saturating_add(incarnations.len() as u64) < total;
         IndexPage {
@@ -412,5 +404,44 @@ fn drop_if_empty(tenants: &mut Tenants, tenant: &str, app: &str) {
         if apps.is_empty() {
             tenants.remove(tenant);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn canonical_text_is_equal_exactly_when_values_are() {
+        let pairs = [
+            (json!(0.0), json!(-0.0), true),
+            (json!(3), json!(3.0), false),
+            (json!(3), json!("3"), false),
+            (json!(null), json!("null"), false),
+            (
+                json!({"a": 1, "b": [0.0]}),
+                json!({"b": [-0.0], "a": 1}),
+                true,
+            ),
+            (json!([1, 2]), json!([2, 1]), false),
+            (json!("a\"b"), json!("a\"b"), true),
+        ];
+        for (a, b, equal) in pairs {
+            assert_eq!(a == b, equal, "{a} vs {b}: serde_json equality");
+            assert_eq!(canonical(&a) == canonical(&b), equal, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn a_value_of_one_endpoint_grows_into_a_bitmap_and_back() {
+        let mut p = Posting::One(5);
+        p.insert(5);
+        assert!(matches!(p, Posting::One(5)));
+        p.insert(9);
+        assert!(matches!(&p, Posting::Many(s) if s.len() == 2));
+        assert!(!p.remove(5));
+        assert!(p.remove(9), "empty once the last one left");
+        assert!(Posting::One(3).remove(3));
     }
 }

@@ -79,13 +79,16 @@ pub(crate) fn filters(
 pub(crate) fn import(
     conn: &Connection,
     filters: &mut FilterCache,
+    changes: &mut Vec<crate::meta_index::IndexChange>,
     records: Vec<ImportRecord>,
     next_incarnation: &mut i64,
 ) -> Result<Vec<ImportOutcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(records.len());
     for record in records {
         let outcome = match record {
-            ImportRecord::Endpoint(e) => import_endpoint(conn, filters, e, next_incarnation)?,
+            ImportRecord::Endpoint(e) => {
+                import_endpoint(conn, filters, changes, e, next_incarnation)?
+            }
             ImportRecord::Filter { tenant, filter } => {
                 filters.import(conn, &tenant, &filter, *next_incarnation - 1)?
             }
@@ -98,6 +101,7 @@ pub(crate) fn import(
 fn import_endpoint(
     conn: &Connection,
     filters: &mut FilterCache,
+    changes: &mut Vec<crate::meta_index::IndexChange>,
     record: EndpointExport,
     next_incarnation: &mut i64,
 ) -> Result<ImportOutcome, StoreError> {
@@ -159,13 +163,12 @@ fn import_endpoint(
         limits: Default::default(),
     };
     let mut discarded = Vec::new();
-    filters.match_endpoint(
-        conn,
-        &Effect::Insert(endpoint),
-        None,
-        None,
-        &ctx,
-        &mut discarded,
-    )?;
+    let effect = Effect::Insert(endpoint);
+    filters.match_endpoint(conn, &effect, None, None, &ctx, &mut discarded)?;
+    changes.push(crate::meta_index::IndexChange {
+        tenant: ctx.tenant,
+        old: None,
+        new: Some(effect.endpoint().clone()),
+    });
     Ok(ImportOutcome::Imported)
 }

@@ -423,6 +423,7 @@ async fn an_unregistered_tenant_goes_silent_and_its_data_is_purged_with_events()
     let all = PageRequest {
         offset: 0,
         limit: 100,
+        after: None,
     };
     let r = &app.registry;
     assert_eq!(

@@ -81,6 +81,7 @@ async fn reference(s: &dyn Store, t: &str, app_name: &str, query: &Value) -> BTr
     let page = PageRequest {
         offset: 0,
         limit: u32::MAX,
+        after: None,
     };
     s.list(&tenant(t), &q, page)
         .await
@@ -160,6 +161,7 @@ pub(super) async fn filter_lifecycle(s: Arc<dyn Store>) {
             PageRequest {
                 offset: 0,
                 limit: 10,
+                after: None,
             },
         )
         .await
@@ -183,6 +185,7 @@ pub(super) async fn filter_lifecycle(s: Arc<dyn Store>) {
             PageRequest {
                 offset: 0,
                 limit: 10,
+                after: None,
             },
         )
         .await
@@ -197,6 +200,7 @@ pub(super) async fn filter_lifecycle(s: Arc<dyn Store>) {
             PageRequest {
                 offset: 0,
                 limit: 10,
+                after: None,
             },
         )
         .await
