@@ -16,7 +16,6 @@ use crate::cpu::{CpuSnap, TICKS_PER_S};
 use crate::outbox::{batch_conns, batch_register, write_batch};
 use crate::{new_hist, report_error, xorshift, Args, Phase, Target};
 use anyhow::{bail, Context, Result};
-use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::sync::Arc;
