@@ -422,6 +422,61 @@ async fn listing_pages_in_registration_order() {
 }
 
 #[tokio::test]
+async fn listing_pages_by_cursor() {
+    let app = spawn_app().await;
+    for i in 0..10 {
+        app.register(&format!("e{i}"), "demo-v1", json!({"even": i % 2 == 0}))
+            .await;
+    }
+    let page = |q: String| {
+        let app = &app;
+        async move {
+            let r = app.get(&format!("/endpoints?{q}")).await;
+            assert_eq!(r.status(), StatusCode::OK, "{q}");
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    // Walk the even ones three at a time by cursor; a removal behind the cursor does not
+    // shift the next page (it would with offsets).
+    let base = "applicationName=demo&metadataFilter=even=true&limit=3";
+    let first = page(base.to_owned()).await;
+    assert_eq!(first["totalElements"], 5);
+    let cursor = first["nextCursor"].as_str().expect("more follow").to_owned();
+    let r = app.api(Method::DELETE, "/endpoints/e0").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let second = page(format!("{base}&cursor={cursor}")).await;
+    assert_eq!(second["totalElements"], 4, "every match, not only those after the cursor");
+    let ids: Vec<&str> = second["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["endpointId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["e6", "e8"]);
+    assert!(second.get("nextCursor").is_none(), "the last page has none");
+    // Also without metadata conditions, and by endpoint IDs (another store path).
+    let by_ids = page("endpointId=e1,e2,e3&limit=2".to_owned()).await;
+    let c = by_ids["nextCursor"].as_str().unwrap();
+    let rest = page(format!("endpointId=e1,e2,e3&limit=2&cursor={c}")).await;
+    assert_eq!(rest["content"][0]["endpointId"], "e3");
+    assert!(rest.get("nextCursor").is_none());
+    for (q, rule) in [
+        ("cursor=abc", "format"),
+        ("cursor=c1.", "format"),
+        ("cursor=c1.zz", "format"),
+        ("cursor=c1.ffffffffffffffff", "format"),
+        ("cursor=c1.10&cursor=c1.11", "single"),
+        ("cursor=c1.10&offset=3", "exclusive"),
+    ] {
+        let r = app.get(&format!("/endpoints?{q}")).await;
+        assert_error(r, StatusCode::BAD_REQUEST, "cursor", rule).await;
+    }
+    // offset=0 with a cursor is no offset at all.
+    let ok = page(format!("{base}&offset=0&cursor={cursor}")).await;
+    assert_eq!(ok["totalElements"], 4);
+}
+
+#[tokio::test]
 async fn listing_supports_conditional_get() {
     let app = spawn_app().await;
     app.register("e1", "demo-v1", json!({})).await;
