@@ -148,6 +148,10 @@ pub struct EmbeddedStore {
     lock: Mutex<Option<DataDirLock>>,
     /// The listing index (application, version, metadata values), kept by the writer.
     index: Arc<MetaIndex>,
+    /// One permit per pooled read connection: reads beyond the pool wait for one instead
+    /// of opening (and then closing) a connection of their own, which cost more than a
+    /// listing itself (BENCHMARKS.md, issue 13).
+    read_slots: Arc<tokio::sync::Semaphore>,
 }
 
 pub(crate) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -264,6 +268,7 @@ impl EmbeddedStore {
             health,
             lock: Mutex::new(Some(lock)),
             index,
+            read_slots: Arc::new(tokio::sync::Semaphore::new(config.readers.max(1))),
         })
     }
 
@@ -313,10 +318,17 @@ impl EmbeddedStore {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let pool = self.readers.clone();
+        let slot = self
+            .read_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(unavailable)?;
         let result = tokio::task::spawn_blocking(move || {
             let conn = pool.take()?;
             let result = f(&conn);
             pool.give_back(conn);
+            drop(slot);
             result
         })
         .await

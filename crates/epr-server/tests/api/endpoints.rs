@@ -441,11 +441,21 @@ async fn listing_pages_by_cursor() {
     let base = "applicationName=demo&metadataFilter=even=true&limit=3";
     let first = page(base.to_owned()).await;
     assert_eq!(first["totalElements"], 5);
-    let cursor = first["nextCursor"].as_str().expect("more follow").to_owned();
-    let r = app.api(Method::DELETE, "/endpoints/e0").send().await.unwrap();
+    let cursor = first["nextCursor"]
+        .as_str()
+        .expect("more follow")
+        .to_owned();
+    let r = app
+        .api(Method::DELETE, "/endpoints/e0")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     let second = page(format!("{base}&cursor={cursor}")).await;
-    assert_eq!(second["totalElements"], 4, "every match, not only those after the cursor");
+    assert_eq!(
+        second["totalElements"], 4,
+        "every match, not only those after the cursor"
+    );
     let ids: Vec<&str> = second["content"]
         .as_array()
         .unwrap()
