@@ -137,15 +137,47 @@ fn write_canonical(v: &Value, out: &mut String) {
                 if i > 0 {
                     out.push(',');
                 }
-                out.push_str(&Value::String(k.clone()).to_string());
+                write_string(k, out);
                 out.push(':');
                 write_canonical(&map[k], out);
             }
             out.push('}');
         }
-        // Strings (quoted and escaped), other numbers, booleans, null.
-        other => out.push_str(&other.to_string()),
+        Value::String(text) => write_string(text, out),
+        Value::Number(n) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{n}");
+        }
+        Value::Bool(true) => out.push_str("true"),
+        Value::Bool(false) => out.push_str("false"),
+        Value::Null => out.push_str("null"),
     }
+}
+
+/// A JSON string literal; the common case (nothing to escape) without an allocation.
+fn write_string(text: &str, out: &mut String) {
+    if text.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(&Value::String(text.to_owned()).to_string());
+    } else {
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+    }
+}
+
+thread_local! {
+    /// The writer's (and readers') buffer for canonical texts: no allocation per key.
+    static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Runs `f` on the canonical text of `v`, written into a reused buffer.
+fn with_canonical<T>(v: &Value, f: impl FnOnce(&str) -> T) -> T {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        buf.clear();
+        write_canonical(v, &mut buf);
+        f(&buf)
+    })
 }
 
 impl AppIndex {
@@ -167,13 +199,12 @@ impl AppIndex {
             None => self.keys.entry(k.to_owned()).or_default(),
         };
         key.present.insert(inc);
-        let text = canonical(v);
-        match key.values.get_mut(text.as_str()) {
+        with_canonical(v, |text| match key.values.get_mut(text) {
             Some(p) => p.insert(inc),
             None => {
-                key.values.insert(text.into_boxed_str(), Posting::One(inc));
+                key.values.insert(text.into(), Posting::One(inc));
             }
-        }
+        });
     }
 
     fn remove_value(&mut self, k: &str, v: &Value, inc: u64) {
@@ -181,14 +212,11 @@ impl AppIndex {
             return;
         };
         key.present.remove(inc);
-        let text = canonical(v);
-        if key
-            .values
-            .get_mut(text.as_str())
-            .is_some_and(|p| p.remove(inc))
-        {
-            key.values.remove(text.as_str());
-        }
+        with_canonical(v, |text| {
+            if key.values.get_mut(text).is_some_and(|p| p.remove(inc)) {
+                key.values.remove(text);
+            }
+        });
         if key.present.is_empty() {
             self.keys.remove(k);
         }
@@ -259,7 +287,7 @@ impl AppIndex {
             };
             let mut found = vs
                 .iter()
-                .filter_map(|v| key.values.get(canonical(v).as_str()))
+                .filter_map(|v| with_canonical(v, |text| key.values.get(text)))
                 .collect::<Vec<_>>();
             match found.as_slice() {
                 [Posting::Many(set)] => std::borrow::Cow::Borrowed(set),
