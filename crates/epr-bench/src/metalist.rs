@@ -55,7 +55,7 @@ pub fn write_md(buf: &mut String, i: u64) {
         city(i),
         mix(i, 1) % 50,
         KINDS[(mix(i, 2) % 7) as usize],
-        mix(i, 3) % 2 == 0,
+        mix(i, 3).is_multiple_of(2),
         mix(i, 4) % 13
     );
 }

@@ -110,12 +110,14 @@ pub(crate) struct IndexPage {
 
 /// The canonical text of a JSON value: equal values (serde_json's `==`) give equal texts.
 /// Object keys are sorted and `-0.0` is written as `0.0` (the two compare equal).
-pub(crate) fn canonical(v: &Value) -> String {
+#[cfg(test)]
+fn canonical(v: &Value) -> String {
     let mut out = String::new();
     write_canonical(v, &mut out);
     out
 }
 
+/// Writes the canonical text of `v` (see `canonical` in the tests).
 fn write_canonical(v: &Value, out: &mut String) {
     match v {
         Value::Number(n) if n.as_f64() == Some(0.0) && n.is_f64() => out.push_str("0.0"),

@@ -44,7 +44,7 @@ fn metadata(rng: &mut u64) -> Value {
     let mut m = serde_json::Map::new();
     for k in ["city", "level", "o", "n"] {
         let r = xorshift(rng);
-        if r % 4 != 0 {
+        if !r.is_multiple_of(4) {
             m.insert(k.into(), value(r >> 8));
         }
     }
@@ -142,8 +142,12 @@ pub(super) async fn listing_agrees_with_reference(s: Arc<dyn Store>) {
     for round in 0..3 {
         for i in 0..40 {
             let r = xorshift(&mut rng);
-            let t = if r % 5 == 0 { "t2" } else { "t1" };
-            let version = if r % 3 == 0 { "zzz-v1" } else { "app-v1" };
+            let t = if r.is_multiple_of(5) { "t2" } else { "t1" };
+            let version = if r.is_multiple_of(3) {
+                "zzz-v1"
+            } else {
+                "app-v1"
+            };
             let name = format!("l{round}-{i}");
             register(&*s, t, &name, version, metadata(&mut rng)).await;
             ids.push((t.to_owned(), id(&name)));
