@@ -135,6 +135,8 @@ pub struct StoreSettings {
     pub data_dir: PathBuf,
     /// Most writes committed together in one transaction.
     pub max_group: usize,
+    /// Read connections kept open, which is also how many reads (listings, scans) run at
+    /// once: more wait for a free connection rather than open one of their own.
     pub readers: usize,
     /// How long batch registration outcomes are kept, in hours.
     pub batch_retention_hours: u64,

@@ -41,7 +41,7 @@ pub struct EmbeddedConfig {
     pub data_dir: PathBuf,
     /// Most commands committed together in one transaction.
     pub max_group: usize,
-    /// Read connections kept open.
+    /// Read connections kept open, and reads run at once (others wait for a connection).
     pub readers: usize,
     /// How long batch outcomes are kept, in milliseconds.
     pub batch_retention_ms: i64,
