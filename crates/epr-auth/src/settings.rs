@@ -69,7 +69,8 @@ pub struct ScopeSettings {
     pub roles: BTreeMap<String, Vec<String>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+// `Debug` by hand: the client secret must not reach a log through `{:?}`.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantManagerSettings {
     /// Base URL of the Tenant Manager REST API (e.g. `http://tenant-manager/api/v1`);
@@ -119,6 +120,24 @@ impl Default for ScopeSettings {
             claims: vec!["scope".into(), "realm_access.roles".into()],
             roles: BTreeMap::new(),
         }
+    }
+}
+
+impl std::fmt::Debug for TenantManagerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = if self.client_secret.is_empty() {
+            ""
+        } else {
+            "***"
+        };
+        f.debug_struct("TenantManagerSettings")
+            .field("url", &self.url)
+            .field("refresh_secs", &self.refresh_secs)
+            .field("page_size", &self.page_size)
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &secret)
+            .finish()
     }
 }
 
