@@ -64,6 +64,15 @@ async fn post_as(app: &TestApp, token: &str, id: &str) -> reqwest::Response {
         .await
 }
 
+/// Sends every token at once; each is refused for its unknown `kid`.
+async fn flood(app: &TestApp, tokens: &[String]) {
+    futures_util::future::join_all(tokens.iter().map(|token| async move {
+        let r = app.get_as(token, "/endpoints/e1").await;
+        assert_invalid_token(r, "unknown signing key").await;
+    }))
+    .await;
+}
+
 /// Every refusal of a token, through HTTP: status, body and challenge, and nothing stored.
 #[tokio::test]
 async fn every_rejection_through_http() {
@@ -71,7 +80,7 @@ async fn every_rejection_through_http() {
     let beta = TestIssuer::start(&[TestKey::Rsa2]).await;
     let stranger = TestIssuer::start(&[TestKey::Ed1]).await;
     let app = spawn_auth(&[("acme", acme.url()), ("beta", beta.url())], |s| {
-        s.auth.jwks_min_refetch_secs = 2;
+        s.auth.jwks_min_refetch_secs = 3;
     })
     .await;
     let admin = |iss: &TestIssuer, key: TestKey| iss.token(key).roles(&["endpoint-admin"]);
@@ -206,35 +215,36 @@ async fn every_rejection_through_http() {
         "an unknown issuer is never asked for anything"
     );
 
-    // A flood of tokens with random `kid`s: at most one refetch per interval. Wait out the
-    // interval of the last fetch first, so exactly one refetch is allowed.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // A flood of tokens with random `kid`s: at most one refetch per interval. The tokens
+    // are signed beforehand (RSA signing is slow in a debug build); the interval of the
+    // last fetch is waited out first, so exactly one refetch is allowed.
+    let floods: Vec<Vec<String>> = (0..2)
+        .map(|round| {
+            (0..40)
+                .map(|i| {
+                    let kid = format!("random-{round}-{i}-{}", uuid::Uuid::new_v4());
+                    admin(&acme, TestKey::Rsa1).kid(Some(&kid)).sign()
+                })
+                .collect()
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     let (jwks0, disc0) = (acme.jwks_requests(), acme.discovery_requests());
-    let flood = |round: usize| {
-        let app = &app;
-        let acme = &acme;
-        futures_util::future::join_all((0..40).map(move |i| async move {
-            let kid = format!("random-{round}-{i}-{}", uuid::Uuid::new_v4());
-            let token = acme
-                .token(TestKey::Rsa1)
-                .roles(&["endpoint-admin"])
-                .kid(Some(&kid))
-                .sign();
-            assert_invalid_token(app.get_as(&token, "/endpoints/e1").await, "unknown signing key")
-                .await;
-        }))
-    };
-    flood(1).await;
+    let t0 = Instant::now();
+    flood(&app, &floods[0]).await;
     assert_eq!(
         (acme.jwks_requests() - jwks0, acme.discovery_requests() - disc0),
         (1, 0),
         "40 unknown kids cost the issuer one JWKS request (the jwks_uri is remembered)"
     );
-    flood(2).await;
-    assert_eq!(
+    flood(&app, &floods[1]).await;
+    // (Only meaningful within the interval: on a very slow machine a second one is allowed.)
+    let allowed = if t0.elapsed() < Duration::from_secs(3) { 1 } else { 2 };
+    assert!(
+        acme.jwks_requests() - jwks0 <= allowed,
+        "within the interval, no more requests: {} in {:?}",
         acme.jwks_requests() - jwks0,
-        1,
-        "within the interval, no more requests"
+        t0.elapsed()
     );
 
     // A valid token without the scope: 403 naming it; its reads still work.
@@ -244,9 +254,10 @@ async fn every_rejection_through_http() {
         "application:endpoint:create",
     )
     .await;
-    assert!(
-        body["message"].as_str().unwrap().contains("application-demo"),
-        "{body}"
+    // Held nowhere: refused before the body (and its application) is read.
+    assert_eq!(
+        body["message"],
+        "the access token lacks the scope application:endpoint:create on tenant-system"
     );
     assert_forbidden(
         app.api_as(&reader, Method::DELETE, "/endpoints/e1")
@@ -380,7 +391,7 @@ async fn real_openid_provider_with_key_rotation() {
             &admin,
             Method::POST,
             "/applications/demo/filters",
-            &json!({"name": "kyiv", "mongoQuery": {"metadata.city": "Kyiv"}}),
+            &json!({"name": "kyiv", "mongoQuery": {"metadata": {"$elemMatch": {"key": "city", "value": "Kyiv"}}}}),
         )
         .await;
     assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
