@@ -339,6 +339,19 @@ fn scope_names() -> String {
 }
 
 fn check_url(key: &str, value: &str) -> Result<(), String> {
+    // Checked first, so that the message need not echo the credentials.
+    let authority = value
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split(['/', '?', '#'])
+        .next();
+    if authority.is_some_and(|a| a.contains('@')) {
+        return Err(format!(
+            "{key}: must not contain user information (`user:password@`): it is never sent, \
+             and URLs are logged and shown in health"
+        ));
+    }
     crate::http::parse(value)
         .map(|_| ())
         .map_err(|e| format!("{key}: {e}"))
@@ -427,6 +440,29 @@ mod tests {
         assert!(err(|s| s.removed_tenant_data = "delete".into())
             .starts_with("auth.removed_tenant_data: `delete` is not allowed; use keep or purge"));
         assert!(err(|s| s.open_routes = vec!["health".into()]).starts_with("auth.open_routes:"));
+        // Credentials in a URL are refused without being echoed.
+        for (e, key) in [
+            (
+                err(|s| s.tenants[0].issuer = "https://u:pw1@id.example.com/r".into()),
+                "auth.tenants[0].issuer:",
+            ),
+            (
+                err(|s| s.tenants[0].jwks_uri = "https://u:pw1@id.example.com/jwks".into()),
+                "auth.tenants[0].jwks_uri:",
+            ),
+            (
+                err(|s| s.tenant_manager.url = "http://tok@tm/api/v1".into()),
+                "auth.tenant_manager.url:",
+            ),
+        ] {
+            assert!(e.starts_with(key), "{e}");
+            assert!(e.contains("must not contain user information"), "{e}");
+            assert!(!e.contains("pw1") && !e.contains("tok@"), "{e}");
+        }
+        // An `@` in the path or query is not user information.
+        let mut ok = on();
+        ok.tenants[0].jwks_uri = "https://id.example.com/jwks?owner=a@b".into();
+        assert!(ok.validate().is_ok());
     }
 
     #[test]

@@ -98,7 +98,12 @@ async fn every_rejection_through_http() {
                         "metadata": {"owner": t}}),
             )
             .await;
-        assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
     }
     // An ES256 key of the same issuer works too; each token sees its own tenant.
     let r = app
@@ -184,7 +189,10 @@ async fn every_rejection_through_http() {
         ),
         (
             "unknown issuer",
-            stranger.token(TestKey::Ed1).roles(&["endpoint-admin"]).sign(),
+            stranger
+                .token(TestKey::Ed1)
+                .roles(&["endpoint-admin"])
+                .sign(),
             "unknown issuer",
         ),
         (
@@ -233,13 +241,20 @@ async fn every_rejection_through_http() {
     let t0 = Instant::now();
     flood(&app, &floods[0]).await;
     assert_eq!(
-        (acme.jwks_requests() - jwks0, acme.discovery_requests() - disc0),
+        (
+            acme.jwks_requests() - jwks0,
+            acme.discovery_requests() - disc0
+        ),
         (1, 0),
         "40 unknown kids cost the issuer one JWKS request (the jwks_uri is remembered)"
     );
     flood(&app, &floods[1]).await;
     // (Only meaningful within the interval: on a very slow machine a second one is allowed.)
-    let allowed = if t0.elapsed() < Duration::from_secs(3) { 1 } else { 2 };
+    let allowed = if t0.elapsed() < Duration::from_secs(3) {
+        1
+    } else {
+        2
+    };
     assert!(
         acme.jwks_requests() - jwks0 <= allowed,
         "within the interval, no more requests: {} in {:?}",
@@ -290,7 +305,10 @@ async fn every_rejection_through_http() {
     assert_eq!(e1.metadata.to_value(), json!({"owner": "acme"}));
     // Counted by outcome.
     let m = app.metrics().await;
-    assert!(m.contains("epr_auth_tokens_total{outcome=\"invalid\"}"), "{m}");
+    assert!(
+        m.contains("epr_auth_tokens_total{outcome=\"invalid\"}"),
+        "{m}"
+    );
     app.stop().await;
 }
 
@@ -327,12 +345,16 @@ async fn an_unreachable_issuer_answers_503_until_its_keys_load() {
     assert_eq!(stored(&app, "acme").await, Vec::<String>::new());
 
     issuer.set_available(true);
-    poll(Duration::from_secs(10), Duration::from_millis(100), || async {
-        match post_as(&app, &token, "e1").await.status() {
-            StatusCode::CREATED => Ok(()),
-            s => Err(format!("still {s} after the issuer came back")),
-        }
-    })
+    poll(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            match post_as(&app, &token, "e1").await.status() {
+                StatusCode::CREATED => Ok(()),
+                s => Err(format!("still {s} after the issuer came back")),
+            }
+        },
+    )
     .await;
     assert_eq!(stored(&app, "acme").await, ["e1"]);
     app.stop().await;
@@ -359,10 +381,20 @@ async fn real_openid_provider_with_key_rotation() {
     // Endpoints: register, read, update, patch, delete.
     for id in ["d1", "d2"] {
         let r = post_as(&app, &admin, id).await;
-        assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
     }
     let r = app
-        .send_as(&admin, Method::PUT, "/endpoints/d1/metadata/level", &json!(7))
+        .send_as(
+            &admin,
+            Method::PUT,
+            "/endpoints/d1/metadata/level",
+            &json!(7),
+        )
         .await;
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     let r = app
@@ -394,23 +426,32 @@ async fn real_openid_provider_with_key_rotation() {
             &json!({"name": "kyiv", "mongoQuery": {"metadata": {"$elemMatch": {"key": "city", "value": "Kyiv"}}}}),
         )
         .await;
-    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
     let filter = r.json::<Value>().await.unwrap()["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let members = poll(Duration::from_secs(10), Duration::from_millis(50), || async {
-        let r = app
-            .get_as(
-                &admin,
-                &format!("/endpoints?filterId={filter}&applicationName=demo"),
-            )
-            .await;
-        match r.status() {
-            StatusCode::OK => Ok(r.json::<Value>().await.unwrap()),
-            s => Err(format!("listing by the filter: {s}")),
-        }
-    })
+    let members = poll(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let r = app
+                .get_as(
+                    &admin,
+                    &format!("/endpoints?filterId={filter}&applicationName=demo"),
+                )
+                .await;
+            match r.status() {
+                StatusCode::OK => Ok(r.json::<Value>().await.unwrap()),
+                s => Err(format!("listing by the filter: {s}")),
+            }
+        },
+    )
     .await;
     assert_eq!(members["totalElements"], 1, "{members}");
     assert_eq!(members["content"][0]["endpointId"], "d1", "{members}");
@@ -428,8 +469,13 @@ async fn real_openid_provider_with_key_rotation() {
     )
     .await;
     assert_forbidden(
-        app.send_as(&reader, Method::PUT, "/endpoints/d1/metadata/level", &json!(0))
-            .await,
+        app.send_as(
+            &reader,
+            Method::PUT,
+            "/endpoints/d1/metadata/level",
+            &json!(0),
+        )
+        .await,
         "endpoint:update",
     )
     .await;
@@ -454,12 +500,16 @@ async fn real_openid_provider_with_key_rotation() {
     op.restart("k2,k1");
     let admin2 = op.token("epr-admin", ADMIN_SCOPES).await;
     assert_eq!(kid_of(&admin2), "k2");
-    poll(Duration::from_secs(10), Duration::from_millis(100), || async {
-        match app.get_as(&admin2, "/endpoints/d1").await.status() {
-            StatusCode::OK => Ok(()),
-            s => Err(format!("the k2 token is still refused: {s}")),
-        }
-    })
+    poll(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            match app.get_as(&admin2, "/endpoints/d1").await.status() {
+                StatusCode::OK => Ok(()),
+                s => Err(format!("the k2 token is still refused: {s}")),
+            }
+        },
+    )
     .await;
     assert_eq!(
         app.get_as(&admin, "/endpoints/d1").await.status(),
@@ -471,13 +521,19 @@ async fn real_openid_provider_with_key_rotation() {
     op.stop();
     op.restart("k2");
     let started = Instant::now();
-    let body = poll(Duration::from_secs(10), Duration::from_millis(100), || async {
-        let r = app.get_as(&admin, "/endpoints/d1").await;
-        match r.status() {
-            StatusCode::UNAUTHORIZED => Ok(assert_invalid_token(r, "unknown signing key").await),
-            s => Err(format!("the k1 token is still accepted: {s}")),
-        }
-    })
+    let body = poll(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let r = app.get_as(&admin, "/endpoints/d1").await;
+            match r.status() {
+                StatusCode::UNAUTHORIZED => {
+                    Ok(assert_invalid_token(r, "unknown signing key").await)
+                }
+                s => Err(format!("the k1 token is still accepted: {s}")),
+            }
+        },
+    )
     .await;
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -548,14 +604,22 @@ async fn tenant_manager_and_lifecycle_events_add_and_remove_tenants() {
         let (app, token) = (&app, &token);
         async move { app.get_as(&token[i], "/endpoints").await.status() }
     };
-    poll(Duration::from_secs(10), Duration::from_millis(50), || async {
-        match status_of(0).await {
-            StatusCode::OK => Ok(()),
-            s => Err(format!("t1 not usable: {s}")),
-        }
-    })
+    poll(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            match status_of(0).await {
+                StatusCode::OK => Ok(()),
+                s => Err(format!("t1 not usable: {s}")),
+            }
+        },
+    )
     .await;
-    assert!(tm.limits_seen().iter().all(|&l| l == 2), "{:?}", tm.limits_seen());
+    assert!(
+        tm.limits_seen().iter().all(|&l| l == 2),
+        "{:?}",
+        tm.limits_seen()
+    );
     assert!(tm.requests() >= 2, "4 tenants in pages of 2");
     for (i, id) in ids.iter().enumerate().take(3) {
         let r = post_as(&app, &token[i], &format!("ep-{id}")).await;
@@ -588,13 +652,19 @@ async fn tenant_manager_and_lifecycle_events_add_and_remove_tenants() {
     // used) is refused at once, with its own reason; its data is purged, with events.
     tm.set_tenants(listed(&[0, 1, 3]));
     publish_tenant_event(&nats, TenantEventKind::Unregistered, "t3").await;
-    poll(Duration::from_secs(5), Duration::from_millis(20), || async {
-        let r = app.get_as(&token[2], "/endpoints").await;
-        match r.status() {
-            StatusCode::UNAUTHORIZED => Ok(assert_invalid_token(r, "tenant unregistered").await),
-            s => Err(format!("t3 still served: {s}")),
-        }
-    })
+    poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            let r = app.get_as(&token[2], "/endpoints").await;
+            match r.status() {
+                StatusCode::UNAUTHORIZED => {
+                    Ok(assert_invalid_token(r, "tenant unregistered").await)
+                }
+                s => Err(format!("t3 still served: {s}")),
+            }
+        },
+    )
     .await;
     let ev = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
@@ -608,27 +678,35 @@ async fn tenant_manager_and_lifecycle_events_add_and_remove_tenants() {
     .expect("t3's endpoint is unregistered by the purge");
     assert_eq!(ev.str("endpointId"), "ep-t3");
     assert_eq!(ev.str("correlationId"), "purge-tenant-t3");
-    poll(Duration::from_secs(10), Duration::from_millis(50), || async {
-        let left = stored(&app, "t3").await;
-        if left.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("t3 still has {left:?}"))
-        }
-    })
+    poll(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let left = stored(&app, "t3").await;
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("t3 still has {left:?}"))
+            }
+        },
+    )
     .await;
 
     // t2 disappears from the Tenant Manager's list (no `unregistered`): after an `updated`
     // event its tokens are refused as of an unknown issuer, and its data is kept.
     tm.set_tenants(listed(&[0, 3]));
     publish_tenant_event(&nats, TenantEventKind::Updated, "t2").await;
-    poll(Duration::from_secs(5), Duration::from_millis(20), || async {
-        let r = app.get_as(&token[1], "/endpoints").await;
-        match r.status() {
-            StatusCode::UNAUTHORIZED => Ok(assert_invalid_token(r, "unknown issuer").await),
-            s => Err(format!("t2 still served: {s}")),
-        }
-    })
+    poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            let r = app.get_as(&token[1], "/endpoints").await;
+            match r.status() {
+                StatusCode::UNAUTHORIZED => Ok(assert_invalid_token(r, "unknown issuer").await),
+                s => Err(format!("t2 still served: {s}")),
+            }
+        },
+    )
     .await;
     assert_eq!(stored(&app, "t2").await, ["ep-t2"]);
 
@@ -644,4 +722,126 @@ async fn tenant_manager_and_lifecycle_events_add_and_remove_tenants() {
         tm.requests()
     );
     app.stop().await;
+}
+
+/// `epr check-config` and the server's log (the `EPR starting` summary included) never
+/// show the Tenant Manager's client secret or credentials in URLs, though the secret is
+/// used (the service-account token is fetched with it).
+#[tokio::test]
+async fn secrets_are_never_printed() {
+    const SECRET: &str = "tm-client-s3cret";
+    const URL_PASSWORD: &str = "url-pa55word";
+    let issuer = TestIssuer::start(&[TestKey::Rsa1]).await;
+    let tm = TestTenantManager::start().await;
+    tm.set_tenants(vec![tm_tenant("acme", issuer.url(), "AVAILABLE")]);
+    tm.require_bearer_prefix(Some("Bearer svc-"));
+    let dir = tempfile::tempdir().unwrap();
+    let nats_url = format!("nats://natsuser:{URL_PASSWORD}@127.0.0.1:{}", free_port());
+    let env = [
+        ("EPR_APPLICATIONS", "demo:demo-v1".to_owned()),
+        ("EPR__AUTH__TENANT_MANAGER__URL", tm.url()),
+        ("EPR__AUTH__TENANT_MANAGER__TOKEN_URL", issuer.token_url()),
+        ("EPR__AUTH__TENANT_MANAGER__CLIENT_ID", "epr-service".into()),
+        ("EPR__AUTH__TENANT_MANAGER__CLIENT_SECRET", SECRET.into()),
+        ("EPR__NATS__URL", nats_url),
+    ];
+
+    // Credentials in an issuer URL are refused, without being echoed.
+    let mut check = crate::child::EprCommand::new(dir.path())
+        .arg("check-config")
+        .envs(env.clone())
+        .env(
+            "EPR_AUTH_TENANTS",
+            format!("beta=http://user:{URL_PASSWORD}@127.0.0.1:1/realms/beta"),
+        )
+        .capture_output()
+        .spawn();
+    let status = check
+        .wait_exit(Duration::from_secs(30))
+        .expect("check-config exits");
+    let out = check.finish_output();
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("auth.tenants[0].issuer: must not contain user information"),
+        "{out}"
+    );
+    assert!(!out.contains(URL_PASSWORD), "{out}");
+
+    let mut check = crate::child::EprCommand::new(dir.path())
+        .arg("check-config")
+        .envs(env.clone())
+        .capture_output()
+        .spawn();
+    let status = check
+        .wait_exit(Duration::from_secs(30))
+        .expect("check-config exits");
+    let out = check.finish_output();
+    assert!(status.success(), "{out}");
+    for secret in [SECRET, URL_PASSWORD] {
+        assert!(
+            !out.contains(secret),
+            "check-config printed {secret}: {out}"
+        );
+    }
+    let json_start = out.find('{').expect("JSON");
+    let printed: Value = serde_json::from_str(&out[json_start..]).expect(&out);
+    let tm_printed = &printed["auth"]["tenant_manager"];
+    assert_eq!(tm_printed["client_secret"], "***", "{printed}");
+    assert_eq!(tm_printed["client_id"], "epr-service", "{printed}");
+    assert!(
+        printed["nats"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("nats://***@127.0.0.1:"),
+        "{printed}"
+    );
+
+    // The server: it starts, reads the Tenant Manager with a token fetched with the
+    // secret, serves acme's tokens, and logs neither the secret nor the passwords.
+    let mut epr = crate::child::EprCommand::new(dir.path())
+        .envs(env)
+        .capture_output()
+        .start()
+        .await;
+    let token = issuer
+        .token(TestKey::Rsa1)
+        .roles(&["endpoint-admin"])
+        .sign();
+    let client = reqwest::Client::new();
+    poll(
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async {
+            let r = client
+                .get(epr.url("/api/v1/endpoints"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            match r.status() {
+                StatusCode::OK => Ok(()),
+                s => Err(format!("acme's token: {s}")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        issuer.token_requests() >= 1,
+        "the service account token was fetched"
+    );
+    let health = client
+        .get(epr.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    epr.terminate();
+    let log = epr.finish_output();
+    assert!(log.contains("EPR starting"), "{log}");
+    for secret in [SECRET, URL_PASSWORD] {
+        assert!(!log.contains(secret), "the log shows {secret}: {log}");
+        assert!(!health.contains(secret), "/health shows {secret}: {health}");
+    }
 }

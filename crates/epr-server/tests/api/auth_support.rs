@@ -102,10 +102,7 @@ pub async fn assert_invalid_token(r: Response, reason: &str) -> Value {
 /// A 403 naming the missing `scope`, without a challenge.
 pub async fn assert_forbidden(r: Response, scope: &str) -> Value {
     let body = auth_error_body(r, StatusCode::FORBIDDEN, &format!("scope:{scope}")).await;
-    assert!(
-        body["message"].as_str().unwrap().contains(scope),
-        "{body}"
-    );
+    assert!(body["message"].as_str().unwrap().contains(scope), "{body}");
     assert_eq!(body["www-authenticate"], Value::Null, "{body}");
     body
 }
@@ -239,11 +236,7 @@ pub fn kid_of(token: &str) -> String {
 }
 
 /// Publishes a 21/TLE event (as Kaa's Tenant Manager does) for `tenant`.
-pub async fn publish_tenant_event(
-    nats: &async_nats::Client,
-    kind: TenantEventKind,
-    tenant: &str,
-) {
+pub async fn publish_tenant_event(nats: &async_nats::Client, kind: TenantEventKind, tenant: &str) {
     let ev = TenantEvent {
         correlation_id: format!("tle-{tenant}"),
         timestamp: std::time::SystemTime::now()
