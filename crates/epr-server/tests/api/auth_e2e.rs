@@ -565,7 +565,8 @@ async fn tenant_manager_and_lifecycle_events_add_and_remove_tenants() {
     let server = PrivateNats::start(dir.path());
     let nats = server.client().await;
     let mut issuers = Vec::new();
-    for _ in 0..4 {
+    // t1..t4 from the Tenant Manager; the fifth for `cfg`, a configured tenant.
+    for _ in 0..5 {
         issuers.push(TestIssuer::start(&[TestKey::Rsa1]).await);
     }
     let ids = ["t1", "t2", "t3", "t4"];
@@ -587,7 +588,9 @@ async fn tenant_manager_and_lifecycle_events_add_and_remove_tenants() {
         .unwrap();
     nats.flush().await.unwrap();
     let tm_url = tm.url();
+    let cfg_issuer = issuers[4].url().to_owned();
     let app = spawn_on_nats(&server.url(), &instance, move |s| {
+        s.auth.tenants = vec![crate::auth_support::tenant("cfg", &cfg_issuer)];
         s.auth.tenant_manager.url = tm_url;
         s.auth.tenant_manager.page_size = 2;
         // Far away: every change below comes from an event, not from the periodic read.
@@ -709,6 +712,37 @@ async fn tenant_manager_and_lifecycle_events_add_and_remove_tenants() {
     )
     .await;
     assert_eq!(stored(&app, "t2").await, ["ep-t2"]);
+
+    // A configured tenant: `unregistered` removes it (no Tenant Manager read brings it
+    // back); an `updated` event naming it restores it.
+    assert_eq!(status_of(4).await, StatusCode::OK);
+    publish_tenant_event(&nats, TenantEventKind::Unregistered, "cfg").await;
+    poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            let r = app.get_as(&token[4], "/endpoints").await;
+            match r.status() {
+                StatusCode::UNAUTHORIZED => {
+                    Ok(assert_invalid_token(r, "tenant unregistered").await)
+                }
+                s => Err(format!("cfg still served: {s}")),
+            }
+        },
+    )
+    .await;
+    publish_tenant_event(&nats, TenantEventKind::Updated, "cfg").await;
+    poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            match status_of(4).await {
+                StatusCode::OK => Ok(()),
+                s => Err(format!("cfg not restored: {s}")),
+            }
+        },
+    )
+    .await;
 
     // The others were never disturbed.
     for (i, id) in [(0, "t1"), (3, "t4")] {
