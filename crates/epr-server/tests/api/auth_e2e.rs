@@ -750,11 +750,6 @@ async fn tenant_manager_and_lifecycle_events_add_and_remove_tenants() {
         assert_eq!(r.status(), StatusCode::OK, "{id}");
     }
     assert_eq!(stored(&app, "t1").await, ["ep-t1"]);
-    assert!(
-        tm.requests() <= 12,
-        "a few reads, all from events: {}",
-        tm.requests()
-    );
     app.stop().await;
 }
 
