@@ -1,7 +1,7 @@
 //! Randomized tenant isolation: two tenants, `alpha` (the default tenant: NATS instance
 //! `<name>`) and `beta` (`<name>-beta`), each with its own loopback OpenID issuer, hold
 //! **overlapping** endpoint IDs, the same app versions, filter names and queries and metadata
-//! keys. A few hundred random operations, each by a random tenant over REST (its admin
+//! keys. 600 random operations, each by a random tenant over REST (its admin
 //! token) or NATS (19/EPMMP, 20/EFMP on its instance subject), are checked against a model
 //! of the acting tenant only, so anything read from or written to the other tenant shows up
 //! as a mismatch. Full listings of both tenants are compared with their models every 50
@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const OPS: usize = 300;
+const OPS: usize = 600;
 const POOL: usize = 8;
 const VERSIONS: [&str; 3] = ["demo-v1", "demo-v2", "other-v1"];
 const APPS: [&str; 2] = ["demo", "other"];
