@@ -234,6 +234,9 @@ fn md_matches(f: &str, md: &Map<String, Value>) -> bool {
 /// An endpoint event: (subject tail, correlation ID, endpoint ID).
 type EvKey = (String, String, String);
 
+/// Messages received on a subject: (subject, payload).
+type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 struct Tenant {
     name: &'static str,
     instance: String,
@@ -246,7 +249,7 @@ struct Tenant {
     /// Every filter ID this tenant ever had.
     filter_ids: BTreeSet<String>,
     expected: BTreeSet<EvKey>,
-    seen: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    seen: Seen,
     n: u64,
 }
 
@@ -277,6 +280,8 @@ struct World {
     t: [Tenant; 2],
     /// Short description of the current operation, for failure messages.
     op: String,
+    /// Answers per (operation word, status): shows what a run covered.
+    tally: BTreeMap<(String, u16), usize>,
 }
 
 fn now_ms() -> i64 {
@@ -330,7 +335,14 @@ impl World {
         if let Some((b, ct)) = body {
             req = req.header("content-type", ct).body(b.to_string());
         }
-        (to_resp(req.send().await.unwrap()).await, corr)
+        let r = to_resp(req.send().await.unwrap()).await;
+        self.count(r.status);
+        (r, corr)
+    }
+
+    fn count(&mut self, status: u16) {
+        let word = self.op.split(' ').next().unwrap_or_default().to_owned();
+        *self.tally.entry((word, status)).or_default() += 1;
     }
 
     fn ctx(&self, t: usize, r: &Resp) -> String {
@@ -541,9 +553,8 @@ impl World {
         t: usize,
         id: &str,
         corr: &str,
-        status: u16,
+        (status, what): (u16, &str),
         ok: u16,
-        what: &str,
         change: impl FnOnce(&mut Map<String, Value>) -> bool,
     ) {
         let tn = &mut self.t[t];
@@ -579,7 +590,7 @@ impl World {
                         Some((Value::Object(md.clone()), "application/json")),
                     )
                     .await;
-                self.metadata_change(t, &id, &corr, r.status, 204, &r.text, |m| {
+                self.metadata_change(t, &id, &corr, (r.status, &r.text), 204, |m| {
                     *m = md;
                     true
                 });
@@ -606,7 +617,7 @@ impl World {
                         Some((Value::Object(patch.clone()), "application/merge-patch+json")),
                     )
                     .await;
-                self.metadata_change(t, &id, &corr, r.status, 204, &r.text, |m| {
+                self.metadata_change(t, &id, &corr, (r.status, &r.text), 204, |m| {
                     for (k, v) in patch {
                         if v.is_null() {
                             m.remove(&k);
@@ -630,7 +641,7 @@ impl World {
                         Some((v.clone(), "application/json")),
                     )
                     .await;
-                self.metadata_change(t, &id, &corr, r.status, 204, &r.text, |m| {
+                self.metadata_change(t, &id, &corr, (r.status, &r.text), 204, |m| {
                     m.insert(key.into(), v);
                     true
                 });
@@ -641,7 +652,7 @@ impl World {
                 let (r, corr) = self
                     .rest(t, Method::DELETE, &format!("{path}/{key}"), &[], None)
                     .await;
-                self.metadata_change(t, &id, &corr, r.status, 204, &r.text, |m| {
+                self.metadata_change(t, &id, &corr, (r.status, &r.text), 204, |m| {
                     m.remove(key).is_some()
                 });
             }
@@ -1033,6 +1044,7 @@ impl World {
             .unwrap_or_else(|e| panic!("{}: {e}", self.op));
         let (renv, status, body) = epmmp::decode_response(kind, &reply.payload).unwrap();
         assert_eq!(renv.correlation_id, corr, "{}", self.op);
+        self.count(status.code as u16);
         (status.code, body, corr)
     }
 
@@ -1047,6 +1059,7 @@ impl World {
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", self.op));
         let (_, status, body) = efmp::decode_response(kind, &reply.payload).unwrap();
+        self.count(status.code as u16);
         (status.code, body)
     }
 
@@ -1118,7 +1131,7 @@ impl World {
                     patch: serde_json::to_vec(&ops).unwrap(),
                 };
                 let (code, _, corr) = self.epmmp(t, req).await;
-                self.metadata_change(t, &id, &corr, code as u16, 200, "", |m| {
+                self.metadata_change(t, &id, &corr, (code as u16, ""), 200, |m| {
                     *m = md.unwrap();
                     true
                 });
@@ -1133,7 +1146,7 @@ impl World {
                     value: v.to_string().into_bytes(),
                 };
                 let (code, _, corr) = self.epmmp(t, req).await;
-                self.metadata_change(t, &id, &corr, code as u16, 200, "", |m| {
+                self.metadata_change(t, &id, &corr, (code as u16, ""), 200, |m| {
                     m.insert(key.into(), v);
                     true
                 });
@@ -1775,6 +1788,7 @@ async fn tenants_sharing_ids_never_see_or_change_each_other() {
         rng: Rng(seed),
         t: [alpha, beta],
         op: String::new(),
+        tally: BTreeMap::new(),
     };
     // Ready: both tokens accepted (issuer keys fetched) and both instances served on NATS.
     for t in 0..2 {
@@ -1811,16 +1825,17 @@ async fn tenants_sharing_ids_never_see_or_change_each_other() {
     let started = std::time::Instant::now();
     for i in 0..OPS {
         let t = w.rng.below(2);
-        match w.rng.below(20) {
-            0..=3 => w.op_register(t).await,
-            4 | 5 => w.op_get(t).await,
-            6 | 7 => w.op_list(t).await,
-            8 => w.op_app_version(t).await,
-            9..=11 => w.op_metadata_write(t).await,
-            12 => w.op_delete(t).await,
-            13 | 14 => w.op_filter(t).await,
-            15 => w.op_batch(t).await,
-            16 => w.op_app_metadata_keys(t).await,
+        // Deletions keep up with registrations, so the small ID pool does not stay full.
+        match w.rng.below(22) {
+            0..=2 => w.op_register(t).await,
+            3 | 4 => w.op_get(t).await,
+            5 | 6 => w.op_list(t).await,
+            7 => w.op_app_version(t).await,
+            8..=10 => w.op_metadata_write(t).await,
+            11..=13 => w.op_delete(t).await,
+            14 | 15 => w.op_filter(t).await,
+            16 => w.op_batch(t).await,
+            17 => w.op_app_metadata_keys(t).await,
             _ => w.op_nats(t).await,
         }
         if i % 50 == 49 {
@@ -1841,5 +1856,22 @@ async fn tenants_sharing_ids_never_see_or_change_each_other() {
         w.t[1].model.eps.len(),
         w.t[1].model.filters.len(),
     );
+    eprintln!("answers (operation, status) → count: {:?}", w.tally);
+    // The run reached both sides of the model: successes and refusals, over REST and NATS.
+    for (word, statuses) in [
+        ("register", &[201, 409][..]),
+        ("GET", &[200, 404]),
+        ("DELETE", &[204, 404]),
+        ("EPMMP", &[200, 404]),
+        ("EFMP", &[200, 404]),
+    ] {
+        for status in statuses {
+            assert!(
+                w.tally.contains_key(&(word.to_owned(), *status)),
+                "no {word} answered {status}: {:?}",
+                w.tally
+            );
+        }
+    }
     w.app.stop().await;
 }
