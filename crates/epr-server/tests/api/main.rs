@@ -15,6 +15,7 @@ mod filters_nats;
 mod fuzz_findings;
 mod helpers;
 mod integrity;
+mod isolation;
 mod metadata;
 mod nats_protocols;
 mod nats_support;
