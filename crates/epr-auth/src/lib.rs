@@ -245,9 +245,9 @@ impl Authenticator for Auth {
         self.settings.enabled()
     }
 
-    async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+    async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, AuthError> {
         if !self.settings.enabled() {
-            return Ok(Principal::anonymous(self.default_tenant.clone()));
+            return Ok(Arc::new(Principal::anonymous(self.default_tenant.clone())));
         }
         let r = self.verifier.authenticate(&self.dir, token).await;
         let outcome = match &r {

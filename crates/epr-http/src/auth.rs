@@ -97,7 +97,7 @@ pub(crate) async fn authenticate(
     };
     match s.auth.authenticate(token).await {
         Ok(principal) => {
-            req.extensions_mut().insert(Caller(Arc::new(principal)));
+            req.extensions_mut().insert(Caller(principal));
             next.run(req).await
         }
         Err(e) => ApiError::from(e).into_response(),
