@@ -19,7 +19,7 @@ pub fn key_of(token: &str) -> TokenKey {
 
 /// What a verified token gave, and what must still hold for it to be reused.
 pub struct Cached {
-    pub principal: Principal,
+    pub principal: Arc<Principal>,
     /// `exp`, seconds since the epoch.
     pub exp: i64,
     pub tenant: TenantId,
@@ -110,7 +110,7 @@ mod tests {
     fn entry(exp: i64) -> Cached {
         let t = TenantId::parse("t").unwrap();
         Cached {
-            principal: Principal::anonymous(t.clone()),
+            principal: Arc::new(Principal::anonymous(t.clone())),
             exp,
             tenant: t,
             issuer: "i".into(),

@@ -31,7 +31,7 @@ use directory::{Directory, TenantSpec};
 use epr_core::auth::{AuthError, Authenticator, Principal, TenantControl, TenantSnapshot};
 use epr_core::ids::TenantId;
 use futures_util::future::join_all;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tenant_manager::TenantManager;
 use tokio::sync::{mpsc, watch, Notify};
@@ -60,6 +60,11 @@ pub struct Auth {
     tm_wake_rx: std::sync::Mutex<Option<mpsc::Receiver<()>>>,
     /// New issuers appeared: fetch their keys now.
     keys_wake: Notify,
+    /// `epr_auth_tokens_total` per outcome (ok, invalid, unavailable). Registered on the
+    /// first check, not per request: a labelled `counter!` looks its key up in the
+    /// recorder's registry every time, a measurable share of a cached-token check. Not in
+    /// `new`: the recorder may be installed after the `Auth` is built.
+    outcomes: OnceLock<[metrics::Counter; 3]>,
 }
 
 impl Auth {
@@ -113,6 +118,7 @@ impl Auth {
             tm_wake_tx,
             tm_wake_rx: std::sync::Mutex::new(Some(tm_wake_rx)),
             keys_wake: Notify::new(),
+            outcomes: OnceLock::new(),
         }))
     }
 
@@ -239,17 +245,21 @@ impl Authenticator for Auth {
         self.settings.enabled()
     }
 
-    async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+    async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, AuthError> {
         if !self.settings.enabled() {
-            return Ok(Principal::anonymous(self.default_tenant.clone()));
+            return Ok(Arc::new(Principal::anonymous(self.default_tenant.clone())));
         }
         let r = self.verifier.authenticate(&self.dir, token).await;
         let outcome = match &r {
-            Ok(_) => "ok",
-            Err(AuthError::Unavailable(_)) => "unavailable",
-            Err(_) => "invalid",
+            Ok(_) => 0,
+            Err(AuthError::Unavailable(_)) => 2,
+            Err(_) => 1,
         };
-        metrics::counter!("epr_auth_tokens_total", "outcome" => outcome).increment(1);
+        let counters = self.outcomes.get_or_init(|| {
+            ["ok", "invalid", "unavailable"]
+                .map(|o| metrics::counter!("epr_auth_tokens_total", "outcome" => o))
+        });
+        counters[outcome].increment(1);
         r
     }
 }

@@ -69,7 +69,8 @@ pub struct ScopeSettings {
     pub roles: BTreeMap<String, Vec<String>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+// `Debug` by hand: the client secret must not reach a log through `{:?}`.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantManagerSettings {
     /// Base URL of the Tenant Manager REST API (e.g. `http://tenant-manager/api/v1`);
@@ -119,6 +120,24 @@ impl Default for ScopeSettings {
             claims: vec!["scope".into(), "realm_access.roles".into()],
             roles: BTreeMap::new(),
         }
+    }
+}
+
+impl std::fmt::Debug for TenantManagerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = if self.client_secret.is_empty() {
+            ""
+        } else {
+            "***"
+        };
+        f.debug_struct("TenantManagerSettings")
+            .field("url", &self.url)
+            .field("refresh_secs", &self.refresh_secs)
+            .field("page_size", &self.page_size)
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &secret)
+            .finish()
     }
 }
 
@@ -320,6 +339,19 @@ fn scope_names() -> String {
 }
 
 fn check_url(key: &str, value: &str) -> Result<(), String> {
+    // Checked first, so that the message need not echo the credentials.
+    let authority = value
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split(['/', '?', '#'])
+        .next();
+    if authority.is_some_and(|a| a.contains('@')) {
+        return Err(format!(
+            "{key}: must not contain user information (`user:password@`): it is never sent, \
+             and URLs are logged and shown in health"
+        ));
+    }
     crate::http::parse(value)
         .map(|_| ())
         .map_err(|e| format!("{key}: {e}"))
@@ -408,6 +440,29 @@ mod tests {
         assert!(err(|s| s.removed_tenant_data = "delete".into())
             .starts_with("auth.removed_tenant_data: `delete` is not allowed; use keep or purge"));
         assert!(err(|s| s.open_routes = vec!["health".into()]).starts_with("auth.open_routes:"));
+        // Credentials in a URL are refused without being echoed.
+        for (e, key) in [
+            (
+                err(|s| s.tenants[0].issuer = "https://u:pw1@id.example.com/r".into()),
+                "auth.tenants[0].issuer:",
+            ),
+            (
+                err(|s| s.tenants[0].jwks_uri = "https://u:pw1@id.example.com/jwks".into()),
+                "auth.tenants[0].jwks_uri:",
+            ),
+            (
+                err(|s| s.tenant_manager.url = "http://tok@tm/api/v1".into()),
+                "auth.tenant_manager.url:",
+            ),
+        ] {
+            assert!(e.starts_with(key), "{e}");
+            assert!(e.contains("must not contain user information"), "{e}");
+            assert!(!e.contains("pw1") && !e.contains("tok@"), "{e}");
+        }
+        // An `@` in the path or query is not user information.
+        let mut ok = on();
+        ok.tenants[0].jwks_uri = "https://id.example.com/jwks?owner=a@b".into();
+        assert!(ok.validate().is_ok());
     }
 
     #[test]

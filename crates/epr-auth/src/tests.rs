@@ -32,7 +32,7 @@ fn auth(s: AuthSettings) -> Arc<Auth> {
     Auth::new(s, tid("kaa")).unwrap()
 }
 
-fn invalid(r: Result<epr_core::auth::Principal, AuthError>) -> String {
+fn invalid(r: Result<std::sync::Arc<epr_core::auth::Principal>, AuthError>) -> String {
     match r {
         Err(AuthError::Invalid(m)) => m,
         other => panic!("expected Invalid, got {other:?}"),

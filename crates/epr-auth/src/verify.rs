@@ -10,6 +10,7 @@ use epr_core::auth::{AuthError, Principal};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub struct Verifier {
@@ -32,7 +33,11 @@ pub fn now_secs() -> i64 {
 }
 
 impl Verifier {
-    pub async fn authenticate(&self, dir: &Directory, token: &str) -> Result<Principal, AuthError> {
+    pub async fn authenticate(
+        &self,
+        dir: &Directory,
+        token: &str,
+    ) -> Result<Arc<Principal>, AuthError> {
         let key = key_of(token);
         let now = now_secs();
         if let Some(hit) = self.cache.get(&key) {
@@ -66,7 +71,11 @@ impl Verifier {
         }
     }
 
-    async fn verify(&self, dir: &Directory, token: &str) -> Result<(Principal, Cached), AuthError> {
+    async fn verify(
+        &self,
+        dir: &Directory,
+        token: &str,
+    ) -> Result<(Arc<Principal>, Cached), AuthError> {
         let header = match jsonwebtoken::decode_header(token) {
             Ok(h) => h,
             Err(_) => {
@@ -125,13 +134,13 @@ impl Verifier {
                         .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)))
                         .unwrap_or(0);
                     let grants = self.mapper.grants(&claims);
-                    let principal = Principal {
+                    let principal = Arc::new(Principal {
                         tenant: tenant.spec.id.clone(),
                         subject: claims.get("sub").and_then(Value::as_str).map(str::to_owned),
                         scopes: grants.scopes,
                         resource_scopes: grants.resource_scopes,
                         expires_at_ms: Some(exp.saturating_mul(1000)),
-                    };
+                    });
                     let cached = Cached {
                         principal: principal.clone(),
                         exp,

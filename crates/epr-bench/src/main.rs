@@ -1,6 +1,7 @@
 //! `epr-bench`: closed-loop HTTP load generator for the EPR server.
 //! See README.md for what it measures and how to run it.
 
+mod auth;
 mod client;
 mod cpu;
 mod events;
@@ -127,6 +128,25 @@ struct Args {
     /// (the machine is shared; 0: do not wait).
     #[arg(long, default_value_t = 0.0)]
     quiet_wait: f64,
+    /// Authentication off vs on (needs --server-bin, not --nats-url): two servers, one
+    /// without authentication and one whose tenant's issuer is an in-process OpenID
+    /// provider; requests to the latter carry `Authorization: Bearer <token>`, each
+    /// connection its own token(s). Every closed-loop phase runs against both, in the
+    /// alternating order of the events comparison.
+    #[arg(long, conflicts_with = "nats_url", requires = "server_bin")]
+    auth: bool,
+    /// --auth: signature algorithm of the tokens.
+    #[arg(long, value_enum, default_value = "RS256")]
+    auth_alg: auth::Alg,
+    /// --auth: distinct tokens per connection (distinct subjects), used in turn, one per
+    /// request. 1 (the default) is what a client does: one token for many requests.
+    #[arg(long, default_value_t = 1)]
+    auth_fresh_tokens: usize,
+    /// --auth: also a third server with the verified-token cache off
+    /// (`auth.token_cache_entries: 0`): every request verifies its token's signature (the
+    /// cost of cache misses, 100 % of them).
+    #[arg(long, requires = "auth")]
+    auth_miss: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -307,6 +327,9 @@ struct Worker {
     rng: u64,
     path: String,
     body: String,
+    /// `Authorization` header lines this connection sends in turn (empty: none).
+    auth: Vec<String>,
+    auth_next: usize,
 }
 
 /// Shared, read-only per-run settings every worker needs.
@@ -393,7 +416,17 @@ impl Worker {
             _ => bail!("{} is not a closed-loop phase", phase.name()),
         };
         let body = (!self.body.is_empty()).then_some(self.body.as_bytes());
-        let r = self.conn.request(method, &self.path, body).await?;
+        let header = match self.auth.len() {
+            0 => "",
+            n => {
+                self.auth_next = (self.auth_next + 1) % n;
+                self.auth[self.auth_next].as_str()
+            }
+        };
+        let r = self
+            .conn
+            .request_with_headers(method, &self.path, body, header)
+            .await?;
         if let (Some(id), true) = (new_id, r.is_success()) {
             self.ids.push(id);
         }
@@ -760,6 +793,8 @@ enum EventsMode<'a> {
     Default,
     /// `nats.url` set to this (empty: events off).
     Nats { url: &'a str, instance: &'a str },
+    /// No events; this `auth` section (authentication on).
+    Auth { yaml: &'a str },
 }
 
 /// Spawns `bin` on a free port with a fresh temporary config and data dir.
@@ -795,6 +830,9 @@ fn spawn_server_in(bin: &Path, dir: &Path, events: EventsMode) -> Result<(Server
             "service:\n  instance_name: {instance}\n  replica_id: bench\nnats:\n  url: {}\n",
             serde_json::to_string(url)?
         )?;
+    }
+    if let EventsMode::Auth { yaml: auth } = events {
+        yaml.push_str(auth);
     }
     std::fs::write(&config, yaml)?;
     let data = dir.join("data");
@@ -925,7 +963,12 @@ struct Pair {
     title: &'static str,
 }
 
-const PAIRS: [Pair; 2] = [
+/// Target names of the `--auth` servers.
+const AUTH_OFF: &str = "auth-off";
+const AUTH_ON: &str = "auth-on";
+const AUTH_MISS: &str = "auth-miss";
+
+const PAIRS: [Pair; 4] = [
     Pair {
         a: "off",
         b: "on",
@@ -937,6 +980,18 @@ const PAIRS: [Pair; 2] = [
         b: filters::FILTERS,
         ratio: "with filters / without",
         title: "Registration into an application with filters vs one without, over all rounds",
+    },
+    Pair {
+        a: AUTH_OFF,
+        b: AUTH_ON,
+        ratio: "auth on / off",
+        title: "Authentication on (verified-token cache on) vs off, over all rounds",
+    },
+    Pair {
+        a: AUTH_OFF,
+        b: AUTH_MISS,
+        ratio: "auth every token verified / off",
+        title: "Authentication on with every token's signature verified (cache off) vs off, over all rounds",
     },
 ];
 
@@ -997,6 +1052,8 @@ fn new_workers(addr: &str, n: usize) -> Vec<Worker> {
             rng: (idx as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
             path: String::with_capacity(128),
             body: String::with_capacity(256),
+            auth: Vec::new(),
+            auth_next: 0,
         })
         .collect()
 }
@@ -1044,8 +1101,31 @@ async fn run(args: Args) -> Result<()> {
         None => None,
     };
 
+    if args.auth_fresh_tokens == 0 {
+        bail!("--auth-fresh-tokens must be at least 1");
+    }
+    let auth_bench = match args.auth {
+        true => Some(auth::AuthBench::start(args.auth_alg).await),
+        false => None,
+    };
     let mut targets: Vec<Target> = Vec::new();
     match (&args.server_bin, &args.url) {
+        (Some(bin), _) if args.auth => {
+            let ab = auth_bench.as_ref().expect("auth bench");
+            targets.push(Target::spawned(
+                AUTH_OFF,
+                spawn_server(bin, EventsMode::Default)?,
+                None,
+            ));
+            let on = ab.yaml(100_000)?;
+            let s = spawn_server(bin, EventsMode::Auth { yaml: &on })?;
+            targets.push(Target::spawned(AUTH_ON, s, None));
+            if args.auth_miss {
+                let miss = ab.yaml(0)?;
+                let s = spawn_server(bin, EventsMode::Auth { yaml: &miss })?;
+                targets.push(Target::spawned(AUTH_MISS, s, None));
+            }
+        }
         (Some(bin), _) => match &args.nats_url {
             None => {
                 let s = spawn_server(bin, EventsMode::Default)?;
@@ -1094,6 +1174,26 @@ async fn run(args: Args) -> Result<()> {
                 })
         });
         t.workers = new_workers(&t.addr, args.connections);
+        if let (Some(ab), AUTH_ON | AUTH_MISS) = (&auth_bench, t.name) {
+            // Minted before any measurement: RSA signing takes milliseconds.
+            for w in &mut t.workers {
+                w.auth = ab.header_lines(w.idx, args.auth_fresh_tokens);
+            }
+            auth::wait_accepts(&t.addr, &t.workers[0].auth[0]).await?;
+        }
+    }
+    if let Some(ab) = &auth_bench {
+        // The header is the only difference between the two sides' requests.
+        let header = targets
+            .iter()
+            .find(|t| t.name == AUTH_ON)
+            .map_or(0, |t| t.workers[0].auth[0].len());
+        println!(
+            "auth: {} tokens from {}, {} per connection; the Authorization header adds {header} bytes to every request  ",
+            ab.alg.name(),
+            ab.issuer.url(),
+            args.auth_fresh_tokens,
+        );
     }
 
     let command = std::env::args()
@@ -1105,12 +1205,10 @@ async fn run(args: Args) -> Result<()> {
     println!("command: `{command}`  ");
     let servers = targets
         .iter()
-        .map(|t| {
-            if t.name.is_empty() {
-                t.addr.clone()
-            } else {
-                format!("{} (events {})", t.addr, t.name)
-            }
+        .map(|t| match t.name {
+            "" => t.addr.clone(),
+            "off" | "on" => format!("{} (events {})", t.addr, t.name),
+            n => format!("{} ({n})", t.addr),
         })
         .collect::<Vec<_>>()
         .join(", ");
@@ -1517,6 +1615,13 @@ async fn print_server_event_metrics(addr: &str) {
 }
 
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("auth-verify") {
+        let args = auth::VerifyArgs::parse_from(std::env::args().skip(1));
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(auth::verify_cmd(args));
+    }
     let args = Args::parse();
     // Single-threaded by default: the client must not compete with the
     // server for the (two) cores more than one event loop's worth.
@@ -1573,6 +1678,8 @@ mod tests {
                 rng: idx as u64 + 1,
                 path: String::new(),
                 body: String::new(),
+                auth: Vec::new(),
+                auth_next: 0,
             })
             .collect();
         let target = Target {

@@ -225,7 +225,8 @@ pub trait Authenticator: Send + Sync {
     /// default tenant.
     fn enabled(&self) -> bool;
     /// Check a bearer token (the header value's token part, without `Bearer `).
-    async fn authenticate(&self, token: &str) -> Result<Principal, AuthError>;
+    /// The principal is shared: a remembered token's is handed out without a copy.
+    async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, AuthError>;
 }
 
 /// How NATS subjects carry the tenant. Kaa's 19/EPMMP, 20/EFMP, 9/ELCE and 15/EME messages

@@ -549,14 +549,7 @@ impl Registry {
                 self.store
                     .execute_filter(cmd, self.ctx(tenant, correlation_id))
             });
-            let mut deleted = 0;
-            for result in futures_util::future::join_all(deletions).await {
-                match result {
-                    Ok(_) => deleted += 1,
-                    Err(StoreError::Rejected(DomainError::NotFound { .. })) => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            let deleted = count_deleted(futures_util::future::join_all(deletions).await)?;
             return Ok(PurgeStep {
                 filters_deleted: deleted,
                 endpoints_deleted: 0,
@@ -589,14 +582,7 @@ impl Registry {
             };
             self.store.execute(cmd, self.ctx(tenant, correlation_id))
         });
-        let mut deleted = 0;
-        for result in futures_util::future::join_all(deletions).await {
-            match result {
-                Ok(_) => deleted += 1,
-                Err(StoreError::Rejected(DomainError::NotFound { .. })) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let deleted = count_deleted(futures_util::future::join_all(deletions).await)?;
         Ok(PurgeStep {
             filters_deleted: 0,
             endpoints_deleted: deleted,
@@ -625,4 +611,18 @@ impl Registry {
             .map(|(_, t)| t.clone());
         Ok(BatchReport { outcome, tokens })
     }
+}
+
+/// How many of a purge step's deletions happened; one already gone (deleted meanwhile, or by
+/// an earlier, interrupted run) is not an error.
+fn count_deleted<T>(results: Vec<Result<T, StoreError>>) -> Result<u64, StoreError> {
+    let mut deleted = 0;
+    for result in results {
+        match result {
+            Ok(_) => deleted += 1,
+            Err(StoreError::Rejected(DomainError::NotFound { .. })) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
 }

@@ -19,7 +19,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use epr_core::auth::{AuthError, Forbidden, Principal, Resource, Scope};
+use epr_core::auth::{AuthError, Authenticator, Forbidden, Principal, Resource, Scope};
 use epr_core::ids::TenantId;
 use std::sync::Arc;
 
@@ -75,9 +75,15 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// What the middleware needs of [`AppState`].
+pub(crate) struct Gate {
+    pub auth: Arc<dyn Authenticator>,
+    pub open_routes: Arc<[String]>,
+}
+
 /// The middleware: every request but the open routes needs a valid bearer token.
 pub(crate) async fn authenticate(
-    State(s): State<AppState>,
+    State(s): State<Arc<Gate>>,
     mut req: Request,
     next: Next,
 ) -> Response {
@@ -91,7 +97,7 @@ pub(crate) async fn authenticate(
     };
     match s.auth.authenticate(token).await {
         Ok(principal) => {
-            req.extensions_mut().insert(Caller(Arc::new(principal)));
+            req.extensions_mut().insert(Caller(principal));
             next.run(req).await
         }
         Err(e) => ApiError::from(e).into_response(),
@@ -113,9 +119,15 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
     }
     let malformed =
         || AuthError::Invalid("the Authorization header is not 'Bearer <token>'".into());
-    let value = value.to_str().map_err(|_| malformed())?;
-    let (scheme, token) = value.split_once(' ').ok_or_else(malformed)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    // On bytes: the token68 check below admits ASCII only, so `HeaderValue::to_str`'s
+    // own pass over the (~600-byte) value would be a second scan for nothing.
+    let value = value.as_bytes();
+    let space = value
+        .iter()
+        .position(|&b| b == b' ')
+        .ok_or_else(malformed)?;
+    let (scheme, token) = (&value[..space], &value[space + 1..]);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
         return Err(AuthError::Invalid(
             "the Authorization scheme must be Bearer".into(),
         ));
@@ -123,16 +135,27 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
     if !is_token68(token) {
         return Err(malformed());
     }
-    Ok(token)
+    std::str::from_utf8(token).map_err(|_| malformed())
 }
 
+/// The token68 characters besides `=` (RFC 7235): ALPHA / DIGIT / "-" / "." / "_" / "~" /
+/// "+" / "/". A table: this runs over every byte of every request's token.
+const TOKEN68: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~' | b'+' | b'/');
+        b += 1;
+    }
+    t
+};
+
 /// RFC 7235 token68: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
-fn is_token68(t: &str) -> bool {
-    let body = t.trim_end_matches('=');
-    !body.is_empty()
-        && body.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
-        })
+fn is_token68(t: &[u8]) -> bool {
+    let body_len = t.len() - t.iter().rev().take_while(|&&b| b == b'=').count();
+    let body = &t[..body_len];
+    !body.is_empty() && body.iter().all(|&b| TOKEN68[b as usize])
 }
 
 #[cfg(test)]

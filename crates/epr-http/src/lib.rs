@@ -198,10 +198,15 @@ pub fn router(state: AppState) -> Router {
     let log_requests = state.settings.log_requests;
     // Not installed while authentication is off: requests then cost nothing for it (the
     // `Caller` extractor gives the anonymous principal).
-    let auth = state
-        .auth
-        .enabled()
-        .then(|| middleware::from_fn_with_state(state.clone(), auth::authenticate));
+    let auth = state.auth.enabled().then(|| {
+        // Its own small state: `AppState` is cloned per request by `State`, and its
+        // clone allocates (a measurable share of a cached-token request).
+        let gate = Arc::new(auth::Gate {
+            auth: state.auth.clone(),
+            open_routes: state.open_routes.clone(),
+        });
+        middleware::from_fn_with_state(gate, auth::authenticate)
+    });
     let mut app = Router::new()
         .route("/health", get(ops::health))
         .route("/health/live", get(ops::live))

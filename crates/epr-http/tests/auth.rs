@@ -43,9 +43,9 @@ impl Authenticator for FakeAuth {
         self.enabled
     }
 
-    async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+    async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, AuthError> {
         let read: ScopeSet = [Scope::EndpointRead].into_iter().collect();
-        match token {
+        let p = match token {
             "none" => Ok(principal("acme", ScopeSet::EMPTY, &[])),
             "all" => Ok(principal("acme", ScopeSet::all(), &[])),
             "all-beta" => Ok(principal("beta", ScopeSet::all(), &[])),
@@ -59,7 +59,8 @@ impl Authenticator for FakeAuth {
             "down" => Err(AuthError::Unavailable("issuer unreachable".into())),
             "expired" => Err(AuthError::Invalid("the token expired at \"12:00\"".into())),
             _ => Err(AuthError::Invalid("unknown token".into())),
-        }
+        };
+        p.map(Arc::new)
     }
 }
 

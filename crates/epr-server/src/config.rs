@@ -299,6 +299,27 @@ impl Default for LogSettings {
 }
 
 impl Settings {
+    /// A copy fit to print or log: secrets replaced by `***` (`auth.tenant_manager.
+    /// client_secret`) and user information taken out of every URL (`nats.url`, the Tenant
+    /// Manager's URLs, issuers and JWKS URIs), e.g. `nats://user:pass@host` →
+    /// `nats://***@host`. What `epr check-config` prints.
+    pub fn redacted(&self) -> Settings {
+        let mut s = self.clone();
+        let url = |u: &mut String| *u = crate::summary::redact_urls(u);
+        url(&mut s.nats.url);
+        let tm = &mut s.auth.tenant_manager;
+        url(&mut tm.url);
+        url(&mut tm.token_url);
+        if !tm.client_secret.is_empty() {
+            tm.client_secret = "***".into();
+        }
+        for t in &mut s.auth.tenants {
+            url(&mut t.issuer);
+            url(&mut t.jwks_uri);
+        }
+        s
+    }
+
     /// The embedded store's configuration for `data_dir` (the server's `store.data_dir`, or
     /// a directory an operator command works on).
     pub fn embedded_config(&self, data_dir: &Path) -> epr_store::EmbeddedConfig {

@@ -242,7 +242,8 @@ impl Application {
         };
         let relay = Relay::new(store.clone() as Arc<dyn Store>, sink, relay_settings);
         let nats_health = NatsHealth {
-            url: summary::redact(&settings.nats.url),
+            // Each URL of the list: `/health` is an open route.
+            url: summary::redact_urls(&settings.nats.url),
             state: nats.as_ref().map(|n| n.state.clone()),
             outbox_depth: relay.depth(),
         };

@@ -33,7 +33,8 @@ struct Cli {
 enum Command {
     /// Run the server (the default).
     Serve,
-    /// Print the effective configuration as YAML-compatible JSON and exit.
+    /// Print the effective configuration as YAML-compatible JSON (secrets and URL
+    /// credentials replaced by `***`) and exit.
     CheckConfig,
     /// Copy the store to FILE: a consistent snapshot, safe while a server runs on the data
     /// directory.
@@ -103,7 +104,8 @@ async fn main() -> anyhow::Result<()> {
     let settings = settings(&cli).context("invalid configuration")?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
-            println!("{}", serde_json::to_string_pretty(&settings)?);
+            // Redacted: the output ends up in terminals, tickets and CI logs.
+            println!("{}", serde_json::to_string_pretty(&settings.redacted())?);
             Ok(())
         }
         Command::Backup { to } => {

@@ -34,13 +34,12 @@ impl StartupSummary {
         let nats = if settings.nats.url.is_empty() {
             "off".to_owned()
         } else {
-            let urls: Vec<String> = settings.nats.url.split(',').map(redact).collect();
             let mode = if settings.nats.jetstream {
                 " (JetStream)"
             } else {
                 ""
             };
-            format!("{}{mode}", urls.join(","))
+            format!("{}{mode}", redact_urls(&settings.nats.url))
         };
         let mut apps: Vec<String> = settings
             .kaa
@@ -115,6 +114,14 @@ impl StartupSummary {
     }
 }
 
+/// A comma-separated list of URLs, each without its user information.
+pub(crate) fn redact_urls(urls: &str) -> String {
+    if urls.is_empty() {
+        return String::new();
+    }
+    urls.split(',').map(redact).collect::<Vec<_>>().join(",")
+}
+
 /// A URL without its user information (`nats://user:secret@host` → `nats://***@host`).
 pub(crate) fn redact(url: &str) -> String {
     let url = url.trim();
@@ -136,6 +143,56 @@ mod tests {
         assert_eq!(redact(" nats://tok@h"), "nats://***@h");
         assert_eq!(redact("nats://h:4222"), "nats://h:4222");
         assert_eq!(redact("h:4222"), "h:4222");
+        // Every URL of a list: `redact` alone would see one host and miss the second.
+        assert_eq!(
+            redact_urls("nats://a:b@h1,nats://c:d@h2:4222"),
+            "nats://***@h1,nats://***@h2:4222"
+        );
+        assert_eq!(redact_urls(""), "");
+    }
+
+    #[test]
+    fn redacted_settings_hide_every_secret() {
+        let mut s = Settings::default();
+        s.nats.url = "nats://n1:npass@h1,nats://n2:npass2@h2".into();
+        s.auth.tenant_manager.url = "https://tm:tmpass@tm.example/api/v1".into();
+        s.auth.tenant_manager.token_url = "https://kc:kcpass@kc.example/token".into();
+        s.auth.tenant_manager.client_id = "epr".into();
+        s.auth.tenant_manager.client_secret = "s3cret-value".into();
+        s.add_tenants("acme=https://u:ipass@issuer.example")
+            .unwrap();
+        s.auth.tenants[0].jwks_uri = "https://u:jpass@issuer.example/jwks".into();
+        let text = serde_json::to_string(&s.redacted()).unwrap();
+        for secret in [
+            "npass",
+            "tmpass",
+            "kcpass",
+            "s3cret-value",
+            "ipass",
+            "jpass",
+        ] {
+            assert!(!text.contains(secret), "{secret} printed: {text}");
+        }
+        let r = s.redacted();
+        assert_eq!(r.auth.tenant_manager.client_secret, "***");
+        assert_eq!(r.auth.tenant_manager.client_id, "epr");
+        assert_eq!(r.nats.url, "nats://***@h1,nats://***@h2");
+        assert_eq!(r.auth.tenants[0].issuer, "https://***@issuer.example");
+        // `Debug` (what a `{:?}` in a log line shows) hides the client secret too.
+        assert!(!format!("{s:?}").contains("s3cret-value"));
+        // Nothing else changes.
+        assert_eq!(
+            r.auth.tenant_manager.refresh_secs,
+            s.auth.tenant_manager.refresh_secs
+        );
+        assert_eq!(
+            Settings::default()
+                .redacted()
+                .auth
+                .tenant_manager
+                .client_secret,
+            ""
+        );
     }
 
     #[test]

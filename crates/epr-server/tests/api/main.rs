@@ -1,6 +1,8 @@
 //! Black-box tests: the real server on port 0 with a temporary data directory, driven over
 //! HTTP. One test binary (faster to link); one module per area.
 
+mod auth_e2e;
+mod auth_support;
 mod backup;
 mod batch;
 mod child;
@@ -13,6 +15,7 @@ mod filters_nats;
 mod fuzz_findings;
 mod helpers;
 mod integrity;
+mod isolation;
 mod metadata;
 mod nats_protocols;
 mod nats_support;
