@@ -25,10 +25,7 @@ fn tenant(s: &str) -> TenantId {
 
 /// Endpoints stored in a tenant, read through the app's use cases (no token).
 async fn stored(app: &TestApp, t: &str) -> Vec<String> {
-    let page = PageRequest {
-        offset: 0,
-        limit: 1000,
-    };
+    let page = PageRequest::new(0, 1000);
     let mut ids: Vec<String> = app
         .registry
         .list(&tenant(t), &EndpointQuery::default(), page)
