@@ -147,6 +147,11 @@ struct Args {
     /// cost of cache misses, 100 % of them).
     #[arg(long, requires = "auth")]
     auth_miss: bool,
+    /// --auth: the auth-off server gets the same `Authorization` headers too (it ignores
+    /// them), so both sides move the same bytes and the difference is the token check
+    /// alone.
+    #[arg(long, requires = "auth")]
+    auth_header_everywhere: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -1181,9 +1186,15 @@ async fn run(args: Args) -> Result<()> {
             }
             auth::wait_accepts(&t.addr, &t.workers[0].auth[0]).await?;
         }
+        if let (Some(ab), AUTH_OFF, true) = (&auth_bench, t.name, args.auth_header_everywhere) {
+            for w in &mut t.workers {
+                w.auth = ab.header_lines(w.idx, args.auth_fresh_tokens);
+            }
+        }
     }
     if let Some(ab) = &auth_bench {
-        // The header is the only difference between the two sides' requests.
+        // The header is the only difference between the two sides' requests (none with
+        // --auth-header-everywhere).
         let header = targets
             .iter()
             .find(|t| t.name == AUTH_ON)

@@ -218,13 +218,7 @@ fn cursor_param(pairs: &[(String, String)], page: &mut PageRequest) -> Result<()
         return Err(bad());
     }
     let after = u64::from_str_radix(hex, 16).map_err(|_| bad())?;
-    if page.offset != 0 {
-        return Err(ApiError::bad_request(
-            "cursor",
-            "exclusive",
-            "cursor and a non-zero offset cannot be combined: a cursor already names the position",
-        ));
-    }
+    // With a cursor, `offset` skips that many matches after the cursor's position.
     page.after = Some(i64::try_from(after).map_err(|_| bad())?);
     Ok(())
 }

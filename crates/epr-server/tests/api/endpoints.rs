@@ -476,14 +476,21 @@ async fn listing_pages_by_cursor() {
         ("cursor=c1.zz", "format"),
         ("cursor=c1.ffffffffffffffff", "format"),
         ("cursor=c1.10&cursor=c1.11", "single"),
-        ("cursor=c1.10&offset=3", "exclusive"),
     ] {
         let r = app.get(&format!("/endpoints?{q}")).await;
         assert_error(r, StatusCode::BAD_REQUEST, "cursor", rule).await;
     }
-    // offset=0 with a cursor is no offset at all.
+    // offset=0 with a cursor is no offset at all; a larger one counts from the cursor.
     let ok = page(format!("{base}&offset=0&cursor={cursor}")).await;
     assert_eq!(ok["totalElements"], 4);
+    let skipped = page(format!("{base}&offset=1&cursor={cursor}")).await;
+    assert_eq!(skipped["totalElements"], 4);
+    assert_eq!(skipped["content"][0]["endpointId"], "e8");
+    let by_ids = page(format!("endpointId=e1,e2,e3&limit=1&offset=1&cursor={c}")).await;
+    assert!(
+        by_ids["content"].as_array().unwrap().is_empty(),
+        "e3 skipped: none left"
+    );
 }
 
 #[tokio::test]
