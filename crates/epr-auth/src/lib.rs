@@ -49,6 +49,9 @@ const TM_RETRY: Duration = Duration::from_secs(5);
 /// The authenticator and tenant directory.
 pub struct Auth {
     settings: AuthSettings,
+    /// `settings.enabled()`, settled once: asked on every request while authentication is
+    /// off.
+    enabled: bool,
     default_tenant: TenantId,
     tenants_tx: watch::Sender<Arc<TenantSnapshot>>,
     dir: Directory,
@@ -109,6 +112,7 @@ impl Auth {
         };
         let (tm_wake_tx, tm_wake_rx) = mpsc::channel(1);
         Ok(Arc::new(Auth {
+            enabled: settings.enabled(),
             settings,
             default_tenant,
             tenants_tx,
@@ -125,7 +129,7 @@ impl Auth {
     /// Background work until `shutdown`: the first tenant list and key fetch, periodic
     /// refreshes of tenants and keys.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        if !self.settings.enabled() {
+        if !self.enabled {
             shutdown.cancelled().await;
             return;
         }
@@ -221,7 +225,7 @@ impl Auth {
     /// Manager never answered and no tenant is configured, or no issuer's keys were ever
     /// loaded. One issuer without keys answers 503 for its tenant only; it shows here.
     pub fn health(&self) -> (&'static str, serde_json::Value) {
-        if !self.settings.enabled() {
+        if !self.enabled {
             return ("DISABLED", serde_json::json!({}));
         }
         let issuers = self.dir.issuers();
@@ -242,11 +246,11 @@ impl Auth {
 #[async_trait]
 impl Authenticator for Auth {
     fn enabled(&self) -> bool {
-        self.settings.enabled()
+        self.enabled
     }
 
     async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, AuthError> {
-        if !self.settings.enabled() {
+        if !self.enabled {
             return Ok(Arc::new(Principal::anonymous(self.default_tenant.clone())));
         }
         let r = self.verifier.authenticate(&self.dir, token).await;

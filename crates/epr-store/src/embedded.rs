@@ -1296,16 +1296,14 @@ fn list_indexed(
     q: &EndpointQuery,
     page: PageRequest,
 ) -> rusqlite::Result<Page<Endpoint>> {
-    const BY_INCARNATION: &str = "SELECT incarnation, endpoint_id, app, app_version, \
-        app_version_registered, created, metadata, metadata_updated, version, metadata_version, \
-        tenant FROM endpoints WHERE incarnation=?1";
-    debug_assert!(BY_INCARNATION.contains(ENDPOINT_COLUMNS));
     let picked = index.page(tenant.as_str(), q, page);
     let mut items = Vec::with_capacity(picked.incarnations.len());
     if !picked.incarnations.is_empty() {
         let tx = conn.unchecked_transaction()?;
         {
-            let mut stmt = tx.prepare_cached(BY_INCARNATION)?;
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {ENDPOINT_COLUMNS}, tenant FROM endpoints WHERE incarnation=?1"
+            ))?;
             for inc in &picked.incarnations {
                 let row = stmt
                     .query_row([inc], |r| {

@@ -7,8 +7,8 @@
 //! value's range, so a commit group would write about twice the WAL pages it writes today;
 //! bitmaps cost the writer a few microseconds and nothing on disk, answer `totalElements`
 //! exactly (a bitmap's cardinality) and evaluate `!=`, `key` and `!key` as set algebra.
-//! The price: the index is rebuilt from the `endpoints` table when the store opens (about
-//! a second per million endpoints, BENCHMARKS.md) and it takes memory (a few bytes per
+//! The price: the index is rebuilt from the `endpoints` table when the store opens (4.5 s
+//! for a million endpoints on the 2-core test machine, BENCHMARKS.md) and it takes memory (a few bytes per
 //! endpoint and key for low-cardinality keys, ~70 bytes per distinct value otherwise).
 //!
 //! The writer applies a group's changes after the group commits and before it answers, so a
