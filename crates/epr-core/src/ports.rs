@@ -252,6 +252,17 @@ pub trait Store: Send + Sync {
 
     /// Readiness probe: the store can serve reads and writes.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// A small durable setting by key (e.g. the last configuration read from a central
+    /// source, kept for a start while that source is unreachable).
+    async fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Stores a setting durably (replacing any earlier value) before answering.
+    async fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
+
+    /// Finishes accepted writes and stops background work; later calls fail. The default
+    /// does nothing (for stores without background work).
+    async fn shutdown(&self) {}
 }
 
 /// Called by a store after a commit appended events. Must be cheap and must not block: it runs

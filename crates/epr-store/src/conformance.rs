@@ -69,6 +69,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("listing_agrees_with_reference", |s| {
         Box::pin(listing::listing_agrees_with_reference(s))
     }),
+    ("settings_round_trip", |s| Box::pin(settings_round_trip(s))),
 ];
 
 mod export;
@@ -716,4 +717,20 @@ async fn concurrent_writes(s: Arc<dyn Store>) {
         .all(|e| e.metadata.get("j") == e.metadata.get("i")));
     // registered + initial metadata + one update, per endpoint
     assert_eq!(s.outbox_pending(0, 1000).await.unwrap().len(), 600);
+}
+
+async fn settings_round_trip(s: Arc<dyn Store>) {
+    assert_eq!(s.get_setting("catalogue").await.unwrap(), None);
+    s.put_setting("catalogue", "{\"a\":1}").await.unwrap();
+    s.put_setting("other", "x").await.unwrap();
+    assert_eq!(
+        s.get_setting("catalogue").await.unwrap().as_deref(),
+        Some("{\"a\":1}")
+    );
+    s.put_setting("catalogue", "second").await.unwrap();
+    assert_eq!(
+        s.get_setting("catalogue").await.unwrap().as_deref(),
+        Some("second")
+    );
+    assert_eq!(s.get_setting("other").await.unwrap().as_deref(), Some("x"));
 }

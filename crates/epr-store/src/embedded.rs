@@ -107,6 +107,11 @@ CREATE TABLE IF NOT EXISTS outbox(
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     event TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS settings(
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS batch_tasks(
     tenant TEXT NOT NULL,
     task_id TEXT NOT NULL,
@@ -127,6 +132,7 @@ enum Job {
     Batch(BatchRequest, WriteCtx, Reply<BatchOutcome>),
     Filter(FilterCommand, WriteCtx, Reply<EndpointFilter>),
     OutboxAck(i64, Reply<()>),
+    PutSetting(String, String, Reply<()>),
     Import(Vec<ImportRecord>, Reply<Vec<ImportOutcome>>),
     Ping(Reply<()>),
     Shutdown(Reply<()>),
@@ -759,6 +765,9 @@ impl Writer {
                     Pending::Filter(reply, result)
                 }
                 Job::OutboxAck(last, reply) => Pending::Unit(reply, outbox_delete(&tx, last)),
+                Job::PutSetting(key, value, reply) => {
+                    Pending::Unit(reply, put_setting(&tx, &key, &value))
+                }
                 Job::Import(records, reply) => {
                     let result = crate::sqlite_export::import(
                         &tx,
@@ -911,7 +920,9 @@ fn reply_unavailable(job: Job, msg: &str) {
         Job::Batch(_, _, r) => drop(r.send(Err(err()))),
         Job::Filter(_, _, r) => drop(r.send(Err(err()))),
         Job::Import(_, r) => drop(r.send(Err(err()))),
-        Job::OutboxAck(_, r) | Job::Ping(r) | Job::Shutdown(r) => drop(r.send(Err(err()))),
+        Job::OutboxAck(_, r) | Job::PutSetting(_, _, r) | Job::Ping(r) | Job::Shutdown(r) => {
+            drop(r.send(Err(err())))
+        }
     }
 }
 
@@ -1121,6 +1132,16 @@ fn append_events(conn: &Connection, events: &[OutboxEvent]) -> rusqlite::Result<
         stmt.execute([codec::encode_outbox(e)])?;
     }
     Ok(())
+}
+
+fn put_setting(conn: &Connection, key: &str, value: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO settings(key, value, updated) VALUES(?1, ?2, ?3) \
+         ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated=excluded.updated",
+    )
+    .and_then(|mut s| s.execute(params![key, value, now_millis()]))
+    .map(|_| ())
+    .map_err(unavailable)
 }
 
 fn outbox_delete(conn: &Connection, through: i64) -> Result<(), StoreError> {
@@ -1576,6 +1597,25 @@ impl Store for EmbeddedStore {
         self.write(Job::Ping).await?;
         self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
             .await
+    }
+
+    async fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT value FROM settings WHERE key=?1")
+                .and_then(|mut s| s.query_row([&key], |r| r.get(0)).optional())
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let (key, value) = (key.to_owned(), value.to_owned());
+        self.write(|r| Job::PutSetting(key, value, r)).await
+    }
+
+    async fn shutdown(&self) {
+        EmbeddedStore::shutdown(self).await
     }
 }
 

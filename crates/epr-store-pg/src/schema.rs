@@ -1,0 +1,205 @@
+//! Versioned, forward-only schema migrations. Each migration runs in its own transaction
+//! under a transaction-level advisory lock, so replicas starting at once apply it once.
+//!
+//! Conventions every table follows: the tenant leads every primary key and index; times are
+//! milliseconds since the epoch (`bigint`), as in the domain; metadata is `jsonb`; stored
+//! events and batch outcomes are the JSON text of `epr_store::codec` (shared with the
+//! embedded store, so both backends store the same shapes).
+
+use crate::error::db;
+use epr_core::ports::StoreError;
+use tokio_postgres::Client;
+
+/// The advisory lock key that serialises migrations (any fixed number; "EPRMIGR" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0045_5052_4d49_4752;
+
+/// `(version, SQL)`, in order. Never edit a released migration: add one.
+pub(crate) const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+
+const V1: &str = r#"
+CREATE TABLE store_meta(
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+
+-- Registration order; an endpoint's incarnation is its position (paging cursor, back-fill
+-- cursor). Taken in blocks by the writers.
+CREATE SEQUENCE endpoint_incarnation;
+
+CREATE TABLE endpoints(
+    tenant text NOT NULL,
+    endpoint_id text NOT NULL,
+    incarnation bigint NOT NULL,
+    app text NOT NULL,
+    app_version text NOT NULL,
+    app_version_registered bigint NOT NULL,
+    created bigint NOT NULL,
+    metadata jsonb NOT NULL,
+    metadata_updated bigint,
+    version bigint NOT NULL,
+    metadata_version bigint NOT NULL,
+    token_hash bytea NOT NULL,
+    PRIMARY KEY(tenant, endpoint_id)
+);
+CREATE UNIQUE INDEX endpoints_by_incarnation ON endpoints(tenant, incarnation);
+CREATE INDEX endpoints_by_app ON endpoints(tenant, app, incarnation);
+CREATE INDEX endpoints_by_version ON endpoints(tenant, app_version, incarnation);
+-- Containment (`metadata @> ...`): listing by metadata value and filter pre-selection.
+CREATE INDEX endpoints_metadata ON endpoints USING gin (metadata jsonb_path_ops);
+
+-- Endpoint tokens by hash, unique per application.
+CREATE TABLE tokens(
+    tenant text NOT NULL,
+    app text NOT NULL,
+    token_hash bytea NOT NULL,
+    endpoint_id text NOT NULL,
+    created bigint NOT NULL,
+    PRIMARY KEY(tenant, app, token_hash)
+);
+CREATE INDEX tokens_by_endpoint ON tokens(tenant, endpoint_id);
+
+-- The transactional outbox. Writers insert with `seq` NULL; the one relay leader gives
+-- rows a `seq` in the order they became visible (see outbox.rs), so a relay cursor over
+-- `seq` never skips a row that committed late, and per-endpoint order is kept.
+CREATE TABLE outbox(
+    id bigserial PRIMARY KEY,
+    seq bigint UNIQUE,
+    event text NOT NULL
+);
+CREATE INDEX outbox_unsequenced ON outbox(id) WHERE seq IS NULL;
+-- The last `seq` given (one row): the leader takes its row lock to sequence, so two
+-- processes that both believe they lead cannot interleave.
+CREATE TABLE outbox_sequencer(
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    last_seq bigint NOT NULL
+);
+INSERT INTO outbox_sequencer(last_seq) VALUES(0);
+
+CREATE TABLE batch_tasks(
+    tenant text NOT NULL,
+    task_id text NOT NULL,
+    app text NOT NULL,
+    created bigint NOT NULL,
+    outcome text NOT NULL,
+    PRIMARY KEY(tenant, task_id)
+);
+CREATE INDEX batch_tasks_by_created ON batch_tasks(created);
+
+-- Saved filters. `backfill_*` as in the embedded store: a pending filter has evaluated the
+-- endpoints with incarnation in (0, backfill_after]; it is complete at backfill_until.
+-- `backfill_owner`/`backfill_lease_until` name the replica running the back-fill.
+CREATE TABLE filters(
+    tenant text NOT NULL,
+    filter_id text NOT NULL,
+    app text NOT NULL,
+    name text NOT NULL,
+    description text NOT NULL,
+    query jsonb NOT NULL,
+    status text NOT NULL,
+    created bigint NOT NULL,
+    updated bigint NOT NULL,
+    version bigint NOT NULL,
+    backfill_after bigint,
+    backfill_until bigint,
+    backfill_correlation text,
+    backfill_owner text,
+    backfill_lease_until timestamptz,
+    PRIMARY KEY(tenant, filter_id)
+);
+CREATE UNIQUE INDEX filters_by_name ON filters(tenant, app, name);
+CREATE INDEX filters_pending ON filters(tenant, app) WHERE status = 'pending';
+
+-- Bumped by every change of an application's filters (create, change, delete,
+-- activation): writers compare it with their cached copy under the application lock.
+CREATE TABLE app_filters(
+    tenant text NOT NULL,
+    app text NOT NULL,
+    version bigint NOT NULL,
+    PRIMARY KEY(tenant, app)
+);
+
+CREATE TABLE filter_matches(
+    tenant text NOT NULL,
+    filter_id text NOT NULL,
+    incarnation bigint NOT NULL,
+    PRIMARY KEY(tenant, filter_id, incarnation)
+);
+
+-- A filter's member count, as sharded deltas: writers of one application do not queue on
+-- one counter row. The count is the sum over shards.
+CREATE TABLE filter_counts(
+    tenant text NOT NULL,
+    filter_id text NOT NULL,
+    shard smallint NOT NULL,
+    n bigint NOT NULL,
+    PRIMARY KEY(tenant, filter_id, shard)
+);
+
+-- Small durable settings (e.g. the last configuration read from a central source).
+CREATE TABLE settings(
+    key text PRIMARY KEY,
+    value text NOT NULL,
+    updated bigint NOT NULL
+);
+"#;
+
+/// The newest schema version this build knows.
+pub fn latest() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+/// Applies every migration the database lacks. Safe to run from several processes at once:
+/// each migration takes the advisory lock, re-reads the version and skips what another
+/// process applied. Refuses a database newer than this build.
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_version(
+                version integer PRIMARY KEY,
+                applied timestamptz NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .or_else(|e| {
+            // Two processes creating the table at once: one loses the race, harmlessly.
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                Ok(())
+            } else {
+                Err(db(e))
+            }
+        })?;
+    let mut applied = Vec::new();
+    for (version, sql) in MIGRATIONS {
+        let tx = client.transaction().await.map_err(db)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(db)?;
+        let current: Option<i32> = tx
+            .query_one("SELECT max(version) FROM schema_version", &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        let current = current.unwrap_or(0);
+        if current > latest() {
+            return Err(StoreError::Unavailable(
+                format!(
+                    "the database holds schema version {current}, this build knows {}; \
+                     upgrade this service",
+                    latest()
+                )
+                .into(),
+            ));
+        }
+        if current >= *version {
+            continue;
+        }
+        tx.batch_execute(sql).await.map_err(db)?;
+        tx.execute("INSERT INTO schema_version(version) VALUES($1)", &[version])
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        tracing::info!(version, "database schema migrated");
+        applied.push(*version);
+    }
+    Ok(applied)
+}

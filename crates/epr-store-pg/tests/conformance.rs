@@ -1,0 +1,36 @@
+//! The store conformance suite on PostgreSQL: every case on a fresh database.
+
+use epr_core::ports::Store;
+use epr_store_pg::testing::TestDb;
+use epr_store_pg::{PgConfig, PgStore};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance() {
+    let made: Arc<Mutex<Vec<(Arc<PgStore>, TestDb)>>> = Arc::default();
+    let m = made.clone();
+    epr_store::conformance::run_all(move || {
+        let m = m.clone();
+        async move {
+            let db = TestDb::create().await;
+            let mut cfg = PgConfig::new(&db.url);
+            // Tiny back-fill steps, so back-fills interleave with the cases' writes.
+            cfg.backfill = epr_store::BackfillPace {
+                step: Duration::ZERO,
+                batch: 2,
+                pause: Duration::from_micros(500),
+            };
+            cfg.pool_size = 4;
+            let store = Arc::new(PgStore::open(cfg).await.expect("the store opens"));
+            m.lock().unwrap().push((store.clone(), db));
+            store as Arc<dyn Store>
+        }
+    })
+    .await;
+    let made = std::mem::take(&mut *made.lock().unwrap());
+    for (store, db) in made {
+        store.shutdown().await;
+        db.drop_db().await;
+    }
+}
