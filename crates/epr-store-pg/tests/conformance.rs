@@ -6,9 +6,12 @@ use epr_store_pg::{PgConfig, PgStore};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Every store made, with its database, to shut down and drop at the end.
+type Made = Arc<Mutex<Vec<(Arc<PgStore>, TestDb)>>>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance() {
-    let made: Arc<Mutex<Vec<(Arc<PgStore>, TestDb)>>> = Arc::default();
+    let made: Made = Arc::default();
     let m = made.clone();
     epr_store::conformance::run_all(move || {
         let m = m.clone();
