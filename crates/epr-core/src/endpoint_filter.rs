@@ -102,6 +102,15 @@ impl FilterSpec {
             )
             .into());
         }
+        // PostgreSQL's text and jsonb cannot hold U+0000; refused on every backend alike.
+        if description.contains('\0') {
+            return Err(ValidationError::new(
+                "description",
+                "pattern",
+                "a description must not contain the NUL character (U+0000)",
+            )
+            .into());
+        }
         let query = match mongo_query {
             Value::String(text) => serde_json::from_str::<Value>(text).map_err(|e| {
                 ValidationError::new(
@@ -112,6 +121,14 @@ impl FilterSpec {
             })?,
             other => other.clone(),
         };
+        if crate::metadata::contains_nul(&query) {
+            return Err(ValidationError::new(
+                "mongoQuery",
+                "pattern",
+                "mongoQuery must not contain the NUL character (U+0000)",
+            )
+            .into());
+        }
         let compiled = Filter::parse(&query)?;
         let Value::Object(query) = query else {
             // Filter::parse accepts only objects; kept for the type.
@@ -432,5 +449,31 @@ mod tests {
             field(FilterSpec::parse("n", "", &json!({"$where": "1"}))).1,
             "unsupported-operator"
         );
+        // U+0000 is refused in the description and anywhere in the query (string form too).
+        assert_eq!(
+            field(FilterSpec::parse("n", "a\0b", &q)),
+            ("description".into(), "pattern")
+        );
+        assert_eq!(
+            field(FilterSpec::parse("n", "", &json!({"metadata.a": "x\u{0}"}))),
+            ("mongoQuery".into(), "pattern")
+        );
+        assert_eq!(
+            field(FilterSpec::parse(
+                "n",
+                "",
+                &json!(r#"{"metadata.a\u0000": 1}"#)
+            )),
+            ("mongoQuery".into(), "pattern")
+        );
+        assert_eq!(
+            field(FilterSpec::parse(
+                "n",
+                "",
+                &json!({"$or": [{"metadata.a": {"$in": ["\u{0}"]}}]})
+            )),
+            ("mongoQuery".into(), "pattern")
+        );
+        assert!(FilterPatch::parse(None, Some("\0"), None).is_err());
     }
 }

@@ -98,6 +98,15 @@ impl Metadata {
             MetadataKey::parse(key, limits).map_err(|e| e.at(format!("{field}.{key}")))?;
         }
         for (key, value) in &map {
+            // PostgreSQL's jsonb cannot hold U+0000; refused on every backend alike.
+            if contains_nul(value) {
+                return Err(ValidationError::new(
+                    format!("{field}.{key}"),
+                    "pattern",
+                    "metadata values must not contain the NUL character (U+0000)",
+                )
+                .into());
+            }
             if depth(value) > limits.metadata_max_depth {
                 return Err(ValidationError::new(
                     format!("{field}.{key}"),
@@ -168,6 +177,26 @@ pub fn depth(v: &Value) -> usize {
         }
     }
     max
+}
+
+/// Whether a string anywhere in a JSON value (object keys included) holds U+0000.
+/// Iterative, like [`depth`].
+pub fn contains_nul(v: &Value) -> bool {
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::String(s) if s.contains('\0') => return true,
+            Value::Array(a) => stack.extend(a.iter()),
+            Value::Object(o) => {
+                if o.keys().any(|k| k.contains('\0')) {
+                    return true;
+                }
+                stack.extend(o.values());
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 /// What changed between two metadata documents, in the shape of Kaa's 15/EME event:
@@ -261,6 +290,30 @@ mod tests {
         let text = md.to_json_string();
         let back = Metadata::parse(serde_json::from_str(&text).unwrap(), "metadata", &l).unwrap();
         assert_eq!(back, md, "{text}");
+    }
+
+    #[test]
+    fn nul_characters_are_refused_at_any_depth() {
+        let l = Limits::default();
+        for bad in [
+            json!({"a": "x\u{0}y"}),
+            json!({"a": [1, {"b": "\u{0}"}]}),
+            json!({"a": {"k\u{0}": 1}}),
+        ] {
+            match Metadata::parse(bad.clone(), "metadata", &l).unwrap_err() {
+                DomainError::Invalid(v) => {
+                    assert_eq!(
+                        (v.field.as_str(), v.rule),
+                        ("metadata.a", "pattern"),
+                        "{bad}"
+                    );
+                    assert!(v.message.contains("U+0000"), "{}", v.message);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Other control characters stay allowed in values (JSON escapes them).
+        assert!(Metadata::parse(json!({"a": "x\u{1}\ny"}), "metadata", &l).is_ok());
     }
 
     #[test]
