@@ -1,35 +1,168 @@
-//! The write path (slice A): group-committing writer tasks, endpoint commands, batch
-//! registration, endpoint reads by ID, batch outcomes, and import.
+//! The write path: group-committing writer tasks, endpoint commands, batch registration,
+//! endpoint reads by ID, batch outcomes, and import.
 //!
-//! STUB: to be implemented. The signatures below are what lib.rs and the other modules use.
+//! Each writer task owns one connection and commits everything queued for it (up to
+//! `max_group` jobs) in one transaction, answering only after COMMIT returned. A group:
+//! 1. locks and loads every endpoint row its commands name (`FOR UPDATE`, in key order, so
+//!    replicas lock in one order), the token rows its registrations would take, and a block
+//!    of incarnations: one pipelined round trip;
+//! 2. takes the *shared* advisory lock of every application it touches (filter changes take
+//!    it exclusively) and reads the applications' filters;
+//! 3. plans every command in memory over an overlay of the group's own changes (two
+//!    commands on one endpoint see each other; a refused command changes nothing);
+//! 4. writes the final state of each endpoint it changed with a few set-based statements
+//!    (`unnest`), stores membership, appends the events to the outbox and NOTIFYs;
+//! 5. commits. An insert that finds its ID or token taken by another replica since step 1,
+//!    or a deadlock / serialization failure, rolls the group back and runs it again: the
+//!    re-run sees the other replica's row and refuses exactly as the domain does.
 
-use crate::{Inner, PgConfig};
-use epr_core::command::{Command, Effect, WriteCtx};
+use crate::error::{db, msg, pool, retryable};
+use crate::filters::{AppFilters, MatchChange};
+use crate::rows::{endpoint_from_row, ENDPOINT_COLUMNS};
+use crate::{app_lock_key, Inner, PgConfig};
+use epr_core::command::{plan, Command, Effect, WriteCtx};
 use epr_core::endpoint::Endpoint;
+use epr_core::endpoint_filter::EndpointFilter;
+use epr_core::event::{DomainEvent, EventKind, OutboxEvent};
 use epr_core::ids::{AppName, EndpointId, TenantId};
-use epr_core::ports::{BatchOutcome, BatchRequest, ImportOutcome, ImportRecord, StoreError};
-use std::sync::Arc;
+use epr_core::log_gate::LogGate;
+use epr_core::ports::{
+    BatchCreated, BatchFailed, BatchOutcome, BatchRequest, EndpointExport, ImportOutcome,
+    ImportRecord, StoreError,
+};
+use epr_core::{DomainError, Timestamp};
+use epr_store::codec;
+// `try_join*` poll their futures in order: statements are sent in the order written.
+use futures_util::future::{try_join, try_join3, try_join4, try_join_all};
+use futures_util::TryFutureExt;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_postgres::types::Json;
+use tokio_postgres::{Statement, Transaction};
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// Runs of one group before its failure is answered: deadlocks and races with other
+/// replicas are resolved by running the group again.
+const MAX_ATTEMPTS: usize = 3;
+/// Batch outcomes past their retention are deleted at most this often (by writer 0).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Import records handled per preload (rows locked, tokens read, incarnations taken).
+const IMPORT_CHUNK: usize = 1000;
+
+enum Job {
+    Execute(Command, WriteCtx, Reply<Effect>),
+    Batch(BatchWork, Reply<BatchOutcome>),
+    Import(Vec<ImportRecord>, Reply<Vec<ImportOutcome>>),
+    /// Stop accepting commands; the sender is dropped once the queue is empty.
+    Close(oneshot::Sender<()>),
+}
+
+/// A batch registration with its items made commands once (a group may run twice).
+struct BatchWork {
+    task_id: String,
+    app: AppName,
+    ctx: WriteCtx,
+    items: Vec<BatchWorkItem>,
+}
+
+struct BatchWorkItem {
+    cmd: Result<Command, String>,
+    endpoint_id: Option<String>,
+    metadata_text: String,
+}
 
 /// The writers' queues (one per writer task; commands are routed by endpoint ID).
-pub(crate) struct Writer {}
+pub(crate) struct Writer {
+    queues: Vec<mpsc::Sender<Job>>,
+    /// Taken by [`start`].
+    receivers: Mutex<Vec<mpsc::Receiver<Job>>>,
+    /// Round robin for work that names no single endpoint (batches, imports).
+    next: AtomicUsize,
+}
 
 impl Writer {
     pub(crate) fn new(cfg: &PgConfig) -> Self {
-        let _ = cfg;
-        Self {}
+        let (queues, receivers) = (0..cfg.writers.max(1))
+            .map(|_| mpsc::channel(cfg.max_group.max(1) * 4))
+            .unzip();
+        Self {
+            queues,
+            receivers: Mutex::new(receivers),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// One endpoint's commands always go to one writer, so this process never races itself
+    /// on a row (FNV-1a: the same in every process).
+    fn route(&self, tenant: &TenantId, id: &EndpointId) -> usize {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in tenant
+            .as_str()
+            .bytes()
+            .chain([0])
+            .chain(id.as_str().bytes())
+        {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        (h % self.queues.len() as u64) as usize
+    }
+
+    fn any(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len()
+    }
+
+    async fn send<T>(
+        &self,
+        writer: usize,
+        make: impl FnOnce(Reply<T>) -> Job,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.queues[writer]
+            .send(make(tx))
+            .await
+            .map_err(|_| msg("the store is shut down"))?;
+        rx.await.map_err(|_| msg("the store writer stopped"))?
     }
 }
 
 /// Starts the writer tasks.
 pub(crate) fn start(inner: &Arc<Inner>) -> Vec<JoinHandle<()>> {
-    let _ = inner;
-    Vec::new()
+    let receivers = std::mem::take(&mut *inner.writer.receivers.lock().unwrap());
+    receivers
+        .into_iter()
+        .enumerate()
+        .map(|(shard, rx)| {
+            let task = WriterTask {
+                inner: inner.clone(),
+                shard,
+                conn: None,
+                last_prune: None,
+                failure_log: LogGate::default(),
+            };
+            tokio::spawn(task.run(rx))
+        })
+        .collect()
 }
 
 /// Stops accepting commands and waits until every accepted one has been answered.
 pub(crate) async fn drain(inner: &Inner) {
-    let _ = inner;
+    let mut acks = Vec::new();
+    for queue in &inner.writer.queues {
+        let (tx, rx) = oneshot::channel();
+        // Fails only when that writer already stopped (a second drain).
+        if queue.send(Job::Close(tx)).await.is_ok() {
+            acks.push(rx);
+        }
+    }
+    for ack in acks {
+        let _ = ack.await;
+    }
 }
 
 pub(crate) async fn execute(
@@ -37,8 +170,11 @@ pub(crate) async fn execute(
     cmd: Command,
     ctx: WriteCtx,
 ) -> Result<Effect, StoreError> {
-    let _ = (inner, cmd, ctx);
-    unimplemented!("slice A")
+    let writer = inner.writer.route(&ctx.tenant, cmd.endpoint_id());
+    inner
+        .writer
+        .send(writer, |r| Job::Execute(cmd, ctx, r))
+        .await
 }
 
 pub(crate) async fn register_batch(
@@ -46,17 +182,40 @@ pub(crate) async fn register_batch(
     batch: BatchRequest,
     ctx: WriteCtx,
 ) -> Result<BatchOutcome, StoreError> {
-    let _ = (inner, batch, ctx);
-    unimplemented!("slice A")
+    let work = BatchWork {
+        task_id: batch.task_id,
+        app: batch.app,
+        ctx,
+        items: batch
+            .items
+            .into_iter()
+            .map(|item| BatchWorkItem {
+                cmd: item.registration.map(Command::Register),
+                endpoint_id: item.endpoint_id,
+                metadata_text: item.metadata_text,
+            })
+            .collect(),
+    };
+    let writer = inner.writer.any();
+    inner.writer.send(writer, |r| Job::Batch(work, r)).await
 }
+
+static GET: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE tenant=$1 AND endpoint_id=$2")
+});
 
 pub(crate) async fn get(
     inner: &Inner,
     tenant: &TenantId,
     id: &EndpointId,
 ) -> Result<Option<Endpoint>, StoreError> {
-    let _ = (inner, tenant, id);
-    unimplemented!("slice A")
+    let client = inner.pool.get().await.map_err(pool)?;
+    let st = client.prepare_cached(&GET).await.map_err(db)?;
+    let row = client
+        .query_opt(&st, &[&tenant.as_str(), &id.as_str()])
+        .await
+        .map_err(db)?;
+    row.as_ref().map(endpoint_from_row).transpose()
 }
 
 pub(crate) async fn batch_outcome(
@@ -65,8 +224,20 @@ pub(crate) async fn batch_outcome(
     app: &AppName,
     task_id: &str,
 ) -> Result<Option<BatchOutcome>, StoreError> {
-    let _ = (inner, tenant, app, task_id);
-    unimplemented!("slice A")
+    let client = inner.pool.get().await.map_err(pool)?;
+    let st = client
+        .prepare_cached("SELECT outcome FROM batch_tasks WHERE tenant=$1 AND task_id=$2 AND app=$3")
+        .await
+        .map_err(db)?;
+    let row = client
+        .query_opt(&st, &[&tenant.as_str(), &task_id, &app.as_str()])
+        .await
+        .map_err(db)?;
+    row.map(|r| {
+        let text: &str = r.get(0);
+        codec::decode_outcome(text).map_err(|e| crate::error::corrupt("batch outcome", e))
+    })
+    .transpose()
 }
 
 /// See `Store::import`.
@@ -74,6 +245,1105 @@ pub(crate) async fn import(
     inner: &Inner,
     records: Vec<ImportRecord>,
 ) -> Result<Vec<ImportOutcome>, StoreError> {
-    let _ = (inner, records);
-    unimplemented!("slice A")
+    let writer = inner.writer.any();
+    inner.writer.send(writer, |r| Job::Import(records, r)).await
+}
+
+// ---------------------------------------------------------------------------------------
+// Statements
+
+static LOCK_ROWS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE tenant=$1 AND endpoint_id = ANY($2) \
+         ORDER BY endpoint_id FOR UPDATE"
+    )
+});
+static INSERT_ENDPOINTS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO endpoints(tenant, {ENDPOINT_COLUMNS}, token_hash) \
+         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], \
+         $6::bigint[], $7::bigint[], $8::jsonb[], $9::bigint[], $10::bigint[], $11::bigint[], \
+         $12::bytea[]) ON CONFLICT DO NOTHING"
+    )
+});
+const TOKENS: &str = "SELECT token_hash, endpoint_id FROM tokens \
+    WHERE tenant=$1 AND app=$2 AND token_hash = ANY($3)";
+const INCARNATIONS: &str =
+    "SELECT nextval('endpoint_incarnation') FROM generate_series(1::bigint, $1::bigint)";
+/// Locks in the order given (the caller sorts the keys, so processes lock in one order).
+const LOCK_APPS_SHARED: &str =
+    "SELECT pg_advisory_xact_lock_shared(k) FROM unnest($1::bigint[]) AS k";
+const LOCK_APPS: &str = "SELECT CASE WHEN x THEN pg_advisory_xact_lock(k) \
+    ELSE pg_advisory_xact_lock_shared(k) END FROM unnest($1::bigint[], $2::bool[]) AS u(k, x)";
+/// The tokens and the rows of deleted (or deleted and registered again) endpoints.
+const DELETE_ENDPOINTS: &str =
+    "WITH k AS (SELECT * FROM unnest($1::text[], $2::text[]) AS k(t, id)), \
+    gone AS (DELETE FROM tokens USING k WHERE tokens.tenant=k.t AND tokens.endpoint_id=k.id) \
+    DELETE FROM endpoints USING k WHERE endpoints.tenant=k.t AND endpoints.endpoint_id=k.id";
+const UPDATE_ENDPOINTS: &str = "UPDATE endpoints e SET app_version=u.av, \
+    app_version_registered=u.avr, metadata=u.md, metadata_updated=u.mu, version=u.v, \
+    metadata_version=u.mv \
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[], $6::bigint[], \
+    $7::bigint[], $8::bigint[]) AS u(t, id, av, avr, md, mu, v, mv) \
+    WHERE e.tenant=u.t AND e.endpoint_id=u.id";
+const INSERT_TOKENS: &str = "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, created) \
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bigint[]) \
+    ON CONFLICT DO NOTHING";
+const INSERT_BATCH: &str =
+    "INSERT INTO batch_tasks(tenant, task_id, app, created, outcome) VALUES($1,$2,$3,$4,$5)";
+/// `WITH ORDINALITY … ORDER BY n`: the ids (`bigserial`) follow the events' order.
+const INSERT_OUTBOX: &str = "INSERT INTO outbox(event) \
+    SELECT e FROM unnest($1::text[]) WITH ORDINALITY AS u(e, n) ORDER BY n";
+const NOTIFY: &str = "SELECT pg_notify($1, '')";
+
+/// A writer's statements, prepared once per connection.
+struct Statements {
+    lock_rows: Statement,
+    tokens: Statement,
+    incarnations: Statement,
+    lock_apps_shared: Statement,
+    lock_apps: Statement,
+    delete: Statement,
+    update: Statement,
+    insert_tokens: Statement,
+    insert_endpoints: Statement,
+    insert_batch: Statement,
+    outbox: Statement,
+    notify: Statement,
+}
+
+impl Statements {
+    async fn prepare(c: &tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
+        // Pipelined: one round trip for all of them.
+        let all = try_join_all(
+            [
+                LOCK_ROWS.as_str(),
+                TOKENS,
+                INCARNATIONS,
+                LOCK_APPS_SHARED,
+                LOCK_APPS,
+                DELETE_ENDPOINTS,
+                UPDATE_ENDPOINTS,
+                INSERT_TOKENS,
+                INSERT_ENDPOINTS.as_str(),
+                INSERT_BATCH,
+                INSERT_OUTBOX,
+                NOTIFY,
+            ]
+            .map(|sql| c.prepare(sql)),
+        )
+        .await?;
+        let mut it = all.into_iter();
+        let mut next = || it.next().expect("one statement per SQL text");
+        Ok(Self {
+            lock_rows: next(),
+            tokens: next(),
+            incarnations: next(),
+            lock_apps_shared: next(),
+            lock_apps: next(),
+            delete: next(),
+            update: next(),
+            insert_tokens: next(),
+            insert_endpoints: next(),
+            insert_batch: next(),
+            outbox: next(),
+            notify: next(),
+        })
+    }
+}
+
+/// A writer's own connection.
+struct Conn {
+    client: deadpool_postgres::Object,
+    st: Statements,
+}
+
+// ---------------------------------------------------------------------------------------
+// The writer task
+
+struct WriterTask {
+    inner: Arc<Inner>,
+    shard: usize,
+    /// Taken from the pool at the first job and kept; dropped after a failure (a fresh
+    /// session next time: the old one may be dead or in an unknown state).
+    conn: Option<Conn>,
+    last_prune: Option<Instant>,
+    failure_log: LogGate,
+}
+
+/// Why a group's run failed.
+enum Failure {
+    /// Worth running again: a deadlock, a serialization failure, or an ID or token taken by
+    /// another replica after the rows were read.
+    Again(String),
+    Fatal(StoreError),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        let again = match &e {
+            StoreError::Unavailable(b) => b
+                .downcast_ref::<tokio_postgres::Error>()
+                .is_some_and(retryable),
+            StoreError::Rejected(_) => false,
+        };
+        if again {
+            Failure::Again(e.to_string())
+        } else {
+            Failure::Fatal(e)
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        db(e).into()
+    }
+}
+
+enum Work {
+    Execute(Command, WriteCtx),
+    Batch(BatchWork),
+}
+
+enum ReplyTo {
+    Effect(Reply<Effect>),
+    Batch(Reply<BatchOutcome>),
+}
+
+impl ReplyTo {
+    fn fail(self, text: &str) {
+        match self {
+            Self::Effect(r) => drop(r.send(Err(msg(text)))),
+            Self::Batch(r) => drop(r.send(Err(msg(text)))),
+        }
+    }
+}
+
+enum Answer {
+    Effect(Result<Effect, StoreError>),
+    Batch(BatchOutcome),
+}
+
+/// A committed group: one answer per job, and whether events were appended.
+struct Done {
+    answers: Vec<Answer>,
+    appended: bool,
+}
+
+impl WriterTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let max = self.inner.cfg.max_group.max(1);
+        // Drain acknowledgements: dropped (answered) when the loop ends.
+        let mut closers = Vec::new();
+        while let Some(first) = rx.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < max {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            let mut group = Vec::with_capacity(jobs.len());
+            let mut imports = Vec::new();
+            for job in jobs {
+                match job {
+                    Job::Execute(cmd, ctx, r) => {
+                        group.push((Work::Execute(cmd, ctx), ReplyTo::Effect(r)))
+                    }
+                    Job::Batch(b, r) => group.push((Work::Batch(b), ReplyTo::Batch(r))),
+                    Job::Import(records, r) => imports.push((records, r)),
+                    Job::Close(ack) => {
+                        // Later sends fail; what is queued is still received and answered.
+                        rx.close();
+                        closers.push(ack);
+                    }
+                }
+            }
+            if !group.is_empty() {
+                self.commit_group(group).await;
+            }
+            // An import is a transaction of its own: it takes exclusive application locks.
+            for (records, reply) in imports {
+                let result = self.import(records).await;
+                let _ = reply.send(result);
+            }
+            self.prune().await;
+        }
+        drop(closers);
+        tracing::debug!(shard = self.shard, "PostgreSQL writer stopped");
+    }
+
+    /// The writer's connection, taken from the pool (and its statements prepared) if needed.
+    async fn connection(inner: &Inner, slot: &mut Option<Conn>) -> Result<(), StoreError> {
+        if slot.as_ref().is_some_and(|c| c.client.is_closed()) {
+            *slot = None;
+        }
+        if slot.is_none() {
+            let client = inner.pool.get().await.map_err(pool)?;
+            let st = Statements::prepare(&client).await.map_err(db)?;
+            *slot = Some(Conn { client, st });
+        }
+        Ok(())
+    }
+
+    async fn commit_group(&mut self, jobs: Vec<(Work, ReplyTo)>) {
+        let started = Instant::now();
+        let size = jobs.len();
+        let (works, replies): (Vec<Work>, Vec<ReplyTo>) = jobs.into_iter().unzip();
+        let shard = i16::try_from(self.shard).unwrap_or(i16::MAX);
+        let mut attempt = 0;
+        let outcome = loop {
+            attempt += 1;
+            if let Err(e) = Self::connection(&self.inner, &mut self.conn).await {
+                break Err(e);
+            }
+            let Conn { client, st } = self.conn.as_mut().expect("connected above");
+            match run_group(&self.inner, client, st, shard, &works).await {
+                Ok(done) => break Ok(done),
+                Err(Failure::Again(why)) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(attempt, reason = %why, "write group runs again");
+                    metrics::counter!("epr_pg_errors_total", "kind" => "group_retry").increment(1);
+                }
+                Err(Failure::Again(why)) => {
+                    break Err(msg(format!(
+                        "the write group failed {MAX_ATTEMPTS} times, last: {why}"
+                    )))
+                }
+                Err(Failure::Fatal(e)) => {
+                    self.conn = None;
+                    break Err(e);
+                }
+            }
+        };
+        match outcome {
+            Ok(done) => {
+                for (reply, answer) in replies.into_iter().zip(done.answers) {
+                    match (reply, answer) {
+                        (ReplyTo::Effect(r), Answer::Effect(a)) => drop(r.send(a)),
+                        (ReplyTo::Batch(r), Answer::Batch(a)) => drop(r.send(Ok(a))),
+                        (reply, _) => reply.fail("internal error: answers out of order"),
+                    }
+                }
+                if done.appended {
+                    self.inner.outbox.wake();
+                }
+            }
+            Err(e) => {
+                if let Some(suppressed) = self.failure_log.admit(Instant::now()) {
+                    tracing::error!(error = %e, suppressed, "write group failed; nothing of it was acknowledged");
+                }
+                let text = e.to_string();
+                replies.into_iter().for_each(|r| r.fail(&text));
+            }
+        }
+        metrics::histogram!("epr_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("epr_store_commit_group_size").record(size as f64);
+    }
+
+    async fn import(
+        &mut self,
+        records: Vec<ImportRecord>,
+    ) -> Result<Vec<ImportOutcome>, StoreError> {
+        let started = Instant::now();
+        let shard = i16::try_from(self.shard).unwrap_or(i16::MAX);
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            Self::connection(&self.inner, &mut self.conn).await?;
+            let Conn { client, st } = self.conn.as_mut().expect("connected above");
+            match run_import(&self.inner, client, st, shard, &records).await {
+                Ok(outcomes) => break Ok(outcomes),
+                Err(Failure::Again(why)) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(attempt, reason = %why, "import runs again");
+                }
+                Err(Failure::Again(why)) => {
+                    break Err(msg(format!(
+                        "the import failed {MAX_ATTEMPTS} times, last: {why}"
+                    )))
+                }
+                Err(Failure::Fatal(e)) => {
+                    self.conn = None;
+                    break Err(e);
+                }
+            }
+        };
+        metrics::histogram!("epr_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Deletes batch outcomes past their retention, now and then, outside any group (a
+    /// failure here must not fail writes).
+    async fn prune(&mut self) {
+        if self.shard != 0 || self.last_prune.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+            return;
+        }
+        self.last_prune = Some(Instant::now());
+        let Some(conn) = &self.conn else { return };
+        let cutoff = now_millis() - self.inner.cfg.batch_retention_ms;
+        if let Err(e) = conn
+            .client
+            .execute("DELETE FROM batch_tasks WHERE created < $1", &[&cutoff])
+            .await
+        {
+            tracing::warn!(error = %e, "pruning old batch outcomes failed");
+        }
+    }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+// ---------------------------------------------------------------------------------------
+// One run of a group
+
+/// Every command of the group with its context, in order (batch items included).
+fn commands(works: &[Work]) -> impl Iterator<Item = (&Command, &WriteCtx)> {
+    works.iter().flat_map(
+        |w| -> Box<dyn Iterator<Item = (&Command, &WriteCtx)> + '_> {
+            match w {
+                Work::Execute(cmd, ctx) => Box::new(std::iter::once((cmd, ctx))),
+                Work::Batch(b) => Box::new(
+                    b.items
+                        .iter()
+                        .filter_map(move |i| i.cmd.as_ref().ok().map(|c| (c, &b.ctx))),
+                ),
+            }
+        },
+    )
+}
+
+/// A token hash's owner, by tenant, application and hash.
+type TokenKey<'w> = (&'w str, &'w str, [u8; 32]);
+/// An endpoint, by tenant and ID.
+type Key<'w> = (&'w str, &'w str);
+
+/// One applied command's outputs, in command order.
+struct Step<'w> {
+    key: Key<'w>,
+    ctx: &'w WriteCtx,
+    app: AppName,
+    changes: Vec<MatchChange>,
+    events: Vec<OutboxEvent>,
+}
+
+/// The group's view of the database: rows as read (locked), and its own changes on top.
+struct Overlay<'w> {
+    initial: HashMap<Key<'w>, Endpoint>,
+    /// Endpoints this group changed: their state now (`None`: deleted).
+    changed: HashMap<Key<'w>, Option<Endpoint>>,
+    /// Holders of the token hashes the group's registrations use.
+    holders: HashMap<TokenKey<'w>, String>,
+    /// The token of every endpoint the group registered (and still holds).
+    new_tokens: HashMap<Key<'w>, (&'w str, [u8; 32])>,
+    filters: HashMap<String, HashMap<String, Arc<AppFilters>>>,
+    incarnations: std::vec::IntoIter<i64>,
+    steps: Vec<Step<'w>>,
+}
+
+impl<'w> Overlay<'w> {
+    fn current(&self, key: &Key<'w>) -> Option<Endpoint> {
+        match self.changed.get(key) {
+            Some(state) => state.clone(),
+            None => self.initial.get(key).cloned(),
+        }
+    }
+
+    /// Plans one command over the group's state. `Rejected` changes nothing.
+    fn command(&mut self, cmd: &'w Command, ctx: &'w WriteCtx) -> Result<Effect, StoreError> {
+        let tenant = ctx.tenant.as_str();
+        let key = (tenant, cmd.endpoint_id().as_str());
+        let before = self.current(&key);
+        let incarnation = match cmd {
+            Command::Register(_) => self
+                .incarnations
+                .next()
+                .ok_or_else(|| msg("internal error: too few incarnations taken"))?,
+            _ => 0,
+        };
+        let plan = plan(before.clone(), cmd, ctx, incarnation)?;
+        if let (Effect::Insert(ep), Command::Register(reg)) = (&plan.effect, cmd) {
+            if self
+                .holders
+                .contains_key(&(tenant, reg.app.as_str(), reg.token_hash.0))
+            {
+                return Err(DomainError::Conflict {
+                    field: "endpointToken",
+                    message: format!(
+                        "the endpoint token is already in use in application '{}'",
+                        ep.app
+                    ),
+                }
+                .into());
+            }
+        }
+        // A metadata write changes only the keys of its diff: filters reading none of them
+        // keep their answer. Other writes may change anything a filter reads.
+        let changed_keys: Option<BTreeSet<&str>> = match (cmd, plan.events.as_slice()) {
+            (
+                Command::UpdateMetadata { .. },
+                [DomainEvent {
+                    kind: EventKind::MetadataUpdated(diff),
+                    ..
+                }],
+            ) => Some(
+                diff.added
+                    .keys()
+                    .chain(diff.removed.keys())
+                    .chain(diff.updated.keys())
+                    .map(String::as_str)
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let app = plan.effect.endpoint().app.clone();
+        let changes = match self
+            .filters
+            .get(tenant)
+            .and_then(|apps| apps.get(app.as_str()))
+        {
+            Some(f) if !f.is_empty() && !matches!(plan.effect, Effect::Unchanged(_)) => {
+                f.evaluate(&plan.effect, before.as_ref(), changed_keys.as_ref())
+            }
+            _ => Vec::new(),
+        };
+        drop(changed_keys);
+        match (&plan.effect, cmd) {
+            (Effect::Insert(ep), Command::Register(reg)) => {
+                self.holders.insert(
+                    (tenant, reg.app.as_str(), reg.token_hash.0),
+                    ep.id.as_str().to_owned(),
+                );
+                self.new_tokens
+                    .insert(key, (reg.app.as_str(), reg.token_hash.0));
+                self.changed.insert(key, Some(ep.clone()));
+            }
+            (Effect::Update(ep), _) => {
+                self.changed.insert(key, Some(ep.clone()));
+            }
+            (Effect::Delete(ep), _) => {
+                // Its token is free again (for a later registration of this group too).
+                self.holders
+                    .retain(|(t, _, _), holder| !(*t == tenant && holder == ep.id.as_str()));
+                self.new_tokens.remove(&key);
+                self.changed.insert(key, None);
+            }
+            (Effect::Unchanged(_), _) => {}
+            (Effect::Insert(_), _) => {
+                return Err(msg("plan inserted for a non-registration command"));
+            }
+        }
+        let events: Vec<OutboxEvent> = plan.events.into_iter().map(OutboxEvent::from).collect();
+        if !events.is_empty() || !changes.is_empty() {
+            self.steps.push(Step {
+                key,
+                ctx,
+                app,
+                changes,
+                events,
+            });
+        }
+        Ok(plan.effect)
+    }
+}
+
+/// The rows a group writes: the final state of every endpoint it changed.
+#[derive(Default)]
+struct FinalWrites<'a> {
+    del_tenant: Vec<&'a str>,
+    del_id: Vec<&'a str>,
+    upd: Vec<(&'a str, &'a Endpoint)>,
+    ins: Vec<(&'a str, &'a Endpoint, &'a str, [u8; 32])>,
+}
+
+impl<'a> FinalWrites<'a> {
+    fn delete(&mut self, tenant: &'a str, id: &'a str) {
+        self.del_tenant.push(tenant);
+        self.del_id.push(id);
+    }
+
+    /// Runs the statements, pipelined, in an order that keeps them independent: deletions
+    /// first (an ID deleted and registered again), inserts last. Returns how many tokens
+    /// and endpoint rows were inserted.
+    async fn run(&self, tx: &Transaction<'_>, st: &Statements) -> Result<(u64, u64), StoreError> {
+        let deletes = async {
+            if self.del_id.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&st.delete, &[&self.del_tenant, &self.del_id])
+                .await
+        };
+        let updates = async {
+            if self.upd.is_empty() {
+                return Ok(0);
+            }
+            let t: Vec<&str> = self.upd.iter().map(|(t, _)| *t).collect();
+            let id: Vec<&str> = self.upd.iter().map(|(_, e)| e.id.as_str()).collect();
+            let av: Vec<&str> = self
+                .upd
+                .iter()
+                .map(|(_, e)| e.app_version.as_str())
+                .collect();
+            let avr: Vec<i64> = self
+                .upd
+                .iter()
+                .map(|(_, e)| e.app_version_registered.0)
+                .collect();
+            let md: Vec<Json<&serde_json::Map<String, serde_json::Value>>> = self
+                .upd
+                .iter()
+                .map(|(_, e)| Json(e.metadata.as_map()))
+                .collect();
+            let mu: Vec<Option<i64>> = self
+                .upd
+                .iter()
+                .map(|(_, e)| e.metadata_updated.map(|t| t.0))
+                .collect();
+            let v: Vec<i64> = self.upd.iter().map(|(_, e)| e.version as i64).collect();
+            let mv: Vec<i64> = self
+                .upd
+                .iter()
+                .map(|(_, e)| e.metadata_version as i64)
+                .collect();
+            tx.execute(&st.update, &[&t, &id, &av, &avr, &md, &mu, &v, &mv])
+                .await
+        };
+        let tokens = async {
+            if self.ins.is_empty() {
+                return Ok(0);
+            }
+            let t: Vec<&str> = self.ins.iter().map(|i| i.0).collect();
+            let app: Vec<&str> = self.ins.iter().map(|i| i.2).collect();
+            let hash: Vec<&[u8]> = self.ins.iter().map(|i| &i.3[..]).collect();
+            let id: Vec<&str> = self.ins.iter().map(|i| i.1.id.as_str()).collect();
+            let created: Vec<i64> = self.ins.iter().map(|i| i.1.created.0).collect();
+            tx.execute(&st.insert_tokens, &[&t, &app, &hash, &id, &created])
+                .await
+        };
+        let inserts = async {
+            if self.ins.is_empty() {
+                return Ok(0);
+            }
+            let e = || self.ins.iter().map(|i| i.1);
+            let t: Vec<&str> = self.ins.iter().map(|i| i.0).collect();
+            let inc: Vec<i64> = e().map(|e| e.incarnation).collect();
+            let id: Vec<&str> = e().map(|e| e.id.as_str()).collect();
+            let app: Vec<&str> = e().map(|e| e.app.as_str()).collect();
+            let av: Vec<&str> = e().map(|e| e.app_version.as_str()).collect();
+            let avr: Vec<i64> = e().map(|e| e.app_version_registered.0).collect();
+            let created: Vec<i64> = e().map(|e| e.created.0).collect();
+            let md: Vec<Json<&serde_json::Map<String, serde_json::Value>>> =
+                e().map(|e| Json(e.metadata.as_map())).collect();
+            let mu: Vec<Option<i64>> = e().map(|e| e.metadata_updated.map(|t| t.0)).collect();
+            let v: Vec<i64> = e().map(|e| e.version as i64).collect();
+            let mv: Vec<i64> = e().map(|e| e.metadata_version as i64).collect();
+            let hash: Vec<&[u8]> = self.ins.iter().map(|i| &i.3[..]).collect();
+            tx.execute(
+                &st.insert_endpoints,
+                &[
+                    &t, &inc, &id, &app, &av, &avr, &created, &md, &mu, &v, &mv, &hash,
+                ],
+            )
+            .await
+        };
+        let (_, _, tokens, endpoints) = try_join4(deletes, updates, tokens, inserts)
+            .await
+            .map_err(db)?;
+        Ok((tokens, endpoints))
+    }
+}
+
+/// Reads what the commands name, under row locks, and takes incarnations: one round trip.
+async fn preload<'w>(
+    tx: &Transaction<'_>,
+    st: &Statements,
+    ids: &BTreeMap<&'w str, BTreeSet<&'w str>>,
+    hashes: &BTreeMap<(&'w str, &'w str), BTreeSet<[u8; 32]>>,
+    registrations: i64,
+) -> Result<
+    (
+        HashMap<Key<'w>, Endpoint>,
+        HashMap<TokenKey<'w>, String>,
+        Vec<i64>,
+    ),
+    StoreError,
+> {
+    let rows = try_join_all(ids.iter().map(|(tenant, ids)| async move {
+        let list: Vec<&str> = ids.iter().copied().collect();
+        tx.query(&st.lock_rows, &[tenant, &list]).await
+    }));
+    let tokens = try_join_all(hashes.iter().map(|((tenant, app), hashes)| async move {
+        let list: Vec<&[u8]> = hashes.iter().map(|h| &h[..]).collect();
+        tx.query(&st.tokens, &[tenant, app, &list]).await
+    }));
+    let incarnations = async {
+        if registrations == 0 {
+            return Ok(Vec::new());
+        }
+        tx.query(&st.incarnations, &[&registrations]).await
+    };
+    let (rows, tokens, incarnations) = try_join3(rows, tokens, incarnations).await.map_err(db)?;
+    let mut initial = HashMap::new();
+    for ((tenant, ids), rows) in ids.iter().zip(rows) {
+        for row in rows {
+            let ep = endpoint_from_row(&row)?;
+            // The key borrows the group's own strings.
+            if let Some(id) = ids.get(ep.id.as_str()) {
+                initial.insert((*tenant, *id), ep);
+            }
+        }
+    }
+    let mut holders = HashMap::new();
+    for (((tenant, app), _), rows) in hashes.iter().zip(tokens) {
+        for row in rows {
+            let hash: &[u8] = row
+                .try_get(0)
+                .map_err(|e| crate::error::corrupt("token", e))?;
+            let hash = <[u8; 32]>::try_from(hash)
+                .map_err(|_| crate::error::corrupt("token", "a token hash is not 32 bytes"))?;
+            let holder: String = row
+                .try_get(1)
+                .map_err(|e| crate::error::corrupt("token", e))?;
+            holders.insert((*tenant, *app, hash), holder);
+        }
+    }
+    let mut incs: Vec<i64> = incarnations.iter().map(|r| r.get(0)).collect();
+    incs.sort_unstable();
+    Ok((initial, holders, incs))
+}
+
+async fn run_group(
+    inner: &Inner,
+    client: &mut deadpool_postgres::Object,
+    st: &Statements,
+    shard: i16,
+    works: &[Work],
+) -> Result<Done, Failure> {
+    let txn = client.transaction().await?;
+    let tx: &Transaction<'_> = &txn;
+    // 1. What the group reads.
+    let mut ids: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    let mut hashes: BTreeMap<(&str, &str), BTreeSet<[u8; 32]>> = BTreeMap::new();
+    let mut registrations = 0i64;
+    for (cmd, ctx) in commands(works) {
+        ids.entry(ctx.tenant.as_str())
+            .or_default()
+            .insert(cmd.endpoint_id().as_str());
+        if let Command::Register(reg) = cmd {
+            registrations += 1;
+            hashes
+                .entry((ctx.tenant.as_str(), reg.app.as_str()))
+                .or_default()
+                .insert(reg.token_hash.0);
+        }
+    }
+    let (initial, holders, incarnations) = preload(tx, st, &ids, &hashes, registrations).await?;
+
+    // 2. The applications' shared locks (sorted: one order in every process), then their
+    // filters as of now.
+    let mut apps: BTreeSet<(&TenantId, AppName)> = BTreeSet::new();
+    for (cmd, ctx) in commands(works) {
+        let app = match cmd {
+            Command::Register(reg) => &reg.app,
+            other => match initial.get(&(ctx.tenant.as_str(), other.endpoint_id().as_str())) {
+                Some(ep) => &ep.app,
+                // Registered earlier in this group (its application is in the set) or
+                // absent (refused).
+                None => continue,
+            },
+        };
+        apps.insert((&ctx.tenant, app.clone()));
+    }
+    let mut keys: Vec<i64> = apps.iter().map(|(t, a)| app_lock_key(t, a)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let lock = async {
+        if !keys.is_empty() {
+            tx.execute(&st.lock_apps_shared, &[&keys])
+                .await
+                .map_err(db)?;
+        }
+        Ok::<_, StoreError>(())
+    };
+    // Sent after the lock statement on the same session, so they run once it is held.
+    let reads = try_join_all(apps.iter().map(|(t, a)| inner.filters.current(tx, t, a)));
+    let ((), read) = try_join(lock, reads).await?;
+    let mut filters: HashMap<String, HashMap<String, Arc<AppFilters>>> = HashMap::new();
+    for ((tenant, app), f) in apps.into_iter().zip(read) {
+        filters
+            .entry(tenant.as_str().to_owned())
+            .or_default()
+            .insert(app.into_string(), f);
+    }
+
+    // 3. Plan every command over the group's own state.
+    let mut g = Overlay {
+        initial,
+        changed: HashMap::new(),
+        holders,
+        new_tokens: HashMap::new(),
+        filters,
+        incarnations: incarnations.into_iter(),
+        steps: Vec::new(),
+    };
+    let mut answers = Vec::with_capacity(works.len());
+    let mut batches: Vec<(&str, &str, &str, i64, String)> = Vec::new();
+    for work in works {
+        match work {
+            Work::Execute(cmd, ctx) => match g.command(cmd, ctx) {
+                Err(StoreError::Unavailable(e)) => return Err(StoreError::Unavailable(e).into()),
+                result => answers.push(Answer::Effect(result)),
+            },
+            Work::Batch(b) => {
+                let mut outcome = BatchOutcome {
+                    task_id: b.task_id.clone(),
+                    app: b.app.clone(),
+                    created_at: b.ctx.now,
+                    created: Vec::new(),
+                    failed: Vec::new(),
+                };
+                for (index, item) in b.items.iter().enumerate() {
+                    let result = match &item.cmd {
+                        Err(reason) => Err(reason.clone()),
+                        Ok(cmd) => match g.command(cmd, &b.ctx) {
+                            Ok(effect) => Ok(effect),
+                            Err(StoreError::Rejected(e)) => Err(e.to_string()),
+                            Err(e) => return Err(e.into()),
+                        },
+                    };
+                    match result {
+                        Ok(effect) => {
+                            let ep = effect.endpoint();
+                            outcome.created.push(BatchCreated {
+                                index,
+                                endpoint_id: ep.id.clone(),
+                                metadata: ep.metadata.clone(),
+                            });
+                        }
+                        Err(reason) => outcome.failed.push(BatchFailed {
+                            index,
+                            endpoint_id: item.endpoint_id.clone(),
+                            metadata_text: item.metadata_text.clone(),
+                            reason,
+                        }),
+                    }
+                }
+                batches.push((
+                    b.ctx.tenant.as_str(),
+                    b.task_id.as_str(),
+                    b.app.as_str(),
+                    b.ctx.now.0,
+                    codec::encode_outcome(&outcome),
+                ));
+                answers.push(Answer::Batch(outcome));
+            }
+        }
+    }
+
+    // 4. The final state of every endpoint the group changed (sorted: replicas inserting
+    // the same IDs wait for each other in one order instead of deadlocking).
+    let mut writes = FinalWrites::default();
+    let mut changed: Vec<(&Key<'_>, &Option<Endpoint>)> = g.changed.iter().collect();
+    changed.sort_unstable_by_key(|(k, _)| **k);
+    for (key, now) in changed {
+        let (tenant, id) = *key;
+        let token = g.new_tokens.get(key).copied();
+        let token = |ep| {
+            token
+                .map(|(app, hash)| (tenant, ep, app, hash))
+                .ok_or_else(|| msg("internal error: a registered endpoint without its token"))
+        };
+        match (g.initial.get(key), now) {
+            (Some(_), None) => writes.delete(tenant, id),
+            (Some(was), Some(ep)) if was.incarnation == ep.incarnation => {
+                if was != ep {
+                    writes.upd.push((tenant, ep));
+                }
+            }
+            (Some(_), Some(ep)) => {
+                writes.delete(tenant, id);
+                writes.ins.push(token(ep)?);
+            }
+            (None, Some(ep)) => writes.ins.push(token(ep)?),
+            (None, None) => {}
+        }
+    }
+    let expected = writes.ins.len() as u64;
+    let batch_rows = try_join_all(batches.iter().map(
+        |(t, task, app, created, outcome)| async move {
+            tx.execute(&st.insert_batch, &[t, task, app, created, outcome])
+                .await
+        },
+    ));
+    // Membership, one command after the other (in command order, as its events).
+    let mut steps = std::mem::take(&mut g.steps);
+    let record = inner.cfg.record_events;
+    let has_membership = steps.iter().any(|s| !s.changes.is_empty());
+    let writes = try_join(writes.run(tx, st), batch_rows.map_err(db));
+    let appended;
+    let ((inserted_tokens, inserted_rows), _) = if has_membership {
+        // Commands on different endpoints touch different membership rows (counts are
+        // added deltas): their statements are pipelined. One endpoint's run in order.
+        let mut chains: HashMap<Key<'_>, Vec<usize>> = HashMap::new();
+        for (i, step) in steps.iter().enumerate() {
+            if !step.changes.is_empty() {
+                chains.entry(step.key).or_default().push(i);
+            }
+        }
+        let steps_ref = &steps;
+        let membership = try_join_all(chains.into_values().map(|chain| async move {
+            let mut out = Vec::with_capacity(chain.len());
+            for i in chain {
+                let step = &steps_ref[i];
+                let events = crate::filters::apply(
+                    tx,
+                    &step.ctx.tenant,
+                    &step.app,
+                    &step.changes,
+                    step.ctx,
+                    shard,
+                )
+                .await?;
+                out.push((i, events));
+            }
+            Ok::<_, StoreError>(out)
+        }));
+        let (written, events) = try_join(writes, membership).await?;
+        for (i, events) in events.into_iter().flatten() {
+            steps[i].events.extend(events);
+        }
+        appended = record && append(tx, st, &steps).await?;
+        written
+    } else if record {
+        // No membership: the events are known, so they go in the same round trip.
+        let (written, was) = try_join(writes, append(tx, st, &steps)).await?;
+        appended = was;
+        written
+    } else {
+        appended = false;
+        writes.await?
+    };
+    if inserted_tokens != expected || inserted_rows != expected {
+        // Another replica took an ID or a token since the rows were read; its commit is
+        // visible to the next run, whose plan then refuses as the domain does.
+        return Err(Failure::Again(
+            "an endpoint ID or token was taken by a concurrent registration".into(),
+        ));
+    }
+    drop(steps);
+    // 5. Commit; nothing was acknowledged before this returned.
+    txn.commit().await?;
+    Ok(Done { answers, appended })
+}
+
+/// Appends the steps' events to the outbox, in order, and notifies the relay leader (the
+/// notification is delivered at commit). Whether anything was appended.
+async fn append(
+    tx: &Transaction<'_>,
+    st: &Statements,
+    steps: &[Step<'_>],
+) -> Result<bool, StoreError> {
+    let texts: Vec<String> = steps
+        .iter()
+        .flat_map(|s| s.events.iter())
+        .map(codec::encode_outbox)
+        .collect();
+    if texts.is_empty() {
+        return Ok(false);
+    }
+    try_join(
+        tx.execute(&st.outbox, &[&texts]),
+        tx.execute(&st.notify, &[&crate::outbox::NOTIFY_CHANNEL]),
+    )
+    .await
+    .map_err(db)?;
+    Ok(true)
+}
+
+// ---------------------------------------------------------------------------------------
+// Import
+
+/// One run of an import: one transaction, records in order, each all or nothing.
+async fn run_import(
+    inner: &Inner,
+    client: &mut deadpool_postgres::Object,
+    st: &Statements,
+    shard: i16,
+    records: &[ImportRecord],
+) -> Result<Vec<ImportOutcome>, Failure> {
+    let txn = client.transaction().await?;
+    let tx: &Transaction<'_> = &txn;
+    // Applications that receive filters are locked exclusively (as filter changes are), the
+    // others shared (as writes); in key order.
+    let mut locks: BTreeMap<i64, bool> = BTreeMap::new();
+    for record in records {
+        match record {
+            ImportRecord::Endpoint(e) => {
+                locks
+                    .entry(app_lock_key(&e.tenant, &e.endpoint.app))
+                    .or_insert(false);
+            }
+            ImportRecord::Filter { tenant, filter } => {
+                locks.insert(app_lock_key(tenant, &filter.app), true);
+            }
+        }
+    }
+    if !locks.is_empty() {
+        let (keys, exclusive): (Vec<i64>, Vec<bool>) = locks.into_iter().unzip();
+        tx.execute(&st.lock_apps, &[&keys, &exclusive]).await?;
+    }
+    let mut filters = HashMap::new();
+    let mut outcomes = Vec::with_capacity(records.len());
+    for chunk in records.chunks(IMPORT_CHUNK) {
+        import_chunk(inner, tx, st, shard, chunk, &mut filters, &mut outcomes).await?;
+    }
+    txn.commit().await?;
+    Ok(outcomes)
+}
+
+/// An imported endpoint waiting for its insert: tenant, record, application, token hash.
+type PendingImport<'w> = (&'w str, Endpoint, &'w str, [u8; 32]);
+
+async fn import_chunk<'w>(
+    inner: &Inner,
+    tx: &Transaction<'_>,
+    st: &Statements,
+    shard: i16,
+    chunk: &'w [ImportRecord],
+    filters: &mut HashMap<(TenantId, AppName), Arc<AppFilters>>,
+    outcomes: &mut Vec<ImportOutcome>,
+) -> Result<(), Failure> {
+    let mut ids: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    let mut hashes: BTreeMap<(&str, &str), BTreeSet<[u8; 32]>> = BTreeMap::new();
+    let mut count = 0i64;
+    for record in chunk {
+        if let ImportRecord::Endpoint(e) = record {
+            ids.entry(e.tenant.as_str())
+                .or_default()
+                .insert(e.endpoint.id.as_str());
+            hashes
+                .entry((e.tenant.as_str(), e.endpoint.app.as_str()))
+                .or_default()
+                .insert(e.token_hash.0);
+            count += 1;
+        }
+    }
+    let (initial, mut holders, incarnations) = preload(tx, st, &ids, &hashes, count).await?;
+    let mut incarnations = incarnations.into_iter();
+    let mut present: HashSet<Key<'w>> = initial.into_keys().collect();
+    let mut pending: Vec<PendingImport<'w>> = Vec::new();
+    for record in chunk {
+        match record {
+            ImportRecord::Endpoint(EndpointExport {
+                tenant,
+                endpoint,
+                token_hash,
+            }) => {
+                let t = tenant.as_str();
+                let key = (t, endpoint.id.as_str());
+                if present.contains(&key) {
+                    outcomes.push(ImportOutcome::Exists);
+                    continue;
+                }
+                let token_key = (t, endpoint.app.as_str(), token_hash.0);
+                if let Some(other) = holders.get(&token_key) {
+                    outcomes.push(ImportOutcome::Conflict(format!(
+                        "the endpoint token is already in use by endpoint '{other}' in \
+                         application '{}'",
+                        endpoint.app
+                    )));
+                    continue;
+                }
+                // A fresh incarnation: this store's own entity tags and registration order.
+                let mut ep = endpoint.clone();
+                ep.incarnation = incarnations
+                    .next()
+                    .ok_or_else(|| msg("internal error: too few incarnations taken"))?;
+                present.insert(key);
+                holders.insert(token_key, ep.id.as_str().to_owned());
+                let app_filters = match filters.get(&(tenant.clone(), ep.app.clone())) {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = inner.filters.current(tx, tenant, &ep.app).await?;
+                        filters.insert((tenant.clone(), ep.app.clone()), f.clone());
+                        f
+                    }
+                };
+                let effect = Effect::Insert(ep);
+                if !app_filters.is_empty() {
+                    let changes = app_filters.evaluate(&effect, None, None);
+                    if !changes.is_empty() {
+                        let ctx = WriteCtx {
+                            tenant: tenant.clone(),
+                            now: Timestamp(effect.endpoint().created.0),
+                            correlation_id: String::new(),
+                            limits: Default::default(),
+                        };
+                        // Membership as for a registration; an import emits no events.
+                        let _silent = crate::filters::apply(
+                            tx,
+                            tenant,
+                            &effect.endpoint().app,
+                            &changes,
+                            &ctx,
+                            shard,
+                        )
+                        .await?;
+                    }
+                }
+                let Effect::Insert(ep) = effect else {
+                    unreachable!("built as an insert above")
+                };
+                pending.push((t, ep, endpoint.app.as_str(), token_hash.0));
+                outcomes.push(ImportOutcome::Imported);
+            }
+            ImportRecord::Filter { tenant, filter } => {
+                // The filter's back-fill starts from the rows as they are: every endpoint
+                // imported before it must be in the table.
+                flush_imports(tx, st, &mut pending).await?;
+                outcomes.push(import_filter(tx, tenant, filter).await?);
+                // Its application's filters changed: read them again for later endpoints.
+                filters.remove(&(tenant.clone(), filter.app.clone()));
+            }
+        }
+    }
+    flush_imports(tx, st, &mut pending).await?;
+    Ok(())
+}
+
+async fn import_filter(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    filter: &EndpointFilter,
+) -> Result<ImportOutcome, StoreError> {
+    crate::filters::import_filter(tx, tenant, filter).await
+}
+
+async fn flush_imports(
+    tx: &Transaction<'_>,
+    st: &Statements,
+    pending: &mut Vec<PendingImport<'_>>,
+) -> Result<(), Failure> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let writes = FinalWrites {
+        ins: pending
+            .iter()
+            .map(|(t, ep, app, hash)| (*t, ep, *app, *hash))
+            .collect(),
+        ..Default::default()
+    };
+    let (tokens, rows) = writes.run(tx, st).await?;
+    let expected = pending.len() as u64;
+    if tokens != expected || rows != expected {
+        return Err(Failure::Again(
+            "an endpoint ID or token was taken by a concurrent write".into(),
+        ));
+    }
+    pending.clear();
+    Ok(())
 }
