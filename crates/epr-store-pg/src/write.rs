@@ -460,6 +460,9 @@ impl WriterTask {
                     }
                 }
             }
+            // Before the group: a clock far behind (tests, imports of old data) must not
+            // remove the outcome this group is about to store.
+            self.prune().await;
             if !group.is_empty() {
                 self.commit_group(group).await;
             }
@@ -468,7 +471,6 @@ impl WriterTask {
                 let result = self.import(records).await;
                 let _ = reply.send(result);
             }
-            self.prune().await;
         }
         drop(closers);
         tracing::debug!(shard = self.shard, "PostgreSQL writer stopped");
@@ -579,6 +581,9 @@ impl WriterTask {
             return;
         }
         self.last_prune = Some(Instant::now());
+        if Self::connection(&self.inner, &mut self.conn).await.is_err() {
+            return; // the group that follows reports it
+        }
         let Some(conn) = &self.conn else { return };
         let cutoff = now_millis() - self.inner.cfg.batch_retention_ms;
         if let Err(e) = conn
