@@ -1209,8 +1209,9 @@ async fn run_import(
     Ok(outcomes)
 }
 
-/// An imported endpoint waiting for its insert: tenant, record, application, token hash.
-type PendingImport<'w> = (&'w str, Endpoint, &'w str, [u8; 32]);
+/// An imported endpoint waiting for its insert: tenant, record (as an insert), application,
+/// token hash.
+type PendingImport<'w> = (&'w str, Effect, &'w str, [u8; 32]);
 
 async fn import_chunk<'w>(
     inner: &Inner,
@@ -1299,10 +1300,7 @@ async fn import_chunk<'w>(
                         .await?;
                     }
                 }
-                let Effect::Insert(ep) = effect else {
-                    unreachable!("built as an insert above")
-                };
-                pending.push((t, ep, endpoint.app.as_str(), token_hash.0));
+                pending.push((t, effect, endpoint.app.as_str(), token_hash.0));
                 outcomes.push(ImportOutcome::Imported);
             }
             ImportRecord::Filter { tenant, filter } => {
@@ -1338,7 +1336,7 @@ async fn flush_imports(
     let writes = FinalWrites {
         ins: pending
             .iter()
-            .map(|(t, ep, app, hash)| (*t, ep, *app, *hash))
+            .map(|(t, ep, app, hash)| (*t, ep.endpoint(), *app, *hash))
             .collect(),
         ..Default::default()
     };
