@@ -133,7 +133,13 @@ impl Writer {
 
 /// Starts the writer tasks.
 pub(crate) fn start(inner: &Arc<Inner>) -> Vec<JoinHandle<()>> {
-    let receivers = std::mem::take(&mut *inner.writer.receivers.lock().unwrap());
+    let receivers = std::mem::take(
+        &mut *inner
+            .writer
+            .receivers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
     receivers
         .into_iter()
         .enumerate()
