@@ -1787,6 +1787,7 @@ mod tests {
             pid: None,
             events: None,
             workers: Vec::new(),
+            replicas: Vec::new(),
         };
         let mut results = Vec::new();
         for phase in [Phase::Health, Phase::Register, Phase::Get, Phase::Put] {
