@@ -172,6 +172,12 @@ impl PgStore {
         })
     }
 
+    /// Whether this process is the relay leader of its database (the only one whose
+    /// `outbox_pending` returns events; see `outbox`).
+    pub fn is_outbox_leader(&self) -> bool {
+        self.inner.outbox.is_leader()
+    }
+
     /// Drains the writers (every accepted command commits or fails), then stops the
     /// background tasks and releases the relay leadership.
     pub async fn shutdown(&self) {
