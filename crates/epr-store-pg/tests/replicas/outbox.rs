@@ -361,3 +361,25 @@ async fn acknowledging_never_deletes_unsequenced_rows() {
     a.shutdown().await;
     db.drop_db().await;
 }
+
+/// Above 10 000 rows the depth is estimated from the ID range (no full count per sample).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_outbox_is_estimated_from_the_id_range() {
+    let db = TestDb::create().await;
+    let a = open(&db.url).await;
+    let c = connect(&db.url).await;
+    c.execute(
+        "INSERT INTO outbox(event) SELECT 'e' FROM generate_series(1, 10050)",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.outbox_depth().await.unwrap(), 10_050);
+    c.execute("DELETE FROM outbox WHERE id % 2 = 0 AND id > 100", &[])
+        .await
+        .unwrap();
+    // 5 075 rows left: counted exactly again.
+    assert_eq!(a.outbox_depth().await.unwrap(), 5_075);
+    a.shutdown().await;
+    db.drop_db().await;
+}
