@@ -263,9 +263,11 @@ pub(crate) async fn apply(
         let mut end = start;
         while end < changes.len() {
             let c = &changes[end];
-            if run.insert((c.filter_id.as_str(), c.incarnation), end).is_some() {
+            let key = (c.filter_id.as_str(), c.incarnation);
+            if run.contains_key(&key) {
                 break;
             }
+            run.insert(key, end);
             end += 1;
         }
         for (f, i) in apply_run(tx, tenant, &changes[start..end], shard).await? {
@@ -357,10 +359,7 @@ async fn apply_run(
         )
         .await
         .map_err(db)?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Stores an imported filter as a new pending filter (see `Store::import`), inside the
@@ -658,8 +657,7 @@ pub(crate) fn filter_from_row(row: &Row) -> Result<EndpointFilter, StoreError> {
     .map_err(|e| corrupt("filter", e))?;
     Ok(EndpointFilter {
         id: FilterId::parse(row.try_get(0).map_err(bad)?).map_err(|e| corrupt("filter ID", e))?,
-        app: AppName::parse(row.try_get(1).map_err(bad)?)
-            .map_err(|e| corrupt("application", e))?,
+        app: AppName::parse(row.try_get(1).map_err(bad)?).map_err(|e| corrupt("application", e))?,
         spec,
         status: parse_status(row.try_get(5).map_err(bad)?)?,
         matched: row.try_get::<_, i64>(6).map_err(bad)?.max(0) as u64,
@@ -1219,11 +1217,265 @@ mod tests {
         assert_eq!(some["c\"q"], json!("s"), "escaped keys compare unescaped");
     }
 
+    /// Live matching as a writer does it, in a transaction opened here: the cached filters
+    /// at the current version, events only for active filters and only for rows that
+    /// really changed, counts in the writer's shard, and a reload after a filter change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn live_matching_in_a_writer_transaction() {
+        use crate::rows::{endpoint_from_row, ENDPOINT_COLUMNS};
+        use epr_core::endpoint::Precondition;
+        use epr_core::endpoint_filter::FilterPatch;
+        use epr_core::metadata::{Limits, Metadata};
+
+        let tdb = crate::testing::TestDb::create().await;
+        let store = crate::PgStore::open(crate::PgConfig::new(&tdb.url))
+            .await
+            .unwrap();
+        let inner = store.inner.clone();
+        let t = TenantId::parse("t1").unwrap();
+        let a = AppName::parse("app").unwrap();
+        let ctx = WriteCtx {
+            tenant: t.clone(),
+            now: Timestamp(7),
+            correlation_id: "write-1".into(),
+            limits: Limits::default(),
+        };
+        let mut client = inner.pool.get().await.unwrap();
+        let insert = "INSERT INTO endpoints(tenant, endpoint_id, incarnation, app, app_version, \
+             app_version_registered, created, metadata, metadata_updated, version, \
+             metadata_version, token_hash) \
+             VALUES('t1', $1, nextval('endpoint_incarnation'), 'app', 'app-v1', 1, 1, $2, \
+                    NULL, 1, 1, $3)";
+        for (id, city) in [("ep-0", "Kyiv"), ("ep-1", "Lviv")] {
+            client
+                .execute(insert, &[&id, &json!({ "city": city }), &id.as_bytes()])
+                .await
+                .unwrap();
+        }
+        let kyiv = json!({"metadata": {"$elemMatch": {"key": "city", "value": "Kyiv"}}});
+        let lviv = json!({"metadata": {"$elemMatch": {"key": "city", "value": "Lviv"}}});
+        execute(
+            &inner,
+            FilterCommand::Create {
+                id: FilterId::parse("fa").unwrap(),
+                app: a.clone(),
+                spec: FilterSpec::parse("active one", "", &kyiv).unwrap(),
+            },
+            ctx.clone(),
+        )
+        .await
+        .unwrap();
+        for _ in 0..2000 {
+            let f = get(&inner, &t, &FilterId::parse("fa").unwrap())
+                .await
+                .unwrap();
+            if f.unwrap().status == FilterStatus::Active {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A pending filter whose back-fill another replica holds (imported, then leased).
+        let tx = client.transaction().await.unwrap();
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&app_lock_key(&t, &a)])
+            .await
+            .unwrap();
+        let pending = EndpointFilter {
+            id: FilterId::parse("fp").unwrap(),
+            app: a.clone(),
+            spec: FilterSpec::parse("pending one", "", &lviv).unwrap(),
+            status: FilterStatus::Active,
+            matched: 5,
+            created: Timestamp(8),
+            updated: Timestamp(8),
+            version: 3,
+        };
+        assert!(matches!(
+            import_filter(&tx, &t, &pending).await.unwrap(),
+            ImportOutcome::Imported
+        ));
+        assert!(matches!(
+            import_filter(&tx, &t, &pending).await.unwrap(),
+            ImportOutcome::Exists
+        ));
+        let clash = EndpointFilter {
+            id: FilterId::parse("fx").unwrap(),
+            ..pending.clone()
+        };
+        assert!(matches!(
+            import_filter(&tx, &t, &clash).await.unwrap(),
+            ImportOutcome::Conflict(_)
+        ));
+        tx.execute(
+            "UPDATE filters SET backfill_owner='elsewhere', \
+             backfill_lease_until=now() + interval '1 hour' WHERE filter_id='fp'",
+            &[],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+
+        let load = |row: &tokio_postgres::Row| endpoint_from_row(row).unwrap();
+        let select = format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE tenant='t1' AND endpoint_id=$1"
+        );
+        let tx = client.transaction().await.unwrap();
+        tx.execute(
+            "SELECT pg_advisory_xact_lock_shared($1)",
+            &[&app_lock_key(&t, &a)],
+        )
+        .await
+        .unwrap();
+        let filters = inner.filters.current(&tx, &t, &a).await.unwrap();
+        assert_eq!(filters.filters.len(), 2);
+        let again = inner.filters.current(&tx, &t, &a).await.unwrap();
+        assert!(
+            Arc::ptr_eq(&filters, &again),
+            "same version: the cached copy"
+        );
+        let other = inner
+            .filters
+            .current(&tx, &t, &AppName::parse("other").unwrap())
+            .await
+            .unwrap();
+        assert!(other.is_empty());
+
+        // ep-1: Lviv → Kyiv. The active filter gains it (event); the pending one has not
+        // seen it (no row to delete): nothing.
+        let old = load(&tx.query_one(&select, &[&"ep-1"]).await.unwrap());
+        let mut new = old.clone();
+        new.metadata =
+            Metadata::parse(json!({"city": "Kyiv"}), "metadata", &Limits::default()).unwrap();
+        let city: BTreeSet<&str> = ["city"].into();
+        let unrelated: BTreeSet<&str> = ["floor"].into();
+        let effect = Effect::Update(new.clone());
+        assert!(filters
+            .evaluate(&effect, Some(&old), Some(&unrelated))
+            .is_empty());
+        assert!(filters
+            .evaluate(&Effect::Unchanged(new.clone()), Some(&old), None)
+            .is_empty());
+        let changes = filters.evaluate(&effect, Some(&old), Some(&city));
+        let summary: Vec<(&str, bool, bool)> = changes
+            .iter()
+            .map(|c| (c.filter_id.as_str(), c.active, c.matched))
+            .collect();
+        assert_eq!(summary, [("fa", true, true), ("fp", false, false)]);
+        let events = apply(&tx, &t, &a, &changes, &ctx, 3).await.unwrap();
+        assert_eq!(events.len(), 1);
+        let OutboxEvent::Filter(e) = &events[0] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(e.correlation_id, "write-1");
+        assert_eq!(e.filter_name, "active one");
+        assert_eq!(e.timestamp, Timestamp(7));
+        assert!(
+            matches!(&e.kind, FilterEventKind::EndpointMatched { endpoint_id, .. }
+            if endpoint_id.as_str() == "ep-1")
+        );
+        // The same row inserted and deleted in one call (two commands of a group).
+        let mut both = changes[..1].to_vec();
+        both[0].matched = false;
+        both.push(changes[0].clone());
+        let events = apply(&tx, &t, &a, &both, &ctx, 3).await.unwrap();
+        assert_eq!(events.len(), 2, "both rows changed: {events:?}");
+        // Repeating a change that is already stored emits nothing.
+        assert!(apply(&tx, &t, &a, &changes, &ctx, 3)
+            .await
+            .unwrap()
+            .is_empty());
+        // A registration the pending filter matches: stored silently (it has now seen it).
+        tx.execute(
+            insert,
+            &[&"ep-2", &json!({"city": "Lviv"}), &b"ep-2".as_slice()],
+        )
+        .await
+        .unwrap();
+        let ep2 = load(&tx.query_one(&select, &[&"ep-2"]).await.unwrap());
+        let changes = filters.evaluate(&Effect::Insert(ep2.clone()), None, None);
+        assert_eq!(changes.len(), 1);
+        assert!(apply(&tx, &t, &a, &changes, &ctx, 3)
+            .await
+            .unwrap()
+            .is_empty());
+        // Unregistering ep-0 leaves the active filter.
+        let ep0 = load(&tx.query_one(&select, &[&"ep-0"]).await.unwrap());
+        let changes = filters.evaluate(&Effect::Delete(ep0.clone()), Some(&ep0), None);
+        let events = apply(&tx, &t, &a, &changes, &ctx, 4).await.unwrap();
+        assert!(matches!(
+            &events[..],
+            [OutboxEvent::Filter(FilterEvent {
+                kind: FilterEventKind::EndpointUnmatched { .. },
+                ..
+            })]
+        ));
+        tx.commit().await.unwrap();
+        let counts: Vec<(String, i16, i64)> = client
+            .query(
+                "SELECT filter_id, shard, n FROM filter_counts WHERE tenant='t1' \
+                 ORDER BY filter_id, shard",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                ("fa".to_string(), BACKFILL_SHARD, 1),
+                ("fa".to_string(), 3, 1),
+                ("fa".to_string(), 4, -1),
+                ("fp".to_string(), 3, 1),
+            ]
+        );
+        let fa = get(&inner, &t, &FilterId::parse("fa").unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(fa.matched, 1, "the sum of the shards");
+        assert_eq!(members(&inner, &t, &fa.id).await.unwrap().len(), 1);
+
+        // A rename (another connection) bumps the version: the next write reloads.
+        execute(
+            &inner,
+            FilterCommand::Update {
+                id: fa.id.clone(),
+                app: a.clone(),
+                patch: FilterPatch::parse(Some("renamed"), None, None).unwrap(),
+                precondition: Precondition::None,
+            },
+            ctx.clone(),
+        )
+        .await
+        .unwrap();
+        let tx = client.transaction().await.unwrap();
+        tx.execute(
+            "SELECT pg_advisory_xact_lock_shared($1)",
+            &[&app_lock_key(&t, &a)],
+        )
+        .await
+        .unwrap();
+        let reloaded = inner.filters.current(&tx, &t, &a).await.unwrap();
+        assert!(reloaded.version > filters.version);
+        assert_eq!(reloaded.filters[0].name, "renamed");
+        tx.commit().await.unwrap();
+        drop(client);
+        store.shutdown().await;
+        tdb.drop_db().await;
+    }
+
     #[test]
     fn lock_keys_differ_by_tenant_and_app() {
         let t = |s: &str| TenantId::parse(s).unwrap();
         let a = |s: &str| AppName::parse(s).unwrap();
-        assert_ne!(app_lock_key(&t("t1"), &a("app")), app_lock_key(&t("t2"), &a("app")));
-        assert_eq!(app_lock_key(&t("t1"), &a("app")), app_lock_key(&t("t1"), &a("app")));
+        assert_ne!(
+            app_lock_key(&t("t1"), &a("app")),
+            app_lock_key(&t("t2"), &a("app"))
+        );
+        assert_eq!(
+            app_lock_key(&t("t1"), &a("app")),
+            app_lock_key(&t("t1"), &a("app"))
+        );
     }
 }

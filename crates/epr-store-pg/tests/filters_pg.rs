@@ -119,12 +119,12 @@ async fn filter_events(db: &tokio_postgres::Client) -> Vec<FilterEvent> {
         .await
         .unwrap()
         .iter()
-        .filter_map(|r| {
-            match epr_store::codec::decode_outbox(r.get(0)).unwrap() {
+        .filter_map(
+            |r| match epr_store::codec::decode_outbox(r.get(0)).unwrap() {
                 OutboxEvent::Filter(f) => Some(f),
                 OutboxEvent::Endpoint(_) => None,
-            }
-        })
+            },
+        )
         .collect()
 }
 
@@ -165,7 +165,14 @@ async fn lifecycle_and_reads() {
     let s = PgStore::open(config(&tdb.url)).await.unwrap();
     let db = sql(&tdb.url).await;
     for (i, city) in ["Kyiv", "Lviv", "Kyiv", "Odesa", "Kyiv"].iter().enumerate() {
-        insert_endpoint(&db, "t1", &format!("ep-{i}"), "app-v1", json!({ "city": city })).await;
+        insert_endpoint(
+            &db,
+            "t1",
+            &format!("ep-{i}"),
+            "app-v1",
+            json!({ "city": city }),
+        )
+        .await;
     }
     insert_endpoint(&db, "t1", "other-0", "other-v1", json!({"city": "Kyiv"})).await;
     insert_endpoint(&db, "t2", "ep-0", "app-v1", json!({"city": "Kyiv"})).await;
@@ -174,28 +181,51 @@ async fn lifecycle_and_reads() {
     assert_eq!(f.status, FilterStatus::Pending);
     assert_eq!((f.version, f.matched), (1, 0));
     let f = wait_active(&s, "t1", "f1", Duration::from_secs(20)).await;
-    assert_eq!(f.matched, 3, "only the tenant's application's own endpoints");
+    assert_eq!(
+        f.matched, 3,
+        "only the tenant's application's own endpoints"
+    );
     assert_eq!(f.spec.query, *kyiv().as_object().unwrap());
     assert_eq!(members(&s, "t1", "f1").await, ["ep-0", "ep-2", "ep-4"]);
     let matched = s
         .matched_filters(
             &tenant("t1"),
-            &[EndpointId::parse("ep-0").unwrap(), EndpointId::parse("ep-1").unwrap()],
+            &[
+                EndpointId::parse("ep-0").unwrap(),
+                EndpointId::parse("ep-1").unwrap(),
+            ],
         )
         .await
         .unwrap();
     assert_eq!(matched.len(), 1);
-    assert_eq!(matched[&EndpointId::parse("ep-0").unwrap()], vec![fid("f1")]);
+    assert_eq!(
+        matched[&EndpointId::parse("ep-0").unwrap()],
+        vec![fid("f1")]
+    );
     // Other tenants see nothing of it.
-    assert!(s.get_filter(&tenant("t2"), &fid("f1")).await.unwrap().is_none());
+    assert!(s
+        .get_filter(&tenant("t2"), &fid("f1"))
+        .await
+        .unwrap()
+        .is_none());
     assert!(s
         .matched_filters(&tenant("t2"), &[EndpointId::parse("ep-0").unwrap()])
         .await
         .unwrap()
         .is_empty());
     // A pending filter is not in `matched_filters`.
-    create(&s, "t1", "app", "f0", json!({"application_version": "app-v1"})).await;
-    let listed = s.list_filters(&tenant("t1"), &app("app"), None, PAGE).await.unwrap();
+    create(
+        &s,
+        "t1",
+        "app",
+        "f0",
+        json!({"application_version": "app-v1"}),
+    )
+    .await;
+    let listed = s
+        .list_filters(&tenant("t1"), &app("app"), None, PAGE)
+        .await
+        .unwrap();
     assert_eq!(listed.total, 2);
     let ids: Vec<&str> = listed.items.iter().map(|f| f.id.as_str()).collect();
     assert_eq!(ids, ["f0", "f1"], "same creation time: by ID");
@@ -223,7 +253,10 @@ async fn lifecycle_and_reads() {
 
     let events = filter_events(&db).await;
     let kinds: Vec<String> = events.iter().map(kind_of).collect();
-    assert_eq!(kinds, ["f1 pending", "f1 activated", "f0 pending", "f0 activated"]);
+    assert_eq!(
+        kinds,
+        ["f1 pending", "f1 activated", "f0 pending", "f0 activated"]
+    );
     assert!(events[..2].iter().all(|e| e.correlation_id == "create-f1"
         && e.filter_name == "name of f1"
         && e.app.as_str() == "app"));
@@ -237,7 +270,14 @@ async fn update_and_delete() {
     let s = PgStore::open(config(&tdb.url)).await.unwrap();
     let db = sql(&tdb.url).await;
     for (i, city) in ["Kyiv", "Lviv"].iter().enumerate() {
-        insert_endpoint(&db, "t1", &format!("ep-{i}"), "app-v1", json!({ "city": city })).await;
+        insert_endpoint(
+            &db,
+            "t1",
+            &format!("ep-{i}"),
+            "app-v1",
+            json!({ "city": city }),
+        )
+        .await;
     }
     create(&s, "t1", "app", "f1", kyiv()).await;
     let f = wait_active(&s, "t1", "f1", Duration::from_secs(20)).await;
@@ -259,12 +299,19 @@ async fn update_and_delete() {
         .unwrap();
     assert_eq!((renamed.status, renamed.matched), (FilterStatus::Active, 1));
     assert_ne!(renamed.etag(), f.etag());
-    let stored = s.get_filter(&tenant("t1"), &fid("f1")).await.unwrap().unwrap();
+    let stored = s
+        .get_filter(&tenant("t1"), &fid("f1"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((stored.spec.name.as_str(), stored.version), ("renamed", 2));
     // The same definition again changes nothing.
     let same = s
         .execute_filter(
-            update(FilterPatch::parse(Some("renamed"), None, None).unwrap(), Precondition::None),
+            update(
+                FilterPatch::parse(Some("renamed"), None, None).unwrap(),
+                Precondition::None,
+            ),
             ctx("t1", "c"),
         )
         .await
@@ -279,10 +326,16 @@ async fn update_and_delete() {
             ctx("t1", "c"),
         )
         .await;
-    assert!(matches!(rejected(stale), DomainError::PreconditionFailed { .. }));
+    assert!(matches!(
+        rejected(stale),
+        DomainError::PreconditionFailed { .. }
+    ));
     // Names are unique per application (the embedded store's message), IDs per tenant.
     let dup = s
-        .execute_filter(create_cmd("app", "f2", "renamed", json!({})), ctx("t1", "c"))
+        .execute_filter(
+            create_cmd("app", "f2", "renamed", json!({})),
+            ctx("t1", "c"),
+        )
         .await;
     match rejected(dup) {
         DomainError::Conflict { field, message } => {
@@ -294,13 +347,22 @@ async fn update_and_delete() {
         }
         other => panic!("{other:?}"),
     }
-    s.execute_filter(create_cmd("other", "f3", "renamed", json!({})), ctx("t1", "c"))
-        .await
-        .unwrap();
+    s.execute_filter(
+        create_cmd("other", "f3", "renamed", json!({})),
+        ctx("t1", "c"),
+    )
+    .await
+    .unwrap();
     let same_id = s
         .execute_filter(create_cmd("other", "f1", "x", json!({})), ctx("t1", "c"))
         .await;
-    assert!(matches!(rejected(same_id), DomainError::Conflict { field: "filterId", .. }));
+    assert!(matches!(
+        rejected(same_id),
+        DomainError::Conflict {
+            field: "filterId",
+            ..
+        }
+    ));
     let foreign = s
         .execute_filter(
             FilterCommand::Delete {
@@ -316,12 +378,18 @@ async fn update_and_delete() {
     let lviv = json!({"metadata": {"$elemMatch": {"key": "city", "value": "Lviv"}}});
     let changed = s
         .execute_filter(
-            update(FilterPatch::parse(None, None, Some(&lviv)).unwrap(), Precondition::None),
+            update(
+                FilterPatch::parse(None, None, Some(&lviv)).unwrap(),
+                Precondition::None,
+            ),
             ctx("t1", "requery"),
         )
         .await
         .unwrap();
-    assert_eq!((changed.status, changed.matched), (FilterStatus::Pending, 0));
+    assert_eq!(
+        (changed.status, changed.matched),
+        (FilterStatus::Pending, 0)
+    );
     let f = wait_active(&s, "t1", "f1", Duration::from_secs(20)).await;
     assert_eq!(f.matched, 1);
     assert_eq!(members(&s, "t1", "f1").await, ["ep-1"]);
@@ -337,7 +405,11 @@ async fn update_and_delete() {
         .await
         .unwrap();
     assert_eq!((deleted.id.as_str(), deleted.matched), ("f1", 1));
-    assert!(s.get_filter(&tenant("t1"), &fid("f1")).await.unwrap().is_none());
+    assert!(s
+        .get_filter(&tenant("t1"), &fid("f1"))
+        .await
+        .unwrap()
+        .is_none());
     assert!(members(&s, "t1", "f1").await.is_empty());
     let left: i64 = db
         .query_one(
@@ -350,13 +422,25 @@ async fn update_and_delete() {
         .get(0);
     assert_eq!(left, 0);
     let events = filter_events(&db).await;
-    let f1: Vec<&FilterEvent> = events.iter().filter(|e| e.filter_id.as_str() == "f1").collect();
+    let f1: Vec<&FilterEvent> = events
+        .iter()
+        .filter(|e| e.filter_id.as_str() == "f1")
+        .collect();
     let kinds: Vec<String> = f1.iter().map(|e| kind_of(e)).collect();
     assert_eq!(
         kinds,
-        ["f1 pending", "f1 activated", "f1 pending", "f1 activated", "f1 deleted"]
+        [
+            "f1 pending",
+            "f1 activated",
+            "f1 pending",
+            "f1 activated",
+            "f1 deleted"
+        ]
     );
-    assert_eq!(f1[3].correlation_id, "requery", "activated carries the request's ID");
+    assert_eq!(
+        f1[3].correlation_id, "requery",
+        "activated carries the request's ID"
+    );
     assert_eq!(f1[3].filter_name, "renamed");
     s.shutdown().await;
     tdb.drop_db().await;
@@ -412,7 +496,14 @@ async fn backfill_lease_takeover() {
     let a = PgStore::open(slow(&tdb.url)).await.unwrap();
     for i in 0..30 {
         let city = ["Kyiv", "Lviv", "Odesa"][i % 3];
-        insert_endpoint(&db, "t1", &format!("ep-{i:02}"), "app-v1", json!({ "city": city })).await;
+        insert_endpoint(
+            &db,
+            "t1",
+            &format!("ep-{i:02}"),
+            "app-v1",
+            json!({ "city": city }),
+        )
+        .await;
     }
     create(&a, "t1", "app", "f1", kyiv()).await;
     // A gets going, then stops (gracefully: its lease is released).
@@ -427,9 +518,16 @@ async fn backfill_lease_takeover() {
     }
     a.shutdown().await;
     let (owner, after, status) = lease(&db, "f1").await;
-    assert_eq!((owner, status.as_str()), (None, "pending"), "released at shutdown");
+    assert_eq!(
+        (owner, status.as_str()),
+        (None, "pending"),
+        "released at shutdown"
+    );
     let stopped_at = after.unwrap();
-    assert!((3..30).contains(&stopped_at), "stopped mid-way at {stopped_at}");
+    assert!(
+        (3..30).contains(&stopped_at),
+        "stopped mid-way at {stopped_at}"
+    );
 
     // Now pretend a replica that died holds it for another 1.5 s.
     db.execute(
@@ -443,10 +541,17 @@ async fn backfill_lease_takeover() {
     let b = PgStore::open(config(&tdb.url)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     let (owner, after, _) = lease(&db, "f1").await;
-    assert_eq!(owner.as_deref(), Some("dead-replica"), "a live lease is respected");
+    assert_eq!(
+        owner.as_deref(),
+        Some("dead-replica"),
+        "a live lease is respected"
+    );
     assert_eq!(after, Some(stopped_at));
     let f = wait_active(&b, "t1", "f1", Duration::from_secs(20)).await;
-    assert!(opened.elapsed() >= Duration::from_millis(1000), "taken over only once expired");
+    assert!(
+        opened.elapsed() >= Duration::from_millis(1000),
+        "taken over only once expired"
+    );
     let expected = reference(&db, "t1", "app", &kyiv()).await;
     assert_eq!(expected.len(), 10);
     assert_eq!(members(&b, "t1", "f1").await, expected);
@@ -503,7 +608,10 @@ async fn two_replicas_share_backfills() {
         assert_eq!(kinds, [format!("{id} pending"), format!("{id} activated")]);
     }
     let leased: i64 = db
-        .query_one("SELECT count(*) FROM filters WHERE backfill_owner IS NOT NULL", &[])
+        .query_one(
+            "SELECT count(*) FROM filters WHERE backfill_owner IS NOT NULL",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
