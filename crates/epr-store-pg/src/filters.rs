@@ -1465,6 +1465,194 @@ mod tests {
         tdb.drop_db().await;
     }
 
+    /// One endpoint write as the write path does it: the application's shared lock, the
+    /// current filters, the row locked, changed, matched and stored in one transaction.
+    async fn simulated_write(inner: &Inner, writer: i16, rng: &mut u64) {
+        use crate::rows::{endpoint_from_row, ENDPOINT_COLUMNS};
+        let mut next = |n: u64| {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            *rng % n
+        };
+        let (t, a) = (
+            TenantId::parse("t1").unwrap(),
+            AppName::parse("app").unwrap(),
+        );
+        // Each writer its own endpoints, as the write path routes them (by ID).
+        let id = format!("e{}", next(10) * 2 + writer as u64);
+        let op = next(4);
+        let value = next(4) as i64;
+        let version = format!("app-v{}", 1 + next(2));
+        let mut client = inner.pool.get().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        tx.execute(
+            "SELECT pg_advisory_xact_lock_shared($1)",
+            &[&app_lock_key(&t, &a)],
+        )
+        .await
+        .unwrap();
+        let filters = inner.filters.current(&tx, &t, &a).await.unwrap();
+        let select = format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE tenant='t1' AND endpoint_id=$1"
+        );
+        let old = tx
+            .query_opt(&format!("{select} FOR UPDATE"), &[&id])
+            .await
+            .unwrap()
+            .map(|r| endpoint_from_row(&r).unwrap());
+        let keys: BTreeSet<&str> = ["k0"].into();
+        let (effect, changed) = match (op, &old) {
+            (0, None) => {
+                tx.execute(
+                    "INSERT INTO endpoints(tenant, endpoint_id, incarnation, app, app_version, \
+                     app_version_registered, created, metadata, metadata_updated, version, \
+                     metadata_version, token_hash) \
+                     VALUES('t1', $1, nextval('endpoint_incarnation'), 'app', $2, 1, 1, \
+                            jsonb_build_object('k0', $3::bigint), NULL, 1, 1, '\\x00')",
+                    &[&id, &version, &value],
+                )
+                .await
+                .unwrap();
+                let new = endpoint_from_row(&tx.query_one(&select, &[&id]).await.unwrap());
+                (Effect::Insert(new.unwrap()), None)
+            }
+            (1, Some(o)) => {
+                tx.execute(
+                    "DELETE FROM endpoints WHERE tenant='t1' AND endpoint_id=$1",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+                (Effect::Delete(o.clone()), None)
+            }
+            (2, Some(_)) | (3, Some(_)) => {
+                let sql = if op == 2 {
+                    "UPDATE endpoints SET metadata = metadata || jsonb_build_object('k0', $2::bigint) \
+                     WHERE tenant='t1' AND endpoint_id=$1"
+                } else {
+                    "UPDATE endpoints SET metadata = metadata - 'k0' || jsonb_build_object('x', $2::bigint) \
+                     WHERE tenant='t1' AND endpoint_id=$1"
+                };
+                tx.execute(sql, &[&id, &value]).await.unwrap();
+                let new = endpoint_from_row(&tx.query_one(&select, &[&id]).await.unwrap());
+                (Effect::Update(new.unwrap()), Some(&keys))
+            }
+            _ => return,
+        };
+        let changes = filters.evaluate(&effect, old.as_ref(), changed);
+        let ctx = WriteCtx {
+            tenant: t.clone(),
+            now: Timestamp(1),
+            correlation_id: "w".into(),
+            limits: epr_core::metadata::Limits::default(),
+        };
+        apply(&tx, &t, &a, &changes, &ctx, writer).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    /// Writers (following the write path's protocol) race filter creation and back-fill:
+    /// afterwards each filter's stored membership is a fresh evaluation of the rows and its
+    /// count is its membership.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_racing_backfill_agree_with_a_fresh_evaluation() {
+        let tdb = crate::testing::TestDb::create().await;
+        let mut cfg = crate::PgConfig::new(&tdb.url);
+        cfg.backfill = epr_store::BackfillPace {
+            step: Duration::ZERO,
+            batch: 2,
+            pause: Duration::ZERO,
+        };
+        let store = crate::PgStore::open(cfg).await.unwrap();
+        let inner = store.inner.clone();
+        let queries = [
+            json!({"metadata": {"$elemMatch": {"key": "k0", "value": {"$gte": 2}}}}),
+            json!({"application_version": "app-v2"}),
+            json!({"metadata": {"$not": {"$elemMatch": {"key": "k0"}}}}),
+            json!({"metadata": {"$size": 1}}),
+        ];
+        for seed in 1..=3u64 {
+            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            for _ in 0..40 {
+                simulated_write(&inner, 0, &mut rng).await;
+            }
+            let writers: Vec<_> = (0..2i16)
+                .map(|w| {
+                    let inner = inner.clone();
+                    tokio::spawn(async move {
+                        let mut rng = (seed * 31 + w as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+                        for _ in 0..150 {
+                            simulated_write(&inner, w, &mut rng).await;
+                        }
+                    })
+                })
+                .collect();
+            for (i, q) in queries.iter().enumerate() {
+                let ctx = WriteCtx {
+                    tenant: TenantId::parse("t1").unwrap(),
+                    now: Timestamp(1),
+                    correlation_id: "c".into(),
+                    limits: epr_core::metadata::Limits::default(),
+                };
+                execute(
+                    &inner,
+                    FilterCommand::Create {
+                        id: FilterId::parse(&format!("s{seed}q{i}")).unwrap(),
+                        app: AppName::parse("app").unwrap(),
+                        spec: FilterSpec::parse(&format!("s{seed}q{i}"), "", q).unwrap(),
+                    },
+                    ctx,
+                )
+                .await
+                .unwrap();
+                tokio::task::yield_now().await;
+            }
+            for w in writers {
+                w.await.unwrap();
+            }
+            let client = inner.pool.get().await.unwrap();
+            for (i, q) in queries.iter().enumerate() {
+                let id = FilterId::parse(&format!("s{seed}q{i}")).unwrap();
+                let f = loop {
+                    let f = get(&inner, &TenantId::parse("t1").unwrap(), &id)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    if f.status == FilterStatus::Active {
+                        break f;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                };
+                let compiled = Filter::parse(q).unwrap();
+                let expected: Vec<String> = client
+                    .query(
+                        "SELECT endpoint_id, app_version, metadata FROM endpoints \
+                         WHERE tenant='t1' AND app='app' ORDER BY incarnation",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .filter(|r| {
+                        let md: Value = r.get(2);
+                        compiled.matches(r.get(1), md.as_object().unwrap())
+                    })
+                    .map(|r| r.get(0))
+                    .collect();
+                let got: Vec<String> = members(&inner, &TenantId::parse("t1").unwrap(), &id)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|(_, e)| e.to_string())
+                    .collect();
+                assert_eq!(got, expected, "seed {seed}, {q}");
+                assert_eq!(f.matched as usize, got.len(), "seed {seed}, count of {q}");
+            }
+        }
+        store.shutdown().await;
+        tdb.drop_db().await;
+    }
+
     #[test]
     fn lock_keys_differ_by_tenant_and_app() {
         let t = |s: &str| TenantId::parse(s).unwrap();
