@@ -153,7 +153,8 @@ impl FilterCache {
     }
 }
 
-/// The application's filters, compiled, in creation order.
+/// The application's filters, compiled, in creation order (then ID in byte order, as the
+/// embedded store: the order of one write's membership events).
 async fn load_app(
     tx: &Transaction<'_>,
     tenant: &TenantId,
@@ -162,7 +163,7 @@ async fn load_app(
     let rows = tx
         .query(
             "SELECT filter_id, name, query, status FROM filters WHERE tenant=$1 AND app=$2 \
-             ORDER BY created, filter_id",
+             ORDER BY created, filter_id COLLATE \"C\"",
             &[&tenant.as_str(), &app.as_str()],
         )
         .await
@@ -702,7 +703,8 @@ pub(crate) async fn list(
     page: PageRequest,
 ) -> Result<Page<EndpointFilter>, StoreError> {
     let mut client = inner.pool.get().await.map_err(pool)?;
-    // One snapshot for the total and the page.
+    // One snapshot for the total and the page. IDs sort in byte order (`COLLATE "C"`), as
+    // in the embedded store, whatever the database's collation.
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -723,7 +725,7 @@ pub(crate) async fn list(
         .query(
             &format!(
                 "SELECT {FILTER_COLUMNS} FROM filters f WHERE {cond} \
-                 ORDER BY f.created, f.filter_id LIMIT $4 OFFSET $5"
+                 ORDER BY f.created, f.filter_id COLLATE \"C\" LIMIT $4 OFFSET $5"
             ),
             &[
                 &tenant.as_str(),
@@ -767,7 +769,7 @@ pub(crate) async fn matched_filters(
              JOIN filter_matches m \
                ON m.tenant=f.tenant AND m.filter_id=f.filter_id AND m.incarnation=e.incarnation \
              WHERE e.tenant=$1 AND e.endpoint_id = ANY($2::text[]) \
-             ORDER BY e.endpoint_id, f.filter_id",
+             ORDER BY e.endpoint_id, f.filter_id COLLATE \"C\"",
             &[&tenant.as_str(), &ids],
         )
         .await
