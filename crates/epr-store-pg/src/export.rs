@@ -2,50 +2,12 @@
 //! `sqlite_export`: same orders, same shapes.
 
 use crate::error::{corrupt, db, pool};
+use crate::filters::{filter_from_row, FILTER_COLUMNS};
 use crate::rows::{endpoint_from_row, ENDPOINT_COLUMNS};
 use crate::Inner;
-use epr_core::endpoint_filter::{EndpointFilter, FilterId, FilterSpec, FilterStatus};
-use epr_core::ids::{AppName, TenantId, TokenHash};
+use epr_core::endpoint_filter::EndpointFilter;
+use epr_core::ids::{TenantId, TokenHash};
 use epr_core::ports::{EndpointExport, ImportOutcome, ImportRecord, StoreError};
-use epr_core::Timestamp;
-use tokio_postgres::Row;
-
-/// The columns [`filter_from_row`] reads, in its order, from `filters` aliased `f`. The
-/// member count is the sum of the filter's count shards (`filter_counts`).
-pub(crate) const FILTER_COLUMNS: &str = "f.filter_id, f.app, f.name, f.description, f.query, \
-    f.status, \
-    COALESCE((SELECT sum(c.n) FROM filter_counts c \
-              WHERE c.tenant = f.tenant AND c.filter_id = f.filter_id), 0)::bigint, \
-    f.created, f.updated, f.version";
-
-/// A stored filter row (selected with [`FILTER_COLUMNS`]) as the domain value. The query
-/// is compiled again: the stored JSON is the source of truth.
-pub(crate) fn filter_from_row(row: &Row) -> Result<EndpointFilter, StoreError> {
-    let text = |i: usize| -> Result<&str, StoreError> {
-        row.try_get::<_, &str>(i).map_err(|e| corrupt("filter", e))
-    };
-    let int = |i: usize| -> Result<i64, StoreError> {
-        row.try_get::<_, i64>(i).map_err(|e| corrupt("filter", e))
-    };
-    let query: serde_json::Value = row.try_get(4).map_err(|e| corrupt("filter query", e))?;
-    let spec =
-        FilterSpec::parse(text(2)?, text(3)?, &query).map_err(|e| corrupt("filter query", e))?;
-    let status = match text(5)? {
-        "pending" => FilterStatus::Pending,
-        "active" => FilterStatus::Active,
-        other => return Err(corrupt("filter status", other)),
-    };
-    Ok(EndpointFilter {
-        id: FilterId::parse(text(0)?).map_err(|e| corrupt("filter ID", e))?,
-        app: AppName::parse(text(1)?).map_err(|e| corrupt("application", e))?,
-        spec,
-        status,
-        matched: int(6)?.max(0) as u64,
-        created: Timestamp(int(7)?),
-        updated: Timestamp(int(8)?),
-        version: int(9)? as u64,
-    })
-}
 
 // Text orders are byte orders (`COLLATE "C"`), as in the embedded store, whatever the
 // database's collation.
