@@ -442,7 +442,22 @@ impl WriterTask {
         let max = self.inner.cfg.max_group.max(1);
         // Drain acknowledgements: dropped (answered) when the loop ends.
         let mut closers = Vec::new();
-        while let Some(first) = rx.recv().await {
+        // A store dropped without `shutdown` sets `stop`: accept nothing more, answer what
+        // is queued, then end (releasing the connection and the shared state).
+        let mut stop = self.inner.stop.subscribe();
+        let mut stopping = false;
+        loop {
+            let first = tokio::select! {
+                job = rx.recv() => match job {
+                    Some(job) => job,
+                    None => break,
+                },
+                _ = stop.wait_for(|s| *s), if !stopping => {
+                    stopping = true;
+                    rx.close();
+                    continue;
+                }
+            };
             let mut jobs = vec![first];
             while jobs.len() < max {
                 match rx.try_recv() {

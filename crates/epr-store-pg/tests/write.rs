@@ -341,6 +341,43 @@ async fn writes_after_shutdown_are_unavailable() {
     db.drop_db().await;
 }
 
+/// A store dropped without shutdown stops its writers: its sessions end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_store_releases_its_writer_sessions() {
+    let db = TestDb::create().await;
+    let store = PgStore::open(config(&db.url)).await.unwrap();
+    for i in 0..8 {
+        let ep = format!("d{i}");
+        store
+            .execute(register(&ep, &format!("t-{ep}"), json!({})), ctx())
+            .await
+            .unwrap();
+    }
+    drop(store);
+    let admin = sql(&db.url).await;
+    let started = Instant::now();
+    loop {
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = 'epr'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{left} sessions still open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    db.drop_db().await;
+}
+
 /// Rough registrations per second with 64 concurrent tasks on one store (not a benchmark:
 /// `cargo test -p epr-store-pg --test write -- --ignored --nocapture`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
