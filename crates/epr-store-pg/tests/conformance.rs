@@ -16,6 +16,13 @@ async fn conformance() {
     epr_store::conformance::run_all(move || {
         let m = m.clone();
         async move {
+            // The previous case is over: its store's sessions (writers, pool, relay leader)
+            // are closed now, not at the end, or 22 stores exceed `max_connections`.
+            let done = std::mem::take(&mut *m.lock().unwrap());
+            for (store, db) in done {
+                store.shutdown().await;
+                db.drop_db().await;
+            }
             let db = TestDb::create().await;
             let mut cfg = PgConfig::new(&db.url);
             // Tiny back-fill steps, so back-fills interleave with the cases' writes.
