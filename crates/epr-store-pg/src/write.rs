@@ -22,7 +22,6 @@ use crate::rows::{endpoint_from_row, ENDPOINT_COLUMNS};
 use crate::{app_lock_key, Inner, PgConfig};
 use epr_core::command::{plan, Command, Effect, WriteCtx};
 use epr_core::endpoint::Endpoint;
-use epr_core::endpoint_filter::EndpointFilter;
 use epr_core::event::{DomainEvent, EventKind, OutboxEvent};
 use epr_core::ids::{AppName, EndpointId, TenantId};
 use epr_core::log_gate::LogGate;
@@ -1221,13 +1220,34 @@ async fn run_import(
         let (keys, exclusive): (Vec<i64>, Vec<bool>) = locks.into_iter().unzip();
         tx.execute(&st.lock_apps, &[&keys, &exclusive]).await?;
     }
+    // Endpoints first, then filters: an imported filter's back-fill starts at the highest
+    // incarnation in the table, so it covers every endpoint of the import, and no
+    // application's filters are read after this transaction changed them (the shared
+    // filter cache must only ever hold committed versions; this one may roll back).
+    let mut outcomes: Vec<Option<ImportOutcome>> = vec![None; records.len()];
+    let endpoints: Vec<(usize, &EndpointExport)> = records
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match r {
+            ImportRecord::Endpoint(e) => Some((i, e)),
+            ImportRecord::Filter { .. } => None,
+        })
+        .collect();
     let mut filters = HashMap::new();
-    let mut outcomes = Vec::with_capacity(records.len());
-    for chunk in records.chunks(IMPORT_CHUNK) {
+    for chunk in endpoints.chunks(IMPORT_CHUNK) {
         import_chunk(inner, tx, st, shard, chunk, &mut filters, &mut outcomes).await?;
     }
+    for (i, record) in records.iter().enumerate() {
+        if let ImportRecord::Filter { tenant, filter } = record {
+            outcomes[i] = Some(crate::filters::import_filter(tx, tenant, filter).await?);
+        }
+    }
     txn.commit().await?;
-    Ok(outcomes)
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| msg("internal error: an import record without outcome")))
+        .collect::<Result<_, _>>()
+        .map_err(Failure::Fatal)
 }
 
 /// An imported endpoint waiting for its insert: tenant, record (as an insert), application,
@@ -1239,111 +1259,87 @@ async fn import_chunk<'w>(
     tx: &Transaction<'_>,
     st: &Statements,
     shard: i16,
-    chunk: &'w [ImportRecord],
+    chunk: &[(usize, &'w EndpointExport)],
     filters: &mut HashMap<(TenantId, AppName), Arc<AppFilters>>,
-    outcomes: &mut Vec<ImportOutcome>,
+    outcomes: &mut [Option<ImportOutcome>],
 ) -> Result<(), Failure> {
     let mut ids: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     let mut hashes: BTreeMap<(&str, &str), BTreeSet<[u8; 32]>> = BTreeMap::new();
-    let mut count = 0i64;
-    for record in chunk {
-        if let ImportRecord::Endpoint(e) = record {
-            ids.entry(e.tenant.as_str())
-                .or_default()
-                .insert(e.endpoint.id.as_str());
-            hashes
-                .entry((e.tenant.as_str(), e.endpoint.app.as_str()))
-                .or_default()
-                .insert(e.token_hash.0);
-            count += 1;
-        }
+    for (_, e) in chunk {
+        ids.entry(e.tenant.as_str())
+            .or_default()
+            .insert(e.endpoint.id.as_str());
+        hashes
+            .entry((e.tenant.as_str(), e.endpoint.app.as_str()))
+            .or_default()
+            .insert(e.token_hash.0);
     }
+    let count = chunk.len() as i64;
     let (initial, mut holders, incarnations) = preload(tx, st, &ids, &hashes, count).await?;
     let mut incarnations = incarnations.into_iter();
     let mut present: HashSet<Key<'w>> = initial.into_keys().collect();
     let mut pending: Vec<PendingImport<'w>> = Vec::new();
-    for record in chunk {
-        match record {
-            ImportRecord::Endpoint(EndpointExport {
-                tenant,
-                endpoint,
-                token_hash,
-            }) => {
-                let t = tenant.as_str();
-                let key = (t, endpoint.id.as_str());
-                if present.contains(&key) {
-                    outcomes.push(ImportOutcome::Exists);
-                    continue;
-                }
-                let token_key = (t, endpoint.app.as_str(), token_hash.0);
-                if let Some(other) = holders.get(&token_key) {
-                    outcomes.push(ImportOutcome::Conflict(format!(
-                        "the endpoint token is already in use by endpoint '{other}' in \
-                         application '{}'",
-                        endpoint.app
-                    )));
-                    continue;
-                }
-                // A fresh incarnation: this store's own entity tags and registration order.
-                let mut ep = endpoint.clone();
-                ep.incarnation = incarnations
-                    .next()
-                    .ok_or_else(|| msg("internal error: too few incarnations taken"))?;
-                present.insert(key);
-                holders.insert(token_key, ep.id.as_str().to_owned());
-                let app_filters = match filters.get(&(tenant.clone(), ep.app.clone())) {
-                    Some(f) => f.clone(),
-                    None => {
-                        let f = inner.filters.current(tx, tenant, &ep.app).await?;
-                        filters.insert((tenant.clone(), ep.app.clone()), f.clone());
-                        f
-                    }
-                };
-                let effect = Effect::Insert(ep);
-                if !app_filters.is_empty() {
-                    let changes = app_filters.evaluate(&effect, None, None);
-                    if !changes.is_empty() {
-                        let ctx = WriteCtx {
-                            tenant: tenant.clone(),
-                            now: Timestamp(effect.endpoint().created.0),
-                            correlation_id: String::new(),
-                            limits: Default::default(),
-                        };
-                        // Membership as for a registration; an import emits no events.
-                        let _silent = crate::filters::apply(
-                            tx,
-                            tenant,
-                            &effect.endpoint().app,
-                            &changes,
-                            &ctx,
-                            shard,
-                        )
-                        .await?;
-                    }
-                }
-                pending.push((t, effect, endpoint.app.as_str(), token_hash.0));
-                outcomes.push(ImportOutcome::Imported);
+    for &(index, record) in chunk {
+        let EndpointExport {
+            tenant,
+            endpoint,
+            token_hash,
+        } = record;
+        let t = tenant.as_str();
+        let key = (t, endpoint.id.as_str());
+        if present.contains(&key) {
+            outcomes[index] = Some(ImportOutcome::Exists);
+            continue;
+        }
+        let token_key = (t, endpoint.app.as_str(), token_hash.0);
+        if let Some(other) = holders.get(&token_key) {
+            outcomes[index] = Some(ImportOutcome::Conflict(format!(
+                "the endpoint token is already in use by endpoint '{other}' in application '{}'",
+                endpoint.app
+            )));
+            continue;
+        }
+        // A fresh incarnation: this store's own entity tags and registration order.
+        let mut ep = endpoint.clone();
+        ep.incarnation = incarnations
+            .next()
+            .ok_or_else(|| msg("internal error: too few incarnations taken"))?;
+        present.insert(key);
+        holders.insert(token_key, ep.id.as_str().to_owned());
+        let app_filters = match filters.get(&(tenant.clone(), ep.app.clone())) {
+            Some(f) => f.clone(),
+            None => {
+                let f = inner.filters.current(tx, tenant, &ep.app).await?;
+                filters.insert((tenant.clone(), ep.app.clone()), f.clone());
+                f
             }
-            ImportRecord::Filter { tenant, filter } => {
-                // The filter's back-fill starts from the rows as they are: every endpoint
-                // imported before it must be in the table.
-                flush_imports(tx, st, &mut pending).await?;
-                outcomes.push(import_filter(tx, tenant, filter).await?);
-                // Its application's filters changed: read them again for later endpoints.
-                filters.remove(&(tenant.clone(), filter.app.clone()));
+        };
+        let effect = Effect::Insert(ep);
+        if !app_filters.is_empty() {
+            let changes = app_filters.evaluate(&effect, None, None);
+            if !changes.is_empty() {
+                let ctx = WriteCtx {
+                    tenant: tenant.clone(),
+                    now: Timestamp(effect.endpoint().created.0),
+                    correlation_id: String::new(),
+                    limits: Default::default(),
+                };
+                // Membership as for a registration; an import emits no events.
+                let _silent = crate::filters::apply(
+                    tx,
+                    tenant,
+                    &effect.endpoint().app,
+                    &changes,
+                    &ctx,
+                    shard,
+                )
+                .await?;
             }
         }
+        pending.push((t, effect, endpoint.app.as_str(), token_hash.0));
+        outcomes[index] = Some(ImportOutcome::Imported);
     }
-    flush_imports(tx, st, &mut pending).await?;
-    Ok(())
-}
-
-async fn import_filter(
-    tx: &Transaction<'_>,
-    tenant: &TenantId,
-    filter: &EndpointFilter,
-) -> Result<ImportOutcome, StoreError> {
-    crate::filters::import_filter(tx, tenant, filter).await
+    flush_imports(tx, st, &mut pending).await
 }
 
 async fn flush_imports(
