@@ -454,14 +454,20 @@ impl Settings {
         if let Ok(spec) = std::env::var("EPR_AUTH_TENANTS") {
             settings.add_tenants(&spec)?;
         }
-        // The explicit key wins over the conventional shorthand.
-        if std::env::var_os("EPR__STORE__POSTGRES__URL").is_none() {
-            if let Ok(url) = std::env::var("EPR_DATABASE_URL") {
-                settings.store.postgres.url = url;
-            }
-        }
+        settings.database_url_shorthand(
+            std::env::var_os("EPR__STORE__POSTGRES__URL").is_some(),
+            std::env::var("EPR_DATABASE_URL").ok(),
+        );
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// `EPR_DATABASE_URL` sets `store.postgres.url`, unless `EPR__STORE__POSTGRES__URL` is
+    /// set: the explicit key wins over the conventional shorthand.
+    fn database_url_shorthand(&mut self, explicit_set: bool, shorthand: Option<String>) {
+        if let (false, Some(url)) = (explicit_set, shorthand) {
+            self.store.postgres.url = url;
+        }
     }
 
     /// Adds `app:ver1,ver2;app2:ver` applications.
@@ -637,8 +643,18 @@ impl Settings {
         }
         let ranges: [(&str, u64, u64, u64); 7] = [
             ("store.postgres.pool_size", p.pool_size as u64, 1, 1000),
-            ("store.postgres.connect_timeout_ms", p.connect_timeout_ms, 100, 600_000),
-            ("store.postgres.statement_timeout_ms", p.statement_timeout_ms, 100, 3_600_000),
+            (
+                "store.postgres.connect_timeout_ms",
+                p.connect_timeout_ms,
+                100,
+                600_000,
+            ),
+            (
+                "store.postgres.statement_timeout_ms",
+                p.statement_timeout_ms,
+                100,
+                3_600_000,
+            ),
             (
                 "store.postgres.idle_in_transaction_timeout_ms",
                 p.idle_in_transaction_timeout_ms,
@@ -647,7 +663,12 @@ impl Settings {
             ),
             ("store.postgres.writers", p.writers as u64, 1, 64),
             ("store.postgres.max_group", p.max_group as u64, 1, 10_000),
-            ("store.postgres.backfill_lease_secs", p.backfill_lease_secs, 1, 3600),
+            (
+                "store.postgres.backfill_lease_secs",
+                p.backfill_lease_secs,
+                1,
+                3600,
+            ),
         ];
         for (key, value, min, max) in ranges {
             if !(min..=max).contains(&value) {
@@ -933,6 +954,97 @@ mod tests {
             format!("{err:#}").contains("service.instance_name"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn postgres_backend_settings() {
+        let mut s = Settings::default();
+        s.store.backend = "mysql".into();
+        let err = format!("{:#}", s.validate().unwrap_err());
+        assert!(
+            err.contains("store.backend 'mysql'") && err.contains("postgres"),
+            "{err}"
+        );
+        s.store.backend = "postgres".into();
+        let err = format!("{:#}", s.validate().unwrap_err());
+        assert!(err.contains("store.postgres.url is empty"), "{err}");
+        s.database_url_shorthand(true, Some("postgres://ignored@h/db".into()));
+        assert!(s.store.postgres.url.is_empty(), "the explicit key wins");
+        s.database_url_shorthand(false, Some("postgres://epr:s3cret@db:5432/epr".into()));
+        s.validate().unwrap();
+        let cfg = s.postgres_config();
+        assert_eq!(cfg.url, "postgres://epr:s3cret@db:5432/epr");
+        assert!(cfg.migrate);
+        assert!(!cfg.record_events, "no NATS: nothing would publish events");
+        assert_eq!(cfg.backfill.batch, s.store.backfill_batch);
+        assert_eq!(cfg.batch_retention_ms, 7 * 24 * 3_600_000);
+        let shown = serde_json::to_string(&s.redacted()).unwrap();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("postgres://epr:***@db:5432/epr"), "{shown}");
+        for (key, yaml) in [
+            ("store.postgres.pool_size", "pool_size: 0"),
+            ("store.postgres.writers", "writers: 0"),
+            ("store.postgres.max_group", "max_group: 0"),
+            ("store.postgres.connect_timeout_ms", "connect_timeout_ms: 5"),
+            (
+                "store.postgres.statement_timeout_ms",
+                "statement_timeout_ms: 0",
+            ),
+            (
+                "store.postgres.idle_in_transaction_timeout_ms",
+                "idle_in_transaction_timeout_ms: 0",
+            ),
+            (
+                "store.postgres.backfill_lease_secs",
+                "backfill_lease_secs: 0",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("c.yaml");
+            std::fs::write(
+                &file,
+                format!(
+                    "store:\n  backend: postgres\n  postgres:\n    url: postgres://h/db\n    {yaml}\n"
+                ),
+            )
+            .unwrap();
+            let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+        s.store.postgres.url = "postgres://h:notaport/db".into();
+        let err = format!("{:#}", s.validate().unwrap_err());
+        assert!(err.contains("store.postgres.url"), "{err}");
+    }
+
+    #[test]
+    fn database_passwords_are_masked() {
+        for (url, shown) in [
+            (
+                "postgres://epr:pw@h:5432/db",
+                "postgres://epr:***@h:5432/db",
+            ),
+            ("postgres://epr@h/db", "postgres://epr@h/db"),
+            ("postgres://h/db", "postgres://h/db"),
+            (
+                "postgres://epr:p@ss@h/db?sslmode=disable",
+                "postgres://epr:***@h/db?sslmode=disable",
+            ),
+            (
+                "postgres://h/db?user=epr&password=pw&sslmode=disable",
+                "postgres://h/db?user=epr&password=***&sslmode=disable",
+            ),
+            (
+                "host=h user=epr password=pw dbname=db",
+                "host=h user=epr password=*** dbname=db",
+            ),
+            (
+                "host=h password='a b' dbname=db",
+                "host=h password=*** dbname=db",
+            ),
+            ("host=h mypassword=x", "host=h mypassword=x"),
+        ] {
+            assert_eq!(redact_database_url(url), shown, "{url}");
+        }
     }
 
     #[test]

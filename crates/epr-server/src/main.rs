@@ -67,6 +67,22 @@ enum Command {
         #[arg(long)]
         from: Option<PathBuf>,
     },
+    /// Apply the PostgreSQL schema migrations to store.postgres.url and print the versions
+    /// applied (safe while servers run). Nothing to do for the embedded store.
+    Migrate,
+    /// Copy every tenant's filters and endpoints from one store to another (e.g. embedded to
+    /// PostgreSQL); re-running skips what was copied. Stop the target's servers first.
+    MigrateStore {
+        /// The source: embedded:DIR or postgres:URL.
+        #[arg(long)]
+        from: String,
+        /// The target: embedded:DIR or postgres:URL; must be empty unless --resume.
+        #[arg(long)]
+        to: String,
+        /// Continue an interrupted copy into a target that is not empty.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Delete a removed tenant's filters and endpoints (with their events), e.g. to finish a
     /// purge that a restart interrupted. Stop the server of the data directory first.
     PurgeTenant {
@@ -123,6 +139,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Import { from } => {
             admin::init_logging(&settings);
             admin::import(&settings, from.as_deref()).await
+        }
+        Command::Migrate => {
+            admin::init_logging(&settings);
+            admin::migrate(&settings).await
+        }
+        Command::MigrateStore { from, to, resume } => {
+            admin::init_logging(&settings);
+            admin::migrate_store(&settings, &from, &to, resume).await
         }
         Command::PurgeTenant { tenant, rate } => {
             admin::init_logging(&settings);
