@@ -1088,6 +1088,7 @@ impl FilterBench {
                     pid: t.pid(),
                     events: None,
                     workers: new_workers(&t.addr, args.connections),
+                    replicas: Vec::new(),
                 };
                 let ctx = Arc::new(Ctx {
                     run_id: format!("{}-{tag}", ctx.run_id),

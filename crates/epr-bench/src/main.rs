@@ -9,6 +9,7 @@ mod filters;
 mod metalist;
 mod metrics;
 mod outbox;
+mod pgdb;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -152,6 +153,14 @@ struct Args {
     /// alone.
     #[arg(long, requires = "auth")]
     auth_header_everywhere: bool,
+    /// Embedded store vs PostgreSQL (needs --server-bin, not --nats-url or --auth): this
+    /// URL names a PostgreSQL server (any database on it); the bench creates two fresh
+    /// databases and spawns three targets: `embedded`, `pg` (one server on the first
+    /// database) and `pg2` (two servers, two replicas, on the second; connections
+    /// alternate between them). Every closed-loop phase runs against all three, in turn;
+    /// metalist runs on `embedded` and `pg`.
+    #[arg(long, conflicts_with_all = ["nats_url", "auth"], requires = "server_bin")]
+    pg_url: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -800,6 +809,8 @@ enum EventsMode<'a> {
     Nats { url: &'a str, instance: &'a str },
     /// No events; this `auth` section (authentication on).
     Auth { yaml: &'a str },
+    /// No events; the PostgreSQL store on this database URL.
+    Postgres { url: &'a str },
 }
 
 /// Spawns `bin` on a free port with a fresh temporary config and data dir.
@@ -838,6 +849,13 @@ fn spawn_server_in(bin: &Path, dir: &Path, events: EventsMode) -> Result<(Server
     }
     if let EventsMode::Auth { yaml: auth } = events {
         yaml.push_str(auth);
+    }
+    if let EventsMode::Postgres { url } = events {
+        write!(
+            yaml,
+            "store:\n  backend: postgres\n  postgres:\n    url: {}\n",
+            serde_json::to_string(url)?
+        )?;
     }
     std::fs::write(&config, yaml)?;
     let data = dir.join("data");
@@ -973,7 +991,12 @@ const AUTH_OFF: &str = "auth-off";
 const AUTH_ON: &str = "auth-on";
 const AUTH_MISS: &str = "auth-miss";
 
-const PAIRS: [Pair; 4] = [
+/// Target names of the `--pg-url` servers.
+const PG_EMBEDDED: &str = "embedded";
+const PG_ONE: &str = "pg";
+const PG_TWO: &str = "pg2";
+
+const PAIRS: [Pair; 6] = [
     Pair {
         a: "off",
         b: "on",
@@ -997,6 +1020,18 @@ const PAIRS: [Pair; 4] = [
         b: AUTH_MISS,
         ratio: "auth every token verified / off",
         title: "Authentication on with every token's signature verified (cache off) vs off, over all rounds",
+    },
+    Pair {
+        a: PG_EMBEDDED,
+        b: PG_ONE,
+        ratio: "postgres / embedded",
+        title: "PostgreSQL (one replica) vs the embedded store, over all rounds",
+    },
+    Pair {
+        a: PG_ONE,
+        b: PG_TWO,
+        ratio: "two replicas / one",
+        title: "PostgreSQL with two replicas vs one, over all rounds",
     },
 ];
 
@@ -1028,7 +1063,15 @@ impl Target {
             server: Some(server),
             events,
             workers: Vec::new(),
+            replicas: Vec::new(),
         }
+    }
+
+    /// Every server address of the target, `addr` first.
+    fn addrs(&self) -> Vec<String> {
+        std::iter::once(self.addr.clone())
+            .chain(self.replicas.iter().map(|(_, a)| a.clone()))
+            .collect()
     }
 }
 
@@ -1044,13 +1087,21 @@ struct Target {
     /// The subscriber counting this server's events (events-on server only).
     events: Option<Arc<Events>>,
     workers: Vec<Worker>,
+    /// Further servers of the same target (replicas on one database): connections
+    /// alternate between `addr` and theirs.
+    replicas: Vec<(Server, String)>,
 }
 
 fn new_workers(addr: &str, n: usize) -> Vec<Worker> {
+    new_workers_over(&[addr.to_owned()], n)
+}
+
+/// `n` workers whose connections alternate between `addrs`.
+fn new_workers_over(addrs: &[String], n: usize) -> Vec<Worker> {
     (0..n)
         .map(|idx| Worker {
             idx,
-            conn: Conn::new(addr),
+            conn: Conn::new(&addrs[idx % addrs.len()]),
             ids: Vec::new(),
             seq: 0,
             // Distinct non-zero xorshift seeds per connection.
@@ -1114,7 +1165,30 @@ async fn run(args: Args) -> Result<()> {
         false => None,
     };
     let mut targets: Vec<Target> = Vec::new();
+    // Kept for the run (dropped by the next one).
+    let mut pg_dbs = Vec::new();
     match (&args.server_bin, &args.url) {
+        (Some(bin), _) if args.pg_url.is_some() => {
+            let admin = args.pg_url.as_deref().unwrap_or_default();
+            targets.push(Target::spawned(
+                PG_EMBEDDED,
+                spawn_server(bin, EventsMode::Default)?,
+                None,
+            ));
+            for (name, replicas) in [(PG_ONE, 1), (PG_TWO, 2)] {
+                let db = pgdb::create(admin, &format!("epr_bench_{run_id}_{name}")).await?;
+                let mode = EventsMode::Postgres { url: &db };
+                let mut t = Target::spawned(name, spawn_server(bin, mode)?, None);
+                for _ in 1..replicas {
+                    // One at a time: the first has migrated the database when it is healthy.
+                    wait_healthy(&t.addr, t.server.as_mut()).await?;
+                    let (server, addr) = spawn_server(bin, mode)?;
+                    t.replicas.push((server, addr));
+                }
+                targets.push(t);
+                pg_dbs.push(db);
+            }
+        }
         (Some(bin), _) if args.auth => {
             let ab = auth_bench.as_ref().expect("auth bench");
             targets.push(Target::spawned(
@@ -1163,6 +1237,7 @@ async fn run(args: Args) -> Result<()> {
                 pid: None,
                 events: events.clone(),
                 workers: Vec::new(),
+                replicas: Vec::new(),
             });
         }
         (None, None) => bail!("need --server-bin or --url"),
@@ -1178,7 +1253,10 @@ async fn run(args: Args) -> Result<()> {
                         .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
                 })
         });
-        t.workers = new_workers(&t.addr, args.connections);
+        for (server, addr) in &mut t.replicas {
+            wait_healthy(addr, Some(server)).await?;
+        }
+        t.workers = new_workers_over(&t.addrs(), args.connections);
         if let (Some(ab), AUTH_ON | AUTH_MISS) = (&auth_bench, t.name) {
             // Minted before any measurement: RSA signing takes milliseconds.
             for w in &mut t.workers {
@@ -1259,7 +1337,9 @@ async fn run(args: Args) -> Result<()> {
     });
 
     let mut filter_bench = filters::FilterBench::default();
-    let mut meta_bench = metalist::MetaBench::default();
+    // One per target: each loads its endpoints once.
+    let mut meta_benches: Vec<metalist::MetaBench> =
+        targets.iter().map(|_| Default::default()).collect();
     let mut rounds = Vec::new();
     for round in 1..=args.repeat {
         let mut results = Vec::new();
@@ -1270,10 +1350,17 @@ async fn run(args: Args) -> Result<()> {
         let mut meta_out = metalist::MetaOut::default();
         for &phase in &seq {
             if phase == Phase::MetaList {
-                let t = targets.first().ok_or_else(|| anyhow!("no server"))?;
-                settle(&targets).await;
-                println!("\n{}", metalist::HEADER);
-                meta_bench.run(t, round, &args, &mut meta_out).await?;
+                // The first server; with --pg-url the embedded one and one PostgreSQL
+                // replica (two replicas read the same database the same way).
+                let n = if args.pg_url.is_some() { 2 } else { 1 };
+                for (t, mb) in targets.iter().zip(meta_benches.iter_mut()).take(n) {
+                    settle(&targets).await;
+                    if !t.name.is_empty() {
+                        println!("\nmetalist on `{}`:", t.name);
+                    }
+                    println!("\n{}", metalist::HEADER);
+                    mb.run(t, round, &args, &mut meta_out).await?;
+                }
                 continue;
             }
             if phase.filters() {
@@ -1700,6 +1787,7 @@ mod tests {
             pid: None,
             events: None,
             workers: Vec::new(),
+            replicas: Vec::new(),
         };
         let mut results = Vec::new();
         for phase in [Phase::Health, Phase::Register, Phase::Get, Phase::Put] {

@@ -62,6 +62,8 @@ pub fn write_md(buf: &mut String, i: u64) {
 
 #[derive(Serialize, Clone, Debug)]
 pub struct ListRow {
+    /// The target's name ("" for the only server).
+    pub target: &'static str,
     pub round: usize,
     pub endpoints: u64,
     pub pages: &'static str,
@@ -337,6 +339,7 @@ async fn measure(
     let secs = measured.as_secs_f64();
     let cores = |x: Option<u64>| x.map(|x| x as f64 / TICKS_PER_S / secs);
     Ok(ListRow {
+        target: t.name,
         round,
         endpoints: n,
         pages: pages.name(),

@@ -83,6 +83,17 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         Histogram,
         "Duration of background WAL checkpoints that copied frames.",
     ),
+    // epr-store-pg
+    (
+        "epr_outbox_leader",
+        Gauge,
+        "1 while this process is the outbox relay leader of its PostgreSQL database, else 0.",
+    ),
+    (
+        "epr_pg_errors_total",
+        Counter,
+        "PostgreSQL failures by kind (closed, connection, deadlock, serialization, timeout, unique, pool, other).",
+    ),
     (
         "epr_filter_membership_changes_total",
         Counter,

@@ -146,7 +146,7 @@ impl PgStore {
         if cfg.migrate {
             schema::migrate(&mut client).await?;
         } else {
-            check_schema(&client).await?;
+            schema::check(&client).await?;
         }
         let store_id = settings::store_id(&client).await?;
         drop(client);
@@ -172,6 +172,12 @@ impl PgStore {
         })
     }
 
+    /// Whether this process is the relay leader of its database (the only one whose
+    /// `outbox_pending` returns events; see `outbox`).
+    pub fn is_outbox_leader(&self) -> bool {
+        self.inner.outbox.is_leader()
+    }
+
     /// Drains the writers (every accepted command commits or fails), then stops the
     /// background tasks and releases the relay leadership.
     pub async fn shutdown(&self) {
@@ -182,6 +188,14 @@ impl PgStore {
             let _ = t.await;
         }
         self.inner.pool.close();
+    }
+}
+
+/// A store dropped without [`PgStore::shutdown`] still stops its background tasks, so its
+/// relay leadership goes to another replica (writes in flight are not drained).
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        let _ = self.inner.stop.send(true);
     }
 }
 
@@ -212,24 +226,6 @@ fn connect(cfg: &PgConfig) -> Result<deadpool_postgres::Pool, StoreError> {
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|e| error::msg(format!("building the connection pool: {e}")))
-}
-
-/// Without migrations at open, the database must already be at this build's version.
-async fn check_schema(client: &tokio_postgres::Client) -> Result<(), StoreError> {
-    let found: Option<i32> = client
-        .query_opt("SELECT max(version) FROM schema_version", &[])
-        .await
-        .ok()
-        .flatten()
-        .and_then(|r| r.get(0));
-    match found {
-        Some(v) if v == schema::latest() => Ok(()),
-        other => Err(error::msg(format!(
-            "the database is at schema version {}, this build needs {}; run `epr migrate`",
-            other.unwrap_or(0),
-            schema::latest()
-        ))),
-    }
 }
 
 #[async_trait]

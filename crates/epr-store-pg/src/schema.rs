@@ -148,6 +148,41 @@ pub fn latest() -> i32 {
     MIGRATIONS.last().map_or(0, |m| m.0)
 }
 
+/// Without migrations at open: the database must be at this build's version exactly.
+pub async fn check(client: &Client) -> Result<(), StoreError> {
+    let found = match client
+        .query_one("SELECT max(version) FROM schema_version", &[])
+        .await
+    {
+        Ok(row) => row.get::<_, Option<i32>>(0).unwrap_or(0),
+        // Never migrated (a missing table is the only answer that means version 0).
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => 0,
+        Err(e) => return Err(db(e)),
+    };
+    match found {
+        v if v == latest() => Ok(()),
+        v if v > latest() => Err(newer(v)),
+        v => Err(StoreError::Unavailable(
+            format!(
+                "the database is at schema version {v}, this build needs {}; run `epr migrate`",
+                latest()
+            )
+            .into(),
+        )),
+    }
+}
+
+fn newer(found: i32) -> StoreError {
+    StoreError::Unavailable(
+        format!(
+            "the database holds schema version {found}, this build knows {}; \
+             upgrade this service",
+            latest()
+        )
+        .into(),
+    )
+}
+
 /// Applies every migration the database lacks. Safe to run from several processes at once:
 /// each migration takes the advisory lock, re-reads the version and skips what another
 /// process applied. Refuses a database newer than this build.
@@ -181,14 +216,7 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
             .get(0);
         let current = current.unwrap_or(0);
         if current > latest() {
-            return Err(StoreError::Unavailable(
-                format!(
-                    "the database holds schema version {current}, this build knows {}; \
-                     upgrade this service",
-                    latest()
-                )
-                .into(),
-            ));
+            return Err(newer(current));
         }
         if current >= *version {
             continue;
