@@ -377,12 +377,27 @@ impl WriteLoad {
         metadata: fn(u64) -> Value,
         on_failure: OnFailure,
     ) -> Self {
+        Self::start_named("", writers, client, api, version, metadata, on_failure)
+    }
+
+    /// As [`WriteLoad::start`], with endpoint IDs prefixed by `prefix` (loads on several
+    /// servers of one store).
+    pub fn start_named(
+        prefix: &str,
+        writers: usize,
+        client: &reqwest::Client,
+        api: &str,
+        version: &'static str,
+        metadata: fn(u64) -> Value,
+        on_failure: OnFailure,
+    ) -> Self {
         let acked = Arc::new(Mutex::new(Acked::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for w in 0..writers {
             let (client, base, acked, stop) =
                 (client.clone(), api.to_owned(), acked.clone(), stop.clone());
+            let prefix = prefix.to_owned();
             tasks.push(tokio::spawn(async move {
                 // Whether a write was acknowledged (with `OnFailure::Panic`: asserts it was).
                 let acknowledged = |r: reqwest::Result<Response>, status: Option<StatusCode>| {
@@ -396,7 +411,7 @@ impl WriteLoad {
                     }
                     true
                 };
-                let counter = format!("counter-{w}");
+                let counter = format!("{prefix}counter-{w}");
                 let r = client
                     .post(format!("{base}/endpoints"))
                     .json(&json!({"endpointId": counter, "appVersion": {"name": version}}))
@@ -413,7 +428,7 @@ impl WriteLoad {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    let id = format!("w{w}-{n}");
+                    let id = format!("{prefix}w{w}-{n}");
                     let r = client
                         .post(format!("{base}/endpoints"))
                         .json(&json!({"endpointId": id, "appVersion": {"name": version},
