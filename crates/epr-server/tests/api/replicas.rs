@@ -689,3 +689,61 @@ async fn a_database_restart_under_load_is_survived() {
     app.stop().await;
     drop(pg);
 }
+
+/// Readiness follows the database: `DOWN` (503, `Retry-After`, the store check naming the
+/// failure) while it is stopped, `UP` again once it is back, without a restart of the
+/// service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_database() {
+    let pg = Arc::new(tokio::task::spawn_blocking(PrivatePg::start).await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = test_settings(dir.path());
+    s.store.backend = "postgres".into();
+    s.store.postgres.url = pg.url();
+    s.store.postgres.pool_size = 2;
+    s.store.postgres.writers = 1;
+    s.store.postgres.connect_timeout_ms = 500;
+    let app = spawn_settings(s).await;
+    let probe = |want: StatusCode| {
+        let (client, url) = (app.client.clone(), app.url("/health/ready"));
+        async move {
+            let r = client.get(&url).send().await.unwrap();
+            let status = r.status();
+            let retry = r.headers().get("retry-after").cloned();
+            let body: Value = r.json().await.unwrap();
+            if status == want {
+                Ok((retry, body))
+            } else {
+                Err(format!("readiness is {status}, not {want}: {body}"))
+            }
+        }
+    };
+    probe(StatusCode::OK).await.unwrap();
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.stop()).await.unwrap();
+    let (retry, body) = poll(Duration::from_secs(15), Duration::from_millis(50), || {
+        probe(StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+    assert_eq!(retry.unwrap(), "1");
+    assert_eq!(body["status"], "DOWN", "{body}");
+    assert!(
+        body["checks"]["store"]
+            .as_str()
+            .unwrap()
+            .starts_with("DOWN"),
+        "{body}"
+    );
+    assert_eq!(body["checks"]["accepting"], "UP", "{body}");
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.start_again())
+        .await
+        .unwrap();
+    let (_, body) = poll(Duration::from_secs(30), Duration::from_millis(50), || {
+        probe(StatusCode::OK)
+    })
+    .await;
+    assert_eq!(body["checks"]["store"], "UP", "{body}");
+    app.stop().await;
+    drop(pg);
+}
