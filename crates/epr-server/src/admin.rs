@@ -655,6 +655,12 @@ pub enum StoreLocation {
 
 impl StoreLocation {
     pub fn parse(spec: &str) -> anyhow::Result<Self> {
+        // A bare database URL names its backend already.
+        let spec = if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+            std::borrow::Cow::Owned(format!("postgres:{spec}"))
+        } else {
+            std::borrow::Cow::Borrowed(spec)
+        };
         match spec.split_once(':') {
             Some(("embedded", dir)) if !dir.is_empty() => Ok(Self::Embedded(dir.into())),
             Some(("postgres", url)) if !url.is_empty() => {
@@ -668,7 +674,7 @@ impl StoreLocation {
             }
             _ => bail!(
                 "'{}' is not embedded:DIR or postgres:URL",
-                crate::config::redact_database_url(spec)
+                crate::config::redact_database_url(&spec)
             ),
         }
     }
@@ -837,4 +843,43 @@ pub async fn copy_store(
         endpoints: t(&tally.endpoints),
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_locations() {
+        assert_eq!(
+            StoreLocation::parse("embedded:/var/lib/epr").unwrap(),
+            StoreLocation::Embedded("/var/lib/epr".into())
+        );
+        for url in ["postgres://epr:pw@db/epr", "postgresql://db/epr"] {
+            let want = StoreLocation::Postgres(url.into());
+            assert_eq!(StoreLocation::parse(url).unwrap(), want);
+            assert_eq!(
+                StoreLocation::parse(&format!("postgres:{url}")).unwrap(),
+                want
+            );
+        }
+        assert_eq!(
+            StoreLocation::parse("postgres:postgres://epr:pw@db/epr")
+                .unwrap()
+                .describe(),
+            "postgres:postgres://epr:***@db/epr"
+        );
+        for bad in ["", "embedded:", "postgres:", "sqlite:/x", "/var/lib/epr"] {
+            let e = format!("{:#}", StoreLocation::parse(bad).unwrap_err());
+            assert!(e.contains("embedded:DIR or postgres:URL"), "{bad}: {e}");
+        }
+        let e = format!(
+            "{:#}",
+            StoreLocation::parse("postgres://u:secret@h:port/db").unwrap_err()
+        );
+        assert!(
+            e.contains("not a database URL") && !e.contains("secret"),
+            "{e}"
+        );
+    }
 }

@@ -36,8 +36,8 @@ enum Command {
     /// Print the effective configuration as YAML-compatible JSON (secrets and URL
     /// credentials replaced by `***`) and exit.
     CheckConfig,
-    /// Copy the store to FILE: a consistent snapshot, safe while a server runs on the data
-    /// directory.
+    /// Copy the embedded store to FILE: a consistent snapshot, safe while a server runs on
+    /// the data directory (PostgreSQL: use pg_dump).
     Backup {
         /// Where to write the backup (must not exist).
         #[arg(long)]
@@ -53,15 +53,15 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Write every endpoint and filter as NDJSON (a consistent snapshot; safe while a server
-    /// runs).
+    /// Write every endpoint and filter as NDJSON (safe while servers run; on the embedded
+    /// store a consistent snapshot).
     Export {
         /// Output file (must not exist); standard output if omitted.
         #[arg(long)]
         to: Option<PathBuf>,
     },
-    /// Read an export (NDJSON) into the data directory; records whose ID exists are skipped.
-    /// Stop the server of the data directory first.
+    /// Read an export (NDJSON) into the configured store; records whose ID exists are
+    /// skipped. Embedded: stop the server of the data directory first.
     Import {
         /// Input file; standard input if omitted.
         #[arg(long)]
