@@ -132,7 +132,7 @@ fn sweep_databases() {
 /// `Drop` cannot await: the databases are dropped on a thread with its own runtime, waited
 /// for (so a finished test leaves nothing behind).
 fn drop_databases(dbs: Vec<Arc<epr_store_pg::testing::TestDb>>) {
-    let dbs: Vec<_> = dbs.into_iter().filter_map(|d| Arc::into_inner(d)).collect();
+    let dbs: Vec<_> = dbs.into_iter().filter_map(Arc::into_inner).collect();
     if dbs.is_empty() {
         return;
     }

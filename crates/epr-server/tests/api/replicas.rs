@@ -61,10 +61,13 @@ impl Cluster {
     }
 }
 
+/// Messages as received: (subject, payload).
+type Messages = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// Every event of the cluster's instance, as it arrives (a core subscription in place
 /// before the replicas start).
 struct Feed {
-    messages: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    messages: Messages,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -72,7 +75,7 @@ impl Feed {
     async fn start(instance: &str) -> Self {
         use futures_util::StreamExt;
         let (client, mut sub) = subscribe_events(instance).await;
-        let messages = Arc::new(Mutex::new(Vec::new()));
+        let messages: Messages = Arc::default();
         let sink = messages.clone();
         let task = tokio::spawn(async move {
             let _client = client;
