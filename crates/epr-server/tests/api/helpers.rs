@@ -2,8 +2,9 @@
 //!
 //! The backend: `EPR_TEST_BACKEND=postgres` runs every spawned server on PostgreSQL, a fresh
 //! database per data directory (so a restart on the same directory finds its data), dropped
-//! with the `TestApp` that owns the directory (others: once their directory is gone, or by
-//! the next run's clean-up of databases older than an hour). Tests that are inherently
+//! with the `TestApp` that owns the directory, else once the directory is gone (what the
+//! end of the test process cuts short, the next run's clean-up of databases older than an
+//! hour removes). Tests that are inherently
 //! embedded call [`embedded_only`] first.
 
 use epr_server::{Application, Settings};
@@ -58,7 +59,6 @@ static DATABASES: std::sync::Mutex<Vec<(PathBuf, Arc<epr_store_pg::testing::Test
 
 /// The PostgreSQL database standing for `data_dir`: created at first use, the same after.
 pub async fn database_for(data_dir: &Path) -> String {
-    sweep_databases();
     if let Some((_, db)) = DATABASES
         .lock()
         .unwrap()
@@ -73,6 +73,15 @@ pub async fn database_for(data_dir: &Path) -> String {
         .lock()
         .unwrap()
         .push((data_dir.to_path_buf(), Arc::new(db)));
+    // The directory's owner may be a test rather than a `TestApp` (restarts, child
+    // processes): the database goes when the directory does.
+    let dir = data_dir.to_path_buf();
+    std::thread::spawn(move || {
+        while dir.exists() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        release_database(&dir);
+    });
     url
 }
 
@@ -110,21 +119,6 @@ fn release_database(data_dir: &Path) {
         .map(|i| dbs.remove(i).1)
         .into_iter()
         .collect();
-    drop(dbs);
-    drop_databases(gone);
-}
-
-/// Drops the databases whose data directory no longer exists.
-fn sweep_databases() {
-    let mut dbs = DATABASES.lock().unwrap();
-    let mut gone = Vec::new();
-    dbs.retain(|(d, db)| {
-        let keep = d.exists();
-        if !keep {
-            gone.push(db.clone());
-        }
-        keep
-    });
     drop(dbs);
     drop_databases(gone);
 }
