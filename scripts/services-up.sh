@@ -41,7 +41,7 @@ as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
   as_pg "$PGBIN/initdb" -D "$RUN_DIR/pg/data" -U postgres -A trust -E UTF8 --no-instructions >/dev/null
 as_pg "$PGBIN/pg_ctl" -D "$RUN_DIR/pg/data" status >/dev/null 2>&1 || \
   as_pg "$PGBIN/pg_ctl" -D "$RUN_DIR/pg/data" -l "$RUN_DIR/pg/pg.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $RUN_DIR/pg" start >/dev/null
+        -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $RUN_DIR/pg -c max_connections=200" start >/dev/null
 "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres
 
 # The real OpenID provider of the end-to-end authentication tests (npm `oidc-provider`,

@@ -254,4 +254,24 @@ mod tests {
             e.message
         );
     }
+
+    /// A database outage (any backend) is 503 with `Retry-After` and a JSON body that says
+    /// to retry, without the cause (logged instead: it may name hosts or SQL).
+    #[tokio::test]
+    async fn store_unavailable_is_503_with_retry_after() {
+        let e = ApiError::from(StoreError::Unavailable(
+            "connection refused: postgres://db.internal:5432".into(),
+        ));
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["status"], 503);
+        assert_eq!(json["message"], "the store is unavailable; retry later");
+        assert!(!String::from_utf8_lossy(&body).contains("db.internal"));
+    }
 }

@@ -1,9 +1,12 @@
-//! The operator subcommands: `backup`, `restore`, `export`, `import` and `purge-tenant`
-//! (docs/operations.md, docs/security.md).
+//! The operator subcommands: `backup`, `restore`, `export`, `import`, `purge-tenant`,
+//! `migrate` and `migrate-store` (docs/operations.md, docs/security.md, docs/postgres.md).
 //!
 //! `backup` and `export` work while a server runs on the data directory: they read through a
 //! read-only connection of their own (`epr_store::backup`), never through the server's store.
 //! `restore` and `import` write a data directory, so its server must be stopped.
+//! On PostgreSQL, `export`, `import` and `purge-tenant` go through the same `Store` trait on
+//! the configured database; `backup`/`restore` are the embedded store's (pg_dump does it
+//! for PostgreSQL).
 
 use crate::export_format::{self as format, End, EndpointLine, FilterLine, Header, Line};
 use crate::Settings;
@@ -14,10 +17,12 @@ use epr_core::metadata::Limits;
 use epr_core::ports::{Clock, ImportOutcome, ImportRecord, Store};
 use epr_store::backup::{self, BackupReport, Overwrite};
 use epr_store::{EmbeddedConfig, EmbeddedStore};
+use epr_store_pg::{PgConfig, PgStore};
 use serde::Serialize;
 use serde_json::json;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Endpoints read per export page and records per import transaction.
@@ -68,8 +73,21 @@ fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `backup` and `restore` copy the embedded store's file: on PostgreSQL the database's own
+/// tools do it.
+fn embedded_only(settings: &Settings, command: &str) -> anyhow::Result<()> {
+    if settings.is_postgres() {
+        bail!(
+            "`epr {command}` copies the embedded store's file; with store.backend 'postgres' use \
+             pg_dump / pg_restore (docs/postgres.md), or `epr export` / `epr import`"
+        );
+    }
+    Ok(())
+}
+
 /// `epr backup --to FILE`.
 pub fn backup(settings: &Settings, to: &Path) -> anyhow::Result<()> {
+    embedded_only(settings, "backup")?;
     let report = backup::backup(&settings.store.data_dir, to).with_context(|| {
         format!(
             "backing up the store in '{}'",
@@ -81,6 +99,7 @@ pub fn backup(settings: &Settings, to: &Path) -> anyhow::Result<()> {
 
 /// `epr restore --from FILE [--force]`.
 pub fn restore(settings: &Settings, from: &Path, force: bool) -> anyhow::Result<()> {
+    embedded_only(settings, "restore")?;
     let overwrite = if force {
         Overwrite::Store
     } else {
@@ -105,6 +124,41 @@ fn store_config(settings: &Settings, data_dir: &Path) -> EmbeddedConfig {
     cfg
 }
 
+/// The PostgreSQL store for an operator command: a small pool, one writer, no back-fill
+/// throttle; migrations at open as `store.postgres.migrate_on_start` says.
+fn pg_config(settings: &Settings, url: &str) -> PgConfig {
+    let mut cfg = settings.postgres_config();
+    cfg.url = url.to_owned();
+    cfg.pool_size = 2;
+    cfg.writers = 1;
+    cfg.backfill.pause = Duration::ZERO;
+    cfg
+}
+
+async fn open_pg(cfg: PgConfig) -> anyhow::Result<PgStore> {
+    let url = crate::config::redact_database_url(&cfg.url);
+    PgStore::open(cfg)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening the PostgreSQL store at {url}: {e}"))
+}
+
+/// The store an operator command writes: the configured backend (for the embedded one, its
+/// server must be stopped: the data directory lock says so).
+async fn open_configured(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    if settings.is_postgres() {
+        let url = settings.store.postgres.url.clone();
+        return Ok(Arc::new(open_pg(pg_config(settings, &url)).await?));
+    }
+    let store = EmbeddedStore::open(store_config(settings, &settings.store.data_dir))
+        .with_context(|| {
+            format!(
+                "opening the store in '{}' (is its server stopped?)",
+                settings.store.data_dir.display()
+            )
+        })?;
+    Ok(Arc::new(store))
+}
+
 /// What an export wrote.
 #[derive(Serialize, Default)]
 pub struct Counts {
@@ -116,6 +170,15 @@ pub struct Counts {
 /// temporary directory, opened as a store), so it works beside a running server.
 pub async fn export(settings: &Settings, to: Option<&Path>) -> anyhow::Result<()> {
     let started = Instant::now();
+    if settings.is_postgres() {
+        // Read in pages beside the running replicas (no snapshot file to take).
+        let mut cfg = pg_config(settings, &settings.store.postgres.url);
+        cfg.record_events = false;
+        let store = open_pg(cfg).await?;
+        let result = export_somewhere(&store, to).await;
+        store.shutdown().await;
+        return report_export(result?, to, started);
+    }
     let data_dir = &settings.store.data_dir;
     let tmp = tempfile::Builder::new()
         .prefix("epr-export-")
@@ -127,16 +190,23 @@ pub async fn export(settings: &Settings, to: Option<&Path>) -> anyhow::Result<()
     // Nothing publishes the snapshot's events.
     cfg.record_events = false;
     let store = EmbeddedStore::open(cfg).context("opening the snapshot")?;
-    let result = match to {
+    let result = export_somewhere(&store, to).await;
+    store.shutdown().await;
+    report_export(result?, to, started)
+}
+
+async fn export_somewhere(store: &dyn Store, to: Option<&Path>) -> anyhow::Result<Counts> {
+    match to {
         None => {
             let stdout = std::io::stdout();
             let mut out = BufWriter::new(stdout.lock());
-            export_to(&store, &mut out).await
+            export_to(store, &mut out).await
         }
-        Some(path) => export_to_file(&store, path).await,
-    };
-    store.shutdown().await;
-    let counts = result?;
+        Some(path) => export_to_file(store, path).await,
+    }
+}
+
+fn report_export(counts: Counts, to: Option<&Path>, started: Instant) -> anyhow::Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     match to {
         // Standard output carries the export itself.
@@ -264,14 +334,8 @@ pub async fn import(settings: &Settings, from: Option<&Path>) -> anyhow::Result<
         })?))
     };
     validate_all(open()?, &limits)?;
-    let store = EmbeddedStore::open(store_config(settings, &settings.store.data_dir))
-        .with_context(|| {
-            format!(
-                "opening the store in '{}' (is its server stopped?)",
-                settings.store.data_dir.display()
-            )
-        })?;
-    let result = import_into(&store, open()?, &limits).await;
+    let store = open_configured(settings).await?;
+    let result = import_into(store.as_ref(), open()?, &limits).await;
     store.shutdown().await;
     let mut report = result?;
     report.seconds = started.elapsed().as_secs_f64();
@@ -308,18 +372,9 @@ pub async fn purge_tenant(
         bail!("--rate must be at least 1");
     }
     let started = Instant::now();
-    let store = std::sync::Arc::new(
-        EmbeddedStore::open(store_config(settings, &settings.store.data_dir)).with_context(
-            || {
-                format!(
-                    "opening the store in '{}' (is its server stopped?)",
-                    settings.store.data_dir.display()
-                )
-            },
-        )?,
-    );
+    let store = open_configured(settings).await?;
     let registry = epr_core::registry::Registry::new(
-        store.clone() as std::sync::Arc<dyn Store>,
+        store.clone(),
         settings.catalog()?,
         settings.registry_settings(),
         std::sync::Arc::new(crate::SystemClock),
@@ -469,15 +524,23 @@ async fn import_into(
     let mut lines = Lines::new(input);
     while let Some((number, line)) = lines.next()? {
         if let Some(r) = record(number, line, limits)? {
-            chunk.push((number, r));
+            chunk.push((format!("line {number}"), r));
         }
         if chunk.len() == CHUNK {
             import_chunk(store, std::mem::take(&mut chunk), &mut report, &mut filters).await?;
         }
     }
     import_chunk(store, chunk, &mut report, &mut filters).await?;
-    // Back-fills are waited for, so the imported store is complete when the command ends;
-    // a store that refuses writes (found damaged) never finishes them.
+    wait_backfills(store, filters).await?;
+    Ok(report)
+}
+
+/// Back-fills are waited for, so the imported store is complete when the command ends;
+/// a store that refuses writes (found damaged) never finishes them.
+async fn wait_backfills(
+    store: &dyn Store,
+    filters: Vec<(TenantId, FilterId)>,
+) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + BACKFILL_WAIT;
     for (tenant, id) in filters {
         while let Some(f) = store.get_filter(&tenant, &id).await? {
@@ -495,7 +558,7 @@ async fn import_into(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 /// How long `epr import` waits for the back-fills of imported filters.
@@ -503,14 +566,14 @@ const BACKFILL_WAIT: Duration = Duration::from_secs(600);
 
 async fn import_chunk(
     store: &dyn Store,
-    chunk: Vec<(usize, ImportRecord)>,
+    chunk: Vec<(String, ImportRecord)>,
     report: &mut ImportReport,
     filters: &mut Vec<(TenantId, FilterId)>,
 ) -> anyhow::Result<()> {
     if chunk.is_empty() {
         return Ok(());
     }
-    let (numbers, records): (Vec<usize>, Vec<ImportRecord>) = chunk.into_iter().unzip();
+    let (labels, records): (Vec<String>, Vec<ImportRecord>) = chunk.into_iter().unzip();
     let kinds: Vec<Option<(TenantId, FilterId)>> = records
         .iter()
         .map(|r| match r {
@@ -519,7 +582,7 @@ async fn import_chunk(
         })
         .collect();
     let outcomes = store.import(records).await?;
-    for ((number, kind), outcome) in numbers.into_iter().zip(kinds).zip(outcomes) {
+    for ((label, kind), outcome) in labels.into_iter().zip(kinds).zip(outcomes) {
         let tally = if kind.is_some() {
             &mut report.filters
         } else {
@@ -533,9 +596,290 @@ async fn import_chunk(
             ImportOutcome::Exists => tally.existing += 1,
             ImportOutcome::Conflict(why) => {
                 tally.refused += 1;
-                eprintln!("line {number}: refused: {why}");
+                eprintln!("{label}: refused: {why}");
             }
         }
     }
     Ok(())
+}
+
+/// `epr migrate`: applies the schema migrations `store.postgres.url` lacks (safe beside
+/// running replicas: each migration runs under an advisory lock) and prints the versions
+/// applied. The embedded store migrates itself when it opens.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    if !settings.is_postgres() {
+        print_json(&json!({
+            "backend": settings.store.backend,
+            "applied": [],
+            "message": "nothing to do: the embedded store migrates its file when it opens",
+        }))?;
+        return Ok(());
+    }
+    let url = &settings.store.postgres.url;
+    let shown = crate::config::redact_database_url(url);
+    let mut pg: tokio_postgres::Config = url
+        .parse()
+        .with_context(|| format!("store.postgres.url '{shown}'"))?;
+    pg.connect_timeout(Duration::from_millis(
+        settings.store.postgres.connect_timeout_ms,
+    ));
+    pg.application_name("epr migrate");
+    let (mut client, connection) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {shown}"))?;
+    let conn = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "the migration connection ended");
+        }
+    });
+    let applied = epr_store_pg::schema::migrate(&mut client)
+        .await
+        .map_err(|e| anyhow::anyhow!("migrating {shown}: {e}"))?;
+    drop(client);
+    let _ = conn.await;
+    print_json(&json!({
+        "backend": "postgres",
+        "database": shown,
+        "applied": applied,
+        "version": epr_store_pg::schema::latest(),
+    }))
+}
+
+/// One side of `epr migrate-store`: `embedded:DIR` or `postgres:URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Embedded(PathBuf),
+    Postgres(String),
+}
+
+impl StoreLocation {
+    pub fn parse(spec: &str) -> anyhow::Result<Self> {
+        // A bare database URL names its backend already.
+        let spec = if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+            std::borrow::Cow::Owned(format!("postgres:{spec}"))
+        } else {
+            std::borrow::Cow::Borrowed(spec)
+        };
+        match spec.split_once(':') {
+            Some(("embedded", dir)) if !dir.is_empty() => Ok(Self::Embedded(dir.into())),
+            Some(("postgres", url)) if !url.is_empty() => {
+                url.parse::<tokio_postgres::Config>().with_context(|| {
+                    format!(
+                        "'{}' is not a database URL",
+                        crate::config::redact_database_url(url)
+                    )
+                })?;
+                Ok(Self::Postgres(url.to_owned()))
+            }
+            _ => bail!(
+                "'{}' is not embedded:DIR or postgres:URL",
+                crate::config::redact_database_url(&spec)
+            ),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Embedded(dir) => format!("embedded:{}", dir.display()),
+            Self::Postgres(url) => format!("postgres:{}", crate::config::redact_database_url(url)),
+        }
+    }
+}
+
+/// What `epr migrate-store` did.
+#[derive(Serialize, Default)]
+pub struct MigrateReport {
+    pub from: String,
+    pub to: String,
+    pub tenants: u64,
+    pub filters: MigrateTally,
+    pub endpoints: MigrateTally,
+    pub seconds: f64,
+}
+
+#[derive(Serialize, Default)]
+pub struct MigrateTally {
+    pub imported: u64,
+    pub existing: u64,
+    pub refused: u64,
+}
+
+/// `epr migrate-store --from … --to … [--resume]`: copies every tenant's filters and
+/// endpoints through the `Store` trait (export pages → import), then waits for the imported
+/// filters' back-fills. The target must be empty unless `--resume` (a re-run after an
+/// interruption: records already copied are skipped). An embedded source is read from a
+/// snapshot (safe beside its server); a PostgreSQL source is read in pages, so stop writes
+/// to it for a complete copy. The target's servers must be stopped.
+pub async fn migrate_store(
+    settings: &Settings,
+    from: &str,
+    to: &str,
+    resume: bool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let from = StoreLocation::parse(from).context("--from")?;
+    let to = StoreLocation::parse(to).context("--to")?;
+    if from == to {
+        bail!("--from and --to name the same store");
+    }
+    let mut snapshot = None;
+    let source: Arc<dyn Store> = match &from {
+        StoreLocation::Embedded(dir) => {
+            let tmp = tempfile::Builder::new()
+                .prefix("epr-migrate-")
+                .tempdir()
+                .context("creating a temporary directory for the snapshot (set TMPDIR)")?;
+            backup::backup(dir, &backup::database_file(tmp.path()))
+                .with_context(|| format!("taking a snapshot of '{}'", dir.display()))?;
+            let mut cfg = store_config(settings, tmp.path());
+            cfg.record_events = false;
+            let store = EmbeddedStore::open(cfg).context("opening the snapshot")?;
+            snapshot = Some(tmp);
+            Arc::new(store)
+        }
+        StoreLocation::Postgres(url) => {
+            let mut cfg = pg_config(settings, url);
+            // A source is only read; it is not migrated behind its servers' backs.
+            cfg.migrate = false;
+            cfg.record_events = false;
+            Arc::new(open_pg(cfg).await?)
+        }
+    };
+    let target: Arc<dyn Store> = match &to {
+        StoreLocation::Embedded(dir) => Arc::new(
+            EmbeddedStore::open(store_config(settings, dir)).with_context(|| {
+                format!(
+                    "opening the store in '{}' (is its server stopped?)",
+                    dir.display()
+                )
+            })?,
+        ),
+        StoreLocation::Postgres(url) => {
+            let mut cfg = pg_config(settings, url);
+            // A fresh database gets its schema here.
+            cfg.migrate = true;
+            Arc::new(open_pg(cfg).await?)
+        }
+    };
+    let result = copy_store(source.as_ref(), target.as_ref(), resume).await;
+    source.shutdown().await;
+    target.shutdown().await;
+    drop(snapshot);
+    let mut report = result?;
+    report.from = from.describe();
+    report.to = to.describe();
+    report.seconds = started.elapsed().as_secs_f64();
+    print_json(&report)?;
+    let refused = report.filters.refused + report.endpoints.refused;
+    if refused > 0 {
+        bail!("{refused} records were refused (listed above); the others are copied");
+    }
+    Ok(())
+}
+
+/// Copies every tenant's filters, then its endpoints in pages of [`CHUNK`], from `source`
+/// to `target` through the [`Store`] trait.
+pub async fn copy_store(
+    source: &dyn Store,
+    target: &dyn Store,
+    resume: bool,
+) -> anyhow::Result<MigrateReport> {
+    if !resume && !target.export_tenants().await?.is_empty() {
+        bail!(
+            "the target store is not empty; pass --resume to continue an interrupted copy \
+             (records already there are skipped)"
+        );
+    }
+    let mut tally = ImportReport::default();
+    let mut filters = Vec::new();
+    let tenants = source.export_tenants().await?;
+    for tenant in &tenants {
+        let chunk: Vec<(String, ImportRecord)> = source
+            .export_filters(tenant)
+            .await?
+            .into_iter()
+            .map(|filter| {
+                (
+                    format!("filter {} of tenant {tenant}", filter.id),
+                    ImportRecord::Filter {
+                        tenant: tenant.clone(),
+                        filter,
+                    },
+                )
+            })
+            .collect();
+        let mut chunk = chunk.into_iter().peekable();
+        while chunk.peek().is_some() {
+            let part = chunk.by_ref().take(CHUNK).collect();
+            import_chunk(target, part, &mut tally, &mut filters).await?;
+        }
+        let mut after = 0;
+        loop {
+            let page = source.export_endpoints(tenant, after, CHUNK).await?;
+            let Some(last) = page.last() else { break };
+            after = last.endpoint.incarnation;
+            let chunk = page
+                .into_iter()
+                .map(|e| {
+                    (
+                        format!("endpoint {} of tenant {tenant}", e.endpoint.id),
+                        ImportRecord::Endpoint(e),
+                    )
+                })
+                .collect();
+            import_chunk(target, chunk, &mut tally, &mut filters).await?;
+        }
+    }
+    wait_backfills(target, filters).await?;
+    let t = |t: &Tally| MigrateTally {
+        imported: t.imported,
+        existing: t.existing,
+        refused: t.refused,
+    };
+    Ok(MigrateReport {
+        tenants: tenants.len() as u64,
+        filters: t(&tally.filters),
+        endpoints: t(&tally.endpoints),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_locations() {
+        assert_eq!(
+            StoreLocation::parse("embedded:/var/lib/epr").unwrap(),
+            StoreLocation::Embedded("/var/lib/epr".into())
+        );
+        for url in ["postgres://epr:pw@db/epr", "postgresql://db/epr"] {
+            let want = StoreLocation::Postgres(url.into());
+            assert_eq!(StoreLocation::parse(url).unwrap(), want);
+            assert_eq!(
+                StoreLocation::parse(&format!("postgres:{url}")).unwrap(),
+                want
+            );
+        }
+        assert_eq!(
+            StoreLocation::parse("postgres:postgres://epr:pw@db/epr")
+                .unwrap()
+                .describe(),
+            "postgres:postgres://epr:***@db/epr"
+        );
+        for bad in ["", "embedded:", "postgres:", "sqlite:/x", "/var/lib/epr"] {
+            let e = format!("{:#}", StoreLocation::parse(bad).unwrap_err());
+            assert!(e.contains("embedded:DIR or postgres:URL"), "{bad}: {e}");
+        }
+        let e = format!(
+            "{:#}",
+            StoreLocation::parse("postgres://u:secret@h:port/db").unwrap_err()
+        );
+        assert!(
+            e.contains("not a database URL") && !e.contains("secret"),
+            "{e}"
+        );
+    }
 }

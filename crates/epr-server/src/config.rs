@@ -5,7 +5,9 @@
 //! version names contain `-`, which environment variable names cannot carry portably, the
 //! shorthand `EPR_APPLICATIONS="app1:app1-v1,app1-v2;app2:app2-v1"` adds applications too.
 //! Likewise `EPR_AUTH_TENANTS="acme=https://issuer-a,beta=https://issuer-b"` adds tenants
-//! and their issuers (`auth.tenants` is a list, which `EPR__` variables cannot set).
+//! and their issuers (`auth.tenants` is a list, which `EPR__` variables cannot set), and
+//! `EPR_DATABASE_URL` sets `store.postgres.url` (the name hosting platforms give it) unless
+//! `EPR__STORE__POSTGRES__URL` is set.
 
 use anyhow::{bail, Context};
 use epr_core::apps::AppCatalog;
@@ -130,7 +132,8 @@ pub struct ServerSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
-    /// `embedded` (the zero-setup default).
+    /// `embedded` (the zero-setup default: SQLite in `data_dir`) or `postgres` (a database
+    /// that several replicas share: `store.postgres.*`).
     pub backend: String,
     pub data_dir: PathBuf,
     /// Most writes committed together in one transaction.
@@ -153,6 +156,56 @@ pub struct StoreSettings {
     /// (`PRAGMA integrity_check`, also compares indexes with tables) or `off`. A damaged
     /// file refuses the start.
     pub integrity_check: String,
+    /// The PostgreSQL backend (`store.backend: postgres`). The back-fill pace
+    /// (`backfill_step_ms`, `backfill_batch`, `backfill_pause_ms`) and
+    /// `batch_retention_hours` above apply to it too.
+    pub postgres: PostgresSettings,
+}
+
+/// `store.postgres.*` (docs/postgres.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// `postgres://user:password@host:port/database` (libpq URL or `key=value` string).
+    /// A secret: printed and logged with the password masked.
+    pub url: String,
+    /// Pooled connections (reads, filter changes, back-fill, relay), besides the writers'.
+    pub pool_size: usize,
+    /// Longest wait to connect, or for a free pooled connection, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// A statement running longer is cancelled (the request gets 503), in milliseconds.
+    pub statement_timeout_ms: u64,
+    /// The server ends a session idle inside a transaction this long (a hung process cannot
+    /// keep its locks), in milliseconds.
+    pub idle_in_transaction_timeout_ms: u64,
+    /// Writer tasks, each with its own connection; writes are routed by endpoint ID.
+    pub writers: usize,
+    /// Most commands committed together in one group transaction of a writer.
+    pub max_group: usize,
+    /// A back-fill lease not renewed for this long is taken over by another replica, in
+    /// seconds.
+    pub backfill_lease_secs: u64,
+    /// Apply schema migrations at start (under an advisory lock, so replicas starting
+    /// together are safe). Off: a database behind this build refuses the start; run
+    /// `epr migrate` first.
+    pub migrate_on_start: bool,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        let d = epr_store_pg::PgConfig::new("");
+        Self {
+            url: String::new(),
+            pool_size: d.pool_size,
+            connect_timeout_ms: d.connect_timeout.as_millis() as u64,
+            statement_timeout_ms: d.statement_timeout.as_millis() as u64,
+            idle_in_transaction_timeout_ms: d.idle_in_transaction_timeout.as_millis() as u64,
+            writers: d.writers,
+            max_group: d.max_group,
+            backfill_lease_secs: d.backfill_lease.as_secs(),
+            migrate_on_start: d.migrate,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -235,6 +288,7 @@ impl Default for StoreSettings {
             backfill_pause_ms: 0,
             cache_mib: 64,
             integrity_check: "quick".into(),
+            postgres: PostgresSettings::default(),
         }
     }
 }
@@ -302,11 +356,13 @@ impl Settings {
     /// A copy fit to print or log: secrets replaced by `***` (`auth.tenant_manager.
     /// client_secret`) and user information taken out of every URL (`nats.url`, the Tenant
     /// Manager's URLs, issuers and JWKS URIs), e.g. `nats://user:pass@host` →
-    /// `nats://***@host`. What `epr check-config` prints.
+    /// `nats://***@host`; the database URL keeps its user but not its password
+    /// (`store.postgres.url`). What `epr check-config` prints.
     pub fn redacted(&self) -> Settings {
         let mut s = self.clone();
         let url = |u: &mut String| *u = crate::summary::redact_urls(u);
         url(&mut s.nats.url);
+        s.store.postgres.url = redact_database_url(&s.store.postgres.url);
         let tm = &mut s.auth.tenant_manager;
         url(&mut tm.url);
         url(&mut tm.token_url);
@@ -331,12 +387,42 @@ impl Settings {
         cfg.cache_mib = self.store.cache_mib;
         cfg.integrity_check =
             epr_store::IntegrityCheck::parse(&self.store.integrity_check).unwrap_or_default();
-        cfg.backfill = epr_store::BackfillPace {
+        cfg.backfill = self.backfill_pace();
+        cfg
+    }
+
+    /// Whether the store is PostgreSQL (`store.backend: postgres`).
+    pub fn is_postgres(&self) -> bool {
+        self.store.backend == "postgres"
+    }
+
+    /// The PostgreSQL store's configuration (`store.postgres.*`, with the back-fill pace
+    /// and batch retention of `store.*`).
+    pub fn postgres_config(&self) -> epr_store_pg::PgConfig {
+        let p = &self.store.postgres;
+        let mut cfg = epr_store_pg::PgConfig::new(p.url.clone());
+        cfg.pool_size = p.pool_size;
+        cfg.connect_timeout = std::time::Duration::from_millis(p.connect_timeout_ms);
+        cfg.statement_timeout = std::time::Duration::from_millis(p.statement_timeout_ms);
+        cfg.idle_in_transaction_timeout =
+            std::time::Duration::from_millis(p.idle_in_transaction_timeout_ms);
+        cfg.writers = p.writers;
+        cfg.max_group = p.max_group;
+        // As embedded: without NATS nothing would ever publish (and delete) the events.
+        cfg.record_events = !self.nats.url.is_empty();
+        cfg.backfill = self.backfill_pace();
+        cfg.backfill_lease = std::time::Duration::from_secs(p.backfill_lease_secs);
+        cfg.batch_retention_ms = self.store.batch_retention_hours as i64 * 3_600_000;
+        cfg.migrate = p.migrate_on_start;
+        cfg
+    }
+
+    fn backfill_pace(&self) -> epr_store::BackfillPace {
+        epr_store::BackfillPace {
             step: std::time::Duration::from_millis(self.store.backfill_step_ms),
             batch: self.store.backfill_batch,
             pause: std::time::Duration::from_millis(self.store.backfill_pause_ms),
-        };
-        cfg
+        }
     }
 
     /// Loads defaults → file → `EPR__*` environment → `EPR_APPLICATIONS`.
@@ -368,8 +454,20 @@ impl Settings {
         if let Ok(spec) = std::env::var("EPR_AUTH_TENANTS") {
             settings.add_tenants(&spec)?;
         }
+        settings.database_url_shorthand(
+            std::env::var_os("EPR__STORE__POSTGRES__URL").is_some(),
+            std::env::var("EPR_DATABASE_URL").ok(),
+        );
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// `EPR_DATABASE_URL` sets `store.postgres.url`, unless `EPR__STORE__POSTGRES__URL` is
+    /// set: the explicit key wins over the conventional shorthand.
+    fn database_url_shorthand(&mut self, explicit_set: bool, shorthand: Option<String>) {
+        if let (false, Some(url)) = (explicit_set, shorthand) {
+            self.store.postgres.url = url;
+        }
     }
 
     /// Adds `app:ver1,ver2;app2:ver` applications.
@@ -446,11 +544,10 @@ impl Settings {
         self.listen_addr()?;
         self.catalog()?;
         self.tenant()?;
-        if self.store.backend != "embedded" {
-            bail!(
-                "store.backend '{}' is not supported; use 'embedded'",
-                self.store.backend
-            );
+        match self.store.backend.as_str() {
+            "embedded" => {}
+            "postgres" => self.validate_postgres()?,
+            other => bail!("store.backend '{other}' is not one of embedded, postgres"),
         }
         if self.store.backfill_step_ms > 1_000 {
             bail!("store.backfill_step_ms must be at most 1000 (writes wait up to one step)");
@@ -525,6 +622,64 @@ impl Settings {
         }
         self.connected_tenants()?;
         crate::purge::RemovedTenantData::parse(&self.auth.removed_tenant_data)?;
+        Ok(())
+    }
+
+    /// `store.postgres.*`, checked when the backend is PostgreSQL.
+    fn validate_postgres(&self) -> anyhow::Result<()> {
+        let p = &self.store.postgres;
+        if p.url.trim().is_empty() {
+            bail!(
+                "store.postgres.url is empty: store.backend 'postgres' needs the database URL \
+                 (postgres://user:password@host:5432/database; or EPR_DATABASE_URL)"
+            );
+        }
+        // Parsed now so that a typo stops the start with the key's name, not a pool error.
+        if let Err(e) = p.url.parse::<tokio_postgres::Config>() {
+            bail!(
+                "store.postgres.url '{}' cannot be parsed: {e}",
+                redact_database_url(&p.url)
+            );
+        }
+        let ranges: [(&str, u64, u64, u64); 7] = [
+            ("store.postgres.pool_size", p.pool_size as u64, 1, 1000),
+            (
+                "store.postgres.connect_timeout_ms",
+                p.connect_timeout_ms,
+                100,
+                600_000,
+            ),
+            (
+                "store.postgres.statement_timeout_ms",
+                p.statement_timeout_ms,
+                100,
+                3_600_000,
+            ),
+            (
+                "store.postgres.idle_in_transaction_timeout_ms",
+                p.idle_in_transaction_timeout_ms,
+                100,
+                3_600_000,
+            ),
+            ("store.postgres.writers", p.writers as u64, 1, 64),
+            ("store.postgres.max_group", p.max_group as u64, 1, 10_000),
+            (
+                "store.postgres.backfill_lease_secs",
+                p.backfill_lease_secs,
+                1,
+                3600,
+            ),
+        ];
+        for (key, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                bail!("{key} must be between {min} and {max} (it is {value})");
+            }
+        }
+        // A back-fill step runs inside its lease: a lease shorter than a step would be
+        // taken over while its owner still works.
+        if p.backfill_lease_secs * 1000 <= self.store.backfill_step_ms * 2 {
+            bail!("store.postgres.backfill_lease_secs must be longer than two back-fill steps");
+        }
         Ok(())
     }
 
@@ -604,6 +759,51 @@ impl Settings {
             ..RegistrySettings::default()
         }
     }
+}
+
+/// A database URL fit to print: the password masked, the user kept (`postgres://epr:***@db/epr`);
+/// also `password=…` in a `key=value` string or a URL's query.
+pub fn redact_database_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://").map(|i| i + 3) {
+        let host_end = out[scheme_end..]
+            .find(['/', '?'])
+            .map_or(out.len(), |i| scheme_end + i);
+        if let Some(at) = out[scheme_end..host_end].rfind('@') {
+            let userinfo = &out[scheme_end..scheme_end + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(scheme_end + colon + 1..scheme_end + at, "***");
+            }
+        }
+    }
+    // `password=secret` (key=value form, or `?password=` in a URL), quoted or not.
+    let lower = out.to_ascii_lowercase();
+    let mut result = String::with_capacity(out.len());
+    let mut rest = 0;
+    let mut search = 0;
+    while let Some(i) = lower[search..].find("password=").map(|i| search + i) {
+        let at_boundary = i == 0 || matches!(lower.as_bytes()[i - 1], b' ' | b'?' | b'&');
+        let start = i + "password=".len();
+        if !at_boundary {
+            search = start;
+            continue;
+        }
+        let end = if out[start..].starts_with('\'') {
+            out[start + 1..]
+                .find('\'')
+                .map_or(out.len(), |j| start + 1 + j + 1)
+        } else {
+            out[start..]
+                .find([' ', '&'])
+                .map_or(out.len(), |j| start + j)
+        };
+        result.push_str(&out[rest..start]);
+        result.push_str("***");
+        rest = end;
+        search = end;
+    }
+    result.push_str(&out[rest..]);
+    result
 }
 
 /// 127.0.0.0/8, ::1, and IPv4 loopback written as an IPv4-mapped IPv6 address.
@@ -754,6 +954,97 @@ mod tests {
             format!("{err:#}").contains("service.instance_name"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn postgres_backend_settings() {
+        let mut s = Settings::default();
+        s.store.backend = "mysql".into();
+        let err = format!("{:#}", s.validate().unwrap_err());
+        assert!(
+            err.contains("store.backend 'mysql'") && err.contains("postgres"),
+            "{err}"
+        );
+        s.store.backend = "postgres".into();
+        let err = format!("{:#}", s.validate().unwrap_err());
+        assert!(err.contains("store.postgres.url is empty"), "{err}");
+        s.database_url_shorthand(true, Some("postgres://ignored@h/db".into()));
+        assert!(s.store.postgres.url.is_empty(), "the explicit key wins");
+        s.database_url_shorthand(false, Some("postgres://epr:s3cret@db:5432/epr".into()));
+        s.validate().unwrap();
+        let cfg = s.postgres_config();
+        assert_eq!(cfg.url, "postgres://epr:s3cret@db:5432/epr");
+        assert!(cfg.migrate);
+        assert!(!cfg.record_events, "no NATS: nothing would publish events");
+        assert_eq!(cfg.backfill.batch, s.store.backfill_batch);
+        assert_eq!(cfg.batch_retention_ms, 7 * 24 * 3_600_000);
+        let shown = serde_json::to_string(&s.redacted()).unwrap();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("postgres://epr:***@db:5432/epr"), "{shown}");
+        for (key, yaml) in [
+            ("store.postgres.pool_size", "pool_size: 0"),
+            ("store.postgres.writers", "writers: 0"),
+            ("store.postgres.max_group", "max_group: 0"),
+            ("store.postgres.connect_timeout_ms", "connect_timeout_ms: 5"),
+            (
+                "store.postgres.statement_timeout_ms",
+                "statement_timeout_ms: 0",
+            ),
+            (
+                "store.postgres.idle_in_transaction_timeout_ms",
+                "idle_in_transaction_timeout_ms: 0",
+            ),
+            (
+                "store.postgres.backfill_lease_secs",
+                "backfill_lease_secs: 0",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("c.yaml");
+            std::fs::write(
+                &file,
+                format!(
+                    "store:\n  backend: postgres\n  postgres:\n    url: postgres://h/db\n    {yaml}\n"
+                ),
+            )
+            .unwrap();
+            let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+        s.store.postgres.url = "postgres://h:notaport/db".into();
+        let err = format!("{:#}", s.validate().unwrap_err());
+        assert!(err.contains("store.postgres.url"), "{err}");
+    }
+
+    #[test]
+    fn database_passwords_are_masked() {
+        for (url, shown) in [
+            (
+                "postgres://epr:pw@h:5432/db",
+                "postgres://epr:***@h:5432/db",
+            ),
+            ("postgres://epr@h/db", "postgres://epr@h/db"),
+            ("postgres://h/db", "postgres://h/db"),
+            (
+                "postgres://epr:p@ss@h/db?sslmode=disable",
+                "postgres://epr:***@h/db?sslmode=disable",
+            ),
+            (
+                "postgres://h/db?user=epr&password=pw&sslmode=disable",
+                "postgres://h/db?user=epr&password=***&sslmode=disable",
+            ),
+            (
+                "host=h user=epr password=pw dbname=db",
+                "host=h user=epr password=*** dbname=db",
+            ),
+            (
+                "host=h password='a b' dbname=db",
+                "host=h password=*** dbname=db",
+            ),
+            ("host=h mypassword=x", "host=h mypassword=x"),
+        ] {
+            assert_eq!(redact_database_url(url), shown, "{url}");
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ use epr_core::Timestamp;
 use epr_http::{AppState, ComponentHealth, HealthComponent, HttpSettings};
 use epr_nats::{ConnectionState, Nats, NatsSettings, Relay, RelaySettings, Sink};
 use epr_store::EmbeddedStore;
+use epr_store_pg::PgStore;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -127,7 +128,8 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     router: axum::Router,
-    store: Arc<EmbeddedStore>,
+    /// Either backend (`store.backend`); everything past `build` sees only the trait.
+    store: Arc<dyn Store>,
     relay: Relay,
     /// NATS front-ends (connected listener, 19/EPMMP, 20/EFMP), started by
     /// `run_until_stopped`.
@@ -179,12 +181,9 @@ impl Application {
         }
         // Installed before the store opens, so gauges the store sets at open are recorded.
         let metrics_renderer = telemetry::metrics_renderer();
-        let store_cfg = settings.embedded_config(&settings.store.data_dir);
-        let store = Arc::new(EmbeddedStore::open(store_cfg).with_context(|| {
-            format!("opening the store in {}", settings.store.data_dir.display())
-        })?);
+        let store = open_store(settings).await?;
         let registry = Arc::new(Registry::new(
-            store.clone() as Arc<dyn Store>,
+            store.clone(),
             catalog,
             settings.registry_settings(),
             Arc::new(SystemClock),
@@ -240,7 +239,7 @@ impl Application {
             Some(n) => Sink::Nats(n.clone()),
             None => Sink::Discard,
         };
-        let relay = Relay::new(store.clone() as Arc<dyn Store>, sink, relay_settings);
+        let relay = Relay::new(store.clone(), sink, relay_settings);
         let nats_health = NatsHealth {
             // Each URL of the list: `/health` is an open route.
             url: summary::redact_urls(&settings.nats.url),
@@ -431,6 +430,26 @@ impl Application {
         self.store.shutdown().await;
         tracing::info!("stopped");
         result
+    }
+}
+
+/// Opens the configured store (`store.backend`).
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    if settings.is_postgres() {
+        let cfg = settings.postgres_config();
+        let store = PgStore::open(cfg).await.map_err(|e| {
+            anyhow::anyhow!(
+                "opening the PostgreSQL store at {}: {e}",
+                config::redact_database_url(&settings.store.postgres.url)
+            )
+        })?;
+        Ok(Arc::new(store))
+    } else {
+        let cfg = settings.embedded_config(&settings.store.data_dir);
+        let store = EmbeddedStore::open(cfg).with_context(|| {
+            format!("opening the store in {}", settings.store.data_dir.display())
+        })?;
+        Ok(Arc::new(store))
     }
 }
 

@@ -36,8 +36,8 @@ enum Command {
     /// Print the effective configuration as YAML-compatible JSON (secrets and URL
     /// credentials replaced by `***`) and exit.
     CheckConfig,
-    /// Copy the store to FILE: a consistent snapshot, safe while a server runs on the data
-    /// directory.
+    /// Copy the embedded store to FILE: a consistent snapshot, safe while a server runs on
+    /// the data directory (PostgreSQL: use pg_dump).
     Backup {
         /// Where to write the backup (must not exist).
         #[arg(long)]
@@ -53,19 +53,35 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Write every endpoint and filter as NDJSON (a consistent snapshot; safe while a server
-    /// runs).
+    /// Write every endpoint and filter as NDJSON (safe while servers run; on the embedded
+    /// store a consistent snapshot).
     Export {
         /// Output file (must not exist); standard output if omitted.
         #[arg(long)]
         to: Option<PathBuf>,
     },
-    /// Read an export (NDJSON) into the data directory; records whose ID exists are skipped.
-    /// Stop the server of the data directory first.
+    /// Read an export (NDJSON) into the configured store; records whose ID exists are
+    /// skipped. Embedded: stop the server of the data directory first.
     Import {
         /// Input file; standard input if omitted.
         #[arg(long)]
         from: Option<PathBuf>,
+    },
+    /// Apply the PostgreSQL schema migrations to store.postgres.url and print the versions
+    /// applied (safe while servers run). Nothing to do for the embedded store.
+    Migrate,
+    /// Copy every tenant's filters and endpoints from one store to another (e.g. embedded to
+    /// PostgreSQL); re-running skips what was copied. Stop the target's servers first.
+    MigrateStore {
+        /// The source: embedded:DIR or postgres:URL.
+        #[arg(long)]
+        from: String,
+        /// The target: embedded:DIR or postgres:URL; must be empty unless --resume.
+        #[arg(long)]
+        to: String,
+        /// Continue an interrupted copy into a target that is not empty.
+        #[arg(long)]
+        resume: bool,
     },
     /// Delete a removed tenant's filters and endpoints (with their events), e.g. to finish a
     /// purge that a restart interrupted. Stop the server of the data directory first.
@@ -123,6 +139,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Import { from } => {
             admin::init_logging(&settings);
             admin::import(&settings, from.as_deref()).await
+        }
+        Command::Migrate => {
+            admin::init_logging(&settings);
+            admin::migrate(&settings).await
+        }
+        Command::MigrateStore { from, to, resume } => {
+            admin::init_logging(&settings);
+            admin::migrate_store(&settings, &from, &to, resume).await
         }
         Command::PurgeTenant { tenant, rate } => {
             admin::init_logging(&settings);

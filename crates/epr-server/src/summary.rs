@@ -15,7 +15,8 @@ pub struct StartupSummary {
     pub config: String,
     /// The bound address (the real port when port 0 was asked for).
     pub listen: SocketAddr,
-    /// The store's data directory, absolute where it can be resolved.
+    /// The store's data directory, absolute where it can be resolved, or the database URL
+    /// with its password masked (PostgreSQL).
     pub store: String,
     /// `off`, or the NATS URL(s) without credentials (and whether JetStream is used).
     pub nats: String,
@@ -91,7 +92,14 @@ impl StartupSummary {
             git_commit: GIT_COMMIT,
             config: config_file.map_or_else(|| "defaults".to_owned(), |p| p.display().to_string()),
             listen,
-            store: format!("{} ({})", store.display(), settings.store.backend),
+            store: if settings.is_postgres() {
+                format!(
+                    "{} (postgres)",
+                    crate::config::redact_database_url(&settings.store.postgres.url)
+                )
+            } else {
+                format!("{} ({})", store.display(), settings.store.backend)
+            },
             nats,
             applications,
         }

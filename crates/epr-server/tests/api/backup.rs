@@ -109,6 +109,7 @@ async fn members(app: &TestApp, filter: &str) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_under_write_load_restores_every_write_acknowledged_before_it() {
+    crate::helpers::embedded_only();
     let app = spawn_app().await;
     let filter = create_filter(&app, "kyiv").await;
     wait_active(&app, &filter).await;
@@ -227,6 +228,7 @@ async fn a_backup_under_write_load_restores_every_write_acknowledged_before_it()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_then_import_gives_the_same_endpoints_filters_and_memberships() {
+    crate::helpers::embedded_only();
     let app = spawn_app().await;
     let mut tokens = Vec::new();
     for i in 0..30 {
@@ -331,6 +333,7 @@ async fn export_then_import_gives_the_same_endpoints_filters_and_memberships() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_import_names_its_line_and_changes_nothing() {
+    crate::helpers::embedded_only();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.ndjson");
     let header = json!({"type": "header", "format": "epr-export", "version": 1,
@@ -368,4 +371,195 @@ async fn a_malformed_import_names_its_line_and_changes_nothing() {
         assert!(stderr.contains(expected), "{expected:?} not in {stderr}");
         assert!(!target.exists(), "nothing was written");
     }
+}
+
+/// A source store with endpoints of two applications, tokens, a changed version, and an
+/// active filter; returns the filter's ID and a token in use.
+async fn fill_source(app: &TestApp) -> (String, Value) {
+    let mut token = Value::Null;
+    for i in 0..25 {
+        let city = ["Kyiv", "Lviv"][i % 2];
+        let r = app
+            .post_endpoint(&json!({"endpointId": format!("ms-{i}"),
+                "appVersion": {"name": "demo-v1"}, "metadata": {"city": city, "i": i}}))
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        token = r.json::<Value>().await.unwrap()["token"].clone();
+    }
+    app.register("other-1", "other-v1", json!({"x": 1})).await;
+    let r = app
+        .send_json(
+            Method::PUT,
+            "/endpoints/ms-3/app-version",
+            &json!({"name": "demo-v2"}),
+        )
+        .await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let filter = create_filter(app, "kyiv").await;
+    wait_active(app, &filter).await;
+    (filter, token)
+}
+
+/// `target` holds what `source` does: endpoints (with dates, versions, metadata), the
+/// filter and its members, the token hashes.
+async fn assert_same_store(source: &TestApp, target: &TestApp, filter: &str, token: &Value) {
+    assert_eq!(
+        all_endpoints(target, "").await,
+        all_endpoints(source, "").await
+    );
+    assert_eq!(target.total("applicationName=other").await, 1);
+    let (a, b) = (
+        wait_active(source, filter).await,
+        wait_active(target, filter).await,
+    );
+    for field in ["name", "mongoQuery", "createdDate", "matchedEndpointsCount"] {
+        assert_eq!(a[field], b[field], "{field}");
+    }
+    assert_eq!(members(target, filter).await, members(source, filter).await);
+    let r = target
+        .post_endpoint(&json!({"appVersion": {"name": "demo-v1"}, "endpointToken": token}))
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::CONFLICT,
+        "the token hash came along"
+    );
+}
+
+fn spec(kind: &str, place: impl std::fmt::Display) -> std::ffi::OsString {
+    format!("{kind}:{place}").into()
+}
+
+/// `epr migrate-store` between two embedded stores (the command is backend-neutral: the
+/// PostgreSQL directions are in `a_store_moves_to_postgres_and_back`): counts, a refused
+/// non-empty target, an idempotent `--resume`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_store_copies_everything_and_resumes_idempotently() {
+    crate::helpers::embedded_only();
+    let source = spawn_app().await;
+    let (filter, token) = fill_source(&source).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target_dir = dir.path().join("target");
+    let (from, to) = (
+        spec("embedded", source.data_dir.display()),
+        spec("embedded", target_dir.display()),
+    );
+    // Beside the running source server: it is read from a snapshot.
+    let args = [os("migrate-store"), os("--from"), &from, os("--to"), &to];
+    let report = ok(&epr(dir.path(), &args).await);
+    assert_eq!(report["tenants"], 1, "{report}");
+    assert_eq!(report["filters"]["imported"], 1, "{report}");
+    assert_eq!(report["endpoints"]["imported"], 26, "{report}");
+    let again = epr(dir.path(), &args).await;
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("not empty") && err.contains("--resume"),
+        "{err}"
+    );
+    let mut resume = args.to_vec();
+    resume.push(os("--resume"));
+    let report = ok(&epr(dir.path(), &resume).await);
+    assert_eq!(
+        (
+            &report["endpoints"]["imported"],
+            &report["endpoints"]["existing"],
+            &report["filters"]["existing"]
+        ),
+        (&json!(0), &json!(26), &json!(1)),
+        "{report}"
+    );
+    let target = spawn_settings(test_settings(&target_dir)).await;
+    assert_same_store(&source, &target, &filter, &token).await;
+    target.stop().await;
+    for bad in ["sqlite:/x", "embedded:", "postgres:"] {
+        let out = epr(
+            dir.path(),
+            &[os("migrate-store"), os("--from"), os(bad), os("--to"), &to],
+        )
+        .await;
+        assert!(!out.status.success(), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("embedded:DIR or postgres:URL"), "{bad}: {err}");
+    }
+    source.stop().await;
+}
+
+/// Embedded → PostgreSQL → embedded with `epr migrate-store`, and `epr migrate` on the
+/// database: always on PostgreSQL (needs `EPR_TEST_DATABASE_URL`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_moves_to_postgres_and_back() {
+    crate::helpers::embedded_only();
+    let source = spawn_app().await;
+    let (filter, token) = fill_source(&source).await;
+    let db = epr_store_pg::testing::TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // `epr migrate` creates the schema (once: a second run applies nothing).
+    let migrate = |url: String| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_epr"))
+                .args(["--data-dir"])
+                .arg(&dir)
+                .arg("migrate")
+                .env_remove("EPR_CONFIG")
+                .env("EPR__STORE__BACKEND", "postgres")
+                .env("EPR_DATABASE_URL", url)
+                .output()
+                .await
+                .unwrap();
+            ok(&out)
+        }
+    };
+    let first = migrate(db.url.clone()).await;
+    assert_eq!(first["applied"], json!([1]), "{first}");
+    assert_eq!(first["version"], 1, "{first}");
+    let second = migrate(db.url.clone()).await;
+    assert_eq!(second["applied"], json!([]), "{second}");
+    let embedded = ok(&epr(dir.path(), &[os("migrate")]).await);
+    assert!(
+        embedded["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing to do"),
+        "{embedded}"
+    );
+
+    let to_pg = [
+        os("migrate-store"),
+        os("--from"),
+        &spec("embedded", source.data_dir.display()),
+        os("--to"),
+        &spec("postgres", &db.url),
+    ];
+    let report = ok(&epr(dir.path(), &to_pg).await);
+    assert_eq!(report["endpoints"]["imported"], 26, "{report}");
+    assert!(
+        !report.to_string().contains("password"),
+        "no secret in the report"
+    );
+    let mut s = test_settings(&dir.path().join("unused"));
+    s.store.backend = "postgres".into();
+    s.store.postgres.url = db.url.clone();
+    let on_pg = spawn_settings(s).await;
+    assert_same_store(&source, &on_pg, &filter, &token).await;
+
+    let back_dir = dir.path().join("back");
+    let back = [
+        os("migrate-store"),
+        os("--from"),
+        &spec("postgres", &db.url),
+        os("--to"),
+        &spec("embedded", back_dir.display()),
+    ];
+    // The PostgreSQL source is read beside its running server.
+    let report = ok(&epr(dir.path(), &back).await);
+    assert_eq!(report["endpoints"]["imported"], 26, "{report}");
+    on_pg.stop().await;
+    let back = spawn_settings(test_settings(&back_dir)).await;
+    assert_same_store(&source, &back, &filter, &token).await;
+    back.stop().await;
+    source.stop().await;
+    db.drop_db().await;
 }

@@ -1,7 +1,8 @@
 //! Durability under `kill -9`: a child server process under concurrent write load is killed
 //! with SIGKILL; after a restart on the same data directory, every write that was
 //! acknowledged with a 2xx is present and intact, and (with NATS) every event of every
-//! acknowledged write is published.
+//! acknowledged write is published. On either backend (`EPR_TEST_BACKEND`): on PostgreSQL
+//! the child gets the data directory's test database through its environment.
 
 use crate::child::{Epr, EprCommand};
 use crate::helpers::{poll, Acked, OnFailure, WriteLoad};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 async fn start(data_dir: &Path, env: &[(&str, String)]) -> Epr {
     EprCommand::new(data_dir)
+        .envs(crate::helpers::store_env(data_dir).await)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("EPR_APPLICATIONS", "crash:crash-v1")
         .env("EPR__LOG__LEVEL", "warn")
@@ -166,6 +168,8 @@ async fn a_killed_back_fill_resumes_and_completes() {
         ("EPR__STORE__BACKFILL_STEP_MS", "0".to_owned()),
         ("EPR__STORE__BACKFILL_BATCH", "5".to_owned()),
         ("EPR__STORE__BACKFILL_PAUSE_MS", "20".to_owned()),
+        // PostgreSQL: the killed process's back-fill lease is taken over after 2 s.
+        ("EPR__STORE__POSTGRES__BACKFILL_LEASE_SECS", "2".to_owned()),
     ];
     let client = reqwest::Client::new();
     let server = start(dir.path(), &slow).await;

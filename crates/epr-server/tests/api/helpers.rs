@@ -1,4 +1,11 @@
 //! `spawn_app()`, typed request helpers, polling, and a concurrent write load.
+//!
+//! The backend: `EPR_TEST_BACKEND=postgres` runs every spawned server on PostgreSQL, a fresh
+//! database per data directory (so a restart on the same directory finds its data), dropped
+//! with the `TestApp` that owns the directory, else once the directory is gone (what the
+//! end of the test process cuts short, the next run's clean-up of databases older than an
+//! hour removes). Tests that are inherently
+//! embedded call [`embedded_only`] first.
 
 use epr_server::{Application, Settings};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
@@ -10,6 +17,132 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Mutex};
+
+/// The backend the black-box tests run on (`EPR_TEST_BACKEND`: `embedded`, the default, or
+/// `postgres`).
+pub fn postgres_run() -> bool {
+    match std::env::var("EPR_TEST_BACKEND").as_deref() {
+        Ok("postgres") => true,
+        Ok("embedded") | Err(_) => false,
+        Ok(other) => panic!("EPR_TEST_BACKEND '{other}' is not embedded or postgres"),
+    }
+}
+
+thread_local! {
+    static EMBEDDED_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling test as inherently embedded (backup files, the SQLite integrity check,
+/// the data-directory lock, a data directory's files): the servers it spawns run the
+/// embedded backend whatever `EPR_TEST_BACKEND` says, and it says so on stderr (it is not
+/// skipped). Call it first in the test body: it applies to the test's own thread, where
+/// `#[tokio::test]` runs the body.
+pub fn embedded_only() {
+    EMBEDDED_ONLY.with(|e| e.set(true));
+    if postgres_run() {
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("this test")
+            .to_owned();
+        eprintln!("{test}: inherently embedded, runs on the embedded backend");
+    }
+}
+
+/// Whether servers spawned from this thread run on PostgreSQL.
+pub fn on_postgres() -> bool {
+    postgres_run() && !EMBEDDED_ONLY.with(|e| e.get())
+}
+
+/// Test databases by data directory (a restart on the directory reuses its database).
+static DATABASES: std::sync::Mutex<Vec<(PathBuf, Arc<epr_store_pg::testing::TestDb>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The PostgreSQL database standing for `data_dir`: created at first use, the same after.
+pub async fn database_for(data_dir: &Path) -> String {
+    if let Some((_, db)) = DATABASES
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(d, _)| d == data_dir)
+    {
+        return db.url.clone();
+    }
+    let db = epr_store_pg::testing::TestDb::create().await;
+    let url = db.url.clone();
+    DATABASES
+        .lock()
+        .unwrap()
+        .push((data_dir.to_path_buf(), Arc::new(db)));
+    // The directory's owner may be a test rather than a `TestApp` (restarts, child
+    // processes): the database goes when the directory does.
+    let dir = data_dir.to_path_buf();
+    std::thread::spawn(move || {
+        while dir.exists() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        release_database(&dir);
+    });
+    url
+}
+
+/// Settings switched to PostgreSQL on the database of their data directory, with small
+/// pools (tests run in parallel against one server).
+pub async fn use_postgres(s: &mut Settings) {
+    s.store.backend = "postgres".into();
+    s.store.postgres.url = database_for(&s.store.data_dir).await;
+    s.store.postgres.pool_size = 4;
+    s.store.postgres.writers = 2;
+}
+
+/// The environment of an `epr` child on `data_dir` in this backend (empty on embedded).
+pub async fn store_env(data_dir: &Path) -> Vec<(String, String)> {
+    if !on_postgres() {
+        return Vec::new();
+    }
+    vec![
+        ("EPR__STORE__BACKEND".into(), "postgres".into()),
+        (
+            "EPR__STORE__POSTGRES__URL".into(),
+            database_for(data_dir).await,
+        ),
+        ("EPR__STORE__POSTGRES__POOL_SIZE".into(), "4".into()),
+        ("EPR__STORE__POSTGRES__WRITERS".into(), "2".into()),
+    ]
+}
+
+/// Drops the database of `data_dir` (the directory's owner is done with it).
+fn release_database(data_dir: &Path) {
+    let mut dbs = DATABASES.lock().unwrap();
+    let gone: Vec<_> = dbs
+        .iter()
+        .position(|(d, _)| d == data_dir)
+        .map(|i| dbs.remove(i).1)
+        .into_iter()
+        .collect();
+    drop(dbs);
+    drop_databases(gone);
+}
+
+/// `Drop` cannot await: the databases are dropped on a thread with its own runtime, waited
+/// for (so a finished test leaves nothing behind).
+fn drop_databases(dbs: Vec<Arc<epr_store_pg::testing::TestDb>>) {
+    let dbs: Vec<_> = dbs.into_iter().filter_map(Arc::into_inner).collect();
+    if dbs.is_empty() {
+        return;
+    }
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for db in dbs {
+                db.drop_db().await;
+            }
+        });
+    })
+    .join();
+}
 
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -47,8 +180,12 @@ pub async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     app
 }
 
-/// Spawns on the given settings (the caller owns the data directory).
-pub async fn spawn_settings(s: Settings) -> TestApp {
+/// Spawns on the given settings (the caller owns the data directory). In a PostgreSQL run
+/// (see [`on_postgres`]), an embedded store becomes the data directory's test database.
+pub async fn spawn_settings(mut s: Settings) -> TestApp {
+    if on_postgres() && s.store.backend == "embedded" {
+        use_postgres(&mut s).await;
+    }
     if std::env::var_os("TEST_LOG").is_some() {
         // Kept for the whole test process: the log writer thread runs as long as it lives.
         static LOG: std::sync::OnceLock<epr_server::telemetry::LogGuard> =
@@ -70,6 +207,15 @@ pub async fn spawn_settings(s: Settings) -> TestApp {
         _dir: None,
         stop: Some(stop),
         handle: Some(handle),
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // Only a directory this app owns cannot be started on again.
+        if self._dir.is_some() {
+            release_database(&self.data_dir);
+        }
     }
 }
 
@@ -225,12 +371,27 @@ impl WriteLoad {
         metadata: fn(u64) -> Value,
         on_failure: OnFailure,
     ) -> Self {
+        Self::start_named("", writers, client, api, version, metadata, on_failure)
+    }
+
+    /// As [`WriteLoad::start`], with endpoint IDs prefixed by `prefix` (loads on several
+    /// servers of one store).
+    pub fn start_named(
+        prefix: &str,
+        writers: usize,
+        client: &reqwest::Client,
+        api: &str,
+        version: &'static str,
+        metadata: fn(u64) -> Value,
+        on_failure: OnFailure,
+    ) -> Self {
         let acked = Arc::new(Mutex::new(Acked::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for w in 0..writers {
             let (client, base, acked, stop) =
                 (client.clone(), api.to_owned(), acked.clone(), stop.clone());
+            let prefix = prefix.to_owned();
             tasks.push(tokio::spawn(async move {
                 // Whether a write was acknowledged (with `OnFailure::Panic`: asserts it was).
                 let acknowledged = |r: reqwest::Result<Response>, status: Option<StatusCode>| {
@@ -244,7 +405,7 @@ impl WriteLoad {
                     }
                     true
                 };
-                let counter = format!("counter-{w}");
+                let counter = format!("{prefix}counter-{w}");
                 let r = client
                     .post(format!("{base}/endpoints"))
                     .json(&json!({"endpointId": counter, "appVersion": {"name": version}}))
@@ -261,7 +422,7 @@ impl WriteLoad {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    let id = format!("w{w}-{n}");
+                    let id = format!("{prefix}w{w}-{n}");
                     let r = client
                         .post(format!("{base}/endpoints"))
                         .json(&json!({"endpointId": id, "appVersion": {"name": version},

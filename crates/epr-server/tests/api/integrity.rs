@@ -81,6 +81,7 @@ fn retry_after(r: &reqwest::Response) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_on_one_data_directory_exits_at_once() {
+    crate::helpers::embedded_only();
     let dir = tempfile::tempdir().unwrap();
     let first = epr_on(dir.path(), &[], None).start().await;
     let started = Instant::now();
@@ -108,6 +109,7 @@ async fn a_second_process_on_one_data_directory_exits_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_database_refuses_to_start() {
+    crate::helpers::embedded_only();
     let dir = filled_data_dir().await;
     let file = db_file(dir.path());
     let len = std::fs::metadata(&file).unwrap().len();
@@ -136,6 +138,7 @@ async fn a_damaged_database_refuses_to_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damage_under_a_running_server_stops_writes_and_readiness() {
+    crate::helpers::embedded_only();
     let dir = filled_data_dir().await;
     let mut epr = epr_on(dir.path(), &[], None).start().await;
     let client = reqwest::Client::new();
@@ -188,6 +191,7 @@ async fn damage_under_a_running_server_stops_writes_and_readiness() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_answers_503_with_retry_after_and_logs_little() {
+    crate::helpers::embedded_only();
     let dir = tempfile::tempdir().unwrap();
     // Files may not grow past 1 MiB: the WAL or the database file fills up after a few
     // batches, and every write after that fails with EFBIG, as on a full disk.

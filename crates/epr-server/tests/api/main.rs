@@ -1,4 +1,5 @@
-//! Black-box tests: the real server on port 0 with a temporary data directory, driven over
+//! Black-box tests: the real server on port 0 with a temporary data directory (or, with
+//! `EPR_TEST_BACKEND=postgres`, a fresh PostgreSQL database: `helpers`), driven over
 //! HTTP. One test binary (faster to link); one module per area.
 
 mod auth_e2e;
@@ -21,6 +22,7 @@ mod nats_protocols;
 mod nats_support;
 mod observability;
 mod ops;
+mod replicas;
 mod security;
 mod strict;
 mod tenancy_nats;
