@@ -139,13 +139,18 @@ pub(crate) fn start(inner: &Arc<Inner>) -> Vec<JoinHandle<()>> {
             .lock()
             .unwrap_or_else(|p| p.into_inner()),
     );
+    // Count shards of this process: a random block of 64, so writers of two replicas
+    // rarely update the same `filter_counts` row (they would queue on its lock, and could
+    // deadlock on two filters taken in different orders).
+    let base = (uuid::Uuid::new_v4().as_u128() % 256) as usize * 64;
     receivers
         .into_iter()
         .enumerate()
-        .map(|(shard, rx)| {
+        .map(|(i, rx)| {
             let task = WriterTask {
                 inner: inner.clone(),
-                shard,
+                index: i,
+                shard: base + i % 64,
                 conn: None,
                 last_prune: None,
                 failure_log: LogGate::default(),
@@ -368,6 +373,9 @@ struct Conn {
 
 struct WriterTask {
     inner: Arc<Inner>,
+    /// The writer's position in this process (writer 0 also prunes batch outcomes).
+    index: usize,
+    /// Its `filter_counts` shard (see `start`).
     shard: usize,
     /// Taken from the pool at the first job and kept; dropped after a failure (a fresh
     /// session next time: the old one may be dead or in an unknown state).
@@ -493,7 +501,7 @@ impl WriterTask {
             }
         }
         drop(closers);
-        tracing::debug!(shard = self.shard, "PostgreSQL writer stopped");
+        tracing::debug!(writer = self.index, "PostgreSQL writer stopped");
     }
 
     /// The writer's connection, taken from the pool (and its statements prepared) if needed.
@@ -597,7 +605,7 @@ impl WriterTask {
     /// Deletes batch outcomes past their retention, now and then, outside any group (a
     /// failure here must not fail writes).
     async fn prune(&mut self) {
-        if self.shard != 0 || self.last_prune.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+        if self.index != 0 || self.last_prune.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
             return;
         }
         self.last_prune = Some(Instant::now());
