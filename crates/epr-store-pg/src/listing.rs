@@ -139,7 +139,9 @@ fn render(v: &Value, out: &mut String) {
     match v {
         Value::Number(n) if n.is_f64() => {
             let f = n.as_f64().unwrap_or(f64::NAN);
-            if f.fract() == 0.0 && (-9_223_372_036_854_775_808.0..18_446_744_073_709_551_616.0).contains(&f) {
+            if f.fract() == 0.0
+                && (-9_223_372_036_854_775_808.0..18_446_744_073_709_551_616.0).contains(&f)
+            {
                 let _ = write!(out, "{}.0", f as i128);
             } else {
                 let _ = write!(out, "{n}");
@@ -347,7 +349,10 @@ mod tests {
         assert_eq!(r(json!(1e20)), "1e+20");
         assert_eq!(r(json!(0.5)), "0.5");
         assert_eq!(r(json!(u64::MAX)), u64::MAX.to_string());
-        assert_eq!(r(json!({"b": [1.0, "x"], "a": null})), r#"{"a":null,"b":[1.0,"x"]}"#);
+        assert_eq!(
+            r(json!({"b": [1.0, "x"], "a": null})),
+            r#"{"a":null,"b":[1.0,"x"]}"#
+        );
         assert_eq!(r(json!("a\"b")), r#""a\"b""#);
     }
 }

@@ -124,7 +124,11 @@ async fn check_walks(s: &dyn Store, t: &TenantId, q: &EndpointQuery, want: &[Str
         by_cursor.extend(p.items.iter().map(|e| e.id.to_string()));
         match p.next {
             Some(next) => {
-                assert_eq!(p.items.len(), limit as usize, "{what}: full page before next");
+                assert_eq!(
+                    p.items.len(),
+                    limit as usize,
+                    "{what}: full page before next"
+                );
                 assert_eq!(Some(next), p.items.last().map(|e| e.incarnation));
                 after = Some(next);
             }
@@ -135,10 +139,7 @@ async fn check_walks(s: &dyn Store, t: &TenantId, q: &EndpointQuery, want: &[Str
     // Offset counted from the cursor.
     if want.len() > 2 {
         let first = s.list(t, q, q_page(0, 1, None)).await.unwrap();
-        let p = s
-            .list(t, q, q_page(1, 10_000, first.next))
-            .await
-            .unwrap();
+        let p = s.list(t, q, q_page(1, 10_000, first.next)).await.unwrap();
         let ids: Vec<String> = p.items.iter().map(|e| e.id.to_string()).collect();
         assert_eq!(ids, want[2..], "{what}: offset after a cursor");
     }
@@ -203,7 +204,11 @@ async fn listing_agrees_with_reference() {
         for i in 0..60 {
             let r = xorshift(&mut rng);
             let t = if r.is_multiple_of(5) { "t2" } else { "t1" };
-            let version = if r.is_multiple_of(3) { "zzz-v1" } else { "app-v1" };
+            let version = if r.is_multiple_of(3) {
+                "zzz-v1"
+            } else {
+                "app-v1"
+            };
             let name = format!("l{round}-{i}");
             insert(&c, t, &name, version, &metadata(&mut rng)).await;
             ids.push((t.to_owned(), name));
@@ -368,9 +373,17 @@ async fn listing_agrees_with_reference() {
         non_empty * 5 >= non_empty + empty && empty > 0,
         "{non_empty} queries with matches, {empty} without"
     );
-    for needed in [r#"{"level":3.0}"#, "level=10000000000000000", "level=1e20", "level=0.1"] {
+    for needed in [
+        r#"{"level":3.0}"#,
+        "level=10000000000000000",
+        "level=1e20",
+        "level=0.1",
+    ] {
         let md = MetadataCondition::parse_param(needed).unwrap();
-        assert!(hits.contains_key(&format!("{md:?}")), "{needed} never matched: {hits:?}");
+        assert!(
+            hits.contains_key(&format!("{md:?}")),
+            "{needed} never matched: {hits:?}"
+        );
     }
     eprintln!("{hits:#?}");
     store.shutdown().await;
