@@ -50,7 +50,7 @@ async fn connect(url: &str) -> Client {
 }
 
 /// A listing to time: call number → query and page.
-type Scenario = Box<dyn Fn(usize) -> (EndpointQuery, PageRequest)>;
+type Scenario<'a> = Box<dyn Fn(usize) -> (EndpointQuery, PageRequest) + 'a>;
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
