@@ -12,7 +12,8 @@
 //! from `endpoint_values` (one row per endpoint and key, maintained by triggers, schema.rs):
 //! the total is an index-only count of that value's entries and the page's incarnations an
 //! index-only range scan from the cursor; only the page's rows are read from `endpoints`.
-//! Other conditions (`!=`, `key`, `!key`) are then checked on the endpoint row. Without such
+//! A `key!=value` is an anti-join on the same index; `key` and `!key` are checked on the
+//! endpoint row (the index is ordered by value first, so it cannot probe a key). Without such
 //! a condition, the endpoints table's own indexes (by application, version, ID) narrow the
 //! rows and every condition is checked on the row. Count and page are one statement (one
 //! snapshot, one round trip); statements are prepared and cached per connection, by shape.
@@ -271,12 +272,25 @@ fn plan(tenant: &TenantId, q: &EndpointQuery, page: PageRequest) -> Plan {
             }
         }
         let mut conds = Vec::new();
-        let rest: Vec<String> = q
-            .metadata
-            .iter()
-            .filter(|c| !matches!(c, MetadataCondition::Equals(..)))
-            .map(|c| row_predicate(&mut plan, c))
-            .collect();
+        let mut rest = Vec::new();
+        for c in &q.metadata {
+            match c {
+                MetadataCondition::Equals(..) => {}
+                // An anti-join on the same index: no endpoint row read per match.
+                MetadataCondition::NotEquals(k, vs) => {
+                    let k = plan.bind(k.clone());
+                    let vs = plan.bind(rendered(vs));
+                    conds.push(format!(
+                        "NOT EXISTS (SELECT 1 FROM endpoint_values x WHERE x.tenant={t} \
+                         AND x.key={k} AND x.vkey = ANY (ARRAY(SELECT epr_value_key(c::jsonb) \
+                         FROM unnest({vs}::text[]) c)) AND x.incarnation=v0.incarnation)"
+                    ));
+                }
+                MetadataCondition::Exists(_) | MetadataCondition::Absent(_) => {
+                    rest.push(row_predicate(&mut plan, c));
+                }
+            }
+        }
         if !rest.is_empty() {
             conds.push(format!(
                 "EXISTS (SELECT 1 FROM endpoints e WHERE e.tenant={t} \

@@ -6,7 +6,8 @@
 //! eval "$(scripts/services-up.sh)"; export EPR_TEST_DATABASE_URL
 //! cargo test -p epr-store-pg --test listing_bench -- --ignored --nocapture
 //! ```
-//! `EPR_BENCH_ENDPOINTS` changes the size (default 1,000,000).
+//! `EPR_BENCH_ENDPOINTS` changes the size (default 1,000,000); `EPR_BENCH_KEEP=1` keeps the
+//! database (its name is printed) for EXPLAIN.
 
 use epr_core::ids::{AppName, AppVersionName, TenantId};
 use epr_core::ports::Store;
@@ -298,5 +299,9 @@ async fn listing_at_a_million() {
     }
     eprintln!("\n{}", report.join("\n"));
     store.shutdown().await;
-    db.drop_db().await;
+    if std::env::var_os("EPR_BENCH_KEEP").is_some() {
+        eprintln!("kept database {} for inspection", db.name);
+    } else {
+        db.drop_db().await;
+    }
 }
