@@ -189,6 +189,9 @@ const QUERIES: &[&[&str]] = &[
     &["city=3", "level=3"],
     &["level=3", "n!=3"],
     &["o=3", "n=3", "city"],
+    // More conditions than keep a cached statement.
+    &["n", "city", "level!=3", "o!=Kyiv", "!zzz"],
+    &["level=3", "city", "n!=3", "o!=Kyiv", "!zzz"],
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,8 @@
 //! cargo test -p epr-store-pg --test listing_bench -- --ignored --nocapture
 //! ```
 //! `EPR_BENCH_ENDPOINTS` changes the size (default 1,000,000); `EPR_BENCH_KEEP=1` keeps the
-//! database (its name is printed) for EXPLAIN.
+//! database (its URL is printed) for EXPLAIN, and `EPR_BENCH_DB=<that URL>` times the
+//! listings again on it without loading.
 
 use epr_core::ids::{AppName, AppVersionName, TenantId};
 use epr_core::ports::Store;
@@ -72,30 +73,40 @@ async fn listing_at_a_million() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let db = TestDb::create().await;
-    let store = PgStore::open(PgConfig::new(&db.url)).await.unwrap();
-    let c = connect(&db.url).await;
-    c.batch_execute(
-        "CREATE FUNCTION h(i bigint, s int) RETURNS bigint LANGUAGE sql IMMUTABLE \
-         AS $$ SELECT abs(hashtextextended(i::text, s)) $$",
-    )
-    .await
-    .unwrap();
-    let started = Instant::now();
-    let chunk = 100_000;
-    let mut at = 1;
-    while at <= n {
-        let k = chunk.min(n - at + 1);
-        c.batch_execute(&insert_sql(at, k)).await.unwrap();
-        at += k;
-    }
-    c.batch_execute(&format!("SELECT setval('endpoint_incarnation', {n})"))
+    // A database a kept run loaded (EPR_BENCH_DB=<its URL>): listings only.
+    let reuse = std::env::var("EPR_BENCH_DB").ok();
+    let db = match reuse {
+        Some(_) => None,
+        None => Some(TestDb::create().await),
+    };
+    let url = reuse
+        .clone()
+        .unwrap_or_else(|| db.as_ref().unwrap().url.clone());
+    let store = PgStore::open(PgConfig::new(&url)).await.unwrap();
+    let c = connect(&url).await;
+    if reuse.is_none() {
+        c.batch_execute(
+            "CREATE FUNCTION h(i bigint, s int) RETURNS bigint LANGUAGE sql IMMUTABLE \
+             AS $$ SELECT abs(hashtextextended(i::text, s)) $$",
+        )
         .await
         .unwrap();
-    eprintln!(
-        "loaded {n} endpoints in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+        let started = Instant::now();
+        let chunk = 100_000;
+        let mut at = 1;
+        while at <= n {
+            let k = chunk.min(n - at + 1);
+            c.batch_execute(&insert_sql(at, k)).await.unwrap();
+            at += k;
+        }
+        c.batch_execute(&format!("SELECT setval('endpoint_incarnation', {n})"))
+            .await
+            .unwrap();
+        eprintln!(
+            "loaded {n} endpoints in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
     let started = Instant::now();
     c.batch_execute("VACUUM ANALYZE endpoints, endpoint_values")
         .await
@@ -260,7 +271,7 @@ async fn listing_at_a_million() {
     // Write cost: 100,000 more registrations with the side table's triggers and without
     // (the rows removed again in between), as one statement and as single-row statements
     // (the writers' shape) run server-side, so round trips do not hide the difference.
-    let extra = 100_000;
+    let extra = if reuse.is_some() { 0 } else { 100_000 };
     let single = |from: i64| {
         format!(
             "DO $$ BEGIN FOR j IN {from}..{} LOOP {}; END LOOP; END $$",
@@ -268,10 +279,15 @@ async fn listing_at_a_million() {
             insert_sql(0, 1).replace("generate_series(0, 0) i", "(SELECT j::bigint AS i) s")
         )
     };
-    for (what, sql) in [
-        ("one statement", insert_sql(n + 1, extra)),
-        ("single rows", single(n + 1)),
-    ] {
+    let runs = if extra == 0 {
+        Vec::new()
+    } else {
+        vec![
+            ("one statement", insert_sql(n + 1, extra)),
+            ("single rows", single(n + 1)),
+        ]
+    };
+    for (what, sql) in runs {
         for with in [true, false] {
             if !with {
                 c.batch_execute("ALTER TABLE endpoints DISABLE TRIGGER USER")
@@ -299,9 +315,11 @@ async fn listing_at_a_million() {
     }
     eprintln!("\n{}", report.join("\n"));
     store.shutdown().await;
-    if std::env::var_os("EPR_BENCH_KEEP").is_some() {
-        eprintln!("kept database {} for inspection", db.name);
-    } else {
-        db.drop_db().await;
+    if let Some(db) = db {
+        if std::env::var_os("EPR_BENCH_KEEP").is_some() {
+            eprintln!("kept database {} for inspection ({})", db.name, db.url);
+        } else {
+            db.drop_db().await;
+        }
     }
 }
