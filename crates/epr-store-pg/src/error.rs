@@ -26,7 +26,6 @@ pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 
 /// Whether a transaction failed only because of concurrency (deadlock, serialization) and
 /// can be retried as a whole.
-#[allow(dead_code)] // used by the write path
 pub(crate) fn retryable(e: &tokio_postgres::Error) -> bool {
     matches!(
         e.code(),

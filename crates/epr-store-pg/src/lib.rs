@@ -21,9 +21,6 @@
 //! - **Errors** (`error`): every database failure is `StoreError::Unavailable` (HTTP 503
 //!   with `Retry-After`); nothing is acknowledged before its commit returned.
 
-// Skeleton: slices fill the modules; removed when they are complete.
-#![allow(dead_code)]
-
 mod error;
 mod export;
 mod filters;
