@@ -6,7 +6,7 @@
 //! it (or moving an endpoint to it) is refused like an unknown version, but its application
 //! stays known, so the application's filters, metadata keys and listings keep working.
 
-use crate::ids::{AppName, AppVersionName};
+use crate::ids::{AppName, AppVersionName, TenantId};
 use crate::{DomainError, ValidationError};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -231,6 +231,33 @@ impl AppCatalog {
         )
         .into())
     }
+}
+
+/// How much of the central configuration to read again (a 17/SCMP message's scope).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshScope {
+    /// Every tenant.
+    All,
+    Tenant(TenantId),
+    App(TenantId, AppName),
+    Version(TenantId, AppName, AppVersionName),
+}
+
+impl RefreshScope {
+    pub fn tenant(&self) -> Option<&TenantId> {
+        match self {
+            RefreshScope::All => None,
+            RefreshScope::Tenant(t) | RefreshScope::App(t, _) | RefreshScope::Version(t, ..) => {
+                Some(t)
+            }
+        }
+    }
+}
+
+/// Notices that central configuration changed (17/SCMP over NATS), for whatever keeps the
+/// catalogue: it re-reads the scope in the background; the caller never waits.
+pub trait CatalogControl: Send + Sync {
+    fn refresh(&self, scope: RefreshScope, correlation_id: &str);
 }
 
 #[cfg(test)]
