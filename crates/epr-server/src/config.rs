@@ -195,6 +195,8 @@ pub struct LogSettings {
 #[serde(default)]
 pub struct KaaSettings {
     pub applications: BTreeMap<String, AppSettings>,
+    /// Kaa's Tekton as a source of applications and versions (`kaa.tekton.*`).
+    pub tekton: crate::tekton::TektonSettings,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -307,6 +309,10 @@ impl Settings {
         let mut s = self.clone();
         let url = |u: &mut String| *u = crate::summary::redact_urls(u);
         url(&mut s.nats.url);
+        url(&mut s.kaa.tekton.url);
+        if !s.kaa.tekton.client_secret.is_empty() {
+            s.kaa.tekton.client_secret = "***".into();
+        }
         let tm = &mut s.auth.tenant_manager;
         url(&mut tm.url);
         url(&mut tm.token_url);
@@ -368,6 +374,7 @@ impl Settings {
         if let Ok(spec) = std::env::var("EPR_AUTH_TENANTS") {
             settings.add_tenants(&spec)?;
         }
+        settings.kaa.tekton.apply_kaa_env()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -445,6 +452,7 @@ impl Settings {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.listen_addr()?;
         self.catalog()?;
+        self.kaa.tekton.validate()?;
         self.tenant()?;
         if self.store.backend != "embedded" {
             bail!(
