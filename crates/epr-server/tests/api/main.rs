@@ -22,5 +22,7 @@ mod nats_support;
 mod observability;
 mod ops;
 mod security;
+mod reload;
 mod strict;
+mod tekton;
 mod tenancy_nats;
