@@ -56,6 +56,10 @@ pub struct ReloadOutcome {
 
 pub struct Reloader {
     source: ReloadSource,
+    /// Installed when the reloader is made, so a SIGHUP from then on is caught (not the
+    /// default action, which ends the process) even before `run` starts.
+    #[cfg(unix)]
+    hangup: Mutex<Option<tokio::signal::unix::Signal>>,
     /// The settings in effect.
     current: Mutex<Settings>,
     registry: Arc<Registry>,
@@ -63,14 +67,25 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// Must be called within a Tokio runtime: the SIGHUP handler is installed here.
     pub fn new(
         source: ReloadSource,
         running: Settings,
         registry: Arc<Registry>,
         catalogue: Arc<CatalogueSources>,
     ) -> Self {
+        #[cfg(unix)]
+        let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP cannot be handled; reload on file change only");
+                None
+            }
+        };
         Self {
             source,
+            #[cfg(unix)]
+            hangup: Mutex::new(hangup),
             current: Mutex::new(running),
             registry,
             catalogue,
@@ -153,14 +168,11 @@ impl Reloader {
     /// Reloads on SIGHUP and on a change of the file's modification time, until `stop`.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         #[cfg(unix)]
-        let mut hup =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "SIGHUP cannot be handled; reload on file change only");
-                    None
-                }
-            };
+        let mut hup = self
+            .hangup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let mtime = |f: &PathBuf| std::fs::metadata(f).and_then(|m| m.modified()).ok();
         let mut seen: Option<SystemTime> = self.source.file.as_ref().and_then(mtime);
         let mut poll = tokio::time::interval(POLL);
