@@ -148,7 +148,11 @@ impl AppCatalog {
 
     /// The sources declaring `version`.
     pub fn version_origins(&self, version: &AppVersionName) -> impl Iterator<Item = Origin> + '_ {
-        self.version_origins.get(version).into_iter().flatten().copied()
+        self.version_origins
+            .get(version)
+            .into_iter()
+            .flatten()
+            .copied()
     }
 
     /// The removed versions of `app`.
@@ -292,7 +296,9 @@ mod tests {
             .map(|(a, vs)| {
                 (
                     AppName::parse(a).unwrap(),
-                    vs.iter().map(|v| AppVersionName::parse(v).unwrap()).collect(),
+                    vs.iter()
+                        .map(|v| AppVersionName::parse(v).unwrap())
+                        .collect(),
                 )
             })
             .collect()
@@ -301,7 +307,10 @@ mod tests {
     #[test]
     fn merge_keeps_origins_precedence_and_removed_versions() {
         let file = entries(&[("demo", &["demo-v1", "demo-v2"])]);
-        let tekton = entries(&[("demo", &["demo-v2", "demo-v3"]), ("x", &["x-v1", "demo-v1"])]);
+        let tekton = entries(&[
+            ("demo", &["demo-v2", "demo-v3"]),
+            ("x", &["x-v1", "demo-v1"]),
+        ]);
         let (c, conflicts) = AppCatalog::merge(
             false,
             &[(Origin::Tekton, &tekton), (Origin::File, &file)],

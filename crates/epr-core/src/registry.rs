@@ -440,10 +440,13 @@ impl Registry {
     ) -> Result<Endpoint, Error> {
         let version =
             AppVersionName::parse(app_version).map_err(|e| DomainError::from(e.at("name")))?;
-        let app = self.catalog(tenant).resolve(&version).map_err(|e| match e {
-            DomainError::Invalid(v) => DomainError::Invalid(v.at("name")),
-            other => other,
-        })?;
+        let app = self
+            .catalog(tenant)
+            .resolve(&version)
+            .map_err(|e| match e {
+                DomainError::Invalid(v) => DomainError::Invalid(v.at("name")),
+                other => other,
+            })?;
         let cmd = Command::SetAppVersion {
             id,
             app,

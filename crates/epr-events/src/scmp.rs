@@ -56,20 +56,17 @@ pub fn broadcast_subject(provider: &str, kind: UpdateType) -> String {
 
 /// The targeted subject of `consumer` (a service instance name) for `kind`.
 pub fn targeted_subject(consumer: &str, kind: UpdateType) -> String {
-    format!("kaa.v1.service.{consumer}.scmp.configuration.{}", kind.token())
+    format!(
+        "kaa.v1.service.{consumer}.scmp.configuration.{}",
+        kind.token()
+    )
 }
 
 /// Which message a subject carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScmpSubject {
-    Broadcast {
-        provider: String,
-        kind: UpdateType,
-    },
-    Targeted {
-        consumer: String,
-        kind: UpdateType,
-    },
+    Broadcast { provider: String, kind: UpdateType },
+    Targeted { consumer: String, kind: UpdateType },
 }
 
 /// Recognises the two subject forms; `None` for anything else.
@@ -234,9 +231,7 @@ pub fn encode_targeted(u: &ConfigUpdate) -> Result<Vec<u8>, EncodeError> {
         ("timestamp", Datum::Long(u.timestamp)),
         (
             "tenantID",
-            u.tenant_id
-                .clone()
-                .map_or(Datum::Null, Datum::String),
+            u.tenant_id.clone().map_or(Datum::Null, Datum::String),
         ),
         ("appName", opt(&u.app_name)),
         ("appVerName", opt(&u.app_version_name)),
@@ -283,7 +278,10 @@ mod tests {
             })
         );
         // Empty strings are nulls.
-        assert_eq!(update(Some(""), Some(""), None).scope(), Ok(ConfigScope::All));
+        assert_eq!(
+            update(Some(""), Some(""), None).scope(),
+            Ok(ConfigScope::All)
+        );
         for (t, a, v) in [
             (None, Some("demo"), None),
             (None, None, Some("demo-v1")),

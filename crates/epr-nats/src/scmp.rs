@@ -21,8 +21,8 @@ use epr_core::apps::{CatalogControl, RefreshScope};
 use epr_core::ids::{AppName, AppVersionName, TenantId};
 use epr_core::log_gate::LogGate;
 use epr_events::scmp::{
-    decode_broadcast, decode_targeted, parse_subject, ConfigScope, ScmpSubject,
-    BROADCAST_WILDCARD, TARGETED_WILDCARD,
+    decode_broadcast, decode_targeted, parse_subject, ConfigScope, ScmpSubject, BROADCAST_WILDCARD,
+    TARGETED_WILDCARD,
 };
 use futures_util::StreamExt;
 use std::sync::Arc;
@@ -100,7 +100,12 @@ pub fn interpret(
         (ConfigScope::All, _) => RefreshScope::All,
         (ConfigScope::Tenant { .. }, Some(t)) => RefreshScope::Tenant(t),
         (ConfigScope::App { app: a, .. }, Some(t)) => RefreshScope::App(t, app(&a)?),
-        (ConfigScope::Version { app: a, version, .. }, Some(t)) => {
+        (
+            ConfigScope::Version {
+                app: a, version, ..
+            },
+            Some(t),
+        ) => {
             let v = AppVersionName::parse(&version).map_err(|e| {
                 (
                     "invalid-name",
@@ -210,7 +215,10 @@ mod tests {
         };
         assert_eq!(err(update(Some("acme"), None, None)), "unknown-tenant");
         assert_eq!(err(update(None, Some("demo"), None)), "invalid-pattern");
-        assert_eq!(err(update(Some("kaa"), Some("Bad App"), None)), "invalid-name");
+        assert_eq!(
+            err(update(Some("kaa"), Some("Bad App"), None)),
+            "invalid-name"
+        );
         assert_eq!(interpret(&subj, b"\x01", &t).unwrap_err().0, "undecodable");
     }
 

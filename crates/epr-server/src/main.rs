@@ -140,8 +140,11 @@ async fn main() -> anyhow::Result<()> {
                 Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
             }
             let overrides = {
-                let (listen, data_dir, log_format) =
-                    (cli.listen.clone(), cli.data_dir.clone(), cli.log_format.clone());
+                let (listen, data_dir, log_format) = (
+                    cli.listen.clone(),
+                    cli.data_dir.clone(),
+                    cli.log_format.clone(),
+                );
                 move |s: &mut Settings| {
                     if let Some(l) = &listen {
                         s.server.listen = l.clone();
@@ -154,12 +157,12 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
             };
-            let app = Application::build(&settings)
-                .await?
-                .with_reload(epr_server::reload::ReloadSource {
+            let app = Application::build(&settings).await?.with_reload(
+                epr_server::reload::ReloadSource {
                     file: cli.config.clone(),
                     overrides: std::sync::Arc::new(overrides),
-                })?;
+                },
+            )?;
             StartupSummary::new(&settings, cli.config.as_deref(), app.addr()).log();
             app.run_until_stopped(epr_server::shutdown_signal()).await
         }

@@ -96,11 +96,8 @@ impl Reloader {
     pub fn classify_local(&self) -> anyhow::Result<()> {
         let current = self.lock().clone();
         let (file, env) = local_entries(&current, self.source.file.as_deref())?;
-        self.catalogue.set_local(
-            current.registration.allow_unknown_app_versions,
-            file,
-            env,
-        );
+        self.catalogue
+            .set_local(current.registration.allow_unknown_app_versions, file, env);
         Ok(())
     }
 
@@ -133,8 +130,11 @@ impl Reloader {
             Err(e) => {
                 metrics::counter!("epr_config_refresh_failures_total", "source" => "local")
                     .increment(1);
-                tracing::error!(trigger, error = format!("{e:#}"),
-                    "configuration reload failed; the running configuration is unchanged");
+                tracing::error!(
+                    trigger,
+                    error = format!("{e:#}"),
+                    "configuration reload failed; the running configuration is unchanged"
+                );
             }
         }
         result
@@ -149,7 +149,11 @@ impl Reloader {
             &serde_json::to_value(&new)?,
         )
         .into_iter()
-        .filter(|k| !RELOADABLE.iter().any(|r| k == r || k.starts_with(&format!("{r}."))))
+        .filter(|k| {
+            !RELOADABLE
+                .iter()
+                .any(|r| k == r || k.starts_with(&format!("{r}.")))
+        })
         .collect();
         // The level first: it is the one step that can still fail.
         if new.log.level != current.log.level {
@@ -168,11 +172,7 @@ impl Reloader {
     /// Reloads on SIGHUP and on a change of the file's modification time, until `stop`.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         #[cfg(unix)]
-        let mut hup = self
-            .hangup
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let mut hup = self.hangup.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mtime = |f: &PathBuf| std::fs::metadata(f).and_then(|m| m.modified()).ok();
         let mut seen: Option<SystemTime> = self.source.file.as_ref().and_then(mtime);
         let mut poll = tokio::time::interval(POLL);

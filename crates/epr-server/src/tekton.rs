@@ -70,7 +70,14 @@ impl std::fmt::Debug for TektonSettings {
             .field("refresh_secs", &self.refresh_secs)
             .field("timeout_ms", &self.timeout_ms)
             .field("client_id", &self.client_id)
-            .field("client_secret", &if self.client_secret.is_empty() { "" } else { "***" })
+            .field(
+                "client_secret",
+                &if self.client_secret.is_empty() {
+                    ""
+                } else {
+                    "***"
+                },
+            )
             .finish()
     }
 }
@@ -159,7 +166,9 @@ fn from_stored(raw: &str) -> Result<(TektonEntries, i64), String> {
     }
     if let Some(removed) = v.get("removed").and_then(Value::as_object) {
         for (ver, app) in removed {
-            let app = app.as_str().ok_or("a removed version's app is not a string")?;
+            let app = app
+                .as_str()
+                .ok_or("a removed version's app is not a string")?;
             out.removed.insert(
                 AppVersionName::parse(ver).map_err(|e| e.message)?,
                 AppName::parse(app).map_err(|e| e.message)?,
@@ -418,7 +427,10 @@ impl Tekton {
     /// answer for starts with its stored catalogue.
     pub async fn start(&self) {
         let snapshot = self.tenants.borrow().clone();
-        let reads = snapshot.tenants.values().map(|t| self.first_read(t.clone()));
+        let reads = snapshot
+            .tenants
+            .values()
+            .map(|t| self.first_read(t.clone()));
         futures_util::future::join_all(reads).await;
         self.gauges();
     }
@@ -694,7 +706,12 @@ impl Tekton {
 
     /// Runs until `stop` turns true.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let Some(mut rx) = self.queue_rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some(mut rx) = self
+            .queue_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
             return;
         };
         let mut tenants = self.tenants.clone();
@@ -776,7 +793,8 @@ mod tests {
             AppName::parse("demo").unwrap(),
             [AppVersionName::parse("demo-v1").unwrap()].into(),
         );
-        e.entries.insert(AppName::parse("empty").unwrap(), BTreeSet::new());
+        e.entries
+            .insert(AppName::parse("empty").unwrap(), BTreeSet::new());
         e.removed.insert(
             AppVersionName::parse("demo-v0").unwrap(),
             AppName::parse("demo").unwrap(),

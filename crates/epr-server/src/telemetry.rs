@@ -39,13 +39,17 @@ pub fn init_logging(log: &LogSettings) -> LogGuard {
         let builder = builder.json().flatten_event(true).with_filter_reloading();
         let handle = builder.reload_handle();
         builder.try_init().inspect(|_| {
-            let _ = LEVEL.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
+            let _ = LEVEL.set(Box::new(move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
         })
     } else {
         let builder = builder.with_filter_reloading();
         let handle = builder.reload_handle();
         builder.try_init().inspect(|_| {
-            let _ = LEVEL.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
+            let _ = LEVEL.set(Box::new(move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
         })
     };
     match result {

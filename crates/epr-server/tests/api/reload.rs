@@ -71,12 +71,16 @@ async fn sighup_under_write_load_drops_no_request() {
         .unwrap();
     assert!(status.success());
     // Accepted right after the signal (the reload is a few file reads and a swap).
-    poll(Duration::from_secs(2), Duration::from_millis(10), || async {
-        match status_of(&app, "rl-v2").await {
-            StatusCode::CREATED => Ok(()),
-            s => Err(format!("rl-v2 still refused after SIGHUP: {s}")),
-        }
-    })
+    poll(
+        Duration::from_secs(2),
+        Duration::from_millis(10),
+        || async {
+            match status_of(&app, "rl-v2").await {
+                StatusCode::CREATED => Ok(()),
+                s => Err(format!("rl-v2 still refused after SIGHUP: {s}")),
+            }
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Every writer asserted each of its writes succeeded.
@@ -120,12 +124,16 @@ async fn file_change_reloads_and_removed_versions_follow_the_rules() {
         ),
     )
     .unwrap();
-    poll(Duration::from_secs(10), Duration::from_millis(50), || async {
-        match status_of(&app, "rl-v3").await {
-            StatusCode::CREATED => Ok(()),
-            s => Err(format!("rl-v3 still refused: {s}")),
-        }
-    })
+    poll(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            match status_of(&app, "rl-v3").await {
+                StatusCode::CREATED => Ok(()),
+                s => Err(format!("rl-v3 still refused: {s}")),
+            }
+        },
+    )
     .await;
     // The removed version: refused for new registrations and moves, with the usual 400.
     let r = app
@@ -146,21 +154,25 @@ async fn file_change_reloads_and_removed_versions_follow_the_rules() {
     let ep = app.get_json("/api/v1/endpoints/on-v2").await;
     assert_eq!(ep["appVersion"]["name"], "rl-v2");
     let id = filter["id"].as_str().unwrap();
-    poll(Duration::from_secs(5), Duration::from_millis(50), || async {
-        let r = app
-            .get(&format!("/endpoints?filterId={id}"))
-            .await;
-        let body: Value = r.json().await.unwrap();
-        if body["totalElements"] == 1 {
-            Ok(())
-        } else {
-            Err(format!("filter does not list on-v2: {body}"))
-        }
-    })
+    poll(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || async {
+            let r = app.get(&format!("/endpoints?filterId={id}")).await;
+            let body: Value = r.json().await.unwrap();
+            if body["totalElements"] == 1 {
+                Ok(())
+            } else {
+                Err(format!("filter does not list on-v2: {body}"))
+            }
+        },
+    )
     .await;
     // The new limit applies at once.
     let r = app
-        .post_endpoint(&json!({"appVersion": {"name": "rl-v1"}, "metadata": {"x": "y".repeat(100)}}))
+        .post_endpoint(
+            &json!({"appVersion": {"name": "rl-v1"}, "metadata": {"x": "y".repeat(100)}}),
+        )
         .await;
     assert_eq!(r.status(), 413);
     let rl = app.get_json("/api/v1/applications/rl").await;
@@ -206,8 +218,11 @@ async fn fixed_settings_are_named_and_kept_and_an_invalid_file_changes_nothing()
     let r = app.get("/endpoints?limit=1000").await;
     assert_eq!(r.status(), 200);
     // An invalid file: the reload fails and nothing changes.
-    std::fs::write(&file, "kaa:\n  applications:\n    Bad:\n      versions:\n        x: {}\n")
-        .unwrap();
+    std::fs::write(
+        &file,
+        "kaa:\n  applications:\n    Bad:\n      versions:\n        x: {}\n",
+    )
+    .unwrap();
     assert!(reloader.reload("test").is_err());
     assert_eq!(status_of(&app, "rl-v4").await, StatusCode::CREATED);
     app.stop().await;

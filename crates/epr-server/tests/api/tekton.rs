@@ -46,7 +46,11 @@ fn app_json(app: &str, versions: &BTreeSet<String>) -> Value {
 }
 
 fn unavailable() -> Response {
-    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "down"}))).into_response()
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": "down"})),
+    )
+        .into_response()
 }
 
 async fn list(State(d): State<Shared>) -> Response {
@@ -95,7 +99,10 @@ impl TestTekton {
         let router = Router::new()
             .route("/api/v1/applications", get(list))
             .route("/api/v1/applications/{app}", get(one))
-            .route("/api/v1/applications/{app}/app-versions/{ver}", get(version))
+            .route(
+                "/api/v1/applications/{app}/app-versions/{ver}",
+                get(version),
+            )
             .with_state(data.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -212,12 +219,25 @@ async fn versions_follow_tekton_upserts_and_deletes() {
     let app = spawn_on_tekton(&tekton, &shared_url(), &instance, dir.path()).await;
     let nats = shared_client().await;
     // Read at start: Tekton's version and the local ones are all accepted.
-    assert_eq!(registration_status(&app, "tk-v1").await, StatusCode::CREATED);
-    assert_eq!(registration_status(&app, "demo-v1").await, StatusCode::CREATED);
-    assert_eq!(registration_status(&app, "tk-v2").await, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        registration_status(&app, "tk-v1").await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        registration_status(&app, "demo-v1").await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        registration_status(&app, "tk-v2").await,
+        StatusCode::BAD_REQUEST
+    );
     let listed = app.get_json("/api/v1/applications/tk").await;
     assert_eq!(listed["origins"], json!(["tekton"]), "{listed}");
-    assert_eq!(listed["versions"][0]["origins"], json!(["tekton"]), "{listed}");
+    assert_eq!(
+        listed["versions"][0]["origins"],
+        json!(["tekton"]),
+        "{listed}"
+    );
     let demo = app.get_json("/api/v1/applications/demo").await;
     assert_eq!(demo["origins"], json!(["environment"]), "{demo}");
 
@@ -248,19 +268,28 @@ async fn versions_follow_tekton_upserts_and_deletes() {
     let mut u = update(Some("kaa"), Some("tk"), None);
     u.originator_replica_id = None;
     let subject = targeted_subject(&instance, UpdateType::Delete);
-    publish_until(&nats, &subject, encode_targeted(&u).unwrap(), Duration::from_secs(5), || async {
-        match registration_status(&app, "tk-v2").await {
-            StatusCode::BAD_REQUEST => Ok(()),
-            s => Err(format!("tk-v2 still accepted: {s}")),
-        }
-    })
+    publish_until(
+        &nats,
+        &subject,
+        encode_targeted(&u).unwrap(),
+        Duration::from_secs(5),
+        || async {
+            match registration_status(&app, "tk-v2").await {
+                StatusCode::BAD_REQUEST => Ok(()),
+                s => Err(format!("tk-v2 still accepted: {s}")),
+            }
+        },
+    )
     .await;
     let r = app
         .post_endpoint(&json!({"appVersion": {"name": "tk-v2"}}))
         .await;
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["rule"], "known-app-version", "{body}");
-    assert!(body["message"].as_str().unwrap().contains("removed"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("removed"),
+        "{body}"
+    );
     let ep = app.get_json("/api/v1/endpoints/kept-tk-v2").await;
     assert_eq!(ep["appVersion"]["name"], "tk-v2", "{ep}");
     // Moving an endpoint to the removed version: the usual 400.
@@ -273,7 +302,11 @@ async fn versions_follow_tekton_upserts_and_deletes() {
         .await;
     assert_eq!(r.status(), 400);
     let listed = app.get_json("/api/v1/applications/tk").await;
-    assert_eq!(listed["removedVersions"], json!([{"name": "tk-v2"}]), "{listed}");
+    assert_eq!(
+        listed["removedVersions"],
+        json!([{"name": "tk-v2"}]),
+        "{listed}"
+    );
     // The application's filters keep working.
     let r = app
         .send_json(
@@ -347,15 +380,24 @@ async fn other_instances_tenants_and_malformed_messages_are_ignored() {
         );
     }
     assert_eq!(tekton.requests(), requests, "Tekton was read");
-    assert_eq!(registration_status(&app, "tko-v2").await, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        registration_status(&app, "tko-v2").await,
+        StatusCode::BAD_REQUEST
+    );
     // The service still follows messages meant for it.
     let payload = encode_broadcast(&update(Some("kaa"), None, None)).unwrap();
-    publish_until(&nats, &broadcast, payload, Duration::from_secs(5), || async {
-        match registration_status(&app, "tko-v2").await {
-            StatusCode::CREATED => Ok(()),
-            s => Err(format!("tko-v2 still refused: {s}")),
-        }
-    })
+    publish_until(
+        &nats,
+        &broadcast,
+        payload,
+        Duration::from_secs(5),
+        || async {
+            match registration_status(&app, "tko-v2").await {
+                StatusCode::CREATED => Ok(()),
+                s => Err(format!("tko-v2 still refused: {s}")),
+            }
+        },
+    )
     .await;
     app.stop().await;
 }
@@ -366,18 +408,30 @@ async fn tekton_down_at_start_uses_the_stored_catalogue() {
     let dir = tempfile::tempdir().unwrap();
     let instance = unique_instance("eprtkd");
     let app = spawn_on_tekton(&tekton, &shared_url(), &instance, dir.path()).await;
-    assert_eq!(registration_status(&app, "tkd-v1").await, StatusCode::CREATED);
+    assert_eq!(
+        registration_status(&app, "tkd-v1").await,
+        StatusCode::CREATED
+    );
     app.stop().await;
 
     tekton.set_down(true);
     let app = spawn_on_tekton(&tekton, &shared_url(), &instance, dir.path()).await;
     // Started on the stored catalogue, and says so.
-    assert_eq!(registration_status(&app, "tkd-v1").await, StatusCode::CREATED);
-    assert_eq!(registration_status(&app, "tkd-v2").await, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        registration_status(&app, "tkd-v1").await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        registration_status(&app, "tkd-v2").await,
+        StatusCode::BAD_REQUEST
+    );
     let health = app.get_json("/health/ready").await;
     let t = &health["components"]["tekton"];
     assert_eq!(t["status"], "DOWN", "{health}");
-    assert_eq!(t["details"]["tenants"]["kaa"]["source"], "stored", "{health}");
+    assert_eq!(
+        t["details"]["tenants"]["kaa"]["source"], "stored",
+        "{health}"
+    );
     let metrics = app.metrics().await;
     assert!(
         metrics.contains("epr_config_refresh_failures_total{source=\"tekton\"}"),
@@ -386,12 +440,16 @@ async fn tekton_down_at_start_uses_the_stored_catalogue() {
     // Back up with a new version: the retry picks it up without any message.
     tekton.set("tkd", "tkd-v2", true);
     tekton.set_down(false);
-    poll(Duration::from_secs(15), Duration::from_millis(100), || async {
-        match registration_status(&app, "tkd-v2").await {
-            StatusCode::CREATED => Ok(()),
-            s => Err(format!("tkd-v2 still refused: {s}")),
-        }
-    })
+    poll(
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async {
+            match registration_status(&app, "tkd-v2").await {
+                StatusCode::CREATED => Ok(()),
+                s => Err(format!("tkd-v2 still refused: {s}")),
+            }
+        },
+    )
     .await;
     let health = app.get_json("/health/ready").await;
     assert_eq!(health["components"]["tekton"]["status"], "UP", "{health}");
@@ -418,20 +476,24 @@ async fn two_replicas_converge_after_one_broadcast() {
     .unwrap();
     nats.flush().await.unwrap();
     for app in [&a, &b] {
-        poll(Duration::from_secs(2), Duration::from_millis(20), || async {
-            let c = app.get_json("/api/v1/applications").await;
-            let names: Vec<&str> = c["content"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter_map(|x| x["name"].as_str())
-                .collect();
-            if names.contains(&"tkr2") {
-                Ok(())
-            } else {
-                Err(format!("not converged: {c}"))
-            }
-        })
+        poll(
+            Duration::from_secs(2),
+            Duration::from_millis(20),
+            || async {
+                let c = app.get_json("/api/v1/applications").await;
+                let names: Vec<&str> = c["content"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|x| x["name"].as_str())
+                    .collect();
+                if names.contains(&"tkr2") {
+                    Ok(())
+                } else {
+                    Err(format!("not converged: {c}"))
+                }
+            },
+        )
         .await;
     }
     assert_eq!(
