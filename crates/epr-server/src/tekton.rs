@@ -626,7 +626,7 @@ impl Tekton {
     /// Handles queued scopes together: everything once if any asks for everything, else
     /// each tenant once in full if asked, else each narrower scope in order.
     async fn handle(&self, scopes: Vec<RefreshScope>) {
-        if scopes.iter().any(|s| *s == RefreshScope::All) {
+        if scopes.contains(&RefreshScope::All) {
             return self.all().await;
         }
         let whole: BTreeSet<TenantId> = scopes
