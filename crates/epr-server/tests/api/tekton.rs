@@ -22,6 +22,8 @@ struct Data {
     apps: BTreeMap<String, BTreeSet<String>>,
     down: bool,
     requests: usize,
+    /// `Authorization` headers of full reads.
+    authorizations: Vec<Option<String>>,
 }
 
 type Shared = Arc<Mutex<Data>>;
@@ -53,9 +55,14 @@ fn unavailable() -> Response {
         .into_response()
 }
 
-async fn list(State(d): State<Shared>) -> Response {
+async fn list(State(d): State<Shared>, headers: axum::http::HeaderMap) -> Response {
     let mut d = d.lock().unwrap();
     d.requests += 1;
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    d.authorizations.push(auth);
     if d.down {
         return unavailable();
     }
@@ -124,6 +131,10 @@ impl TestTekton {
 
     pub fn set_down(&self, down: bool) {
         self.data.lock().unwrap().down = down;
+    }
+
+    pub fn authorizations(&self) -> Vec<Option<String>> {
+        self.data.lock().unwrap().authorizations.clone()
     }
 
     pub fn requests(&self) -> usize {
@@ -503,4 +514,36 @@ async fn two_replicas_converge_after_one_broadcast() {
     assert_eq!(registration_status(&b, "tkr-v2").await, StatusCode::CREATED);
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test]
+async fn with_authentication_tekton_is_called_with_the_service_token() {
+    use epr_auth::testkit::{TestIssuer, TestKey};
+    let issuer = TestIssuer::start(&[TestKey::Rsa1]).await;
+    let tekton = TestTekton::start(&[("tka", &["tka-v1"])]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = test_settings(dir.path());
+    s.add_tenants(&format!("acme={}", issuer.url())).unwrap();
+    s.kaa.tekton.enabled = true;
+    s.kaa.tekton.url = tekton.url.clone();
+    s.kaa.tekton.client_id = "epr".into();
+    s.kaa.tekton.client_secret = "secret".into();
+    let app = spawn_settings(s).await;
+    // Read at start with a client-credentials token of the tenant's issuer.
+    let auths = tekton.authorizations();
+    assert!(
+        auths
+            .iter()
+            .any(|a| a.as_deref().is_some_and(|a| a.starts_with("Bearer svc-"))),
+        "{auths:?}"
+    );
+    assert!(issuer.token_requests() >= 1);
+    let acme = epr_core::ids::TenantId::parse("acme").unwrap();
+    let catalog = app.registry.catalog(&acme);
+    let v1 = epr_core::ids::AppVersionName::parse("tka-v1").unwrap();
+    assert_eq!(catalog.resolve(&v1).unwrap().as_str(), "tka");
+    // Tekton's entries are the tenant's own: another tenant does not see them.
+    let other = epr_core::ids::TenantId::parse("kaa").unwrap();
+    assert!(app.registry.catalog(&other).resolve(&v1).is_err());
+    app.stop().await;
 }
