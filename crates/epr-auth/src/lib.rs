@@ -7,6 +7,7 @@
 //! Modules: `settings` (the section, validation), `jwks` (an issuer's keys), `verify`
 //! (token checks), `cache` (verified tokens), `scopes` (claims → scopes), `directory`
 //! (tenants and the unregistration rule), `tenant_manager` (Kaa's Tenant Manager client),
+//! `service_token` (this service's client-credentials tokens per issuer, for Tekton),
 //! `testkit` (feature `testkit`: loopback issuer, minter and Tenant Manager).
 
 mod cache;
@@ -14,6 +15,7 @@ mod directory;
 mod http;
 mod jwks;
 pub mod scopes;
+mod service_token;
 mod settings;
 mod tenant_manager;
 #[cfg(any(test, feature = "testkit"))]
@@ -22,6 +24,8 @@ pub mod testkit;
 mod tests;
 mod verify;
 
+pub use http::{Answer, HttpClient};
+pub use service_token::ServiceTokens;
 pub use settings::{
     AuthSettings, ScopeSettings, TenantManagerSettings, TenantSettings, ALGORITHMS,
 };

@@ -93,10 +93,26 @@ pub struct PurgeStep {
 
 type BatchTokens = HashMap<(TenantId, String), (Timestamp, Vec<Option<String>>)>;
 
+/// The application catalogues in effect: one per tenant that has entries of its own
+/// (from Tekton), the shared one (file and environment) for every other tenant.
+#[derive(Debug, Clone, Default)]
+pub struct Catalogs {
+    pub shared: Arc<AppCatalog>,
+    pub tenants: HashMap<TenantId, Arc<AppCatalog>>,
+}
+
+impl Catalogs {
+    pub fn of(&self, tenant: &TenantId) -> &Arc<AppCatalog> {
+        self.tenants.get(tenant).unwrap_or(&self.shared)
+    }
+}
+
 pub struct Registry {
     store: Arc<dyn Store>,
-    catalog: RwLock<Arc<AppCatalog>>,
-    settings: RegistrySettings,
+    /// Swapped whole on reload; readers clone the `Arc` under a lock held for nanoseconds
+    /// (a std lock: the hot path never awaits it).
+    catalogs: RwLock<Arc<Catalogs>>,
+    settings: RwLock<RegistrySettings>,
     clock: Arc<dyn Clock>,
     ids: Arc<dyn IdSource>,
     batch_tokens: Mutex<BatchTokens>,
@@ -112,32 +128,60 @@ impl Registry {
     ) -> Self {
         Self {
             store,
-            catalog: RwLock::new(Arc::new(catalog)),
-            settings,
+            catalogs: RwLock::new(Arc::new(Catalogs {
+                shared: Arc::new(catalog),
+                tenants: HashMap::new(),
+            })),
+            settings: RwLock::new(settings),
             clock,
             ids,
             batch_tokens: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.settings.limits
+    /// The settings in effect (they may be reloaded at run time).
+    pub fn settings(&self) -> RegistrySettings {
+        *self.settings.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the settings (configuration reload); requests already running keep the
+    /// ones they started with.
+    pub fn set_settings(&self, settings: RegistrySettings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = settings;
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.settings().limits
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
-    pub fn catalog(&self) -> Arc<AppCatalog> {
-        self.catalog
+    /// The catalogue in effect for `tenant`.
+    pub fn catalog(&self, tenant: &TenantId) -> Arc<AppCatalog> {
+        self.catalogs().of(tenant).clone()
+    }
+
+    /// Every catalogue in effect.
+    pub fn catalogs(&self) -> Arc<Catalogs> {
+        self.catalogs
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// Replaces the application catalogue (configuration reload).
+    /// Replaces the shared catalogue, keeping no tenant's own (tools and tests).
     pub fn set_catalog(&self, catalog: AppCatalog) {
-        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
+        self.set_catalogs(Catalogs {
+            shared: Arc::new(catalog),
+            tenants: HashMap::new(),
+        });
+    }
+
+    /// Replaces every catalogue at once (configuration reload, Tekton refresh).
+    pub fn set_catalogs(&self, catalogs: Catalogs) {
+        *self.catalogs.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(catalogs);
     }
 
     fn ctx(&self, tenant: &TenantId, correlation_id: &str) -> WriteCtx {
@@ -145,13 +189,17 @@ impl Registry {
             tenant: tenant.clone(),
             now: self.clock.now(),
             correlation_id: correlation_id.to_owned(),
-            limits: self.settings.limits,
+            limits: self.limits(),
         }
     }
 
-    fn resolve_version(&self, name: &str) -> Result<(AppName, AppVersionName), DomainError> {
+    fn resolve_version(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+    ) -> Result<(AppName, AppVersionName), DomainError> {
         let version = AppVersionName::parse(name)?;
-        let app = self.catalog().resolve(&version)?;
+        let app = self.catalog(tenant).resolve(&version)?;
         Ok((app, version))
     }
 
@@ -174,7 +222,7 @@ impl Registry {
         };
         let metadata = match metadata {
             None => Metadata::empty(),
-            Some(v) => Metadata::parse(v, "metadata", &self.settings.limits)?,
+            Some(v) => Metadata::parse(v, "metadata", &self.limits())?,
         };
         let reg = Registration {
             id,
@@ -192,7 +240,7 @@ impl Registry {
         input: RegisterInput,
         correlation_id: &str,
     ) -> Result<Registered, Error> {
-        let (app, version) = self.resolve_version(&input.app_version)?;
+        let (app, version) = self.resolve_version(tenant, &input.app_version)?;
         let (reg, token) = self.registration(
             &app,
             &version,
@@ -251,9 +299,9 @@ impl Registry {
         self.store.matched_filters(tenant, endpoints).await
     }
 
-    fn check_app(&self, app: &str) -> Result<AppName, DomainError> {
+    fn check_app(&self, tenant: &TenantId, app: &str) -> Result<AppName, DomainError> {
         let app = AppName::parse(app)?;
-        let catalog = self.catalog();
+        let catalog = self.catalog(tenant);
         if !catalog.allows_unknown() && !catalog.knows_app(&app) {
             return Err(DomainError::not_found("application", app.as_str()));
         }
@@ -268,7 +316,7 @@ impl Registry {
         input: FilterInput,
         correlation_id: &str,
     ) -> Result<EndpointFilter, Error> {
-        let app = self.check_app(app)?;
+        let app = self.check_app(tenant, app)?;
         let query = input.mongo_query.ok_or_else(|| {
             DomainError::from(ValidationError::new(
                 "mongoQuery",
@@ -392,10 +440,13 @@ impl Registry {
     ) -> Result<Endpoint, Error> {
         let version =
             AppVersionName::parse(app_version).map_err(|e| DomainError::from(e.at("name")))?;
-        let app = self.catalog().resolve(&version).map_err(|e| match e {
-            DomainError::Invalid(v) => DomainError::Invalid(v.at("name")),
-            other => other,
-        })?;
+        let app = self
+            .catalog(tenant)
+            .resolve(&version)
+            .map_err(|e| match e {
+                DomainError::Invalid(v) => DomainError::Invalid(v.at("name")),
+                other => other,
+            })?;
         let cmd = Command::SetAppVersion {
             id,
             app,
@@ -445,14 +496,15 @@ impl Registry {
         inputs: Vec<BatchInput>,
         correlation_id: &str,
     ) -> Result<BatchReport, Error> {
-        let (app, version) = self.resolve_version(app_version)?;
-        if inputs.is_empty() || inputs.len() > self.settings.batch_max_items {
+        let (app, version) = self.resolve_version(tenant, app_version)?;
+        let batch_max_items = self.settings().batch_max_items;
+        if inputs.is_empty() || inputs.len() > batch_max_items {
             return Err(DomainError::from(ValidationError::new(
                 "endpoints",
                 "batch-size",
                 format!(
                     "a batch holds 1 to {} endpoints, this one holds {}",
-                    self.settings.batch_max_items,
+                    batch_max_items,
                     inputs.len()
                 ),
             ))
@@ -514,7 +566,7 @@ impl Registry {
         held.insert(
             (tenant.clone(), task_id),
             (
-                Timestamp(now.0 + self.settings.batch_token_retention_ms),
+                Timestamp(now.0 + self.settings().batch_token_retention_ms),
                 tokens.clone(),
             ),
         );

@@ -68,6 +68,8 @@ compiled_schemas! {
     EFMP_LIST_BY_FILTER_RESPONSE => "0020-endpoint-list-by-filter-response.avsc",
     TLE_UPDATED => "0021-tenant-updated.avsc",
     TLE_UNREGISTERED => "0021-tenant-unregistered.avsc",
+    SCMP_BROADCAST => "0017-broadcast_configuration_update.avsc",
+    SCMP_TARGETED => "0017-service_specific_configuration_update.avsc",
 }
 
 impl CompiledSchema {

@@ -11,6 +11,8 @@
 //! - [`efmp`] decodes 20/EFMP requests and encodes their responses (and the reverse).
 //! - [`tenant`] decodes the 21/TLE tenant lifecycle events that EPR listens to (and encodes
 //!   them, for tests and tools).
+//! - [`scmp`] decodes the 17/SCMP configuration updates from Kaa's Tekton (broadcast and
+//!   targeted) and says what their null pattern asks to re-read.
 //!
 //! All of it is pure (no NATS client, no clock).
 //!
@@ -37,6 +39,7 @@ pub mod efe;
 pub mod efmp;
 pub mod epmmp;
 mod rpc;
+pub mod scmp;
 pub mod tenant;
 
 use avro::{CompiledSchema, Datum, Fields};

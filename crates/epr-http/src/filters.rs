@@ -38,7 +38,7 @@ pub async fn list(
 ) -> Result<Response> {
     let raw = path(p)?;
     caller.require(Scope::FilterRead, Resource::Application(&raw))?;
-    let app = known_app(&s, &raw)?;
+    let app = known_app(&s, &caller, &raw)?;
     let pairs = query_pairs(uri.query());
     // Names are stored trimmed; an empty `name=` (a cleared search box) filters nothing.
     let name = single_param(&pairs, "name")?

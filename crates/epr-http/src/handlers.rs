@@ -71,9 +71,9 @@ fn authorized_endpoint_key(
 
 /// The application an application version belongs to, for authorizing a registration
 /// before the registry is asked (which resolves it again: a map lookup).
-fn app_of_version(s: &AppState, version: &str) -> Result<AppName> {
+fn app_of_version(s: &AppState, caller: &Caller, version: &str) -> Result<AppName> {
     let version = AppVersionName::parse(version)?;
-    Ok(s.registry.catalog().resolve(&version)?)
+    Ok(s.registry.catalog(caller.tenant()).resolve(&version)?)
 }
 
 pub(crate) fn json_response(
@@ -225,9 +225,9 @@ fn cursor_param(pairs: &[(String, String)], page: &mut PageRequest) -> Result<()
 
 /// An application named in a path that must be configured (or unknown applications be
 /// allowed); otherwise `404` (field `applicationName`).
-pub(crate) fn known_app(s: &AppState, raw: &str) -> Result<AppName> {
+pub(crate) fn known_app(s: &AppState, caller: &Caller, raw: &str) -> Result<AppName> {
     let app = AppName::parse(raw)?;
-    let catalog = s.registry.catalog();
+    let catalog = s.registry.catalog(caller.tenant());
     if !catalog.knows_app(&app) && !catalog.allows_unknown() {
         return Err(epr_core::DomainError::not_found("application", app.as_str()).into());
     }
@@ -270,7 +270,7 @@ pub async fn register(
         metadata: req.metadata.filter(|m| !m.is_null()),
         token: req.endpoint_token,
     };
-    let app = app_of_version(&s, &input.app_version)?;
+    let app = app_of_version(&s, &caller, &input.app_version)?;
     caller.require(
         Scope::ApplicationEndpointCreate,
         Resource::Application(app.as_str()),
@@ -498,7 +498,7 @@ pub async fn put_metadata(
     let id = authorized_endpoint(&caller, Scope::EndpointUpdate, p)?;
     require_json(&body)?;
     let value: Value = parse_json(&body.bytes)?;
-    let md = Metadata::parse(value, "body", s.registry.limits())?;
+    let md = Metadata::parse(value, "body", &s.registry.limits())?;
     change_metadata(&s, &caller, &headers, id, MetadataChange::Replace(md)).await
 }
 
@@ -534,7 +534,7 @@ pub async fn patch_metadata(
 }
 
 fn metadata_key(s: &AppState, raw: &str) -> Result<MetadataKey> {
-    Ok(MetadataKey::parse(raw, s.registry.limits())?)
+    Ok(MetadataKey::parse(raw, &s.registry.limits())?)
 }
 
 /// `GET /endpoints/{endpointId}/metadata/{metadataKey}`: the key's raw JSON value.
@@ -611,7 +611,7 @@ pub async fn application_metadata_keys(
         Scope::ApplicationMetadataKeysRead,
         Resource::Application(&raw),
     )?;
-    let app = known_app(&s, &raw)?;
+    let app = known_app(&s, &caller, &raw)?;
     let keys = s.registry.metadata_keys(caller.tenant(), &app).await?;
     Ok(json_response(StatusCode::OK, &keys, None))
 }
@@ -630,7 +630,7 @@ pub async fn batch_register(
     require_json(&body)?;
     let req: dto::BatchBody = parse_object(&body.bytes)?;
     let version = required_name(req.app_version, "appVersion.name")?;
-    let app = app_of_version(&s, &version)?;
+    let app = app_of_version(&s, &caller, &version)?;
     caller.require(
         Scope::ApplicationEndpointCreate,
         Resource::Application(app.as_str()),

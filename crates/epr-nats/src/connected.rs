@@ -1,7 +1,8 @@
 //! The 9/ELCE `connected` listener: when a connected endpoint reports an application
 //! version other than the stored one, the stored version is updated (which publishes
 //! `appversion-updated` through the outbox). Unknown endpoints are logged and counted, never
-//! created.
+//! created; a version removed from the catalogue is counted (`outcome="removed-version"`)
+//! and ignored: the endpoint keeps its stored version.
 //!
 //! Subscribed in the instance's queue group, so each event is handled by one replica. Work is
 //! spread over shards by endpoint ID: one endpoint's reports are applied in arrival order,
@@ -17,7 +18,7 @@
 use crate::connection::{now_millis, Nats};
 use crate::tenancy::Tenancy;
 use epr_core::endpoint::Precondition;
-use epr_core::ids::{EndpointId, TenantId};
+use epr_core::ids::{AppVersionName, EndpointId, TenantId};
 use epr_core::ports::StoreError;
 use epr_core::registry::Registry;
 use epr_core::DomainError;
@@ -200,6 +201,16 @@ async fn apply(registry: &Registry, tenant: &TenantId, r: Report) {
     {
         Ok(_) => count("updated"),
         Err(StoreError::Rejected(DomainError::NotFound { .. })) => count("unknown"),
+        // A version taken out of the catalogue: the endpoint keeps its stored version.
+        Err(StoreError::Rejected(DomainError::Invalid(_)))
+            if AppVersionName::parse(&r.app_version)
+                .is_ok_and(|v| registry.catalog(tenant).is_removed(&v)) =>
+        {
+            count("removed-version");
+            tracing::info!(endpoint = %id, app_version = %r.app_version,
+                correlation_id = %r.correlation_id,
+                "connected event reports a removed app version; ignored");
+        }
         Err(StoreError::Rejected(e)) => {
             count("rejected");
             tracing::warn!(endpoint = %id, app_version = %r.app_version, error = %e,

@@ -223,7 +223,7 @@ impl Handler {
         commands: &[KeyUpdateCommand],
         corr: &str,
     ) -> Result<(), Status> {
-        let limits = *self.registry.limits();
+        let limits = self.registry.limits();
         let mut per_endpoint: BTreeMap<EndpointId, Vec<json_patch::PatchOperation>> =
             BTreeMap::new();
         for (i, c) in commands.iter().enumerate() {

@@ -11,6 +11,7 @@
 //!   metrics).
 //! - [`tenancy`]: the tenants served and their service instance names.
 //! - [`tenant_lifecycle`]: the 21/TLE listener (tenant updated or unregistered).
+//! - [`scmp`]: the 17/SCMP listener (Tekton configuration updates, every replica).
 
 pub mod connected;
 pub mod connection;
@@ -18,6 +19,7 @@ pub mod efmp;
 pub mod epmmp;
 pub mod relay;
 mod rpc;
+pub mod scmp;
 pub mod tenancy;
 pub mod tenant_lifecycle;
 

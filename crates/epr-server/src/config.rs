@@ -248,6 +248,8 @@ pub struct LogSettings {
 #[serde(default)]
 pub struct KaaSettings {
     pub applications: BTreeMap<String, AppSettings>,
+    /// Kaa's Tekton as a source of applications and versions (`kaa.tekton.*`).
+    pub tekton: crate::tekton::TektonSettings,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -363,6 +365,10 @@ impl Settings {
         let url = |u: &mut String| *u = crate::summary::redact_urls(u);
         url(&mut s.nats.url);
         s.store.postgres.url = redact_database_url(&s.store.postgres.url);
+        url(&mut s.kaa.tekton.url);
+        if !s.kaa.tekton.client_secret.is_empty() {
+            s.kaa.tekton.client_secret = "***".into();
+        }
         let tm = &mut s.auth.tenant_manager;
         url(&mut tm.url);
         url(&mut tm.token_url);
@@ -458,6 +464,7 @@ impl Settings {
             std::env::var_os("EPR__STORE__POSTGRES__URL").is_some(),
             std::env::var("EPR_DATABASE_URL").ok(),
         );
+        settings.kaa.tekton.apply_kaa_env()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -543,6 +550,7 @@ impl Settings {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.listen_addr()?;
         self.catalog()?;
+        self.kaa.tekton.validate()?;
         self.tenant()?;
         match self.store.backend.as_str() {
             "embedded" => {}

@@ -2,14 +2,17 @@
 //! them together. `main.rs` is a thin shell around [`Application`].
 
 pub mod admin;
+pub mod catalogue;
 pub mod config;
 pub mod export_format;
 pub mod log_writer;
 pub mod metric_help;
 pub mod process_metrics;
 pub mod purge;
+pub mod reload;
 pub mod serve;
 pub mod summary;
+pub mod tekton;
 pub mod telemetry;
 
 use anyhow::Context;
@@ -144,6 +147,19 @@ pub struct Application {
     purge: Option<Arc<purge::PurgeJobs>>,
     /// HTTPS on the listener (`server.tls`).
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Central configuration: the catalogue's sources, Tekton, reload.
+    central: Central,
+}
+
+/// The application catalogue's sources and what keeps them current.
+struct Central {
+    /// The settings the application was built with (what a reload compares against).
+    settings: Settings,
+    catalogue: Arc<catalogue::CatalogueSources>,
+    /// Kaa's Tekton, when `kaa.tekton.enabled`.
+    tekton: Option<Arc<tekton::Tekton>>,
+    /// Set by [`Application::with_reload`].
+    reloader: Option<Arc<reload::Reloader>>,
 }
 
 /// A NATS front-end, started with a stop signal.
@@ -189,6 +205,29 @@ impl Application {
             Arc::new(SystemClock),
             Arc::new(UuidIds),
         ));
+        // Every source keeps its entries; until `with_reload` names the file, local entries
+        // count as the environment's.
+        let catalogue = Arc::new(catalogue::CatalogueSources::new(registry.clone()));
+        let (file_entries, env_entries) = catalogue::local_entries(settings, None)?;
+        catalogue.set_local(
+            settings.registration.allow_unknown_app_versions,
+            file_entries,
+            env_entries,
+        );
+        let tekton = if settings.kaa.tekton.enabled {
+            let t = tekton::Tekton::new(
+                &settings.kaa.tekton,
+                &settings.auth,
+                catalogue.clone(),
+                store.clone() as Arc<dyn Store>,
+                auth.tenants(),
+            );
+            // Before serving: registrations are checked against Tekton's versions at once.
+            t.start().await;
+            Some(t)
+        } else {
+            None
+        };
         let nats = if settings.nats.url.is_empty() {
             tracing::warn!(
                 "nats.url is not set: events are not published and no NATS requests are served"
@@ -277,6 +316,15 @@ impl Application {
                     ))
                 }));
             }
+            if let Some(t) = &tekton {
+                let (nats, control, tenancy) = (nats.clone(), t.control(), tenancy.clone());
+                listeners.push(Box::new(move |stop| {
+                    tokio::spawn(logged(
+                        "17/SCMP configuration listener",
+                        epr_nats::scmp::listen(nats, control, tenancy, stop),
+                    ))
+                }));
+            }
             if settings.nats.epmmp {
                 let (nats, registry) = (nats.clone(), registry.clone());
                 let tenancy = tenancy.clone();
@@ -325,7 +373,20 @@ impl Application {
             },
             ready: ready.clone(),
             metrics: Some(metrics_renderer),
-            components: vec![Arc::new(nats_health), Arc::new(AuthHealth(auth.clone()))],
+            components: {
+                let mut c: Vec<Arc<dyn HealthComponent>> =
+                    vec![Arc::new(nats_health), Arc::new(AuthHealth(auth.clone()))];
+                if let Some(t) = &tekton {
+                    c.push(Arc::new(tekton::TektonHealth(t.clone())));
+                    if settings.nats.url.is_empty() {
+                        tracing::warn!(
+                            "kaa.tekton is enabled without nats.url: 17/SCMP updates are not \
+                             received; Tekton is read every kaa.tekton.refresh_secs"
+                        );
+                    }
+                }
+                c
+            },
         };
         let router = epr_http::cors::with_cors(epr_http::router(state), &settings.server.cors)
             .map_err(anyhow::Error::msg)?;
@@ -347,7 +408,32 @@ impl Application {
             auth,
             purge,
             tls,
+            central: Central {
+                settings: settings.clone(),
+                catalogue,
+                tekton,
+                reloader: None,
+            },
         })
+    }
+
+    /// Reloads the configuration from `source` on SIGHUP and when its file changes (see
+    /// [`reload`]); entries of the file are told apart from the environment's from now on.
+    pub fn with_reload(mut self, source: reload::ReloadSource) -> anyhow::Result<Self> {
+        let reloader = Arc::new(reload::Reloader::new(
+            source,
+            self.central.settings.clone(),
+            self.registry.clone(),
+            self.central.catalogue.clone(),
+        ));
+        reloader.classify_local()?;
+        self.central.reloader = Some(reloader);
+        Ok(self)
+    }
+
+    /// The reloader, when [`Application::with_reload`] set one (tools and tests).
+    pub fn reloader(&self) -> Option<Arc<reload::Reloader>> {
+        self.central.reloader.clone()
     }
 
     /// The authenticator and tenant directory (its tenant set, its `TenantControl`).
@@ -377,6 +463,13 @@ impl Application {
         let (relay_stop_tx, relay_stop) = tokio::sync::watch::channel(false);
         let relay = tokio::spawn(self.relay.run(relay_stop, RELAY_DRAIN_LIMIT));
         let (listeners_stop_tx, listeners_stop) = tokio::sync::watch::channel(false);
+        let mut central_tasks = Vec::new();
+        if let Some(t) = self.central.tekton.clone() {
+            central_tasks.push(tokio::spawn(t.run(listeners_stop.clone())));
+        }
+        if let Some(r) = self.central.reloader.clone() {
+            central_tasks.push(tokio::spawn(r.run(listeners_stop.clone())));
+        }
         let listeners: Vec<_> = self
             .listeners
             .into_iter()
@@ -418,6 +511,9 @@ impl Application {
             if let Err(e) = l.await {
                 tracing::error!(error = %e, "a NATS listener panicked");
             }
+        }
+        for t in central_tasks {
+            let _ = t.await;
         }
         // Purges stop after their current step; `epr purge-tenant` finishes them.
         if let Some(purge) = &self.purge {

@@ -163,7 +163,30 @@ async fn main() -> anyhow::Result<()> {
                 Ok((_, after)) => tracing::info!(open_files_limit = after, "open-files limit"),
                 Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
             }
-            let app = Application::build(&settings).await?;
+            let overrides = {
+                let (listen, data_dir, log_format) = (
+                    cli.listen.clone(),
+                    cli.data_dir.clone(),
+                    cli.log_format.clone(),
+                );
+                move |s: &mut Settings| {
+                    if let Some(l) = &listen {
+                        s.server.listen = l.clone();
+                    }
+                    if let Some(d) = &data_dir {
+                        s.store.data_dir = d.clone();
+                    }
+                    if let Some(f) = &log_format {
+                        s.log.format = f.clone();
+                    }
+                }
+            };
+            let app = Application::build(&settings).await?.with_reload(
+                epr_server::reload::ReloadSource {
+                    file: cli.config.clone(),
+                    overrides: std::sync::Arc::new(overrides),
+                },
+            )?;
             StartupSummary::new(&settings, cli.config.as_deref(), app.addr()).log();
             app.run_until_stopped(epr_server::shutdown_signal()).await
         }

@@ -154,7 +154,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         "epr_connected_endpoints_total",
         Counter,
-        "9/ELCE connected events handled, by outcome.",
+        "9/ELCE connected endpoints handled, by outcome (unchanged, updated, unknown, removed-version, rejected, failed).",
     ),
     (
         "epr_connected_events_invalid_total",
@@ -181,6 +181,42 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "epr_tenant_events_dropped_total",
         Counter,
         "21/TLE tenant lifecycle events dropped, by type and reason (undecodable, expired).",
+    ),
+    // epr-nats::scmp, epr-server::{catalogue, tekton, reload}
+    (
+        "epr_scmp_messages_total",
+        Counter,
+        "17/SCMP configuration updates accepted, by type (upsert, delete) and scope (all, tenant, application, version).",
+    ),
+    (
+        "epr_scmp_messages_dropped_total",
+        Counter,
+        "17/SCMP configuration updates ignored, by reason (undecodable, invalid-pattern, unknown-tenant, other-instance, invalid-name).",
+    ),
+    (
+        "epr_config_versions",
+        Gauge,
+        "Application versions in effect, by origin (file, environment, tekton), summed over the shared and the per-tenant catalogues.",
+    ),
+    (
+        "epr_config_source",
+        Gauge,
+        "Tenants whose Tekton entries come from a Tekton read (tekton), from the stored copy because Tekton has not answered since the start (stored), or from nowhere yet (none).",
+    ),
+    (
+        "epr_config_last_refresh_timestamp_seconds",
+        Gauge,
+        "Unix time of the last successful configuration refresh, by source (tekton: a read of Tekton; local: a reload of the file and environment).",
+    ),
+    (
+        "epr_config_refresh_failures_total",
+        Counter,
+        "Failed configuration refreshes, by source (tekton: a Tekton read failed; local: a reload found an invalid configuration).",
+    ),
+    (
+        "epr_config_reloads_total",
+        Counter,
+        "Local configuration reloads, by trigger (sighup, file) and outcome (ok, error).",
     ),
     // epr-server: removed tenants' data
     (

@@ -33,16 +33,48 @@ pub fn init_logging(log: &LogSettings) -> LogGuard {
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(ansi);
+    // The filter sits behind a reload handle so that a configuration reload can change the
+    // level (`set_log_level`); the handle's type depends on the format, hence the closure.
     let result = if log.format == "json" {
-        builder.json().flatten_event(true).try_init()
+        let builder = builder.json().flatten_event(true).with_filter_reloading();
+        let handle = builder.reload_handle();
+        builder.try_init().inspect(|_| {
+            let _ = LEVEL.set(Box::new(move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
+        })
     } else {
-        builder.try_init()
+        let builder = builder.with_filter_reloading();
+        let handle = builder.reload_handle();
+        builder.try_init().inspect(|_| {
+            let _ = LEVEL.set(Box::new(move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
+        })
     };
     match result {
         Ok(()) => LogGuard(Some(guard)),
         // A second initialisation (tests start many servers in one process) is harmless.
         Err(_) => LogGuard(None),
     }
+}
+
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// Replaces the installed subscriber's filter; set once the subscriber is installed.
+static LEVEL: OnceLock<SetFilter> = OnceLock::new();
+
+/// Applies a new `log.level` to the running process. `Ok(false)` when nothing changes:
+/// `RUST_LOG` overrides the configured level, or this process installed no subscriber.
+pub fn set_log_level(level: &str) -> Result<bool, String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Ok(false);
+    }
+    let Some(set) = LEVEL.get() else {
+        return Ok(false);
+    };
+    let filter = EnvFilter::try_new(level).map_err(|e| format!("log.level '{level}': {e}"))?;
+    set(filter).map(|()| true)
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

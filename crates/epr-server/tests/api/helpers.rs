@@ -193,6 +193,11 @@ pub async fn spawn_settings(mut s: Settings) -> TestApp {
         LOG.get_or_init(|| epr_server::telemetry::init_logging(&s.log));
     }
     let app = Application::build(&s).await.expect("the app builds");
+    spawn_application(app, &s)
+}
+
+/// Runs an application already built from `s` (e.g. with a reload source).
+pub fn spawn_application(app: Application, s: &Settings) -> TestApp {
     let addr = app.addr();
     let registry = app.registry();
     let (stop, stopped) = oneshot::channel::<()>();

@@ -23,6 +23,8 @@ mod nats_support;
 mod observability;
 mod ops;
 mod replicas;
+mod reload;
 mod security;
 mod strict;
+mod tekton;
 mod tenancy_nats;

@@ -490,15 +490,19 @@ async fn applications_are_listed_with_their_versions() {
         assert_eq!(
             body,
             json!({"totalElements": 2, "content": [
-                {"name": "demo", "versions": [{"name": "demo-v1"}, {"name": "demo-v2"}]},
-                {"name": "other", "versions": [{"name": "other-v1"}]}
+                {"name": "demo", "origins": ["environment"], "removedVersions": [],
+                 "versions": [{"name": "demo-v1", "origins": ["environment"]},
+                              {"name": "demo-v2", "origins": ["environment"]}]},
+                {"name": "other", "origins": ["environment"], "removedVersions": [],
+                 "versions": [{"name": "other-v1", "origins": ["environment"]}]}
             ]})
         );
     }
     let one: Value = app.get("/applications/other").await.json().await.unwrap();
     assert_eq!(
         one,
-        json!({"name": "other", "versions": [{"name": "other-v1"}]})
+        json!({"name": "other", "origins": ["environment"], "removedVersions": [],
+               "versions": [{"name": "other-v1", "origins": ["environment"]}]})
     );
     let r = app.get("/applications/nope").await;
     assert_error(r, StatusCode::NOT_FOUND, "applicationName", "exists").await;
