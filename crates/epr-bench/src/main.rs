@@ -1385,6 +1385,12 @@ async fn run(args: Args) -> Result<()> {
                             eprintln!("settle: servers busy for {:.1} s", waited.as_secs_f64());
                         }
                     }
+                    if let Some(url) = &args.pg_url {
+                        // Every measurement starts with clean buffers (as pgbench does): the
+                        // previous phase's dirty pages would otherwise be written back
+                        // during this one, and every side would pay for the one before.
+                        pgdb::checkpoint(url).await?;
+                    }
                     let t = &mut targets[i];
                     let before = t.events.as_ref().map(|e| e.counts());
                     let workers = std::mem::take(&mut t.workers);

@@ -34,3 +34,14 @@ pub async fn create(admin_url: &str, name: &str) -> Result<String> {
     eprintln!("postgres: database {name} created (dropped by the next bench run)");
     Ok(epr_store_pg::testing::with_database(admin_url, name))
 }
+
+/// `CHECKPOINT` on the server: dirty buffers written and synced now, not during the next
+/// measurement.
+pub async fn checkpoint(admin_url: &str) -> Result<()> {
+    let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {admin_url}"))?;
+    tokio::spawn(conn);
+    client.batch_execute("CHECKPOINT").await?;
+    Ok(())
+}

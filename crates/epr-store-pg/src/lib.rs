@@ -162,6 +162,10 @@ impl PgStore {
         tasks.extend(write::start(&inner));
         tasks.extend(filters::start(&inner));
         tasks.extend(outbox::start(&inner));
+        tasks.push(tokio::spawn(settings::first_statistics(
+            inner.pool.clone(),
+            inner.stop.subscribe(),
+        )));
         tracing::info!(store_id = %inner.store_id, node = %inner.node_id, "PostgreSQL store open");
         Ok(Self {
             inner,

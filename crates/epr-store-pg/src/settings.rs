@@ -53,3 +53,57 @@ pub(crate) async fn put(inner: &Inner, key: &str, value: &str) -> Result<(), Sto
         .map_err(db)?;
     Ok(())
 }
+
+/// Tables whose plans depend on statistics.
+const ANALYZED: &[&str] = &[
+    "endpoints",
+    "tokens",
+    "endpoint_values",
+    "filter_matches",
+    "outbox",
+];
+
+/// Analyzes each table once it holds 1,000 rows and was never analyzed, then ends. A new
+/// database otherwise runs on plans made without statistics until autovacuum's first visit
+/// (up to a minute), and they can be very wrong (a range scan per lookup); autovacuum keeps
+/// the statistics current after that. Harmless when several replicas do it.
+pub(crate) async fn first_statistics(
+    pool: deadpool_postgres::Pool,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut pending: Vec<&str> = ANALYZED.to_vec();
+    while !pending.is_empty() && !*stop.borrow() {
+        if let Ok(client) = pool.get().await {
+            let rows = client
+                .query(
+                    "SELECT relname::text, (coalesce(last_analyze, last_autoanalyze) IS NOT NULL), \
+                     n_live_tup + n_mod_since_analyze FROM pg_stat_user_tables \
+                     WHERE relname = ANY($1)",
+                    &[&pending],
+                )
+                .await
+                .unwrap_or_default();
+            for row in rows {
+                let (table, analyzed, rows): (String, bool, i64) =
+                    (row.get(0), row.get(1), row.get(2));
+                if analyzed {
+                    pending.retain(|t| *t != table);
+                } else if rows >= 1_000 {
+                    // The table name comes from the constant list above, not from input.
+                    if client
+                        .batch_execute(&format!("ANALYZE {table}"))
+                        .await
+                        .is_ok()
+                    {
+                        tracing::debug!(table, rows, "first statistics gathered");
+                        pending.retain(|t| *t != table);
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
