@@ -97,6 +97,31 @@ pub struct Plan {
     pub events: Vec<DomainEvent>,
 }
 
+impl Plan {
+    /// The metadata keys a metadata command changed (its diff), or `None` when the command
+    /// may have changed anything a filter reads (registration, version change, deletion).
+    /// Filters reading none of these keys keep their answer, so stores skip them.
+    pub fn changed_metadata_keys(&self, cmd: &Command) -> Option<std::collections::BTreeSet<&str>> {
+        match (cmd, self.events.as_slice()) {
+            (
+                Command::UpdateMetadata { .. },
+                [DomainEvent {
+                    kind: EventKind::MetadataUpdated(diff),
+                    ..
+                }],
+            ) => Some(
+                diff.added
+                    .keys()
+                    .chain(diff.removed.keys())
+                    .chain(diff.updated.keys())
+                    .map(String::as_str)
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+}
+
 /// Decides what `cmd` does given the `current` record. `incarnation` is a store-assigned
 /// number unique per registration; it is only used when the command creates an endpoint.
 pub fn plan(

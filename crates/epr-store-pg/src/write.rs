@@ -22,7 +22,7 @@ use crate::rows::{endpoint_from_row, ENDPOINT_COLUMNS};
 use crate::{app_lock_key, Inner, PgConfig};
 use epr_core::command::{plan, Command, Effect, WriteCtx};
 use epr_core::endpoint::Endpoint;
-use epr_core::event::{DomainEvent, EventKind, OutboxEvent};
+use epr_core::event::OutboxEvent;
 use epr_core::ids::{AppName, EndpointId, TenantId};
 use epr_core::log_gate::LogGate;
 use epr_core::ports::{
@@ -721,25 +721,7 @@ impl<'w> Overlay<'w> {
                 .into());
             }
         }
-        // A metadata write changes only the keys of its diff: filters reading none of them
-        // keep their answer. Other writes may change anything a filter reads.
-        let changed_keys: Option<BTreeSet<&str>> = match (cmd, plan.events.as_slice()) {
-            (
-                Command::UpdateMetadata { .. },
-                [DomainEvent {
-                    kind: EventKind::MetadataUpdated(diff),
-                    ..
-                }],
-            ) => Some(
-                diff.added
-                    .keys()
-                    .chain(diff.removed.keys())
-                    .chain(diff.updated.keys())
-                    .map(String::as_str)
-                    .collect(),
-            ),
-            _ => None,
-        };
+        let changed_keys = plan.changed_metadata_keys(cmd);
         let app = plan.effect.endpoint().app.clone();
         let changes = match self
             .filters

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use epr_core::command::{plan, Command, Effect, WriteCtx};
 use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::{EndpointFilter, FilterCommand, FilterId};
-use epr_core::event::{DomainEvent, EventKind, OutboxEvent};
+use epr_core::event::OutboxEvent;
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use epr_core::log_gate::LogGate;
 use epr_core::metadata::Metadata;
@@ -1044,25 +1044,7 @@ fn execute(
             ))
         }
     }
-    // A metadata write changes only the keys of its diff: filters reading none of them keep
-    // their answer. Other writes may change anything a filter reads.
-    let changed_keys: Option<BTreeSet<&str>> = match (cmd, plan.events.as_slice()) {
-        (
-            Command::UpdateMetadata { .. },
-            [DomainEvent {
-                kind: EventKind::MetadataUpdated(diff),
-                ..
-            }],
-        ) => Some(
-            diff.added
-                .keys()
-                .chain(diff.removed.keys())
-                .chain(diff.updated.keys())
-                .map(String::as_str)
-                .collect(),
-        ),
-        _ => None,
-    };
+    let changed_keys = plan.changed_metadata_keys(cmd);
     // The endpoint's own events first, then its membership events.
     let mut membership = Vec::new();
     filters.match_endpoint(

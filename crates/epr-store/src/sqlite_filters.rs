@@ -20,7 +20,7 @@ use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use epr_core::ports::{ImportOutcome, StoreError};
 use epr_core::{DomainError, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -649,7 +649,7 @@ impl FilterCache {
                     .map_err(unavailable)?
                     .as_str()
                     .map_err(unavailable)?;
-                let metadata = parse_metadata(metadata, wanted.as_deref())
+                let metadata = crate::codec::parse_metadata(metadata, wanted.as_deref())
                     .map_err(|e| unavailable(corrupt(2, e)))?;
                 for f in pending.iter_mut() {
                     let Some(b) = f.backfill.as_mut() else {
@@ -769,74 +769,4 @@ pub(crate) fn filter_members(
         ))
     })?;
     rows.collect()
-}
-
-/// Parses a stored metadata document, keeping only `wanted` keys when given (the others are
-/// skipped without being built).
-fn parse_metadata(text: &str, wanted: Option<&[String]>) -> serde_json::Result<Map<String, Value>> {
-    match wanted {
-        None => serde_json::from_str(text),
-        Some([]) => Ok(Map::new()),
-        Some(keys) => {
-            let mut de = serde_json::Deserializer::from_str(text);
-            let map = serde::de::DeserializeSeed::deserialize(Only(keys), &mut de)?;
-            de.end()?;
-            Ok(map)
-        }
-    }
-}
-
-/// A map visitor that builds only the entries whose key is listed.
-struct Only<'k>(&'k [String]);
-
-impl<'de> serde::de::DeserializeSeed<'de> for Only<'_> {
-    type Value = Map<String, Value>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for Only<'_> {
-    type Value = Map<String, Value>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a metadata object")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(
-        self,
-        mut access: A,
-    ) -> Result<Self::Value, A::Error> {
-        let mut out = Map::new();
-        // Borrowed when the key has no escapes, so skipped keys cost no allocation.
-        while let Some(key) = access.next_key::<std::borrow::Cow<'de, str>>()? {
-            if self.0.iter().any(|k| *k == key) {
-                out.insert(key.into_owned(), access.next_value()?);
-            } else {
-                access.next_value::<serde::de::IgnoredAny>()?;
-            }
-        }
-        Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn partial_parse_keeps_only_wanted_keys() {
-        let text = json!({"a": 1, "b": {"x": [1, 2]}, "c\"q": "s", "d": null}).to_string();
-        let keys = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let full: Map<String, Value> = serde_json::from_str(&text).unwrap();
-        assert_eq!(parse_metadata(&text, None).unwrap(), full);
-        assert!(parse_metadata(&text, Some(&[])).unwrap().is_empty());
-        let some = parse_metadata(&text, Some(&keys(&["b", "c\"q", "zz"]))).unwrap();
-        assert_eq!(some.len(), 2);
-        assert_eq!(some["b"], json!({"x": [1, 2]}));
-        assert_eq!(some["c\"q"], json!("s"), "escaped keys compare unescaped");
-        assert!(parse_metadata("{\"a\": 1} x", Some(&keys(&["a"]))).is_err());
-    }
 }
