@@ -262,22 +262,21 @@ fn newer(found: i32) -> StoreError {
 /// each migration takes the advisory lock, re-reads the version and skips what another
 /// process applied. Refuses a database newer than this build.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_version(
-                version integer PRIMARY KEY,
-                applied timestamptz NOT NULL DEFAULT now()
-             )",
-        )
+    // Under the migration lock: two processes running `CREATE TABLE IF NOT EXISTS` at once
+    // can both miss the table and one then fails (duplicate type or key).
+    let tx = client.transaction().await.map_err(db)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
-        .or_else(|e| {
-            // Two processes creating the table at once: one loses the race, harmlessly.
-            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
-                Ok(())
-            } else {
-                Err(db(e))
-            }
-        })?;
+        .map_err(db)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_version(
+            version integer PRIMARY KEY,
+            applied timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(db)?;
+    tx.commit().await.map_err(db)?;
     let mut applied = Vec::new();
     for (version, sql) in MIGRATIONS {
         let tx = client.transaction().await.map_err(db)?;
