@@ -74,10 +74,14 @@ pub async fn database_for(data_dir: &Path) -> String {
         .unwrap()
         .push((data_dir.to_path_buf(), Arc::new(db)));
     // The directory's owner may be a test rather than a `TestApp` (restarts, child
-    // processes): the database goes when the directory does.
+    // processes): the database goes when the directory does. A data directory the app has
+    // not created yet is watched through its nearest existing ancestor (the test's
+    // temporary directory), or it would count as gone at once.
     let dir = data_dir.to_path_buf();
+    let watched = dir.ancestors().find(|p| p.exists()).map(Path::to_path_buf);
     std::thread::spawn(move || {
-        while dir.exists() {
+        let Some(watched) = watched else { return };
+        while watched.exists() {
             std::thread::sleep(Duration::from_millis(200));
         }
         release_database(&dir);
