@@ -72,9 +72,20 @@ pub async fn reject_unknown_query(req: Request, next: Next) -> Response {
             .map(|p| p.as_str())
             .unwrap_or("");
         let allowed = allowed_params(req.method(), template);
-        for (name, _) in form_urlencoded::parse(query.as_bytes()) {
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
             if !allowed.contains(&name.as_ref()) {
                 return unknown_param(&name, allowed).into_response();
+            }
+            // SQL text cannot hold U+0000 (the PostgreSQL store would fail with 503), and
+            // no identifier, name or metadata value may contain it: refused alike on every
+            // backend.
+            if value.contains('\0') {
+                return ApiError::bad_request(
+                    name.as_ref(),
+                    "pattern",
+                    format!("query parameter {name} must not contain the character U+0000"),
+                )
+                .into_response();
             }
         }
     }

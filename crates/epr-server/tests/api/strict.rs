@@ -53,6 +53,32 @@ async fn empty_endpoint_id_is_400_not_every_endpoint() {
     }
 }
 
+/// U+0000 cannot be stored as SQL text: refused in every query parameter, on both backends
+/// (on PostgreSQL it reached the database and failed with 503).
+#[tokio::test]
+async fn nul_characters_in_query_parameters_are_400() {
+    let app = spawn_app().await;
+    app.register("e1", "demo-v1", json!({"k": 1})).await;
+    for (path, field) in [
+        ("/endpoints?metadataFilter=k%3D%00", "metadataFilter"),
+        ("/endpoints?metadataFilter=%00k", "metadataFilter"),
+        (
+            "/endpoints/batch/status?appName=demo&taskId=a%00b",
+            "taskId",
+        ),
+        ("/applications/demo/filters?name=a%00", "name"),
+    ] {
+        let r = app.get(path).await;
+        let body = assert_error(r, StatusCode::BAD_REQUEST, field, "pattern").await;
+        assert!(
+            body["message"].as_str().unwrap().contains("U+0000"),
+            "{path}: {body}"
+        );
+    }
+    // Nothing else was affected: the endpoint is still listed.
+    assert_eq!(app.total("metadataFilter=k%3D1").await, 1);
+}
+
 #[tokio::test]
 async fn unknown_query_parameters_are_400_naming_them() {
     let app = spawn_app().await;
