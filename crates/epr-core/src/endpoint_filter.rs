@@ -285,6 +285,31 @@ pub struct FilterPlan {
 
 /// Decides what a filter command does given the stored filter (`None` if there is none with
 /// that ID in the tenant). Name uniqueness needs an index, so stores check it.
+/// Whether an endpoint write changes its membership in a filter: `Some(now_member)` when it
+/// does, `None` when it does not. `old` is the state before the write, `new` the state
+/// after it (`None` for a deletion). `reads` are the metadata keys the filter reads
+/// ([`Filter::metadata_keys`]) and `changed_keys` those a metadata write changed: when the
+/// two are disjoint the answer cannot have changed and the filter is not evaluated. Both
+/// stores' live matching decides with this.
+pub fn membership_change(
+    filter: &Filter,
+    reads: Option<&[String]>,
+    old: Option<&crate::endpoint::Endpoint>,
+    new: Option<&crate::endpoint::Endpoint>,
+    changed_keys: Option<&std::collections::BTreeSet<&str>>,
+) -> Option<bool> {
+    if let (Some(changed), Some(reads)) = (changed_keys, reads) {
+        if !reads.iter().any(|k| changed.contains(k.as_str())) {
+            return None;
+        }
+    }
+    let matches =
+        |e: &crate::endpoint::Endpoint| filter.matches(e.app_version.as_str(), e.metadata.as_map());
+    let was = old.is_some_and(matches);
+    let is = new.is_some_and(matches);
+    (was != is).then_some(is)
+}
+
 pub fn plan_filter(
     current: Option<EndpointFilter>,
     cmd: &FilterCommand,

@@ -23,7 +23,8 @@ use crate::{app_lock_key, Inner};
 use epr_core::command::{Effect, WriteCtx};
 use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::{
-    plan_filter, EndpointFilter, FilterCommand, FilterEffect, FilterId, FilterSpec, FilterStatus,
+    membership_change, plan_filter, EndpointFilter, FilterCommand, FilterEffect, FilterId,
+    FilterSpec, FilterStatus,
 };
 use epr_core::event::{FilterEvent, FilterEventKind, OutboxEvent};
 use epr_core::filter::Filter;
@@ -211,22 +212,13 @@ impl AppFilters {
             Effect::Delete(ep) => (ep, true),
         };
         let mut out = Vec::new();
+        let new = (!deleted).then_some(ep);
         for f in &self.filters {
-            if let (Some(changed), Some(reads)) = (changed_keys, &f.keys) {
-                if !reads.iter().any(|k| changed.contains(k.as_str())) {
-                    continue;
-                }
-            }
-            let was = old.is_some_and(|o| {
-                f.compiled
-                    .matches(o.app_version.as_str(), o.metadata.as_map())
-            });
-            let is = !deleted
-                && f.compiled
-                    .matches(ep.app_version.as_str(), ep.metadata.as_map());
-            if was == is {
+            let Some(is) =
+                membership_change(&f.compiled, f.keys.as_deref(), old, new, changed_keys)
+            else {
                 continue;
-            }
+            };
             out.push(MatchChange {
                 filter_id: f.id.clone(),
                 filter_name: f.name.clone(),
