@@ -54,6 +54,10 @@ pub enum DomainError {
     FilterPending { id: String },
     #[error("precondition failed: the current entity tag is {current}")]
     PreconditionFailed { current: String },
+    /// A device's self-registration refused for a reason it is told (see
+    /// [`crate::credentials::RefusalReason`]).
+    #[error("{0}")]
+    Refused(crate::credentials::Refusal),
     #[error("{field} is {actual} bytes, more than the limit of {limit} bytes")]
     TooLarge {
         field: &'static str,

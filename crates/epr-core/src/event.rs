@@ -1,8 +1,9 @@
 //! Domain events. A write and its events commit in one store transaction (the outbox);
 //! the Avro/NATS encoding of Kaa's 9/ELCE and 15/EME lives in the events adapter.
 
+use crate::credentials::TokenStatus;
 use crate::endpoint_filter::FilterId;
-use crate::ids::{AppName, AppVersionName, EndpointId, TenantId};
+use crate::ids::{AppName, AppVersionName, EndpointId, TenantId, TokenId};
 use crate::metadata::MetadataDiff;
 use crate::Timestamp;
 
@@ -65,11 +66,40 @@ pub struct FilterEvent {
     pub timestamp: Timestamp,
 }
 
+/// What happened to an endpoint's tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEventKind {
+    /// 16/ECAP `endpoint.token.revoked`: these tokens can no longer identify the endpoint
+    /// (revoked one by one, all of them when the endpoint is unregistered, the earlier ones
+    /// when a device re-registers).
+    Revoked { token_ids: Vec<TokenId> },
+    /// Any other change of a token's status, and a token issued after registration
+    /// (`previous: None`). Kaa defines no event for these; ours is
+    /// `endpoint.token.status-changed` (an extension schema).
+    StatusChanged {
+        token_id: TokenId,
+        previous: Option<TokenStatus>,
+        status: TokenStatus,
+    },
+}
+
+/// One event about an endpoint's tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub tenant: TenantId,
+    pub app: AppName,
+    pub endpoint_id: EndpointId,
+    pub kind: TokenEventKind,
+    pub correlation_id: String,
+    pub timestamp: Timestamp,
+}
+
 /// Anything the outbox carries, in commit order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutboxEvent {
     Endpoint(DomainEvent),
     Filter(FilterEvent),
+    Token(TokenEvent),
 }
 
 impl OutboxEvent {
@@ -77,6 +107,7 @@ impl OutboxEvent {
         match self {
             Self::Endpoint(e) => e.timestamp,
             Self::Filter(e) => e.timestamp,
+            Self::Token(e) => e.timestamp,
         }
     }
 
@@ -85,6 +116,7 @@ impl OutboxEvent {
         match self {
             Self::Endpoint(e) => &e.tenant,
             Self::Filter(e) => &e.tenant,
+            Self::Token(e) => &e.tenant,
         }
     }
 
@@ -92,7 +124,7 @@ impl OutboxEvent {
     pub fn as_endpoint(&self) -> Option<&DomainEvent> {
         match self {
             Self::Endpoint(e) => Some(e),
-            Self::Filter(_) => None,
+            Self::Filter(_) | Self::Token(_) => None,
         }
     }
 
@@ -100,6 +132,7 @@ impl OutboxEvent {
         match self {
             Self::Endpoint(e) => &e.correlation_id,
             Self::Filter(e) => &e.correlation_id,
+            Self::Token(e) => &e.correlation_id,
         }
     }
 }
@@ -107,6 +140,12 @@ impl OutboxEvent {
 impl From<DomainEvent> for OutboxEvent {
     fn from(e: DomainEvent) -> Self {
         Self::Endpoint(e)
+    }
+}
+
+impl From<TokenEvent> for OutboxEvent {
+    fn from(e: TokenEvent) -> Self {
+        Self::Token(e)
     }
 }
 

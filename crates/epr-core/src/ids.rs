@@ -88,6 +88,16 @@ string_newtype!(
     EndpointToken
 );
 
+string_newtype!(
+    /// The ID of one endpoint token (Kaa CM's `endpointTokenId`): 1–64 characters of
+    /// `[A-Za-z0-9-]` (we generate UUIDs). Names a token without revealing it.
+    TokenId
+);
+string_newtype!(
+    /// The ID of one claim token (`claimTokenId`): same rule as [`TokenId`].
+    ClaimId
+);
+
 pub const ENDPOINT_ID_MAX: usize = 128;
 pub const NAME_MAX: usize = 128;
 pub const TOKEN_MAX: usize = 512;
@@ -156,6 +166,30 @@ impl AppVersionName {
             is_name_char,
             "^[a-z0-9_-]+$",
         )?;
+        Ok(Self(s.to_owned()))
+    }
+}
+
+fn check_opaque_id(field: &str, s: &str) -> Result<(), ValidationError> {
+    check(
+        field,
+        s,
+        64,
+        |c| c.is_ascii_alphanumeric() || c == '-',
+        "^[A-Za-z0-9-]+$",
+    )
+}
+
+impl TokenId {
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        check_opaque_id("endpointTokenId", s)?;
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl ClaimId {
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        check_opaque_id("claimTokenId", s)?;
         Ok(Self(s.to_owned()))
     }
 }

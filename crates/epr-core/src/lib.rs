@@ -10,6 +10,8 @@
 //! - [`endpoint`]: the endpoint record, ETags and preconditions.
 //! - [`command`]: write commands and [`command::plan`], the one function that decides what a
 //!   write does to an endpoint and which events it emits.
+//! - [`credentials`]: endpoint tokens (Kaa CM's life cycle), claim tokens, self-registration
+//!   refusals.
 //! - [`event`]: domain events (the outbox carries them; wire encoding lives elsewhere).
 //! - [`patch`]: RFC 6902 JSON Patch on metadata, with the limits enforced per operation.
 //! - [`query`]: endpoint listing queries and the `metadataFilter` language.
@@ -24,6 +26,7 @@
 pub mod apps;
 pub mod auth;
 pub mod command;
+pub mod credentials;
 pub mod endpoint;
 pub mod endpoint_filter;
 pub mod error;

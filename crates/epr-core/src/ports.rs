@@ -2,10 +2,11 @@
 //! server binary names the concrete types.
 
 use crate::command::{Command, Effect, Registration, WriteCtx};
+use crate::credentials::{ClaimToken, Rejection, StoredToken, TokenListQuery};
 use crate::endpoint::Endpoint;
 use crate::endpoint_filter::{EndpointFilter, FilterCommand, FilterId};
 use crate::event::OutboxEvent;
-use crate::ids::{AppName, AppVersionName, EndpointId, TenantId, TokenHash};
+use crate::ids::{AppName, AppVersionName, ClaimId, EndpointId, TenantId, TokenHash, TokenId};
 use crate::metadata::Metadata;
 use crate::query::{EndpointQuery, Page, PageRequest};
 use crate::{DomainError, Timestamp};
@@ -82,7 +83,12 @@ pub struct OutboxEntry {
 pub struct EndpointExport {
     pub tenant: TenantId,
     pub endpoint: Endpoint,
+    /// The hash of the endpoint's initial token (the one registration issued).
     pub token_hash: TokenHash,
+    /// Every token row of the endpoint, with its state. An import of a record without any
+    /// (an export made before tokens had states) gives the endpoint one `Inactive` token
+    /// from `token_hash`, under a new ID.
+    pub tokens: Vec<StoredToken>,
 }
 
 /// One record of an import (see [`Store::import`]).
@@ -263,6 +269,84 @@ pub trait Store: Send + Sync {
     /// Finishes accepted writes and stops background work; later calls fail. The default
     /// does nothing (for stores without background work).
     async fn shutdown(&self) {}
+
+    // --- Credentials (token rows change only through endpoint commands: `execute`) ---
+
+    /// One token of an endpoint, by ID.
+    async fn get_token(
+        &self,
+        tenant: &TenantId,
+        endpoint: &EndpointId,
+        id: &TokenId,
+    ) -> Result<Option<StoredToken>, StoreError>;
+
+    /// The token with this hash in an application (16/ECAP validation), whatever its state.
+    async fn find_token(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+        hash: &TokenHash,
+    ) -> Result<Option<StoredToken>, StoreError>;
+
+    /// An endpoint's tokens in creation order (newest first unless `query.ascending`; ties
+    /// by token ID), only those in `query.statuses` when it is not empty. `total` counts
+    /// every match. An unknown endpoint has no tokens (callers check it exists).
+    async fn list_tokens(
+        &self,
+        tenant: &TenantId,
+        endpoint: &EndpointId,
+        query: &TokenListQuery,
+        page: PageRequest,
+    ) -> Result<Page<StoredToken>, StoreError>;
+
+    /// Stores new claim tokens in one durable transaction, all or nothing: a hash already
+    /// held by a claim token of the application refuses the lot (`409`, field
+    /// `claimToken`), as does an ID in use in the tenant (field `claimTokenId`).
+    async fn create_claims(
+        &self,
+        tenant: &TenantId,
+        claims: Vec<ClaimToken>,
+    ) -> Result<(), StoreError>;
+
+    /// One claim token by ID.
+    async fn get_claim(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+        id: &ClaimId,
+    ) -> Result<Option<ClaimToken>, StoreError>;
+
+    /// An application's claim tokens, oldest first (ties by ID).
+    async fn list_claims(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+        page: PageRequest,
+    ) -> Result<Page<ClaimToken>, StoreError>;
+
+    /// Deletes a claim token (used or not); `false` when there was none.
+    async fn delete_claim(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+        id: &ClaimId,
+    ) -> Result<bool, StoreError>;
+
+    /// Records a refused self-registration durably, keeping the latest
+    /// [`crate::credentials::REJECTIONS_KEPT`] of the application.
+    async fn record_rejection(
+        &self,
+        tenant: &TenantId,
+        rejection: Rejection,
+    ) -> Result<(), StoreError>;
+
+    /// An application's recorded rejections, newest first.
+    async fn list_rejections(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+        page: PageRequest,
+    ) -> Result<Page<Rejection>, StoreError>;
 }
 
 /// Called by a store after a commit appended events. Must be cheap and must not block: it runs
@@ -284,6 +368,10 @@ pub trait IdSource: Send + Sync {
     fn task_id(&self) -> String;
     /// A new filter ID; it must be a valid [`FilterId`] (Kaa uses UUIDs).
     fn filter_id(&self) -> String;
+    /// A new token or claim token ID; it must be a valid [`crate::ids::TokenId`].
+    fn token_id(&self) -> String {
+        self.filter_id()
+    }
 }
 
 impl From<crate::ValidationError> for StoreError {

@@ -1,13 +1,17 @@
 //! The use cases. Front-ends (REST now, NATS later) parse their wire format, call these, and
 //! map the results back; every rule lives here or in [`crate::command::plan`].
 
+mod credentials;
+
+pub use credentials::{IssuedToken, TokenValidation};
+
 use crate::apps::AppCatalog;
 use crate::command::{Command, Effect, MetadataChange, Registration, WriteCtx};
 use crate::endpoint::{Endpoint, Precondition};
 use crate::endpoint_filter::{
     EndpointFilter, FilterCommand, FilterId, FilterPatch, FilterSpec, FilterStatus,
 };
-use crate::ids::{AppName, AppVersionName, EndpointId, EndpointToken, TenantId};
+use crate::ids::{AppName, AppVersionName, EndpointId, EndpointToken, TenantId, TokenId};
 use crate::metadata::{Limits, Metadata};
 use crate::ports::{BatchItem, BatchOutcome, BatchRequest, Clock, IdSource, Store, StoreError};
 use crate::query::{EndpointQuery, Page, PageRequest};
@@ -230,6 +234,7 @@ impl Registry {
             app_version: app_version.clone(),
             metadata,
             token_hash: token.hash(app),
+            token_id: TokenId::parse(&self.ids.token_id())?,
         };
         Ok((reg, token.into_string()))
     }

@@ -35,6 +35,7 @@
 
 mod avro;
 pub mod connectivity;
+pub mod ecap;
 pub mod efe;
 pub mod efmp;
 pub mod epmmp;
@@ -211,6 +212,7 @@ pub fn encode_outbox(event: &OutboxEvent, origin: &Originator) -> Result<Encoded
     match event {
         OutboxEvent::Endpoint(e) => encode(e, origin),
         OutboxEvent::Filter(e) => efe::encode_filter_event(e, origin),
+        OutboxEvent::Token(e) => ecap::encode_token_event(e, origin),
     }
 }
 

@@ -8,6 +8,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use epr_core::auth::{AuthError, Forbidden};
+use epr_core::credentials::{Refusal, RefusalReason};
 use epr_core::log_gate::{LogGate, DEFAULT_LOG_INTERVAL};
 use epr_core::ports::StoreError;
 use epr_core::{DomainError, ValidationError};
@@ -61,6 +62,30 @@ impl ApiError {
     pub fn bad_request(field: impl Into<String>, rule: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message).with(field, rule)
     }
+
+    /// A refused self-registration: `rule` is the machine-readable reason.
+    pub fn refused(r: Refusal) -> Self {
+        use RefusalReason::*;
+        let status = match r.reason {
+            InvalidRequest => StatusCode::BAD_REQUEST,
+            UnknownApplication => StatusCode::NOT_FOUND,
+            CredentialMissing | CredentialInvalid | ClaimTokenRequired | ClaimTokenUsed
+            | ClaimTokenExpired => StatusCode::UNAUTHORIZED,
+            Closed | ClaimTokenWrongEndpoint | EndpointIdNotAllowed => StatusCode::FORBIDDEN,
+            MetadataKeyMissing | MetadataValueNotAllowed | MetadataTooLarge => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            AlreadyRegistered => StatusCode::CONFLICT,
+            RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        };
+        let mut err = Self::new(status, r.message);
+        err.field = r.field;
+        err.rule = Some(r.reason.as_str().to_owned());
+        if status == StatusCode::UNAUTHORIZED {
+            err.challenge = Some(format!("Provisioning realm=\"{REALM}-device\""));
+        }
+        err
+    }
 }
 
 impl From<ValidationError> for ApiError {
@@ -98,6 +123,7 @@ impl From<DomainError> for ApiError {
             DomainError::TooLarge { field, .. } => {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, message).with(field, "max-bytes")
             }
+            DomainError::Refused(r) => Self::refused(r),
         }
     }
 }

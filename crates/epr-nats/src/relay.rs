@@ -389,6 +389,7 @@ fn about(event: &OutboxEvent) -> String {
     match event {
         OutboxEvent::Endpoint(e) => format!("endpoint {}", e.endpoint_id),
         OutboxEvent::Filter(e) => format!("filter {}", e.filter_id),
+        OutboxEvent::Token(e) => format!("tokens of endpoint {}", e.endpoint_id),
     }
 }
 
@@ -416,6 +417,7 @@ mod tests {
             app_version: AppVersionName::parse("app-v1").unwrap(),
             metadata: Metadata::empty(),
             token_hash: EndpointToken::parse(id).unwrap().hash(&app),
+            token_id: epr_core::ids::TokenId::parse(&format!("tid-{id}")).unwrap(),
         };
         let ctx = WriteCtx {
             tenant: TenantId::parse("t").unwrap(),

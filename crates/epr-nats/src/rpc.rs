@@ -134,6 +134,7 @@ pub(crate) fn error_status(e: &StoreError) -> Status {
             }
             DomainError::PreconditionFailed { .. } => status(412, d.to_string()),
             DomainError::TooLarge { .. } => status(413, d.to_string()),
+            DomainError::Refused(_) => status(403, d.to_string()),
         },
         StoreError::Unavailable(_) => status(503, e.to_string()),
     }

@@ -208,6 +208,7 @@ impl EndpointLine {
             tenant,
             endpoint,
             token_hash: hash,
+            tokens: vec![],
         }))
     }
 }

@@ -59,6 +59,7 @@ pub(crate) async fn endpoints(
                 tenant: tenant.clone(),
                 endpoint,
                 token_hash: TokenHash(hash),
+                tokens: vec![],
             })
         })
         .collect()

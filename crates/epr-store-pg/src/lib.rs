@@ -383,4 +383,89 @@ impl Store for PgStore {
     async fn shutdown(&self) {
         PgStore::shutdown(self).await
     }
+
+    async fn get_token(
+        &self,
+        _tenant: &TenantId,
+        _endpoint: &EndpointId,
+        _id: &epr_core::ids::TokenId,
+    ) -> Result<Option<epr_core::credentials::StoredToken>, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn find_token(
+        &self,
+        _tenant: &TenantId,
+        _app: &AppName,
+        _hash: &epr_core::ids::TokenHash,
+    ) -> Result<Option<epr_core::credentials::StoredToken>, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn list_tokens(
+        &self,
+        _tenant: &TenantId,
+        _endpoint: &EndpointId,
+        _query: &epr_core::credentials::TokenListQuery,
+        _page: PageRequest,
+    ) -> Result<Page<epr_core::credentials::StoredToken>, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn create_claims(
+        &self,
+        _tenant: &TenantId,
+        _claims: Vec<epr_core::credentials::ClaimToken>,
+    ) -> Result<(), StoreError> {
+        Err(not_yet())
+    }
+
+    async fn get_claim(
+        &self,
+        _tenant: &TenantId,
+        _app: &AppName,
+        _id: &epr_core::ids::ClaimId,
+    ) -> Result<Option<epr_core::credentials::ClaimToken>, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn list_claims(
+        &self,
+        _tenant: &TenantId,
+        _app: &AppName,
+        _page: PageRequest,
+    ) -> Result<Page<epr_core::credentials::ClaimToken>, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn delete_claim(
+        &self,
+        _tenant: &TenantId,
+        _app: &AppName,
+        _id: &epr_core::ids::ClaimId,
+    ) -> Result<bool, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn record_rejection(
+        &self,
+        _tenant: &TenantId,
+        _rejection: epr_core::credentials::Rejection,
+    ) -> Result<(), StoreError> {
+        Err(not_yet())
+    }
+
+    async fn list_rejections(
+        &self,
+        _tenant: &TenantId,
+        _app: &AppName,
+        _page: PageRequest,
+    ) -> Result<Page<epr_core::credentials::Rejection>, StoreError> {
+        Err(not_yet())
+    }
+}
+
+/// Placeholder of the skeleton (replaced by the credentials slice).
+fn not_yet() -> StoreError {
+    StoreError::Unavailable("credentials are not implemented on this backend yet".into())
 }

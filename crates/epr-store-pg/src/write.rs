@@ -705,7 +705,13 @@ impl<'w> Overlay<'w> {
                 .ok_or_else(|| msg("internal error: too few incarnations taken"))?,
             _ => 0,
         };
-        let plan = plan(before.clone(), cmd, ctx, incarnation)?;
+        let plan = plan(
+            before.clone(),
+            &epr_core::command::Loaded::default(),
+            cmd,
+            ctx,
+            incarnation,
+        )?;
         if let (Effect::Insert(ep), Command::Register(reg)) = (&plan.effect, cmd) {
             if self
                 .holders
@@ -1282,6 +1288,7 @@ async fn import_chunk<'w>(
             tenant,
             endpoint,
             token_hash,
+            tokens: _,
         } = record;
         let t = tenant.as_str();
         let key = (t, endpoint.id.as_str());

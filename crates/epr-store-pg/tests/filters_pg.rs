@@ -121,7 +121,7 @@ async fn filter_events(db: &tokio_postgres::Client) -> Vec<FilterEvent> {
         .filter_map(
             |r| match epr_store::codec::decode_outbox(r.get(0)).unwrap() {
                 OutboxEvent::Filter(f) => Some(f),
-                OutboxEvent::Endpoint(_) => None,
+                OutboxEvent::Endpoint(_) | OutboxEvent::Token(_) => None,
             },
         )
         .collect()

@@ -41,6 +41,10 @@ fn register(ep: &str, token: &str, md: Value) -> Command {
         app_version: AppVersionName::parse("app-v1").unwrap(),
         metadata: Metadata::parse(md, "metadata", &Limits::default()).unwrap(),
         token_hash: EndpointToken::parse(token).unwrap().hash(&app),
+        token_id: epr_core::ids::TokenId::parse(
+            &EndpointToken::parse(token).unwrap().hash(&app).to_hex()[..32],
+        )
+        .unwrap(),
         app,
     })
 }

@@ -2,9 +2,12 @@
 //! outcomes. Core types are not `Serialize` (a serialisable type is a compatibility
 //! promise), so the storage format is spelled out here and versioned with the schema.
 
+use epr_core::credentials::TokenStatus;
 use epr_core::endpoint_filter::FilterId;
-use epr_core::event::{DomainEvent, EventKind, FilterEvent, FilterEventKind, OutboxEvent};
-use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
+use epr_core::event::{
+    DomainEvent, EventKind, FilterEvent, FilterEventKind, OutboxEvent, TokenEvent, TokenEventKind,
+};
+use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId, TokenId};
 use epr_core::metadata::{Metadata, MetadataDiff};
 use epr_core::ports::{BatchCreated, BatchFailed, BatchOutcome};
 use epr_core::Timestamp;
@@ -75,21 +78,114 @@ enum StoredFilterKind {
 }
 
 const FILTER_PREFIX: &str = "{\"filter\":";
+const TOKEN_PREFIX: &str = "{\"token\":";
+
+/// A token event, stored as `{"token": {...}}` (see [`StoredFilterEnvelope`]).
+#[derive(Serialize, Deserialize)]
+struct StoredTokenEnvelope {
+    token: StoredTokenEvent,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredTokenEvent {
+    tenant: String,
+    app: String,
+    endpoint_id: String,
+    correlation_id: String,
+    timestamp: i64,
+    #[serde(flatten)]
+    kind: StoredTokenKind,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+enum StoredTokenKind {
+    Revoked {
+        token_ids: Vec<String>,
+    },
+    StatusChanged {
+        token_id: String,
+        previous: Option<String>,
+        status: String,
+    },
+}
 
 /// The stored form of any outbox event.
 pub fn encode_outbox(e: &OutboxEvent) -> String {
     match e {
         OutboxEvent::Endpoint(e) => encode_event(e),
         OutboxEvent::Filter(f) => encode_filter_event(f),
+        OutboxEvent::Token(t) => encode_token_event(t),
     }
 }
 
 pub fn decode_outbox(text: &str) -> Result<OutboxEvent, String> {
     if text.starts_with(FILTER_PREFIX) {
         decode_filter_event(text).map(OutboxEvent::Filter)
+    } else if text.starts_with(TOKEN_PREFIX) {
+        decode_token_event(text).map(OutboxEvent::Token)
     } else {
         decode_event(text).map(OutboxEvent::Endpoint)
     }
+}
+
+fn encode_token_event(t: &TokenEvent) -> String {
+    let kind = match &t.kind {
+        TokenEventKind::Revoked { token_ids } => StoredTokenKind::Revoked {
+            token_ids: token_ids.iter().map(|i| i.to_string()).collect(),
+        },
+        TokenEventKind::StatusChanged {
+            token_id,
+            previous,
+            status,
+        } => StoredTokenKind::StatusChanged {
+            token_id: token_id.to_string(),
+            previous: previous.map(|p| p.as_str().to_owned()),
+            status: status.as_str().to_owned(),
+        },
+    };
+    let stored = StoredTokenEnvelope {
+        token: StoredTokenEvent {
+            tenant: t.tenant.to_string(),
+            app: t.app.to_string(),
+            endpoint_id: t.endpoint_id.to_string(),
+            correlation_id: t.correlation_id.clone(),
+            timestamp: t.timestamp.0,
+            kind,
+        },
+    };
+    let text = serde_json::to_string(&stored).expect("stored events serialise");
+    debug_assert!(text.starts_with(TOKEN_PREFIX));
+    text
+}
+
+fn decode_token_event(text: &str) -> Result<TokenEvent, String> {
+    let s: StoredTokenEnvelope = serde_json::from_str(text).map_err(|e| bad("event", e))?;
+    let s = s.token;
+    let id = |t: &str| TokenId::parse(t).map_err(|e| bad("event", e));
+    let status = |t: &str| TokenStatus::parse(t, "status").map_err(|e| bad("event", e));
+    let kind = match &s.kind {
+        StoredTokenKind::Revoked { token_ids } => TokenEventKind::Revoked {
+            token_ids: token_ids.iter().map(|t| id(t)).collect::<Result<_, _>>()?,
+        },
+        StoredTokenKind::StatusChanged {
+            token_id,
+            previous,
+            status: now,
+        } => TokenEventKind::StatusChanged {
+            token_id: id(token_id)?,
+            previous: previous.as_deref().map(status).transpose()?,
+            status: status(now)?,
+        },
+    };
+    Ok(TokenEvent {
+        tenant: TenantId::parse(&s.tenant).map_err(|e| bad("event", e))?,
+        app: AppName::parse(&s.app).map_err(|e| bad("event", e))?,
+        endpoint_id: EndpointId::parse(&s.endpoint_id).map_err(|e| bad("event", e))?,
+        kind,
+        correlation_id: s.correlation_id,
+        timestamp: Timestamp(s.timestamp),
+    })
 }
 
 fn encode_filter_event(f: &FilterEvent) -> String {
@@ -422,6 +518,36 @@ mod tests {
                 app: AppName::parse("a").unwrap(),
                 filter_id: FilterId::parse("f-1").unwrap(),
                 filter_name: "{\"filter\": tricky name".into(),
+                kind,
+                correlation_id: "c".into(),
+                timestamp: Timestamp(5),
+            });
+            assert_eq!(decode_outbox(&encode_outbox(&e)).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn token_events_round_trip() {
+        let id = |s: &str| TokenId::parse(s).unwrap();
+        for kind in [
+            TokenEventKind::Revoked {
+                token_ids: vec![id("t1"), id("t2")],
+            },
+            TokenEventKind::StatusChanged {
+                token_id: id("t1"),
+                previous: None,
+                status: TokenStatus::Inactive,
+            },
+            TokenEventKind::StatusChanged {
+                token_id: id("t1"),
+                previous: Some(TokenStatus::Active),
+                status: TokenStatus::Suspended,
+            },
+        ] {
+            let e = OutboxEvent::Token(TokenEvent {
+                tenant: TenantId::parse("kaa").unwrap(),
+                app: AppName::parse("a").unwrap(),
+                endpoint_id: EndpointId::parse("e1").unwrap(),
                 kind,
                 correlation_id: "c".into(),
                 timestamp: Timestamp(5),

@@ -108,6 +108,10 @@ fn reg(id: &str, version: &str, token: &str, md: Value) -> Registration {
         app_version: AppVersionName::parse(version).unwrap(),
         metadata: Metadata::parse(md, "metadata", &Limits::default()).unwrap(),
         token_hash: EndpointToken::parse(token).unwrap().hash(&app),
+        token_id: epr_core::ids::TokenId::parse(
+            &EndpointToken::parse(token).unwrap().hash(&app).to_hex()[..32],
+        )
+        .unwrap(),
         app,
     }
 }

@@ -945,7 +945,13 @@ fn execute(
         .cloned();
     // The listing index needs the state before an update (kept only if one happens).
     let before = current.clone();
-    let plan = plan(current, cmd, ctx, incarnation)?;
+    let plan = plan(
+        current,
+        &epr_core::command::Loaded::default(),
+        cmd,
+        ctx,
+        incarnation,
+    )?;
     let change = match &plan.effect {
         Effect::Insert(ep) => Some(IndexChange {
             tenant: ctx.tenant.clone(),
@@ -1599,6 +1605,91 @@ impl Store for EmbeddedStore {
     async fn shutdown(&self) {
         EmbeddedStore::shutdown(self).await
     }
+
+    async fn get_token(
+        &self,
+        _tenant: &TenantId,
+        _endpoint: &EndpointId,
+        _id: &epr_core::ids::TokenId,
+    ) -> Result<Option<epr_core::credentials::StoredToken>, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn find_token(
+        &self,
+        _tenant: &TenantId,
+        _app: &AppName,
+        _hash: &epr_core::ids::TokenHash,
+    ) -> Result<Option<epr_core::credentials::StoredToken>, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn list_tokens(
+        &self,
+        _tenant: &TenantId,
+        _endpoint: &EndpointId,
+        _query: &epr_core::credentials::TokenListQuery,
+        _page: PageRequest,
+    ) -> Result<Page<epr_core::credentials::StoredToken>, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn create_claims(
+        &self,
+        _tenant: &TenantId,
+        _claims: Vec<epr_core::credentials::ClaimToken>,
+    ) -> Result<(), StoreError> {
+        Err(not_yet())
+    }
+
+    async fn get_claim(
+        &self,
+        _tenant: &TenantId,
+        _app: &AppName,
+        _id: &epr_core::ids::ClaimId,
+    ) -> Result<Option<epr_core::credentials::ClaimToken>, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn list_claims(
+        &self,
+        _tenant: &TenantId,
+        _app: &AppName,
+        _page: PageRequest,
+    ) -> Result<Page<epr_core::credentials::ClaimToken>, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn delete_claim(
+        &self,
+        _tenant: &TenantId,
+        _app: &AppName,
+        _id: &epr_core::ids::ClaimId,
+    ) -> Result<bool, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn record_rejection(
+        &self,
+        _tenant: &TenantId,
+        _rejection: epr_core::credentials::Rejection,
+    ) -> Result<(), StoreError> {
+        Err(not_yet())
+    }
+
+    async fn list_rejections(
+        &self,
+        _tenant: &TenantId,
+        _app: &AppName,
+        _page: PageRequest,
+    ) -> Result<Page<epr_core::credentials::Rejection>, StoreError> {
+        Err(not_yet())
+    }
+}
+
+/// Placeholder of the skeleton (replaced by the credentials slice).
+fn not_yet() -> StoreError {
+    StoreError::Unavailable("credentials are not implemented on this backend yet".into())
 }
 
 #[cfg(test)]
@@ -1647,6 +1738,7 @@ mod tests {
             metadata: Metadata::parse(serde_json::json!({"k": 1}), "metadata", &Default::default())
                 .unwrap(),
             token_hash: epr_core::ids::EndpointToken::parse("t").unwrap().hash(&app),
+            token_id: epr_core::ids::TokenId::parse("tid-1").unwrap(),
         };
         let ctx = WriteCtx {
             tenant: TenantId::parse("t1").unwrap(),
@@ -1725,6 +1817,7 @@ mod tests {
             token_hash: epr_core::ids::EndpointToken::parse("t2")
                 .unwrap()
                 .hash(&app),
+            token_id: epr_core::ids::TokenId::parse("tid-2").unwrap(),
         };
         let ctx = WriteCtx {
             tenant: TenantId::parse("t1").unwrap(),

@@ -57,6 +57,7 @@ pub(crate) fn endpoints(
                 tenant: tenant.clone(),
                 endpoint,
                 token_hash: TokenHash(token_hash),
+                tokens: vec![],
             })
         },
     )?;
@@ -109,6 +110,7 @@ fn import_endpoint(
         tenant,
         mut endpoint,
         token_hash,
+        tokens: _,
     } = record;
     let t = tenant.as_str();
     if load(conn, t, endpoint.id.as_str())

@@ -26,10 +26,7 @@ fn event(key: &str, n: usize) -> OutboxEvent {
 }
 
 fn label(e: &OutboxEntry) -> String {
-    match &e.event {
-        OutboxEvent::Endpoint(d) => d.correlation_id.clone(),
-        OutboxEvent::Filter(f) => f.correlation_id.clone(),
-    }
+    e.event.correlation_id().to_owned()
 }
 
 /// Appends events as a writer does: in one transaction that also notifies.

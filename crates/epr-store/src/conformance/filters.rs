@@ -100,7 +100,7 @@ async fn filter_events(s: &dyn Store) -> Vec<FilterEvent> {
         .into_iter()
         .filter_map(|e| match e.event {
             OutboxEvent::Filter(f) => Some(f),
-            OutboxEvent::Endpoint(_) => None,
+            OutboxEvent::Endpoint(_) | OutboxEvent::Token(_) => None,
         })
         .collect()
 }
