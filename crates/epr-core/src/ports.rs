@@ -316,6 +316,17 @@ pub trait Store: Send + Sync {
         id: &ClaimId,
     ) -> Result<Option<ClaimToken>, StoreError>;
 
+    /// The claim token with this hash in an application ([`crate::credentials::claim_hash`]),
+    /// used or not. Self-registration checks it before the application's rules (so a caller
+    /// without a valid credential learns nothing about them); the store's transaction checks
+    /// it again when it uses it up.
+    async fn find_claim(
+        &self,
+        tenant: &TenantId,
+        app: &AppName,
+        hash: &TokenHash,
+    ) -> Result<Option<ClaimToken>, StoreError>;
+
     /// An application's claim tokens, oldest first (ties by ID).
     async fn list_claims(
         &self,

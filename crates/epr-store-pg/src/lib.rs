@@ -429,6 +429,15 @@ impl Store for PgStore {
         Err(not_yet())
     }
 
+    async fn find_claim(
+        &self,
+        _tenant: &TenantId,
+        _app: &AppName,
+        _hash: &epr_core::ids::TokenHash,
+    ) -> Result<Option<epr_core::credentials::ClaimToken>, StoreError> {
+        Err(not_yet())
+    }
+
     async fn list_claims(
         &self,
         _tenant: &TenantId,
