@@ -21,6 +21,7 @@
 //! - [`apps`]: the application / application-version catalogue.
 //! - [`ports`]: the [`ports::Store`] trait and its error type.
 //! - [`log_gate`]: one log line per interval for failures that repeat on every request.
+//! - [`self_registration`]: the per-application self-registration policy and its checks.
 //! - [`registry`]: the use cases the HTTP and NATS front-ends call.
 
 pub mod apps;
@@ -39,6 +40,7 @@ pub mod patch;
 pub mod ports;
 pub mod query;
 pub mod registry;
+pub mod self_registration;
 
 pub use error::{DomainError, ValidationError};
 
