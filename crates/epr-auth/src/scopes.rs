@@ -11,8 +11,8 @@ pub const TENANT_RESOURCES: [&str; 2] = ["tenant-system", "kaa-system"];
 
 /// The roles used when `auth.scopes.roles` is empty, named after Kaa's default realm
 /// roles. Readers read; `endpoint-admin` manages endpoints (register, update, delete) and
-/// reads filters; `application-admin` manages an application's filters and registers its
-/// endpoints.
+/// reads filters; `application-admin` manages an application's filters and its device
+/// self-registration, and registers its endpoints.
 pub fn default_roles() -> BTreeMap<String, Vec<String>> {
     use Scope::*;
     let names = |s: &[Scope]| s.iter().map(|x| x.as_str().to_owned()).collect::<Vec<_>>();
@@ -40,6 +40,8 @@ pub fn default_roles() -> BTreeMap<String, Vec<String>> {
         FilterCreate,
         FilterUpdate,
         FilterDelete,
+        SelfRegistrationRead,
+        SelfRegistrationUpdate,
     ];
     BTreeMap::from([
         ("endpoint-reader".to_owned(), names(&reader)),
@@ -269,6 +271,8 @@ mod tests {
             Scope::FilterCreate,
             Scope::FilterUpdate,
             Scope::FilterDelete,
+            Scope::SelfRegistrationRead,
+            Scope::SelfRegistrationUpdate,
         ]
         .into_iter()
         .collect();

@@ -33,10 +33,16 @@ pub enum Scope {
     FilterUpdate,
     /// `application:endpoint-filter:delete`.
     FilterDelete,
+    /// `application:self-registration:read`: an application's self-registration policy,
+    /// claim tokens and rejections.
+    SelfRegistrationRead,
+    /// `application:self-registration:update`: set or remove the policy, create and
+    /// delete claim tokens.
+    SelfRegistrationUpdate,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 10] = [
+    pub const ALL: [Scope; 12] = [
         Scope::EndpointRead,
         Scope::EndpointUpdate,
         Scope::EndpointDelete,
@@ -47,6 +53,8 @@ impl Scope {
         Scope::FilterCreate,
         Scope::FilterUpdate,
         Scope::FilterDelete,
+        Scope::SelfRegistrationRead,
+        Scope::SelfRegistrationUpdate,
     ];
 
     /// The scope's name as Kaa spells it in tokens and in Keycloak.
@@ -62,6 +70,8 @@ impl Scope {
             Scope::FilterCreate => "application:endpoint-filter:create",
             Scope::FilterUpdate => "application:endpoint-filter:update",
             Scope::FilterDelete => "application:endpoint-filter:delete",
+            Scope::SelfRegistrationRead => "application:self-registration:read",
+            Scope::SelfRegistrationUpdate => "application:self-registration:update",
         }
     }
 

@@ -2,8 +2,13 @@
 //! map the results back; every rule lives here or in [`crate::command::plan`].
 
 mod credentials;
+mod self_registration;
 
 pub use credentials::{IssuedToken, TokenValidation};
+pub use self_registration::{
+    ClaimInput, CreatedClaim, SelfRegisterInput, SelfRegistered, CLAIM_COUNT_MAX,
+    CLAIM_TTL_DEFAULT_SECS, CLAIM_TTL_MAX_SECS,
+};
 
 use crate::apps::AppCatalog;
 use crate::command::{Command, Effect, MetadataChange, Registration, WriteCtx};

@@ -147,9 +147,9 @@ impl ValueRule {
         match self {
             Self::OneOf(values) => values.iter().any(|a| json_equal(a, v)),
             Self::Pattern(p) => v.as_str().is_some_and(|s| p.matches(s)),
-            Self::Range { min, max } => v.as_f64().is_some_and(|n| {
-                min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m)
-            }),
+            Self::Range { min, max } => v
+                .as_f64()
+                .is_some_and(|n| min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m)),
         }
     }
 
@@ -500,10 +500,14 @@ impl Ctx<'_> {
         let bound = |name: &str| -> Result<Option<f64>, ValidationError> {
             match m.get(name) {
                 None | Some(Value::Null) => Ok(None),
-                Some(v) => v.as_f64().filter(|n| n.is_finite()).map(Some).ok_or_else(|| {
-                    let at = format!("{field}.{name}");
-                    ValidationError::new(&at, "type", format!("{at} must be a number"))
-                }),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|n| n.is_finite())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        let at = format!("{field}.{name}");
+                        ValidationError::new(&at, "type", format!("{at} must be a number"))
+                    }),
             }
         };
         let (min, max) = (bound("min")?, bound("max")?);
@@ -1010,8 +1014,8 @@ mod tests {
         assert_eq!(p.provisioning_secret, Some(secret_hash(&app(), secret)));
         let limits = Limits::default();
         // Absent: kept.
-        let kept = Policy::from_rest(&json!({"mode": "closed"}), Some(&p), &app(), &limits)
-            .unwrap();
+        let kept =
+            Policy::from_rest(&json!({"mode": "closed"}), Some(&p), &app(), &limits).unwrap();
         assert_eq!(kept.provisioning_secret, p.provisioning_secret);
         // null: removed.
         let removed = Policy::from_rest(
@@ -1084,7 +1088,10 @@ mod tests {
         .unwrap();
         let v1 = p.rules_for(&v("demo-v1"));
         assert_eq!(v1.mode, Mode::ClaimToken);
-        assert_eq!(v1.endpoint_id_pattern.as_ref().unwrap().as_str(), "dev-[0-9]+");
+        assert_eq!(
+            v1.endpoint_id_pattern.as_ref().unwrap().as_str(),
+            "dev-[0-9]+"
+        );
         let v2 = p.rules_for(&v("demo-v2"));
         assert_eq!(v2.mode, Mode::Open);
         assert!(v2.endpoint_id_pattern.is_none());
@@ -1137,8 +1144,16 @@ mod tests {
         };
         use RefusalReason::*;
         refused(json!({}), MetadataKeyMissing, "metadata.serial");
-        refused(json!({"serial": "ab12"}), MetadataValueNotAllowed, "metadata.serial");
-        refused(json!({"serial": 12}), MetadataValueNotAllowed, "metadata.serial");
+        refused(
+            json!({"serial": "ab12"}),
+            MetadataValueNotAllowed,
+            "metadata.serial",
+        );
+        refused(
+            json!({"serial": 12}),
+            MetadataValueNotAllowed,
+            "metadata.serial",
+        );
         refused(
             json!({"serial": "AB1", "model": "b"}),
             MetadataValueNotAllowed,

@@ -1,7 +1,7 @@
 //! Authentication of HTTP requests and the caller handlers authorize against.
 //!
-//! [`authenticate`] runs on every request but the open routes (`auth.open_routes`) while
-//! authentication is on: it reads `Authorization: Bearer <token>`, asks the
+//! [`authenticate`] runs on every request but the open routes (`auth.open_routes`) and the
+//! device routes ([`crate::DEVICE_ROUTES`]) while authentication is on: it reads `Authorization: Bearer <token>`, asks the
 //! [`Authenticator`](epr_core::auth::Authenticator) and puts the [`Caller`] into the
 //! request's extensions. It is not installed at all while authentication is off: the
 //! [`Caller`] extractor then gives the anonymous principal (the default tenant, every
@@ -88,7 +88,8 @@ pub(crate) async fn authenticate(
     next: Next,
 ) -> Response {
     let path = req.uri().path();
-    if s.open_routes.iter().any(|r| r == path) {
+    // Devices authenticate with the credential in their body (self-registration).
+    if path.starts_with(crate::DEVICE_PREFIX) || s.open_routes.iter().any(|r| r == path) {
         return next.run(req).await;
     }
     let token = match bearer_token(req.headers()) {

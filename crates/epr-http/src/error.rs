@@ -107,6 +107,8 @@ impl From<DomainError> for ApiError {
                     "batch task" => "taskId",
                     "application" => "applicationName",
                     "endpoint filter" => "filterId",
+                    "self-registration policy" => "applicationName",
+                    "claim token" => "claimTokenId",
                     other => other,
                 };
                 Self::new(StatusCode::NOT_FOUND, message).with(field, "exists")

@@ -2,7 +2,8 @@
 //!
 //! [`router`] builds the whole HTTP surface: the Kaa-compatible API under both `/api/v1`
 //! (service-native) and `/epr/api/v1` (as behind Kaa's ingress), plus the operational routes
-//! `/health`, `/health/live`, `/health/ready`, `/metrics` and `/openapi.json`.
+//! `/health`, `/health/live`, `/health/ready`, `/metrics` and `/openapi.json`, and the
+//! device routes ([`DEVICE_ROUTES`]) at the root, outside the bearer-token middleware.
 
 mod applications;
 pub mod auth;
@@ -13,6 +14,8 @@ pub mod extract;
 mod filters;
 mod handlers;
 mod ops;
+pub mod rate_limit;
+pub mod self_registration;
 pub mod strict;
 mod tracking;
 mod wire_terms;
@@ -82,6 +85,8 @@ pub struct AppState {
     pub metrics: Option<MetricsRenderer>,
     /// Reported by `/health` and `/health/ready`.
     pub components: Vec<Arc<dyn HealthComponent>>,
+    /// The device routes' tenants and rate limits.
+    pub device: Arc<self_registration::DeviceState>,
 }
 
 /// Every API route as (method, path template) relative to the API prefix. The OpenAPI
@@ -116,7 +121,43 @@ pub const API_ROUTES: &[(&str, &str)] = &[
         "DELETE",
         "/applications/{applicationName}/filters/{filterId}",
     ),
+    ("GET", "/applications/{applicationName}/self-registration"),
+    ("PUT", "/applications/{applicationName}/self-registration"),
+    (
+        "DELETE",
+        "/applications/{applicationName}/self-registration",
+    ),
+    (
+        "GET",
+        "/applications/{applicationName}/self-registration/rejections",
+    ),
+    ("POST", "/applications/{applicationName}/claim-tokens"),
+    ("GET", "/applications/{applicationName}/claim-tokens"),
+    (
+        "GET",
+        "/applications/{applicationName}/claim-tokens/{claimTokenId}",
+    ),
+    (
+        "DELETE",
+        "/applications/{applicationName}/claim-tokens/{claimTokenId}",
+    ),
 ];
+
+/// Routes devices call, at the root (not under [`API_PREFIXES`]) and without a bearer
+/// token: a device proves itself with a provisioning secret or a claim token in the body.
+pub const DEVICE_ROUTES: &[(&str, &str)] = &[
+    (
+        "POST",
+        "/device/v1/applications/{applicationName}/registrations",
+    ),
+    (
+        "POST",
+        "/device/v1/tenants/{tenant}/applications/{applicationName}/registrations",
+    ),
+];
+
+/// The path prefix of [`DEVICE_ROUTES`]: the bearer-token middleware lets it through.
+pub const DEVICE_PREFIX: &str = "/device/";
 
 /// Operational routes, served at the root only.
 pub const OPS_ROUTES: &[(&str, &str)] = &[
@@ -145,6 +186,7 @@ fn api() -> Router<AppState> {
     use applications as a;
     use filters as f;
     use handlers as h;
+    use self_registration as sr;
     Router::new()
         .route("/endpoints", post(h::register).get(h::list))
         .route("/endpoints/", post(h::register).get(h::list))
@@ -190,6 +232,24 @@ fn api() -> Router<AppState> {
             "/applications/{applicationName}/filters/{filterId}",
             get(f::get).patch(f::patch).delete(f::delete),
         )
+        .route(
+            "/applications/{applicationName}/self-registration",
+            get(sr::get_policy)
+                .put(sr::put_policy)
+                .delete(sr::delete_policy),
+        )
+        .route(
+            "/applications/{applicationName}/self-registration/rejections",
+            get(sr::rejections),
+        )
+        .route(
+            "/applications/{applicationName}/claim-tokens",
+            post(sr::create_claims).get(sr::list_claims),
+        )
+        .route(
+            "/applications/{applicationName}/claim-tokens/{claimTokenId}",
+            get(sr::get_claim).delete(sr::delete_claim),
+        )
 }
 
 /// The whole HTTP surface.
@@ -212,7 +272,15 @@ pub fn router(state: AppState) -> Router {
         .route("/health/live", get(ops::live))
         .route("/health/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(ops::openapi));
+        .route("/openapi.json", get(ops::openapi))
+        .route(
+            DEVICE_ROUTES[0].1,
+            post(self_registration::register_default),
+        )
+        .route(
+            DEVICE_ROUTES[1].1,
+            post(self_registration::register_in_tenant),
+        );
     for prefix in API_PREFIXES {
         app = app.nest(prefix, api());
     }

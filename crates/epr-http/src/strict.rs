@@ -36,6 +36,16 @@ pub const QUERY_PARAMS: &[(&str, &str, &[&str])] = &[
         "/applications/{applicationName}/filters",
         &["name", "offset", "limit"],
     ),
+    (
+        "GET",
+        "/applications/{applicationName}/self-registration/rejections",
+        &["offset", "limit"],
+    ),
+    (
+        "GET",
+        "/applications/{applicationName}/claim-tokens",
+        &["offset", "limit"],
+    ),
 ];
 
 /// The parameters `method` on `template` takes (empty when none).

@@ -129,6 +129,7 @@ async fn serve(auth_enabled: bool) -> Server {
         ready: Arc::new(AtomicBool::new(true)),
         metrics: None,
         components: Vec::new(),
+        device: Default::default(),
     };
     let cors = epr_http::cors::CorsSettings {
         allowed_origins: vec!["https://console.example".into()],

@@ -34,6 +34,99 @@ pub struct Settings {
     /// Bearer-token authentication, tenants and their issuers (`auth.*`); off while no
     /// tenant has an issuer and no Tenant Manager is set.
     pub auth: epr_auth::AuthSettings,
+    /// Device self-registration (`self_registration.*`, docs/self-registration.md).
+    pub self_registration: SelfRegistrationSettings,
+}
+
+/// `self_registration.*`: the device routes' limits.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SelfRegistrationSettings {
+    pub rate_limit: SelfRegistrationRateLimit,
+}
+
+/// `self_registration.rate_limit.*`: token buckets kept by each process (per replica).
+/// A `*_per_minute` of 0 turns that limit off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SelfRegistrationRateLimit {
+    /// Device requests per client address (the TCP peer).
+    pub per_source_per_minute: u32,
+    pub per_source_burst: u32,
+    /// Attempts per claim token.
+    pub per_claim_per_minute: u32,
+    pub per_claim_burst: u32,
+    /// Most addresses (and, separately, claim tokens) tracked at once.
+    pub max_tracked: usize,
+}
+
+impl Default for SelfRegistrationRateLimit {
+    fn default() -> Self {
+        let d = epr_http::self_registration::RateLimits::default();
+        Self {
+            per_source_per_minute: d.per_source.per_minute,
+            per_source_burst: d.per_source.burst,
+            per_claim_per_minute: d.per_claim.per_minute,
+            per_claim_burst: d.per_claim.burst,
+            max_tracked: d.max_keys,
+        }
+    }
+}
+
+impl SelfRegistrationRateLimit {
+    pub fn limits(&self) -> epr_http::self_registration::RateLimits {
+        use epr_http::rate_limit::Rate;
+        epr_http::self_registration::RateLimits {
+            per_source: Rate {
+                per_minute: self.per_source_per_minute,
+                burst: self.per_source_burst,
+            },
+            per_claim: Rate {
+                per_minute: self.per_claim_per_minute,
+                burst: self.per_claim_burst,
+            },
+            max_keys: self.max_tracked,
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        for (key, value, max) in [
+            (
+                "per_source_per_minute",
+                self.per_source_per_minute,
+                1_000_000,
+            ),
+            ("per_source_burst", self.per_source_burst, 1_000_000),
+            ("per_claim_per_minute", self.per_claim_per_minute, 1_000_000),
+            ("per_claim_burst", self.per_claim_burst, 1_000_000),
+        ] {
+            if value > max {
+                bail!("self_registration.rate_limit.{key} must be at most {max}");
+            }
+        }
+        for (key, burst, rate) in [
+            (
+                "per_source_burst",
+                self.per_source_burst,
+                self.per_source_per_minute,
+            ),
+            (
+                "per_claim_burst",
+                self.per_claim_burst,
+                self.per_claim_per_minute,
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                bail!(
+                    "self_registration.rate_limit.{key} must be at least 1 while its limit is on"
+                );
+            }
+        }
+        if !(1_000..=10_000_000).contains(&self.max_tracked) {
+            bail!("self_registration.rate_limit.max_tracked must be between 1000 and 10000000");
+        }
+        Ok(())
+    }
 }
 
 /// `server.tls.*`: HTTPS on the listener. Both files or neither.
@@ -630,6 +723,7 @@ impl Settings {
         }
         self.connected_tenants()?;
         crate::purge::RemovedTenantData::parse(&self.auth.removed_tenant_data)?;
+        self.self_registration.rate_limit.validate()?;
         Ok(())
     }
 

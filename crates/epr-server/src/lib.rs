@@ -387,6 +387,10 @@ impl Application {
                 }
                 c
             },
+            device: Arc::new(epr_http::self_registration::DeviceState::new(
+                settings.self_registration.rate_limit.limits(),
+                Some(auth.tenants()),
+            )),
         };
         let router = epr_http::cors::with_cors(epr_http::router(state), &settings.server.cors)
             .map_err(anyhow::Error::msg)?;

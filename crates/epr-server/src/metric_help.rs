@@ -20,6 +20,17 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         Counter,
         "HTTP requests answered, by method, route template and status.",
     ),
+    // epr-http::self_registration (device routes)
+    (
+        "epr_self_registrations_total",
+        Counter,
+        "Successful device self-registrations, by outcome (registered: a new endpoint; reregistered: a new token for an existing one).",
+    ),
+    (
+        "epr_self_registration_refusals_total",
+        Counter,
+        "Refused device self-registrations, by reason (the refusal code the device is told, e.g. credential-invalid, rate-limited).",
+    ),
     // epr-server::serve (the accept loop)
     ("epr_http_connections_open", Gauge, "HTTP connections being served."),
     (

@@ -446,8 +446,9 @@ impl Conn {
     async fn run(self, tcp: TcpStream, permit: tokio::sync::OwnedSemaphorePermit) {
         let _open = OpenGauge::new();
         let start = tokio::time::Instant::now();
+        let peer = tcp.peer_addr().ok();
         match self.shared.tls.clone() {
-            None => self.serve_io(tcp, start).await,
+            None => self.serve_io(tcp, start, peer).await,
             Some(acceptor) => {
                 let mut stop = self.stop.clone();
                 let stopping = async move {
@@ -459,7 +460,7 @@ impl Conn {
                 );
                 tokio::select! {
                     done = handshake => match done {
-                        Ok(Ok(stream)) => self.serve_io(stream, start).await,
+                        Ok(Ok(stream)) => self.serve_io(stream, start, peer).await,
                         Ok(Err(e)) => handshake_failed("error", &e),
                         Err(_) => handshake_failed("timeout", &"no handshake within the header timeout"),
                     },
@@ -472,8 +473,12 @@ impl Conn {
     }
 
     /// Serves HTTP/1.1 on an open (and, with TLS, handshaken) connection until it closes.
-    async fn serve_io<S>(self, stream: S, start: tokio::time::Instant)
-    where
+    async fn serve_io<S>(
+        self,
+        stream: S,
+        start: tokio::time::Instant,
+        peer: Option<std::net::SocketAddr>,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let limits = self.shared.limits;
@@ -486,6 +491,7 @@ impl Conn {
             activity: activity.clone(),
         });
         let service = ConnService {
+            peer,
             router: self.shared.router.clone(),
             activity: activity.clone(),
             body_timeout: limits.body_timeout,
@@ -764,6 +770,9 @@ impl Drop for InFlight {
 
 /// Hands each request to the router, with the body timeout and in-progress tracking.
 struct ConnService {
+    /// The client's address, handed to handlers as axum's `ConnectInfo` (the device
+    /// routes' rate limit).
+    peer: Option<std::net::SocketAddr>,
     router: axum::Router,
     activity: Arc<Activity>,
     body_timeout: Duration,
@@ -777,6 +786,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         use tower::Service;
         let guard = InFlight::begin(&self.activity);
+        let mut req = req;
+        if let Some(peer) = self.peer {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+        }
         let req = if req.body().is_end_stream() {
             req.map(axum::body::Body::new)
         } else {
