@@ -70,8 +70,42 @@ pub const CASES: &[(&str, Case)] = &[
         Box::pin(listing::listing_agrees_with_reference(s))
     }),
     ("settings_round_trip", |s| Box::pin(settings_round_trip(s))),
+    ("token_life_cycle", |s| {
+        Box::pin(credentials::token_life_cycle(s))
+    }),
+    ("find_token_by_hash", |s| {
+        Box::pin(credentials::find_token_by_hash(s))
+    }),
+    ("list_tokens_order_filter_paging", |s| {
+        Box::pin(credentials::list_tokens_order_filter_paging(s))
+    }),
+    ("unregister_revokes_and_deletes_tokens", |s| {
+        Box::pin(credentials::unregister_revokes_and_deletes_tokens(s))
+    }),
+    ("issue_with_taken_hash_or_id", |s| {
+        Box::pin(credentials::issue_with_taken_hash_or_id(s))
+    }),
+    ("claims_create_get_list_delete", |s| {
+        Box::pin(credentials::claims_create_get_list_delete(s))
+    }),
+    ("self_registration_uses_claims", |s| {
+        Box::pin(credentials::self_registration_uses_claims(s))
+    }),
+    ("reregistration_policies", |s| {
+        Box::pin(credentials::reregistration_policies(s))
+    }),
+    ("concurrent_self_registrations", |s| {
+        Box::pin(credentials::concurrent_self_registrations(s))
+    }),
+    ("rejections_recorded_and_trimmed", |s| {
+        Box::pin(credentials::rejections_recorded_and_trimmed(s))
+    }),
+    ("export_import_keeps_tokens", |s| {
+        Box::pin(credentials::export_import_keeps_tokens(s))
+    }),
 ];
 
+mod credentials;
 mod export;
 mod filters;
 mod listing;
