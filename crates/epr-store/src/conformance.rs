@@ -3,7 +3,7 @@
 
 use epr_core::command::{Command, Effect, MetadataChange, Registration, WriteCtx};
 use epr_core::endpoint::Precondition;
-use epr_core::event::EventKind;
+use epr_core::event::{EventKind, OutboxEvent, TokenEventKind};
 use epr_core::ids::{AppName, AppVersionName, EndpointId, EndpointToken, TenantId};
 use epr_core::metadata::{Limits, Metadata, MetadataKey};
 use epr_core::ports::{BatchItem, BatchRequest, Store, StoreError};
@@ -448,25 +448,31 @@ async fn unregister_frees_id_and_token(s: Arc<dyn Store>) {
         second.endpoint().etag(),
         "a new registration, a new tag"
     );
+    // The unregistration revokes the endpoint's token (an event of its own, after it).
     let kinds: Vec<_> = s
         .outbox_pending(0, 10)
         .await
         .unwrap()
         .into_iter()
-        .map(|e| {
-            e.event
-                .as_endpoint()
-                .expect("an endpoint event")
-                .kind
-                .clone()
+        .map(|e| match e.event {
+            OutboxEvent::Endpoint(e) => format!("{:?}", e.kind),
+            OutboxEvent::Token(t) => format!("token {:?}", t.kind),
+            other => panic!("unexpected {other:?}"),
         })
         .collect();
+    let token_id = reg("ep", "app-v1", "tok-ep", json!({})).token_id;
     assert_eq!(
         kinds,
         vec![
-            EventKind::Registered,
-            EventKind::Unregistered,
-            EventKind::Registered
+            format!("{:?}", EventKind::Registered),
+            format!("{:?}", EventKind::Unregistered),
+            format!(
+                "token {:?}",
+                TokenEventKind::Revoked {
+                    token_ids: vec![token_id]
+                }
+            ),
+            format!("{:?}", EventKind::Registered),
         ]
     );
 }
