@@ -661,6 +661,17 @@ async fn batch_registration(s: Arc<dyn Store>) {
     );
     assert!(s.get(&tenant("t1"), &id("b3")).await.unwrap().is_some());
     assert!(s.get(&tenant("t1"), &id("b2")).await.unwrap().is_none());
+    // Each created endpoint has its token row, under the registration's token ID.
+    let b3 = reg("b3", "app-v1", "t-b3", json!({}));
+    let token = s
+        .get_token(&tenant("t1"), &id("b3"), &b3.token_id)
+        .await
+        .unwrap()
+        .expect("the batch registration's token row");
+    assert_eq!(
+        (token.hash, token.status),
+        (b3.token_hash, epr_core::credentials::TokenStatus::Inactive)
+    );
     let app = AppName::parse("app").unwrap();
     assert_eq!(
         s.batch_outcome(&tenant("t1"), &app, "task-1")
