@@ -235,6 +235,26 @@ async fn every_api_route_needs_a_token_and_a_scope() {
     }
 }
 
+/// Devices have no bearer token: the device routes are reached without one (and a bearer
+/// token changes nothing), answering what the self-registration rules say.
+#[tokio::test]
+async fn device_routes_need_no_token() {
+    let s = serve(true).await;
+    for (method, template) in epr_http::DEVICE_ROUTES {
+        let path = template
+            .replace("{tenant}", "kaa")
+            .replace("{applicationName}", "demo");
+        for token in [None, Some("none")] {
+            let m = Method::from_bytes(method.as_bytes()).unwrap();
+            let body = json!({"appVersion": "demo-v1", "provisioningSecret": "0123456789abcdef"});
+            let (status, _, err) = s.call(m, &path, token, Some(body)).await;
+            // No policy: closed, whoever asks.
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {err}");
+            assert_eq!(err["reason"], "self-registration-closed", "{path}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn invalid_and_uncheckable_tokens() {
     let s = serve(true).await;

@@ -1,6 +1,6 @@
 //! Checks the OpenAPI document (`openapi.json`) against the router's route lists.
 
-use epr_http::{API_PREFIXES, API_ROUTES, OPENAPI, OPS_ROUTES};
+use epr_http::{API_PREFIXES, API_ROUTES, DEVICE_ROUTES, OPENAPI, OPS_ROUTES};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -51,10 +51,11 @@ fn paths_match_the_routes_exactly() {
     let documented: BTreeSet<_> = operations(&doc).into_iter().map(|(k, _)| k).collect();
     let mut expected = route_set(API_ROUTES);
     expected.extend(route_set(OPS_ROUTES));
+    expected.extend(route_set(DEVICE_ROUTES));
     assert_eq!(
         expected.len(),
-        API_ROUTES.len() + OPS_ROUTES.len(),
-        "API and ops routes overlap"
+        API_ROUTES.len() + OPS_ROUTES.len() + DEVICE_ROUTES.len(),
+        "API, ops and device routes overlap"
     );
     let missing: Vec<_> = expected.difference(&documented).collect();
     let extra: Vec<_> = documented.difference(&expected).collect();
@@ -65,9 +66,13 @@ fn paths_match_the_routes_exactly() {
 }
 
 #[test]
-fn ops_routes_override_servers_to_root() {
+fn ops_and_device_routes_override_servers_to_root() {
     let doc = doc();
-    let ops: BTreeSet<&str> = OPS_ROUTES.iter().map(|(_, p)| *p).collect();
+    let ops: BTreeSet<&str> = OPS_ROUTES
+        .iter()
+        .chain(DEVICE_ROUTES)
+        .map(|(_, p)| *p)
+        .collect();
     for (path, item) in paths(&doc) {
         let servers = item.get("servers");
         if ops.contains(path.as_str()) {
