@@ -25,6 +25,7 @@ mod ops;
 mod reload;
 mod replicas;
 mod security;
+mod self_registration;
 mod strict;
 mod tekton;
 mod tenancy_nats;
