@@ -1061,7 +1061,7 @@ async fn the_rejection_log_keeps_the_latest_per_application() {
     let rejection = |app_name: &str, n: u64| Rejection {
         at: Timestamp(NOW + n as i64),
         app: AppName::parse(app_name).unwrap(),
-        app_version: (n % 2 == 0).then(|| format!("v{n}")),
+        app_version: n.is_multiple_of(2).then(|| format!("v{n}")),
         endpoint_id: Some(format!("dev-{n}")),
         source: "10.0.0.1".into(),
         reason: RefusalReason::ALL[(n % 15) as usize],

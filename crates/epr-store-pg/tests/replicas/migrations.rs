@@ -192,7 +192,7 @@ async fn a_version_1_database_upgrades_keeping_its_tokens() {
             )
             .await
             .unwrap();
-        assert_eq!(listed.items, [found.clone()]);
+        assert_eq!(listed.items, std::slice::from_ref(&found));
         ids.push(found.id);
     }
     assert_ne!(ids[0], ids[1], "an ID of its own each");
