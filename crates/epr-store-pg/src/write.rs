@@ -708,6 +708,14 @@ fn commands(works: &[Work]) -> impl Iterator<Item = (&Command, &WriteCtx)> {
     )
 }
 
+/// The ID of the token a command may insert (with [`Command::new_token`]).
+fn new_token_id(cmd: &Command) -> Option<&TokenId> {
+    match cmd {
+        Command::IssueToken { token_id, .. } => Some(token_id),
+        other => other.registration().map(|r| &r.token_id),
+    }
+}
+
 /// A token hash's owner, by tenant, application and hash.
 type TokenKey<'w> = (&'w str, &'w str, [u8; 32]);
 /// An endpoint, by tenant and ID.
@@ -786,6 +794,8 @@ struct Overlay<'w> {
     /// Holders of the token hashes the group's commands would insert (as read, then as the
     /// group changed them).
     holders: HashMap<TokenKey<'w>, String>,
+    /// Holders of the token IDs the group's commands would insert, likewise.
+    id_holders: HashMap<Key<'w>, String>,
     /// The initial token hash of every endpoint the group registered (and still holds).
     new_tokens: HashMap<Key<'w>, [u8; 32]>,
     /// Token rows by endpoint: those read for the plans, and every endpoint whose tokens
@@ -858,6 +868,21 @@ impl<'w> Overlay<'w> {
             }
             _ => None,
         };
+        // Token IDs are generated (UUIDs), so this never refuses in practice; checked so
+        // that a clash refuses one command instead of failing its whole group.
+        let new_id = match new_token_id(cmd) {
+            Some(token_id) if inserts_token => {
+                if self.id_holders.contains_key(&(tenant, token_id.as_str())) {
+                    return Err(DomainError::Conflict {
+                        field: "endpointTokenId",
+                        message: format!("the endpoint token ID '{token_id}' is already in use"),
+                    }
+                    .into());
+                }
+                Some((tenant, token_id.as_str()))
+            }
+            _ => None,
+        };
         let changed_keys = plan.changed_metadata_keys(cmd);
         let app = plan.effect.endpoint().app.clone();
         let changes = match self
@@ -883,6 +908,8 @@ impl<'w> Overlay<'w> {
                 // Its tokens are free again (for a later command of this group too).
                 self.holders
                     .retain(|(t, _, _), holder| !(*t == tenant && holder == ep.id.as_str()));
+                self.id_holders
+                    .retain(|(t, _), holder| !(*t == tenant && holder == ep.id.as_str()));
                 self.new_tokens.remove(&key);
                 self.changed.insert(key, None);
             }
@@ -905,6 +932,9 @@ impl<'w> Overlay<'w> {
         }
         if let Some(token_key) = new_token {
             self.holders.insert(token_key, key.1.to_owned());
+        }
+        if let Some(id_key) = new_id {
+            self.id_holders.insert(id_key, key.1.to_owned());
         }
         if let Some((hash, used)) = tokens.claim_used {
             let k = claim_key
@@ -1127,7 +1157,8 @@ struct Wanted<'w> {
     token_owners: BTreeMap<&'w str, BTreeSet<&'w str>>,
     /// Claim tokens by hash, locked.
     claims: BTreeMap<(&'w str, &'w str), BTreeSet<[u8; 32]>>,
-    /// Token IDs whose holders are looked up (imports).
+    /// Token IDs whose holders are looked up (of the tokens the commands or records would
+    /// insert).
     token_ids: BTreeMap<&'w str, BTreeSet<&'w str>>,
     /// Incarnations to take.
     registrations: i64,
@@ -1280,6 +1311,13 @@ async fn run_group(
                 .or_default()
                 .insert(hash.0);
         }
+        if let Some(token_id) = new_token_id(cmd) {
+            wanted
+                .token_ids
+                .entry(tenant)
+                .or_default()
+                .insert(token_id.as_str());
+        }
         if cmd.needs_tokens() {
             wanted.token_owners.entry(tenant).or_default().insert(id);
         }
@@ -1296,7 +1334,7 @@ async fn run_group(
         holders,
         tokens,
         claims,
-        id_holders: _,
+        id_holders,
         incarnations,
     } = preload(tx, st, &wanted).await?;
     // Every endpoint whose tokens a plan needs has a state (empty when it has no rows).
@@ -1360,6 +1398,7 @@ async fn run_group(
         initial,
         changed: HashMap::new(),
         holders,
+        id_holders,
         new_tokens: HashMap::new(),
         tokens,
         claims,

@@ -384,6 +384,14 @@ async fn issued_tokens_are_unique_per_application_and_unregistration_frees_them(
     s.execute(issue("e1", "tok-1b", "t1b"), ctx())
         .await
         .unwrap();
+    // Token IDs are unique in the tenant.
+    assert!(matches!(
+        refused(s.execute(issue("e2", "tok-fresh", "t1b"), ctx()).await),
+        DomainError::Conflict {
+            field: "endpointTokenId",
+            ..
+        }
+    ));
     assert!(matches!(
         refused(s.execute(register("e3", "tok-1b", "t3"), ctx()).await),
         DomainError::Conflict {
