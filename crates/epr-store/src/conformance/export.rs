@@ -212,7 +212,7 @@ pub(super) async fn import_conflicts(s: Arc<dyn Store>) {
     kyiv.token_hash = EndpointToken::parse("tok-k")
         .unwrap()
         .hash(&AppName::parse("app").unwrap());
-    // Not ep-a's token rows: the one token of `token_hash`.
+    // Without token rows: its one token comes from `token_hash`.
     kyiv.tokens.clear();
     let outcomes = s.import(vec![ImportRecord::Endpoint(kyiv)]).await.unwrap();
     assert_eq!(outcomes, [ImportOutcome::Imported]);
