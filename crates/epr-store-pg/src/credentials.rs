@@ -386,9 +386,14 @@ pub(crate) async fn delete_claim(
 // ---------------------------------------------------------------------------------------
 // Rejections
 
+/// The class of the per-application rejection locks (`pg_advisory_xact_lock(int, int)`:
+/// two-key locks never conflict with the one-key application locks of writes and filters).
+const REJECTION_LOCK_CLASS: i32 = 0x4550_524a; // "EPRJ"
+
 /// Inserts one rejection and deletes the application's rejections older than the latest
-/// [`REJECTIONS_KEPT`], in one transaction: a backward range scan of at most that many
-/// index entries. Two concurrent inserts can leave one more row until the next insert.
+/// [`REJECTIONS_KEPT`], in one transaction that holds the application's rejection lock, so
+/// concurrent inserts trim in turn and exactly that many remain (a backward range scan of
+/// at most that many index entries; rejections are rate-limited, the lock is brief).
 pub(crate) async fn record_rejection(
     inner: &Inner,
     tenant: &TenantId,
@@ -396,40 +401,44 @@ pub(crate) async fn record_rejection(
 ) -> Result<(), StoreError> {
     let mut client = inner.pool.get().await.map_err(pool)?;
     let tx = client.transaction().await.map_err(db)?;
-    let insert = tx
-        .prepare_cached(
+    let (lock, insert, prune) = futures_util::future::try_join3(
+        tx.prepare_cached("SELECT pg_advisory_xact_lock($1, $2)"),
+        tx.prepare_cached(
             "INSERT INTO rejections(tenant, app, at, app_version, endpoint_id, source, reason, \
                  message) VALUES($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .await
-        .map_err(db)?;
-    let prune = tx
-        .prepare_cached(
+        ),
+        tx.prepare_cached(
             "DELETE FROM rejections WHERE tenant=$1 AND app=$2 AND id < \
                  (SELECT id FROM rejections WHERE tenant=$1 AND app=$2 \
                   ORDER BY id DESC OFFSET $3 LIMIT 1)",
-        )
-        .await
-        .map_err(db)?;
-    let kept = (REJECTIONS_KEPT - 1).min(i64::MAX as u64) as i64;
-    tx.execute(
-        &insert,
-        &[
-            &tenant.as_str(),
-            &r.app.as_str(),
-            &r.at.0,
-            &r.app_version,
-            &r.endpoint_id,
-            &r.source,
-            &r.reason.as_str(),
-            &r.message,
-        ],
+        ),
     )
     .await
     .map_err(db)?;
-    tx.execute(&prune, &[&tenant.as_str(), &r.app.as_str(), &kept])
-        .await
-        .map_err(db)?;
+    // A collision of two applications' keys only makes them wait for each other.
+    let key = crate::app_lock_key(tenant, &r.app) as i32;
+    let kept = (REJECTIONS_KEPT - 1).min(i64::MAX as u64) as i64;
+    // Pipelined, run in order: the insert and the trim after the lock is held, each with a
+    // snapshot that sees every earlier holder's commit.
+    futures_util::future::try_join3(
+        tx.execute(&lock, &[&REJECTION_LOCK_CLASS, &key]),
+        tx.execute(
+            &insert,
+            &[
+                &tenant.as_str(),
+                &r.app.as_str(),
+                &r.at.0,
+                &r.app_version,
+                &r.endpoint_id,
+                &r.source,
+                &r.reason.as_str(),
+                &r.message,
+            ],
+        ),
+        tx.execute(&prune, &[&tenant.as_str(), &r.app.as_str(), &kept]),
+    )
+    .await
+    .map_err(db)?;
     tx.commit().await.map_err(db)
 }
 
