@@ -815,6 +815,126 @@ mod tests {
         }
     }
 
+    /// The shared test NATS server (as the server's tests find it).
+    fn nats_url() -> String {
+        std::env::var("EPR_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:14222".into())
+    }
+
+    /// A stand-in 16/ECAP provider: answers 200 with the token's endpoint, except 403 for
+    /// endpoints `i % 50 == 7` and no answer at all for `i % 50 == 9`.
+    async fn fake_provider(url: &str, subject: String, set: Arc<Set>) -> async_nats::Client {
+        let client = async_nats::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("no NATS at {url} ({e}); start scripts/services-up.sh"));
+        let mut sub = client.subscribe(subject).await.unwrap();
+        client.flush().await.unwrap();
+        let c = client.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let mut r = Reader { b: &msg.payload };
+                let corr = r.str().unwrap().to_owned();
+                let (_ts, _timeout) = (r.long().unwrap(), r.long().unwrap());
+                assert_eq!(r.str().unwrap(), "bench");
+                let token = r.str().unwrap();
+                let i: usize = token
+                    .strip_prefix(&format!("{}-", set.tokens))
+                    .and_then(|t| t.strip_suffix("-bench-token"))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                if i % 50 == 9 {
+                    continue;
+                }
+                let mut b = Vec::new();
+                put_str(&mut b, &corr);
+                put_long(&mut b, now_ms());
+                put_long(&mut b, 0);
+                put_long(&mut b, 0);
+                put_str(&mut b, &format!("tid-{i}"));
+                put_long(&mut b, 0);
+                put_str(&mut b, &format!("{}-{i}", set.ids));
+                put_long(&mut b, if i % 50 == 7 { 403 } else { 200 });
+                put_long(&mut b, 0);
+                c.publish(msg.reply.unwrap(), b.into()).await.unwrap();
+            }
+        });
+        client
+    }
+
+    /// Activation and the open-loop load against the stand-in provider over a real
+    /// nats-server: every request is answered, checked and counted where it belongs.
+    #[tokio::test]
+    async fn activation_and_load_count_every_reply() {
+        let url = nats_url();
+        let args = <crate::Args as clap::Parser>::parse_from([
+            "epr-bench",
+            "--url",
+            "http://127.0.0.1:1",
+            "--warmup",
+            "0.2",
+            "-d",
+            "0.6",
+            "--ecap-rate",
+            "1000",
+            "--ecap-window",
+            "8",
+            "--event-timeout",
+            "0.5",
+        ]);
+        let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let ctx = Ctx::new(
+            run.clone(),
+            "bench-v1".into(),
+            crate::RegMetadata::Basic,
+            "bench",
+        );
+        let set = Arc::new(Set {
+            ids: format!("e-{run}-1"),
+            tokens: format!("{run}-1"),
+            n: 200,
+        });
+        let subject = format!("kaa.v1.service.test{run}.ecap.ep-token-request");
+        let _provider = fake_provider(&url, subject.clone(), set.clone()).await;
+        let client = async_nats::connect(&url).await.unwrap();
+
+        let a = activate(&client, &subject, &set, &ctx, &args)
+            .await
+            .unwrap();
+        assert_eq!(a.requests, 200);
+        assert_eq!(a.lost, 4, "{a:?}");
+        assert_eq!(a.ok, 192, "{a:?}");
+        assert_eq!(a.failed.values().sum::<u64>(), 4, "{a:?}");
+        assert!(a.failed.keys().all(|k| k.starts_with("403")), "{a:?}");
+
+        let t = Target {
+            name: "",
+            addr: "127.0.0.1:1".into(),
+            server: None,
+            pid: None,
+            events: None,
+            workers: Vec::new(),
+            replicas: Vec::new(),
+            nats_instance: Some(format!("test{run}")),
+        };
+        let l = load(&client, &subject, &set, &ctx, &t, &args)
+            .await
+            .unwrap();
+        // Slots 200..800 of 1000/s lie in the window (0.2 s warm-up, 0.6 s measured).
+        let recorded: Vec<usize> = (200..800).map(|k| pick(k, set.n)).collect();
+        let refused = recorded.iter().filter(|&&i| i % 50 == 7).count() as u64;
+        let silent = recorded.iter().filter(|&&i| i % 50 == 9).count() as u64;
+        assert_eq!(l.scheduled, 600, "{l:?}");
+        assert_eq!(l.sent, 600, "{l:?}");
+        assert_eq!(l.lost, silent, "{l:?}");
+        assert_eq!(l.failed.values().sum::<u64>(), refused, "{l:?}");
+        assert_eq!(l.ok, 600 - refused - silent, "{l:?}");
+        assert_eq!((l.duplicates, l.publish_errors), (0, 0));
+        assert!(
+            l.p50_ms > 0.0 && l.p50_ms <= l.p99_ms && l.p99_ms <= l.max_ms,
+            "{l:?}"
+        );
+    }
+
     #[test]
     fn verdicts() {
         let set = Set {

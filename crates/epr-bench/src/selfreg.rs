@@ -533,6 +533,63 @@ mod tests {
         assert!(SECRET.len() >= 16);
     }
 
+    /// The three measurements run through the closed-loop machinery: every registration
+    /// counts (and keeps its ID), and the claim side stops at the claims it was given.
+    #[tokio::test]
+    async fn phases_run_against_responder() {
+        let addr = crate::client::tests::spawn_responder(usize::MAX).await;
+        let args = <Args as clap::Parser>::parse_from([
+            "epr-bench",
+            "--url",
+            "http://x",
+            "-c",
+            "2",
+            "--warmup",
+            "0.05",
+            "-d",
+            "0.2",
+        ]);
+        let ctx = Arc::new(Ctx::new(
+            "t".into(),
+            "bench-v1".into(),
+            RegMetadata::Basic,
+            "bench",
+        ));
+        *ctx.claims.lock().unwrap() = vec!["k1".into(), "k2".into(), "k3".into()];
+        let target = Target {
+            name: "",
+            addr: addr.clone(),
+            server: None,
+            pid: None,
+            events: None,
+            workers: Vec::new(),
+            replicas: Vec::new(),
+            nats_instance: None,
+        };
+        let mut workers = crate::new_workers(&addr, 2);
+        for phase in [Phase::SrOperator, Phase::SrDevice, Phase::SrClaim] {
+            let (back, res, extra) = crate::run_phase(workers, &ctx, phase, &args, &target)
+                .await
+                .unwrap();
+            workers = back;
+            if phase == Phase::SrClaim {
+                assert_eq!(extra.registrations, 3);
+                assert!(res.errors > 0, "running out of claims is an error");
+            } else {
+                assert!(res.requests > 0 && res.errors == 0, "{}", res.phase);
+                assert_eq!(extra.registrations, extra.acked);
+            }
+        }
+        let ids: usize = workers.iter().map(|w| w.ids.len()).sum();
+        assert!(
+            ids > 3
+                && workers
+                    .iter()
+                    .flat_map(|w| &w.ids)
+                    .all(|i| i.starts_with("bench-t-"))
+        );
+    }
+
     /// `bench-[0-9a-z-]+`, anchored, without a regex dependency.
     fn regex_lite(pattern: &str) -> impl Fn(&str) -> bool {
         assert_eq!(pattern, "bench-[0-9a-z-]+");
