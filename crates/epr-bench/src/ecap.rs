@@ -227,6 +227,20 @@ pub async fn run(
     Ok(r)
 }
 
+/// The verdict on a reply message: a status message of the broker itself (e.g. 503 "no
+/// responders": nothing serves the subject) or [`verdict`] on its payload.
+fn message_verdict(msg: &async_nats::Message, set: &Set, i: usize, corr: &str) -> Option<String> {
+    match msg.status {
+        Some(s) => Some(format!(
+            "NATS {s}{}",
+            msg.description
+                .as_deref()
+                .map_or_else(String::new, |d| format!(" ({d})"))
+        )),
+        None => verdict(&msg.payload, set, i, corr),
+    }
+}
+
 /// The reply's verdict: `None` when it is 200 with the expected endpoint and correlationId,
 /// else the key it is counted under.
 fn verdict(payload: &[u8], set: &Set, i: usize, corr: &str) -> Option<String> {
@@ -324,7 +338,7 @@ async fn activate(
         if let Some(s) = sent_at[k] {
             hist.saturating_record((now - s).as_micros() as u64);
         }
-        match verdict(&msg.payload, set, k, &format!("{corr}{k}")) {
+        match message_verdict(&msg, set, k, &format!("{corr}{k}")) {
             None => a.ok += 1,
             Some(key) => *a.failed.entry(key).or_default() += 1,
         }
@@ -482,7 +496,7 @@ async fn load(
             let sent_at = t0 + Duration::from_nanos(at - 1);
             from_send.saturating_record(now.saturating_duration_since(sent_at).as_micros() as u64);
         }
-        match verdict(&msg.payload, set, pick(k, set.n), &format!("{corr}{k}")) {
+        match message_verdict(&msg, set, pick(k, set.n), &format!("{corr}{k}")) {
             None => l.ok += 1,
             Some(key) => *l.failed.entry(key).or_default() += 1,
         }

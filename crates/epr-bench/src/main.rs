@@ -71,7 +71,8 @@ struct Args {
     /// events off (`nats.url: ""`) and one with events on (this URL), and every
     /// health/register/get/put/latency phase runs against both (off then on in odd
     /// rounds, on then off in even ones); events of the "on" server are counted by a
-    /// subscriber on `kaa.v1.events.{instance}.>`. Needed by the latency and drain phases.
+    /// subscriber on `kaa.v1.events.{instance}.>`. Needed by the latency, drain and ecap
+    /// phases (ecap runs on the events-on server).
     #[arg(long)]
     nats_url: Option<String>,
     /// PID of the nats-server process (e.g. `$(cat /tmp/epr-services/nats/pid)`): its CPU
@@ -157,7 +158,7 @@ struct Args {
     /// alone.
     #[arg(long, requires = "auth")]
     auth_header_everywhere: bool,
-    /// Embedded store vs PostgreSQL (needs --server-bin, not --nats-url or --auth): this
+    /// Embedded store vs PostgreSQL (needs --server-bin, not --auth): this
     /// URL names a PostgreSQL server (any database on it); the bench creates two fresh
     /// databases and spawns three targets: `embedded`, `pg` (one server on the first
     /// database) and `pg2` (two servers, two replicas, on the second; connections
