@@ -221,10 +221,11 @@ CREATE TABLE settings(
 /// Endpoint credentials (issue 11): token states and IDs, claim tokens, rejections.
 const V2: &str = r#"
 -- Several tokens per endpoint, each with Kaa CM's state. Rows of a v1 database (one token
--- per endpoint, issued at registration) get an ID each and start Inactive. The volatile
--- default gives every existing row its own value; new rows always name their ID.
+-- per endpoint, issued at registration) get an ID each and start Inactive: the volatile
+-- default gives every existing row its own value (a rewrite of the table). The default
+-- stays for replicas of the previous version still running during a rolling upgrade,
+-- whose inserts name no ID; this version always names it.
 ALTER TABLE tokens ADD COLUMN token_id text NOT NULL DEFAULT gen_random_uuid()::text;
-ALTER TABLE tokens ALTER COLUMN token_id DROP DEFAULT;
 ALTER TABLE tokens ADD COLUMN status text NOT NULL DEFAULT 'Inactive'
     CHECK (status IN ('Inactive', 'Active', 'Suspended', 'Revoked'));
 ALTER TABLE tokens ADD COLUMN updated bigint NULL;

@@ -219,6 +219,22 @@ async fn a_version_1_database_upgrades_keeping_its_tokens() {
             .get(0);
         assert_eq!(n, 0);
     }
+    // A replica of the previous version, still running during a rolling upgrade, inserts
+    // its registrations' tokens as before: they get an ID and the first state.
+    c.execute(
+        "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, created) \
+         VALUES('t1', 'app', $1, 'ep-3', 2000)",
+        &[&&hash("tok-ep-3").0[..]],
+    )
+    .await
+    .expect("an insert of the previous version's shape");
+    let old_shape = s
+        .find_token(&tenant, &app, &hash("tok-ep-3"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old_shape.status, TokenStatus::Inactive);
+    assert!(uuid::Uuid::parse_str(old_shape.id.as_str()).is_ok());
     // An unknown state cannot be stored.
     let bad = c
         .execute("UPDATE tokens SET status = 'Lost'", &[])
