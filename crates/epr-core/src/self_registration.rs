@@ -92,37 +92,9 @@ fn rereg_str(r: Reregistration) -> &'static str {
     }
 }
 
-/// An anchored regular expression (the whole value must match), compiled once.
-#[derive(Debug, Clone)]
-pub struct Pattern {
-    text: IdPattern,
-    re: regex::Regex,
-}
-
-impl PartialEq for Pattern {
-    fn eq(&self, other: &Self) -> bool {
-        self.text == other.text
-    }
-}
-
-impl Pattern {
-    pub fn parse(s: &str, field: &str) -> Result<Self, ValidationError> {
-        let text = IdPattern::parse(s, field)?;
-        let re = regex::RegexBuilder::new(&format!("^(?:{s})$"))
-            .size_limit(1 << 20)
-            .build()
-            .map_err(|e| ValidationError::new(field, "regex", e.to_string()))?;
-        Ok(Self { text, re })
-    }
-
-    pub fn as_str(&self) -> &str {
-        self.text.as_str()
-    }
-
-    pub fn matches(&self, s: &str) -> bool {
-        self.re.is_match(s)
-    }
-}
+/// An anchored regular expression (the whole value must match), compiled once: the
+/// endpoint-ID pattern type serves metadata value patterns too.
+pub type Pattern = IdPattern;
 
 /// What a metadata value under a key may be.
 #[derive(Debug, Clone, PartialEq)]

@@ -529,7 +529,7 @@ pub async fn rejections(
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ClaimDto {
-    id: String,
+    claim_token_id: String,
     /// Only in the answer that created it.
     #[serde(skip_serializing_if = "Option::is_none")]
     claim_token: Option<String>,
@@ -560,7 +560,7 @@ impl ClaimDto {
             (None, false) => "available",
         };
         Self {
-            id: c.id.to_string(),
+            claim_token_id: c.id.to_string(),
             claim_token: token,
             endpoint_id,
             endpoint_id_pattern,
