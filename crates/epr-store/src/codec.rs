@@ -7,7 +7,7 @@ use epr_core::endpoint_filter::FilterId;
 use epr_core::event::{
     DomainEvent, EventKind, FilterEvent, FilterEventKind, OutboxEvent, TokenEvent, TokenEventKind,
 };
-use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId, TokenId};
+use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId, TokenHash, TokenId};
 use epr_core::metadata::{Metadata, MetadataDiff};
 use epr_core::ports::{BatchCreated, BatchFailed, BatchOutcome};
 use epr_core::Timestamp;
@@ -292,6 +292,22 @@ pub fn encode_event(e: &DomainEvent) -> String {
         kind,
     };
     serde_json::to_string(&stored).expect("stored events serialise")
+}
+
+/// The ID a token gets when it is restored without one (an export made before tokens had
+/// IDs and states): the first 16 bytes of its hash, UUID-shaped (lowercase hex). Derived, not
+/// drawn, so importing the same file again finds the same token. Every backend uses this.
+pub fn initial_token_id(hash: &TokenHash) -> TokenId {
+    let h = hash.to_hex();
+    let id = format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    );
+    TokenId::parse(&id).expect("hex digits and dashes make a token ID")
 }
 
 fn bad(what: &str, e: impl std::fmt::Display) -> String {

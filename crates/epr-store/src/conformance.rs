@@ -3,7 +3,7 @@
 
 use epr_core::command::{Command, Effect, MetadataChange, Registration, WriteCtx};
 use epr_core::endpoint::Precondition;
-use epr_core::event::EventKind;
+use epr_core::event::{EventKind, OutboxEvent, TokenEventKind};
 use epr_core::ids::{AppName, AppVersionName, EndpointId, EndpointToken, TenantId};
 use epr_core::metadata::{Limits, Metadata, MetadataKey};
 use epr_core::ports::{BatchItem, BatchRequest, Store, StoreError};
@@ -70,8 +70,42 @@ pub const CASES: &[(&str, Case)] = &[
         Box::pin(listing::listing_agrees_with_reference(s))
     }),
     ("settings_round_trip", |s| Box::pin(settings_round_trip(s))),
+    ("token_life_cycle", |s| {
+        Box::pin(credentials::token_life_cycle(s))
+    }),
+    ("find_token_by_hash", |s| {
+        Box::pin(credentials::find_token_by_hash(s))
+    }),
+    ("list_tokens_order_filter_paging", |s| {
+        Box::pin(credentials::list_tokens_order_filter_paging(s))
+    }),
+    ("unregister_revokes_and_deletes_tokens", |s| {
+        Box::pin(credentials::unregister_revokes_and_deletes_tokens(s))
+    }),
+    ("issue_with_taken_hash_or_id", |s| {
+        Box::pin(credentials::issue_with_taken_hash_or_id(s))
+    }),
+    ("claims_create_get_list_delete", |s| {
+        Box::pin(credentials::claims_create_get_list_delete(s))
+    }),
+    ("self_registration_uses_claims", |s| {
+        Box::pin(credentials::self_registration_uses_claims(s))
+    }),
+    ("reregistration_policies", |s| {
+        Box::pin(credentials::reregistration_policies(s))
+    }),
+    ("concurrent_self_registrations", |s| {
+        Box::pin(credentials::concurrent_self_registrations(s))
+    }),
+    ("rejections_recorded_and_trimmed", |s| {
+        Box::pin(credentials::rejections_recorded_and_trimmed(s))
+    }),
+    ("export_import_keeps_tokens", |s| {
+        Box::pin(credentials::export_import_keeps_tokens(s))
+    }),
 ];
 
+mod credentials;
 mod export;
 mod filters;
 mod listing;
@@ -414,25 +448,31 @@ async fn unregister_frees_id_and_token(s: Arc<dyn Store>) {
         second.endpoint().etag(),
         "a new registration, a new tag"
     );
+    // The unregistration revokes the endpoint's token (an event of its own, after it).
     let kinds: Vec<_> = s
         .outbox_pending(0, 10)
         .await
         .unwrap()
         .into_iter()
-        .map(|e| {
-            e.event
-                .as_endpoint()
-                .expect("an endpoint event")
-                .kind
-                .clone()
+        .map(|e| match e.event {
+            OutboxEvent::Endpoint(e) => format!("{:?}", e.kind),
+            OutboxEvent::Token(t) => format!("token {:?}", t.kind),
+            other => panic!("unexpected {other:?}"),
         })
         .collect();
+    let token_id = reg("ep", "app-v1", "tok-ep", json!({})).token_id;
     assert_eq!(
         kinds,
         vec![
-            EventKind::Registered,
-            EventKind::Unregistered,
-            EventKind::Registered
+            format!("{:?}", EventKind::Registered),
+            format!("{:?}", EventKind::Unregistered),
+            format!(
+                "token {:?}",
+                TokenEventKind::Revoked {
+                    token_ids: vec![token_id]
+                }
+            ),
+            format!("{:?}", EventKind::Registered),
         ]
     );
 }
@@ -621,6 +661,17 @@ async fn batch_registration(s: Arc<dyn Store>) {
     );
     assert!(s.get(&tenant("t1"), &id("b3")).await.unwrap().is_some());
     assert!(s.get(&tenant("t1"), &id("b2")).await.unwrap().is_none());
+    // Each created endpoint has its token row, under the registration's token ID.
+    let b3 = reg("b3", "app-v1", "t-b3", json!({}));
+    let token = s
+        .get_token(&tenant("t1"), &id("b3"), &b3.token_id)
+        .await
+        .unwrap()
+        .expect("the batch registration's token row");
+    assert_eq!(
+        (token.hash, token.status),
+        (b3.token_hash, epr_core::credentials::TokenStatus::Inactive)
+    );
     let app = AppName::parse("app").unwrap();
     assert_eq!(
         s.batch_outcome(&tenant("t1"), &app, "task-1")

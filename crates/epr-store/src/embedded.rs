@@ -12,14 +12,16 @@ use crate::codec;
 use crate::integrity::{self, IntegrityCheck, StoreHealth};
 use crate::lock::DataDirLock;
 use crate::meta_index::{IndexChange, MetaIndex};
+use crate::sqlite_credentials;
 pub use crate::sqlite_filters::BackfillPace;
 use crate::sqlite_filters::{self, FilterCache};
 use async_trait::async_trait;
-use epr_core::command::{plan, Command, Effect, WriteCtx};
+use epr_core::command::{plan, Command, Effect, Loaded, WriteCtx};
+use epr_core::credentials::{ClaimToken, Rejection, StoredToken, TokenListQuery, TokenOp};
 use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::{EndpointFilter, FilterCommand, FilterId};
 use epr_core::event::OutboxEvent;
-use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
+use epr_core::ids::{AppName, AppVersionName, ClaimId, EndpointId, TenantId, TokenHash, TokenId};
 use epr_core::log_gate::LogGate;
 use epr_core::metadata::Metadata;
 use epr_core::ports::{
@@ -27,7 +29,7 @@ use epr_core::ports::{
     ImportRecord, OutboxEntry, OutboxWaker, Store, StoreError,
 };
 use epr_core::query::{EndpointQuery, Page, PageRequest};
-use epr_core::{DomainError, Timestamp};
+use epr_core::Timestamp;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -54,6 +56,8 @@ pub struct EmbeddedConfig {
     pub cache_mib: u32,
     /// The check of the database file when the store opens.
     pub integrity_check: IntegrityCheck,
+    /// Rejected self-registrations kept per application (the oldest go first).
+    pub rejections_kept: u64,
 }
 
 impl EmbeddedConfig {
@@ -67,14 +71,17 @@ impl EmbeddedConfig {
             backfill: BackfillPace::default(),
             cache_mib: 64,
             integrity_check: IntegrityCheck::default(),
+            rejections_kept: epr_core::credentials::REJECTIONS_KEPT,
         }
     }
 }
 
 /// The database file in the data directory.
 pub const DB_FILE: &str = "epr.sqlite3";
-/// 2 added saved filters (tables only: a version-1 directory is upgraded in place).
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+/// 2 added saved filters (tables only); 3 gave token rows an ID, a state and a time of
+/// change, and added claim tokens and rejections. Older directories are upgraded in place at
+/// open, in one transaction (see [`migrate`]).
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS schema_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -95,14 +102,6 @@ CREATE TABLE IF NOT EXISTS endpoints(
 CREATE UNIQUE INDEX IF NOT EXISTS endpoints_by_id ON endpoints(tenant, endpoint_id);
 CREATE INDEX IF NOT EXISTS endpoints_by_app ON endpoints(tenant, app, incarnation);
 CREATE INDEX IF NOT EXISTS endpoints_by_version ON endpoints(tenant, app_version, incarnation);
-CREATE TABLE IF NOT EXISTS tokens(
-    tenant TEXT NOT NULL,
-    app TEXT NOT NULL,
-    token_hash BLOB NOT NULL,
-    endpoint_id TEXT NOT NULL,
-    created INTEGER NOT NULL,
-    PRIMARY KEY(tenant, app, token_hash)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox(
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     event TEXT NOT NULL
@@ -134,6 +133,9 @@ enum Job {
     OutboxAck(i64, Reply<()>),
     PutSetting(String, String, Reply<()>),
     Import(Vec<ImportRecord>, Reply<Vec<ImportOutcome>>),
+    CreateClaims(TenantId, Vec<ClaimToken>, Reply<()>),
+    DeleteClaim(TenantId, AppName, ClaimId, Reply<bool>),
+    RecordRejection(TenantId, Rejection, Reply<()>),
     Ping(Reply<()>),
     Shutdown(Reply<()>),
 }
@@ -246,6 +248,7 @@ impl EmbeddedStore {
             batch_retention_ms: config.batch_retention_ms,
             record_events: config.record_events,
             backfill: config.backfill,
+            rejections_kept: config.rejections_kept,
             last_prune: None,
         };
         let handle = std::thread::Builder::new()
@@ -416,11 +419,17 @@ fn build_index(conn: &Connection) -> Result<MetaIndex, StoreError> {
     Ok(index)
 }
 
+/// Creates or upgrades the schema, all in one transaction: an upgrade that fails leaves the
+/// directory as it was.
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    conn.execute_batch(SCHEMA).map_err(unavailable)?;
-    conn.execute_batch(sqlite_filters::SCHEMA)
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(unavailable)?;
-    let found: Option<i64> = conn
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+    )
+    .map_err(unavailable)?;
+    let found: Option<i64> = tx
         .query_row(
             "SELECT value FROM schema_meta WHERE key='schema_version'",
             [],
@@ -429,20 +438,13 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         .optional()
         .map_err(unavailable)?;
     match found {
-        None => {
-            conn.execute(
-                "INSERT INTO schema_meta(key, value) VALUES('schema_version', ?1)",
-                [SCHEMA_VERSION],
-            )
-            .map_err(unavailable)?;
-        }
-        Some(v) if v == SCHEMA_VERSION => {}
-        Some(1) => {
-            conn.execute(
-                "UPDATE schema_meta SET value=?1 WHERE key='schema_version'",
-                [SCHEMA_VERSION],
-            )
-            .map_err(unavailable)?;
+        None | Some(SCHEMA_VERSION) => {}
+        // 1 → 2 only added tables (created below); 2 → 3 rebuilds the token table before the
+        // new schema's indexes name its new columns.
+        Some(v @ (1 | 2)) => {
+            tx.execute_batch(sqlite_credentials::UPGRADE_TOKENS_TO_V3)
+                .map_err(unavailable)?;
+            tracing::info!(from = v, to = SCHEMA_VERSION, "schema upgraded");
         }
         Some(v) => {
             return Err(unavailable_msg(format!(
@@ -450,7 +452,16 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             )))
         }
     }
-    Ok(())
+    for schema in [SCHEMA, sqlite_filters::SCHEMA, sqlite_credentials::SCHEMA] {
+        tx.execute_batch(schema).map_err(unavailable)?;
+    }
+    tx.execute(
+        "INSERT INTO schema_meta(key, value) VALUES('schema_version', ?1) \
+         ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+        [SCHEMA_VERSION],
+    )
+    .map_err(unavailable)?;
+    tx.commit().map_err(unavailable)
 }
 
 /// Read-only connections, opened on demand and kept up to `keep`, plus one per runtime
@@ -563,6 +574,7 @@ struct Writer {
     /// The listing index: a group's changes are applied once it committed.
     index: Arc<MetaIndex>,
     backfill: BackfillPace,
+    rejections_kept: u64,
     health: Arc<StoreHealth>,
     /// Failed groups are logged once per interval (a full disk fails every group).
     failure_log: LogGate,
@@ -574,6 +586,7 @@ enum Pending {
     Filter(Reply<EndpointFilter>, Result<EndpointFilter, StoreError>),
     Batch(Reply<BatchOutcome>, Result<BatchOutcome, StoreError>),
     Unit(Reply<()>, Result<(), StoreError>),
+    Bool(Reply<bool>, Result<bool, StoreError>),
     Import(
         Reply<Vec<ImportOutcome>>,
         Result<Vec<ImportOutcome>, StoreError>,
@@ -588,6 +601,7 @@ impl Pending {
             Self::Filter(_, Err(e)) => e,
             Self::Batch(_, Err(e)) => e,
             Self::Unit(_, Err(e)) => e,
+            Self::Bool(_, Err(e)) => e,
             Self::Import(_, Err(e)) => e,
             _ => return None,
         };
@@ -604,6 +618,7 @@ impl Pending {
             Self::Filter(r, _) => drop(r.send(Err(err()))),
             Self::Batch(r, _) => drop(r.send(Err(err()))),
             Self::Unit(r, _) => drop(r.send(Err(err()))),
+            Self::Bool(r, _) => drop(r.send(Err(err()))),
             Self::Import(r, _) => drop(r.send(Err(err()))),
         }
     }
@@ -614,6 +629,7 @@ impl Pending {
             Self::Filter(r, v) => drop(r.send(v)),
             Self::Batch(r, v) => drop(r.send(v)),
             Self::Unit(r, v) => drop(r.send(v)),
+            Self::Bool(r, v) => drop(r.send(v)),
             Self::Import(r, v) => drop(r.send(v)),
         }
     }
@@ -778,6 +794,28 @@ impl Writer {
                     );
                     Pending::Import(reply, result)
                 }
+                Job::CreateClaims(tenant, claims, reply) => Pending::Unit(
+                    reply,
+                    sqlite_credentials::create_claims(&tx, tenant.as_str(), &claims),
+                ),
+                Job::DeleteClaim(tenant, app, id, reply) => Pending::Bool(
+                    reply,
+                    sqlite_credentials::delete_claim(
+                        &tx,
+                        tenant.as_str(),
+                        app.as_str(),
+                        id.as_str(),
+                    ),
+                ),
+                Job::RecordRejection(tenant, rejection, reply) => Pending::Unit(
+                    reply,
+                    sqlite_credentials::record_rejection(
+                        &tx,
+                        tenant.as_str(),
+                        &rejection,
+                        self.rejections_kept,
+                    ),
+                ),
                 Job::Ping(reply) | Job::Shutdown(reply) => Pending::Unit(reply, Ok(())),
             };
             match outcome.unexpected_error() {
@@ -920,9 +958,13 @@ fn reply_unavailable(job: Job, msg: &str) {
         Job::Batch(_, _, r) => drop(r.send(Err(err()))),
         Job::Filter(_, _, r) => drop(r.send(Err(err()))),
         Job::Import(_, r) => drop(r.send(Err(err()))),
-        Job::OutboxAck(_, r) | Job::PutSetting(_, _, r) | Job::Ping(r) | Job::Shutdown(r) => {
-            drop(r.send(Err(err())))
-        }
+        Job::DeleteClaim(_, _, _, r) => drop(r.send(Err(err()))),
+        Job::OutboxAck(_, r)
+        | Job::PutSetting(_, _, r)
+        | Job::CreateClaims(_, _, r)
+        | Job::RecordRejection(_, _, r)
+        | Job::Ping(r)
+        | Job::Shutdown(r) => drop(r.send(Err(err()))),
     }
 }
 
@@ -937,7 +979,8 @@ fn execute(
     record_events: bool,
 ) -> Result<Effect, StoreError> {
     let tenant = ctx.tenant.as_str();
-    let current = load(conn, tenant, cmd.endpoint_id().as_str()).map_err(unavailable)?;
+    let endpoint_id = cmd.endpoint_id();
+    let current = load(conn, tenant, endpoint_id.as_str()).map_err(unavailable)?;
     // The state before the write, for membership changes (only where filters exist).
     let old = current
         .as_ref()
@@ -945,13 +988,26 @@ fn execute(
         .cloned();
     // The listing index needs the state before an update (kept only if one happens).
     let before = current.clone();
-    let plan = plan(
-        current,
-        &epr_core::command::Loaded::default(),
-        cmd,
-        ctx,
-        incarnation,
-    )?;
+    let loaded = Loaded {
+        tokens: if cmd.needs_tokens() {
+            sqlite_credentials::endpoint_tokens(conn, tenant, endpoint_id.as_str())
+                .map_err(unavailable)?
+        } else {
+            Vec::new()
+        },
+        claim: match cmd.claim() {
+            Some((app, hash)) => sqlite_credentials::find_claim(conn, tenant, app.as_str(), hash)
+                .map_err(unavailable)?,
+            None => None,
+        },
+    };
+    let plan = plan(current, &loaded, cmd, ctx, incarnation)?;
+    // The last rule, checked before the first write: a new token's hash (and ID) is free.
+    for op in &plan.tokens.ops {
+        if let TokenOp::Insert(token) = op {
+            sqlite_credentials::check_new_token(conn, tenant, token)?;
+        }
+    }
     let change = match &plan.effect {
         Effect::Insert(ep) => Some(IndexChange {
             tenant: ctx.tenant.clone(),
@@ -976,44 +1032,14 @@ fn execute(
         }),
         Effect::Update(_) | Effect::Unchanged(_) => None,
     };
-    match (&plan.effect, cmd) {
-        (Effect::Insert(ep), Command::Register(reg)) => {
-            let taken: bool = conn
-                .prepare_cached(
-                    "SELECT EXISTS(SELECT 1 FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3)",
-                )
-                .and_then(|mut s| {
-                    s.query_row(params![tenant, ep.app.as_str(), &reg.token_hash.0[..]], |r| {
-                        r.get(0)
-                    })
-                })
-                .map_err(unavailable)?;
-            if taken {
-                return Err(DomainError::Conflict {
-                    field: "endpointToken",
-                    message: format!(
-                        "the endpoint token is already in use in application '{}'",
-                        ep.app
-                    ),
-                }
-                .into());
-            }
-            insert_endpoint(conn, tenant, ep, reg).map_err(unavailable)?;
-            conn.prepare_cached(
-                "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, created) VALUES(?1,?2,?3,?4,?5)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    tenant,
-                    ep.app.as_str(),
-                    &reg.token_hash.0[..],
-                    ep.id.as_str(),
-                    ep.created.0
-                ])
-            })
-            .map_err(unavailable)?;
+    match &plan.effect {
+        Effect::Insert(ep) => {
+            let reg = cmd
+                .registration()
+                .ok_or_else(|| unavailable_msg("plan inserted for a non-registration command"))?;
+            insert_endpoint_row(conn, tenant, ep, &reg.token_hash).map_err(unavailable)?;
         }
-        (Effect::Update(ep), _) => {
+        Effect::Update(ep) => {
             conn.prepare_cached(
                 "UPDATE endpoints SET app_version=?3, app_version_registered=?4, metadata=?5, \
                  metadata_updated=?6, version=?7, metadata_version=?8 WHERE tenant=?1 AND endpoint_id=?2",
@@ -1032,23 +1058,19 @@ fn execute(
             })
             .map_err(unavailable)?;
         }
-        (Effect::Delete(ep), _) => {
-            conn.prepare_cached(
-                "DELETE FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=\
-                 (SELECT token_hash FROM endpoints WHERE tenant=?1 AND endpoint_id=?3)",
-            )
-            .and_then(|mut s| s.execute(params![tenant, ep.app.as_str(), ep.id.as_str()]))
-            .map_err(unavailable)?;
+        Effect::Delete(ep) => {
             conn.prepare_cached("DELETE FROM endpoints WHERE tenant=?1 AND endpoint_id=?2")
                 .and_then(|mut s| s.execute(params![tenant, ep.id.as_str()]))
                 .map_err(unavailable)?;
         }
-        (Effect::Unchanged(_), _) => {}
-        (Effect::Insert(_), _) => {
-            return Err(unavailable_msg(
-                "plan inserted for a non-registration command",
-            ))
-        }
+        Effect::Unchanged(_) => {}
+    }
+    sqlite_credentials::apply_ops(conn, tenant, endpoint_id, &plan.tokens.ops)
+        .map_err(unavailable)?;
+    if let Some((hash, used)) = &plan.tokens.claim_used {
+        let app = &plan.effect.endpoint().app;
+        sqlite_credentials::mark_claim_used(conn, tenant, app.as_str(), hash, used)
+            .map_err(unavailable)?;
     }
     let changed_keys = plan.changed_metadata_keys(cmd);
     // The endpoint's own events first, then its membership events.
@@ -1061,11 +1083,13 @@ fn execute(
         ctx,
         &mut membership,
     )?;
+    // Then the token events.
     let events: Vec<OutboxEvent> = plan
         .events
         .into_iter()
         .map(OutboxEvent::from)
         .chain(membership)
+        .chain(plan.tokens.events.into_iter().map(OutboxEvent::from))
         .collect();
     if record_events {
         append_events(conn, &events).map_err(unavailable)?;
@@ -1073,15 +1097,6 @@ fn execute(
     // Only now: a refused command changes nothing, the index included.
     changes.extend(change);
     Ok(plan.effect)
-}
-
-fn insert_endpoint(
-    conn: &Connection,
-    tenant: &str,
-    ep: &Endpoint,
-    reg: &epr_core::command::Registration,
-) -> rusqlite::Result<usize> {
-    insert_endpoint_row(conn, tenant, ep, &reg.token_hash)
 }
 
 /// The endpoint row (registration and import share it).
@@ -1608,97 +1623,128 @@ impl Store for EmbeddedStore {
 
     async fn get_token(
         &self,
-        _tenant: &TenantId,
-        _endpoint: &EndpointId,
-        _id: &epr_core::ids::TokenId,
-    ) -> Result<Option<epr_core::credentials::StoredToken>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        endpoint: &EndpointId,
+        id: &TokenId,
+    ) -> Result<Option<StoredToken>, StoreError> {
+        let found = self.readers.with_local(|c| {
+            sqlite_credentials::get_token(c, tenant.as_str(), endpoint.as_str(), id.as_str())
+                .map_err(unavailable)
+        });
+        self.observed(found)
     }
 
     async fn find_token(
         &self,
-        _tenant: &TenantId,
-        _app: &AppName,
-        _hash: &epr_core::ids::TokenHash,
-    ) -> Result<Option<epr_core::credentials::StoredToken>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        app: &AppName,
+        hash: &TokenHash,
+    ) -> Result<Option<StoredToken>, StoreError> {
+        // The 16/ECAP hot path: one primary-key probe, in place like `get`.
+        let found = self.readers.with_local(|c| {
+            sqlite_credentials::find_token(c, tenant.as_str(), app.as_str(), hash)
+                .map_err(unavailable)
+        });
+        self.observed(found)
     }
 
     async fn list_tokens(
         &self,
-        _tenant: &TenantId,
-        _endpoint: &EndpointId,
-        _query: &epr_core::credentials::TokenListQuery,
-        _page: PageRequest,
-    ) -> Result<Page<epr_core::credentials::StoredToken>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        endpoint: &EndpointId,
+        query: &TokenListQuery,
+        page: PageRequest,
+    ) -> Result<Page<StoredToken>, StoreError> {
+        let (tenant, endpoint, query) = (tenant.clone(), endpoint.clone(), query.clone());
+        self.read(move |c| {
+            sqlite_credentials::list_tokens(c, tenant.as_str(), endpoint.as_str(), &query, page)
+                .map_err(unavailable)
+        })
+        .await
     }
 
     async fn create_claims(
         &self,
-        _tenant: &TenantId,
-        _claims: Vec<epr_core::credentials::ClaimToken>,
+        tenant: &TenantId,
+        claims: Vec<ClaimToken>,
     ) -> Result<(), StoreError> {
-        Err(not_yet())
+        let tenant = tenant.clone();
+        self.write(|r| Job::CreateClaims(tenant, claims, r)).await
     }
 
     async fn get_claim(
         &self,
-        _tenant: &TenantId,
-        _app: &AppName,
-        _id: &epr_core::ids::ClaimId,
-    ) -> Result<Option<epr_core::credentials::ClaimToken>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        app: &AppName,
+        id: &ClaimId,
+    ) -> Result<Option<ClaimToken>, StoreError> {
+        let found = self.readers.with_local(|c| {
+            sqlite_credentials::get_claim(c, tenant.as_str(), app.as_str(), id.as_str())
+                .map_err(unavailable)
+        });
+        self.observed(found)
     }
 
     async fn find_claim(
         &self,
-        _tenant: &TenantId,
-        _app: &AppName,
-        _hash: &epr_core::ids::TokenHash,
-    ) -> Result<Option<epr_core::credentials::ClaimToken>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        app: &AppName,
+        hash: &TokenHash,
+    ) -> Result<Option<ClaimToken>, StoreError> {
+        let found = self.readers.with_local(|c| {
+            sqlite_credentials::find_claim(c, tenant.as_str(), app.as_str(), hash)
+                .map_err(unavailable)
+        });
+        self.observed(found)
     }
 
     async fn list_claims(
         &self,
-        _tenant: &TenantId,
-        _app: &AppName,
-        _page: PageRequest,
-    ) -> Result<Page<epr_core::credentials::ClaimToken>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        app: &AppName,
+        page: PageRequest,
+    ) -> Result<Page<ClaimToken>, StoreError> {
+        let (tenant, app) = (tenant.clone(), app.clone());
+        self.read(move |c| {
+            sqlite_credentials::list_claims(c, tenant.as_str(), app.as_str(), page)
+                .map_err(unavailable)
+        })
+        .await
     }
 
     async fn delete_claim(
         &self,
-        _tenant: &TenantId,
-        _app: &AppName,
-        _id: &epr_core::ids::ClaimId,
+        tenant: &TenantId,
+        app: &AppName,
+        id: &ClaimId,
     ) -> Result<bool, StoreError> {
-        Err(not_yet())
+        let (tenant, app, id) = (tenant.clone(), app.clone(), id.clone());
+        self.write(|r| Job::DeleteClaim(tenant, app, id, r)).await
     }
 
     async fn record_rejection(
         &self,
-        _tenant: &TenantId,
-        _rejection: epr_core::credentials::Rejection,
+        tenant: &TenantId,
+        rejection: Rejection,
     ) -> Result<(), StoreError> {
-        Err(not_yet())
+        let tenant = tenant.clone();
+        self.write(|r| Job::RecordRejection(tenant, rejection, r))
+            .await
     }
 
     async fn list_rejections(
         &self,
-        _tenant: &TenantId,
-        _app: &AppName,
-        _page: PageRequest,
-    ) -> Result<Page<epr_core::credentials::Rejection>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        app: &AppName,
+        page: PageRequest,
+    ) -> Result<Page<Rejection>, StoreError> {
+        let (tenant, app) = (tenant.clone(), app.clone());
+        self.read(move |c| {
+            sqlite_credentials::list_rejections(c, tenant.as_str(), app.as_str(), page)
+                .map_err(unavailable)
+        })
+        .await
     }
-}
-
-/// Placeholder of the skeleton (replaced by the credentials slice).
-fn not_yet() -> StoreError {
-    StoreError::Unavailable("credentials are not implemented on this backend yet".into())
 }
 
 #[cfg(test)]
@@ -1761,6 +1807,220 @@ mod tests {
             Some(&serde_json::json!(1))
         );
         assert_eq!(store.outbox_depth().await.unwrap(), 0);
+        store.shutdown().await;
+    }
+
+    /// The schema of version 2 as it was, without the filter tables (unchanged since).
+    const SCHEMA_V2: &str = "
+        CREATE TABLE schema_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        CREATE TABLE endpoints(
+            incarnation INTEGER PRIMARY KEY AUTOINCREMENT,
+            tenant TEXT NOT NULL, endpoint_id TEXT NOT NULL, app TEXT NOT NULL,
+            app_version TEXT NOT NULL, app_version_registered INTEGER NOT NULL,
+            created INTEGER NOT NULL, metadata TEXT NOT NULL, metadata_updated INTEGER,
+            version INTEGER NOT NULL, metadata_version INTEGER NOT NULL,
+            token_hash BLOB NOT NULL);
+        CREATE UNIQUE INDEX endpoints_by_id ON endpoints(tenant, endpoint_id);
+        CREATE INDEX endpoints_by_app ON endpoints(tenant, app, incarnation);
+        CREATE INDEX endpoints_by_version ON endpoints(tenant, app_version, incarnation);
+        CREATE TABLE tokens(
+            tenant TEXT NOT NULL, app TEXT NOT NULL, token_hash BLOB NOT NULL,
+            endpoint_id TEXT NOT NULL, created INTEGER NOT NULL,
+            PRIMARY KEY(tenant, app, token_hash)) WITHOUT ROWID;
+        CREATE TABLE outbox(id INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL);
+        CREATE TABLE settings(key TEXT PRIMARY KEY, value TEXT NOT NULL, updated INTEGER NOT NULL);
+        CREATE TABLE batch_tasks(
+            tenant TEXT NOT NULL, task_id TEXT NOT NULL, app TEXT NOT NULL,
+            created INTEGER NOT NULL, outcome TEXT NOT NULL,
+            PRIMARY KEY(tenant, task_id)) WITHOUT ROWID;
+        INSERT INTO schema_meta(key, value) VALUES('schema_version', 2);
+    ";
+
+    fn token_hash(app: &AppName, token: &str) -> TokenHash {
+        epr_core::ids::EndpointToken::parse(token)
+            .unwrap()
+            .hash(app)
+    }
+
+    #[tokio::test]
+    async fn a_version_2_directory_is_upgraded_keeping_its_tokens() {
+        use epr_core::credentials::TokenStatus;
+        let dir = tempfile::tempdir().unwrap();
+        let app = AppName::parse("app").unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(SCHEMA_V2).unwrap();
+            conn.execute_batch(sqlite_filters::SCHEMA).unwrap();
+            for (i, ep) in ["ep-1", "ep-2"].into_iter().enumerate() {
+                let hash = token_hash(&app, &format!("tok-{ep}"));
+                conn.execute(
+                    "INSERT INTO endpoints(tenant, endpoint_id, app, app_version, \
+                     app_version_registered, created, metadata, metadata_updated, version, \
+                     metadata_version, token_hash) VALUES('t1', ?1, 'app', 'app-v1', 5, ?2, '{}', \
+                     NULL, 1, 1, ?3)",
+                    params![ep, 5 + i as i64, &hash.0[..]],
+                )
+                .unwrap();
+                conn.execute(
+                    "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, created) \
+                     VALUES('t1', 'app', ?1, ?2, ?3)",
+                    params![&hash.0[..], ep, 5 + i as i64],
+                )
+                .unwrap();
+            }
+        }
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        let t1 = TenantId::parse("t1").unwrap();
+        let mut ids = BTreeSet::new();
+        for (i, ep) in ["ep-1", "ep-2"].into_iter().enumerate() {
+            let ep = EndpointId::parse(ep).unwrap();
+            let page = store
+                .list_tokens(
+                    &t1,
+                    &ep,
+                    &TokenListQuery::default(),
+                    PageRequest::new(0, 10),
+                )
+                .await
+                .unwrap();
+            let [token] = page.items.as_slice() else {
+                panic!("one token each: {page:?}")
+            };
+            let hash = token_hash(&app, &format!("tok-{ep}"));
+            assert_eq!(
+                (&token.endpoint_id, token.hash, token.status),
+                (&ep, hash, TokenStatus::Inactive)
+            );
+            assert_eq!(
+                (token.created, token.updated),
+                (Timestamp(5 + i as i64), None)
+            );
+            // A random UUID-shaped ID.
+            let id = token.id.as_str();
+            let groups: Vec<usize> = id.split('-').map(str::len).collect();
+            assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+            assert!(id
+                .chars()
+                .all(|c| c == '-' || matches!(c, '0'..='9' | 'a'..='f')));
+            ids.insert(id.to_owned());
+            assert_eq!(
+                store.find_token(&t1, &app, &hash).await.unwrap().as_ref(),
+                Some(token)
+            );
+        }
+        assert_eq!(ids.len(), 2);
+        // The upgraded tables take the new writes: the old hash is still taken, new tokens
+        // and claims go in, an unregistration deletes the old row.
+        let ctx = WriteCtx {
+            tenant: t1.clone(),
+            now: Timestamp(10),
+            correlation_id: "c".into(),
+            limits: Default::default(),
+        };
+        let issue = |token: &str, id: &str| Command::IssueToken {
+            id: EndpointId::parse("ep-1").unwrap(),
+            app: app.clone(),
+            token_hash: token_hash(&app, token),
+            token_id: TokenId::parse(id).unwrap(),
+        };
+        assert!(matches!(
+            store.execute(issue("tok-ep-2", "new"), ctx.clone()).await,
+            Err(StoreError::Rejected(epr_core::DomainError::Conflict {
+                field: "endpointToken",
+                ..
+            }))
+        ));
+        store
+            .execute(issue("tok-new", "new"), ctx.clone())
+            .await
+            .unwrap();
+        store
+            .execute(
+                Command::Unregister {
+                    id: EndpointId::parse("ep-2").unwrap(),
+                    precondition: epr_core::endpoint::Precondition::None,
+                },
+                ctx.clone(),
+            )
+            .await
+            .unwrap();
+        assert!(store
+            .find_token(&t1, &app, &token_hash(&app, "tok-ep-2"))
+            .await
+            .unwrap()
+            .is_none());
+        store.shutdown().await;
+        drop(store);
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let version: i64 = conn
+            .query_row(
+                "SELECT value FROM schema_meta WHERE key='schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let claims: i64 = conn
+            .query_row("SELECT COUNT(*) FROM claim_tokens", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(claims, 0, "the new tables exist");
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 INSERT INTO schema_meta(key, value) VALUES('schema_version', 99);",
+            )
+            .unwrap();
+        }
+        let Err(err) = EmbeddedStore::open(EmbeddedConfig::new(dir.path())) else {
+            panic!("a newer schema must be refused");
+        };
+        assert!(err.to_string().contains("schema version 99"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn rejections_beyond_the_kept_number_are_forgotten() {
+        use epr_core::credentials::{RefusalReason, Rejection};
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = EmbeddedConfig::new(dir.path());
+        cfg.rejections_kept = 3;
+        let store = EmbeddedStore::open(cfg).unwrap();
+        let t1 = TenantId::parse("t1").unwrap();
+        let rejection = |app: &str, i: i64| Rejection {
+            at: Timestamp(i),
+            app: AppName::parse(app).unwrap(),
+            app_version: None,
+            endpoint_id: None,
+            source: "127.0.0.1".into(),
+            reason: RefusalReason::RateLimited,
+            message: format!("m{i}"),
+        };
+        for i in 0..7 {
+            store
+                .record_rejection(&t1, rejection("a", i))
+                .await
+                .unwrap();
+        }
+        store
+            .record_rejection(&t1, rejection("b", 0))
+            .await
+            .unwrap();
+        let page = store
+            .list_rejections(&t1, &AppName::parse("a").unwrap(), PageRequest::new(0, 10))
+            .await
+            .unwrap();
+        let messages: Vec<_> = page.items.iter().map(|r| r.message.as_str()).collect();
+        assert_eq!((page.total, messages), (3, vec!["m6", "m5", "m4"]));
+        let other = store
+            .list_rejections(&t1, &AppName::parse("b").unwrap(), PageRequest::new(0, 10))
+            .await
+            .unwrap();
+        assert_eq!(other.total, 1);
         store.shutdown().await;
     }
 

@@ -9,6 +9,8 @@
 //! - [`codec`]: the stored (JSON) form of outbox events and batch outcomes.
 //! - [`lock`]: the data directory lock (one open store per directory).
 //! - [`integrity`]: the database check at open and the corrupted state at run time.
+//! - `sqlite_credentials`: endpoint token rows, claim tokens and recorded rejections in the
+//!   embedded store.
 //! - `sqlite_filters`: saved filters in the embedded store (rows, live matching, back-fill).
 //! - `meta_index`: the embedded store's in-memory listing index (application, version and
 //!   metadata values as bitmaps of incarnations).
@@ -20,6 +22,7 @@ pub mod embedded;
 pub mod integrity;
 pub mod lock;
 mod meta_index;
+mod sqlite_credentials;
 mod sqlite_export;
 mod sqlite_filters;
 

@@ -1,15 +1,20 @@
 //! Export and import in the embedded store (see `Store::export_endpoints` and
-//! `Store::import`): paged reads with token hashes, and the writer's import of records that
-//! keep their identity, timestamps and versions.
+//! `Store::import`): paged reads with token hashes and token rows, and the writer's import of
+//! records that keep their identity, timestamps, versions and tokens.
 
+use crate::codec::initial_token_id;
 use crate::embedded::{endpoint_from_row, load, unavailable, ENDPOINT_COLUMNS};
+use crate::sqlite_credentials::{endpoint_tokens, insert_token, token_holders};
 use crate::sqlite_filters::{filter_from_row, FilterCache, FILTER_COLUMNS};
 use epr_core::command::{Effect, WriteCtx};
+use epr_core::credentials::{StoredToken, TokenStatus};
+use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::EndpointFilter;
 use epr_core::ids::{TenantId, TokenHash};
 use epr_core::ports::{EndpointExport, ImportOutcome, ImportRecord, StoreError};
 use epr_core::Timestamp;
 use rusqlite::{params, Connection};
+use std::collections::BTreeSet;
 
 pub(crate) fn tenants(conn: &Connection) -> rusqlite::Result<Vec<TenantId>> {
     let mut stmt = conn.prepare(
@@ -61,7 +66,12 @@ pub(crate) fn endpoints(
             })
         },
     )?;
-    rows.collect()
+    let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    // The caller's read holds one snapshot, so the token rows agree with the endpoints.
+    for e in &mut out {
+        e.tokens = endpoint_tokens(conn, tenant.as_str(), e.endpoint.id.as_str())?;
+    }
+    Ok(out)
 }
 
 pub(crate) fn filters(
@@ -110,7 +120,7 @@ fn import_endpoint(
         tenant,
         mut endpoint,
         token_hash,
-        tokens: _,
+        tokens,
     } = record;
     let t = tenant.as_str();
     if load(conn, t, endpoint.id.as_str())
@@ -119,44 +129,17 @@ fn import_endpoint(
     {
         return Ok(ImportOutcome::Exists);
     }
-    let holder: Option<String> = conn
-        .prepare_cached(
-            "SELECT endpoint_id FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3",
-        )
-        .and_then(|mut s| {
-            s.query_row(params![t, endpoint.app.as_str(), &token_hash.0[..]], |r| {
-                r.get(0)
-            })
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })
-        })
-        .map_err(unavailable)?;
-    if let Some(other) = holder {
-        return Ok(ImportOutcome::Conflict(format!(
-            "the endpoint token is already in use by endpoint '{other}' in application '{}'",
-            endpoint.app
-        )));
+    let tokens = restored_tokens(&endpoint, token_hash, tokens);
+    if let Some(conflict) = token_conflict(conn, t, &endpoint, &tokens)? {
+        return Ok(ImportOutcome::Conflict(conflict));
     }
     // A fresh incarnation: this store's own entity tags and registration order.
     endpoint.incarnation = *next_incarnation;
     *next_incarnation += 1;
     crate::embedded::insert_endpoint_row(conn, t, &endpoint, &token_hash).map_err(unavailable)?;
-    conn.prepare_cached(
-        "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, created) VALUES(?1,?2,?3,?4,?5)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            t,
-            endpoint.app.as_str(),
-            &token_hash.0[..],
-            endpoint.id.as_str(),
-            endpoint.created.0
-        ])
-    })
-    .map_err(unavailable)?;
+    for token in &tokens {
+        insert_token(conn, t, token).map_err(unavailable)?;
+    }
     // Membership as for a registration; its events are dropped (an import emits none).
     let ctx = WriteCtx {
         tenant,
@@ -173,4 +156,68 @@ fn import_endpoint(
         new: Some(effect.endpoint().clone()),
     });
     Ok(ImportOutcome::Imported)
+}
+
+/// The token rows an imported endpoint gets: those of the record (as the endpoint's), or, for
+/// a record without any (an export made before tokens had states), one `Inactive` token from
+/// its hash under an ID derived from the hash, so a re-import finds the same row.
+pub(crate) fn restored_tokens(
+    endpoint: &Endpoint,
+    token_hash: TokenHash,
+    tokens: Vec<StoredToken>,
+) -> Vec<StoredToken> {
+    if tokens.is_empty() {
+        return vec![StoredToken {
+            id: initial_token_id(&token_hash),
+            endpoint_id: endpoint.id.clone(),
+            app: endpoint.app.clone(),
+            hash: token_hash,
+            status: TokenStatus::Inactive,
+            created: endpoint.created,
+            updated: None,
+        }];
+    }
+    tokens
+        .into_iter()
+        .map(|t| StoredToken {
+            endpoint_id: endpoint.id.clone(),
+            app: endpoint.app.clone(),
+            ..t
+        })
+        .collect()
+}
+
+/// Why these token rows cannot be stored for a new endpoint, if they cannot: a hash or ID
+/// listed twice, a hash held by another endpoint of the application, an ID in use in the
+/// tenant.
+fn token_conflict(
+    conn: &Connection,
+    tenant: &str,
+    endpoint: &Endpoint,
+    tokens: &[StoredToken],
+) -> Result<Option<String>, StoreError> {
+    let mut hashes = BTreeSet::new();
+    let mut ids = BTreeSet::new();
+    for token in tokens {
+        if !hashes.insert(token.hash.0) || !ids.insert(token.id.as_str()) {
+            return Ok(Some(format!(
+                "the record lists endpoint token '{}' (or its hash) twice",
+                token.id
+            )));
+        }
+        let (holder, id_taken) = token_holders(conn, tenant, token).map_err(unavailable)?;
+        if let Some(other) = holder {
+            return Ok(Some(format!(
+                "the endpoint token is already in use by endpoint '{other}' in application '{}'",
+                endpoint.app
+            )));
+        }
+        if id_taken {
+            return Ok(Some(format!(
+                "endpoint token ID '{}' is already in use",
+                token.id
+            )));
+        }
+    }
+    Ok(None)
 }

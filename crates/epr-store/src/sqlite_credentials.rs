@@ -1,0 +1,610 @@
+//! Credentials in the embedded store: endpoint token rows, claim tokens and recorded
+//! rejections. Token rows change only through endpoint commands (the writer's `execute`, in
+//! the command's transaction); claim tokens and rejections have writer jobs of their own.
+//! Reads run on read-only connections.
+
+use crate::embedded::unavailable;
+use epr_core::credentials::{
+    ClaimBinding, ClaimToken, ClaimUse, IdPattern, RefusalReason, Rejection, StoredToken,
+    TokenListQuery, TokenOp, TokenStatus,
+};
+use epr_core::ids::{AppName, ClaimId, EndpointId, TokenHash, TokenId};
+use epr_core::ports::StoreError;
+use epr_core::query::{Page, PageRequest};
+use epr_core::{DomainError, Timestamp};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use std::collections::BTreeSet;
+
+/// The credential tables (schema version 3). Token hashes are unique per application, token
+/// and claim token IDs per tenant.
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tokens(
+    tenant TEXT NOT NULL,
+    app TEXT NOT NULL,
+    token_hash BLOB NOT NULL,
+    endpoint_id TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    token_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    updated INTEGER,
+    PRIMARY KEY(tenant, app, token_hash)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_id ON tokens(tenant, token_id);
+CREATE INDEX IF NOT EXISTS tokens_by_endpoint ON tokens(tenant, endpoint_id, created, token_id);
+CREATE TABLE IF NOT EXISTS claim_tokens(
+    tenant TEXT NOT NULL,
+    app TEXT NOT NULL,
+    claim_hash BLOB NOT NULL,
+    claim_id TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    binding_kind TEXT NOT NULL,
+    binding TEXT,
+    used_at INTEGER,
+    used_by TEXT,
+    PRIMARY KEY(tenant, app, claim_hash)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS claim_tokens_by_id ON claim_tokens(tenant, claim_id);
+CREATE INDEX IF NOT EXISTS claim_tokens_by_app ON claim_tokens(tenant, app, created, claim_id);
+CREATE TABLE IF NOT EXISTS rejections(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    app TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    app_version TEXT,
+    endpoint_id TEXT,
+    source TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rejections_by_app ON rejections(tenant, app, id);
+";
+
+/// Version 2 → 3: token rows gain an ID, a state and the time of their last change. SQLite
+/// adds no NOT NULL column without a default, so the table is rebuilt; every existing token
+/// becomes `Inactive` under a random UUID-shaped ID. Runs inside the migration's transaction,
+/// before [`SCHEMA`] creates the new indexes.
+pub(crate) const UPGRADE_TOKENS_TO_V3: &str = "
+CREATE TABLE tokens_v3(
+    tenant TEXT NOT NULL,
+    app TEXT NOT NULL,
+    token_hash BLOB NOT NULL,
+    endpoint_id TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    token_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    updated INTEGER,
+    PRIMARY KEY(tenant, app, token_hash)
+) WITHOUT ROWID;
+INSERT INTO tokens_v3(tenant, app, token_hash, endpoint_id, created, token_id, status, updated)
+    SELECT tenant, app, token_hash, endpoint_id, created,
+        lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-' || hex(randomblob(2))
+            || '-' || hex(randomblob(2)) || '-' || hex(randomblob(6))),
+        'Inactive', NULL
+    FROM tokens;
+DROP TABLE tokens;
+ALTER TABLE tokens_v3 RENAME TO tokens;
+";
+
+const TOKEN_COLUMNS: &str = "token_id, endpoint_id, app, token_hash, status, created, updated";
+
+fn corrupt(i: usize, e: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.to_string().into())
+}
+
+fn hash_at(row: &Row<'_>, i: usize) -> rusqlite::Result<TokenHash> {
+    let bytes: Vec<u8> = row.get(i)?;
+    <[u8; 32]>::try_from(bytes.as_slice())
+        .map(TokenHash)
+        .map_err(|_| corrupt(i, "a hash is not 32 bytes"))
+}
+
+fn token_from_row(row: &Row<'_>) -> rusqlite::Result<StoredToken> {
+    let text = |i: usize| row.get::<_, String>(i);
+    Ok(StoredToken {
+        id: TokenId::parse(&text(0)?).map_err(|e| corrupt(0, e))?,
+        endpoint_id: EndpointId::parse(&text(1)?).map_err(|e| corrupt(1, e))?,
+        app: AppName::parse(&text(2)?).map_err(|e| corrupt(2, e))?,
+        hash: hash_at(row, 3)?,
+        status: TokenStatus::parse(&text(4)?, "status").map_err(|e| corrupt(4, e))?,
+        created: Timestamp(row.get(5)?),
+        updated: row.get::<_, Option<i64>>(6)?.map(Timestamp),
+    })
+}
+
+/// Every token of an endpoint, oldest first (ties by ID).
+pub(crate) fn endpoint_tokens(
+    conn: &Connection,
+    tenant: &str,
+    endpoint: &str,
+) -> rusqlite::Result<Vec<StoredToken>> {
+    conn.prepare_cached(&format!(
+        "SELECT {TOKEN_COLUMNS} FROM tokens WHERE tenant=?1 AND endpoint_id=?2 \
+         ORDER BY created, token_id"
+    ))?
+    .query_map(params![tenant, endpoint], token_from_row)?
+    .collect()
+}
+
+pub(crate) fn get_token(
+    conn: &Connection,
+    tenant: &str,
+    endpoint: &str,
+    id: &str,
+) -> rusqlite::Result<Option<StoredToken>> {
+    conn.prepare_cached(&format!(
+        "SELECT {TOKEN_COLUMNS} FROM tokens WHERE tenant=?1 AND token_id=?2 AND endpoint_id=?3"
+    ))?
+    .query_row(params![tenant, id, endpoint], token_from_row)
+    .optional()
+}
+
+pub(crate) fn find_token(
+    conn: &Connection,
+    tenant: &str,
+    app: &str,
+    hash: &TokenHash,
+) -> rusqlite::Result<Option<StoredToken>> {
+    conn.prepare_cached(&format!(
+        "SELECT {TOKEN_COLUMNS} FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3"
+    ))?
+    .query_row(params![tenant, app, &hash.0[..]], token_from_row)
+    .optional()
+}
+
+/// The count and the page in one read transaction, so they agree.
+pub(crate) fn list_tokens(
+    conn: &Connection,
+    tenant: &str,
+    endpoint: &str,
+    query: &TokenListQuery,
+    page: PageRequest,
+) -> rusqlite::Result<Page<StoredToken>> {
+    let mut cond = String::from("tenant=?1 AND endpoint_id=?2");
+    if !query.statuses.is_empty() {
+        // The states are an enumeration: their names go into the SQL as they are.
+        let names: BTreeSet<&str> = query.statuses.iter().map(|s| s.as_str()).collect();
+        let list: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+        cond.push_str(&format!(" AND status IN ({})", list.join(",")));
+    }
+    let order = if query.ascending { "ASC" } else { "DESC" };
+    let tx = conn.unchecked_transaction()?;
+    let total: i64 = tx
+        .prepare_cached(&format!("SELECT COUNT(*) FROM tokens WHERE {cond}"))?
+        .query_row(params![tenant, endpoint], |r| r.get(0))?;
+    let items = tx
+        .prepare_cached(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE {cond} \
+             ORDER BY created {order}, token_id {order} LIMIT ?3 OFFSET ?4"
+        ))?
+        .query_map(
+            params![
+                tenant,
+                endpoint,
+                i64::from(page.limit),
+                page.offset.min(i64::MAX as u64) as i64
+            ],
+            token_from_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    tx.finish()?;
+    Ok(Page {
+        total: total.max(0) as u64,
+        items,
+        next: None,
+    })
+}
+
+/// Why a new token row cannot be stored: its hash is held in the application, or its ID in
+/// the tenant. Checked before a command's first write.
+pub(crate) fn check_new_token(
+    conn: &Connection,
+    tenant: &str,
+    token: &StoredToken,
+) -> Result<(), StoreError> {
+    let (hash_taken, id_taken): (bool, bool) = conn
+        .prepare_cached(
+            "SELECT EXISTS(SELECT 1 FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3), \
+             EXISTS(SELECT 1 FROM tokens WHERE tenant=?1 AND token_id=?4)",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                params![
+                    tenant,
+                    token.app.as_str(),
+                    &token.hash.0[..],
+                    token.id.as_str()
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .map_err(unavailable)?;
+    if hash_taken {
+        return Err(DomainError::Conflict {
+            field: "endpointToken",
+            message: format!(
+                "the endpoint token is already in use in application '{}'",
+                token.app
+            ),
+        }
+        .into());
+    }
+    if id_taken {
+        return Err(DomainError::Conflict {
+            field: "endpointTokenId",
+            message: format!("endpoint token ID '{}' is already in use", token.id),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Who holds a token hash in an application, and whether a token ID is in use in the tenant
+/// (for imports, which report conflicts instead of refusing).
+pub(crate) fn token_holders(
+    conn: &Connection,
+    tenant: &str,
+    token: &StoredToken,
+) -> rusqlite::Result<(Option<String>, bool)> {
+    let holder: Option<String> = conn
+        .prepare_cached(
+            "SELECT endpoint_id FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3",
+        )?
+        .query_row(
+            params![tenant, token.app.as_str(), &token.hash.0[..]],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let id_taken: bool = conn
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM tokens WHERE tenant=?1 AND token_id=?2)")?
+        .query_row(params![tenant, token.id.as_str()], |r| r.get(0))?;
+    Ok((holder, id_taken))
+}
+
+pub(crate) fn insert_token(
+    conn: &Connection,
+    tenant: &str,
+    t: &StoredToken,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, created, token_id, status, \
+         updated) VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
+    )?
+    .execute(params![
+        tenant,
+        t.app.as_str(),
+        &t.hash.0[..],
+        t.endpoint_id.as_str(),
+        t.created.0,
+        t.id.as_str(),
+        t.status.as_str(),
+        t.updated.map(|u| u.0)
+    ])?;
+    Ok(())
+}
+
+/// Applies a plan's token operations to one endpoint's rows.
+pub(crate) fn apply_ops(
+    conn: &Connection,
+    tenant: &str,
+    endpoint: &EndpointId,
+    ops: &[TokenOp],
+) -> rusqlite::Result<()> {
+    for op in ops {
+        match op {
+            TokenOp::Insert(t) => insert_token(conn, tenant, t)?,
+            TokenOp::SetStatus {
+                id,
+                status,
+                updated,
+            } => {
+                conn.prepare_cached(
+                    "UPDATE tokens SET status=?4, updated=?5 \
+                     WHERE tenant=?1 AND token_id=?2 AND endpoint_id=?3",
+                )?
+                .execute(params![
+                    tenant,
+                    id.as_str(),
+                    endpoint.as_str(),
+                    status.as_str(),
+                    updated.0
+                ])?;
+            }
+            TokenOp::DeleteAll => {
+                conn.prepare_cached("DELETE FROM tokens WHERE tenant=?1 AND endpoint_id=?2")?
+                    .execute(params![tenant, endpoint.as_str()])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+const CLAIM_COLUMNS: &str =
+    "claim_id, app, claim_hash, created, expires, binding_kind, binding, used_at, used_by";
+
+fn claim_from_row(row: &Row<'_>) -> rusqlite::Result<ClaimToken> {
+    let text = |i: usize| row.get::<_, String>(i);
+    let binding = match text(5)?.as_str() {
+        "any" => ClaimBinding::Any,
+        "endpoint" => {
+            ClaimBinding::Endpoint(EndpointId::parse(&text(6)?).map_err(|e| corrupt(6, e))?)
+        }
+        "pattern" => ClaimBinding::Pattern(
+            IdPattern::parse(&text(6)?, "binding").map_err(|e| corrupt(6, e))?,
+        ),
+        other => return Err(corrupt(5, format!("unknown binding kind '{other}'"))),
+    };
+    let used = match (
+        row.get::<_, Option<i64>>(7)?,
+        row.get::<_, Option<String>>(8)?,
+    ) {
+        (Some(at), Some(by)) => Some(ClaimUse {
+            at: Timestamp(at),
+            endpoint_id: EndpointId::parse(&by).map_err(|e| corrupt(8, e))?,
+        }),
+        _ => None,
+    };
+    Ok(ClaimToken {
+        id: ClaimId::parse(&text(0)?).map_err(|e| corrupt(0, e))?,
+        app: AppName::parse(&text(1)?).map_err(|e| corrupt(1, e))?,
+        hash: hash_at(row, 2)?,
+        created: Timestamp(row.get(3)?),
+        expires: Timestamp(row.get(4)?),
+        binding,
+        used,
+    })
+}
+
+pub(crate) fn find_claim(
+    conn: &Connection,
+    tenant: &str,
+    app: &str,
+    hash: &TokenHash,
+) -> rusqlite::Result<Option<ClaimToken>> {
+    conn.prepare_cached(&format!(
+        "SELECT {CLAIM_COLUMNS} FROM claim_tokens WHERE tenant=?1 AND app=?2 AND claim_hash=?3"
+    ))?
+    .query_row(params![tenant, app, &hash.0[..]], claim_from_row)
+    .optional()
+}
+
+pub(crate) fn get_claim(
+    conn: &Connection,
+    tenant: &str,
+    app: &str,
+    id: &str,
+) -> rusqlite::Result<Option<ClaimToken>> {
+    conn.prepare_cached(&format!(
+        "SELECT {CLAIM_COLUMNS} FROM claim_tokens WHERE tenant=?1 AND claim_id=?2 AND app=?3"
+    ))?
+    .query_row(params![tenant, id, app], claim_from_row)
+    .optional()
+}
+
+pub(crate) fn list_claims(
+    conn: &Connection,
+    tenant: &str,
+    app: &str,
+    page: PageRequest,
+) -> rusqlite::Result<Page<ClaimToken>> {
+    let tx = conn.unchecked_transaction()?;
+    let total: i64 = tx
+        .prepare_cached("SELECT COUNT(*) FROM claim_tokens WHERE tenant=?1 AND app=?2")?
+        .query_row(params![tenant, app], |r| r.get(0))?;
+    let items = tx
+        .prepare_cached(&format!(
+            "SELECT {CLAIM_COLUMNS} FROM claim_tokens WHERE tenant=?1 AND app=?2 \
+             ORDER BY created, claim_id LIMIT ?3 OFFSET ?4"
+        ))?
+        .query_map(
+            params![
+                tenant,
+                app,
+                i64::from(page.limit),
+                page.offset.min(i64::MAX as u64) as i64
+            ],
+            claim_from_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    tx.finish()?;
+    Ok(Page {
+        total: total.max(0) as u64,
+        items,
+        next: None,
+    })
+}
+
+/// All or nothing: every claim is checked (against the table and the others of the call)
+/// before the first is written.
+pub(crate) fn create_claims(
+    conn: &Connection,
+    tenant: &str,
+    claims: &[ClaimToken],
+) -> Result<(), StoreError> {
+    let mut hashes = BTreeSet::new();
+    let mut ids = BTreeSet::new();
+    for c in claims {
+        let hash_taken = !hashes.insert((c.app.as_str(), c.hash.0))
+            || conn
+                .prepare_cached(
+                    "SELECT EXISTS(SELECT 1 FROM claim_tokens \
+                     WHERE tenant=?1 AND app=?2 AND claim_hash=?3)",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![tenant, c.app.as_str(), &c.hash.0[..]], |r| {
+                        r.get::<_, bool>(0)
+                    })
+                })
+                .map_err(unavailable)?;
+        if hash_taken {
+            return Err(DomainError::Conflict {
+                field: "claimToken",
+                message: format!(
+                    "a claim token with this value already exists in application '{}'",
+                    c.app
+                ),
+            }
+            .into());
+        }
+        let id_taken = !ids.insert(c.id.as_str())
+            || conn
+                .prepare_cached(
+                    "SELECT EXISTS(SELECT 1 FROM claim_tokens WHERE tenant=?1 AND claim_id=?2)",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![tenant, c.id.as_str()], |r| r.get::<_, bool>(0))
+                })
+                .map_err(unavailable)?;
+        if id_taken {
+            return Err(DomainError::Conflict {
+                field: "claimTokenId",
+                message: format!("claim token ID '{}' is already in use", c.id),
+            }
+            .into());
+        }
+    }
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO claim_tokens(tenant, app, claim_hash, claim_id, created, expires, \
+             binding_kind, binding, used_at, used_by) VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+        )
+        .map_err(unavailable)?;
+    for c in claims {
+        let (kind, binding) = match &c.binding {
+            ClaimBinding::Any => ("any", None),
+            ClaimBinding::Endpoint(e) => ("endpoint", Some(e.as_str())),
+            ClaimBinding::Pattern(p) => ("pattern", Some(p.as_str())),
+        };
+        insert
+            .execute(params![
+                tenant,
+                c.app.as_str(),
+                &c.hash.0[..],
+                c.id.as_str(),
+                c.created.0,
+                c.expires.0,
+                kind,
+                binding,
+                c.used.as_ref().map(|u| u.at.0),
+                c.used.as_ref().map(|u| u.endpoint_id.as_str())
+            ])
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn delete_claim(
+    conn: &Connection,
+    tenant: &str,
+    app: &str,
+    id: &str,
+) -> Result<bool, StoreError> {
+    conn.prepare_cached("DELETE FROM claim_tokens WHERE tenant=?1 AND claim_id=?2 AND app=?3")
+        .and_then(|mut s| s.execute(params![tenant, id, app]))
+        .map(|n| n > 0)
+        .map_err(unavailable)
+}
+
+pub(crate) fn mark_claim_used(
+    conn: &Connection,
+    tenant: &str,
+    app: &str,
+    hash: &TokenHash,
+    used: &ClaimUse,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE claim_tokens SET used_at=?4, used_by=?5 \
+         WHERE tenant=?1 AND app=?2 AND claim_hash=?3",
+    )?
+    .execute(params![
+        tenant,
+        app,
+        &hash.0[..],
+        used.at.0,
+        used.endpoint_id.as_str()
+    ])?;
+    Ok(())
+}
+
+/// Records a rejection and forgets the application's rejections beyond the latest `kept`
+/// (a walk of at most `kept` index entries, no table scan).
+pub(crate) fn record_rejection(
+    conn: &Connection,
+    tenant: &str,
+    r: &Rejection,
+    kept: u64,
+) -> Result<(), StoreError> {
+    let app = r.app.as_str();
+    conn.prepare_cached(
+        "INSERT INTO rejections(tenant, app, at, app_version, endpoint_id, source, reason, \
+         message) VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            tenant,
+            app,
+            r.at.0,
+            r.app_version,
+            r.endpoint_id,
+            r.source,
+            r.reason.as_str(),
+            r.message
+        ])
+    })
+    .map_err(unavailable)?;
+    conn.prepare_cached(
+        "DELETE FROM rejections WHERE tenant=?1 AND app=?2 AND id <= (SELECT id FROM rejections \
+         WHERE tenant=?1 AND app=?2 ORDER BY id DESC LIMIT 1 OFFSET ?3)",
+    )
+    .and_then(|mut s| s.execute(params![tenant, app, kept.min(i64::MAX as u64) as i64]))
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+fn rejection_from_row(row: &Row<'_>) -> rusqlite::Result<Rejection> {
+    let reason: String = row.get(5)?;
+    Ok(Rejection {
+        at: Timestamp(row.get(0)?),
+        app: AppName::parse(&row.get::<_, String>(1)?).map_err(|e| corrupt(1, e))?,
+        app_version: row.get(2)?,
+        endpoint_id: row.get(3)?,
+        source: row.get(4)?,
+        reason: RefusalReason::parse(&reason)
+            .ok_or_else(|| corrupt(5, format!("unknown refusal reason '{reason}'")))?,
+        message: row.get(6)?,
+    })
+}
+
+/// Newest first.
+pub(crate) fn list_rejections(
+    conn: &Connection,
+    tenant: &str,
+    app: &str,
+    page: PageRequest,
+) -> rusqlite::Result<Page<Rejection>> {
+    let tx = conn.unchecked_transaction()?;
+    let total: i64 = tx
+        .prepare_cached("SELECT COUNT(*) FROM rejections WHERE tenant=?1 AND app=?2")?
+        .query_row(params![tenant, app], |r| r.get(0))?;
+    let items = tx
+        .prepare_cached(
+            "SELECT at, app, app_version, endpoint_id, source, reason, message FROM rejections \
+             WHERE tenant=?1 AND app=?2 ORDER BY id DESC LIMIT ?3 OFFSET ?4",
+        )?
+        .query_map(
+            params![
+                tenant,
+                app,
+                i64::from(page.limit),
+                page.offset.min(i64::MAX as u64) as i64
+            ],
+            rejection_from_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    tx.finish()?;
+    Ok(Page {
+        total: total.max(0) as u64,
+        items,
+        next: None,
+    })
+}
