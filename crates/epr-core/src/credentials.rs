@@ -120,7 +120,8 @@ impl StoredToken {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenOp {
     /// A new token row. Its hash must be free in the application: stores check, as they do
-    /// for the endpoint ID, and refuse with `409` field `endpointToken`.
+    /// for the endpoint ID, and refuse with `409` field `endpointToken`; its ID must be free
+    /// in the tenant (`409`, field `endpointTokenId`).
     Insert(StoredToken),
     /// A token of this endpoint changes status.
     SetStatus {

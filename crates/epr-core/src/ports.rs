@@ -249,9 +249,12 @@ pub trait Store: Send + Sync {
     /// Imports records in one durable transaction, each one all or nothing, answering one
     /// outcome per record in order. An import is a restore, not new activity: it emits no
     /// lifecycle or membership events. Endpoints keep their ID, application (version),
-    /// timestamps, versions, metadata and token hash, and are matched against the
-    /// application's filters; an imported filter starts pending and its back-fill derives its
-    /// membership (`activated` is then emitted as for any filter whose back-fill completes).
+    /// timestamps, versions, metadata, token hash and token rows (see
+    /// [`EndpointExport::tokens`]; a token hash held by another endpoint of the application,
+    /// or a token ID in use in the tenant, is an [`ImportOutcome::Conflict`]), and are
+    /// matched against the application's filters; an imported filter starts pending and its
+    /// back-fill derives its membership (`activated` is then emitted as for any filter whose
+    /// back-fill completes).
     /// Records whose ID exists are skipped ([`ImportOutcome::Exists`]), so a re-import is a
     /// no-op. The caller validates the records (they are domain values).
     async fn import(&self, records: Vec<ImportRecord>) -> Result<Vec<ImportOutcome>, StoreError>;

@@ -464,10 +464,12 @@ impl Lines {
                         format::FORMAT
                     );
                 }
-                if h.version != format::VERSION {
+                if !(format::OLDEST_VERSION..=format::VERSION).contains(&h.version) {
                     bail!(
-                        "line 1: export format version {} is not supported (this build reads {})",
+                        "line 1: export format version {} is not supported (this build reads \
+                         {} to {})",
                         h.version,
+                        format::OLDEST_VERSION,
                         format::VERSION
                     );
                 }

@@ -3,19 +3,24 @@
 //! counts, so a truncated file is recognised. Times are milliseconds since the UNIX epoch.
 //! The format names no backend: it is how data moves between stores (docs/operations.md).
 
+use epr_core::credentials::{StoredToken, TokenStatus};
 use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::{EndpointFilter, FilterId, FilterSpec, FilterStatus};
-use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId, TokenHash};
+use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId, TokenHash, TokenId};
 use epr_core::metadata::{Limits, Metadata};
 use epr_core::ports::{EndpointExport, ImportRecord};
 use epr_core::{DomainError, Timestamp, ValidationError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeSet;
 
 /// The `format` of the header line.
 pub const FORMAT: &str = "epr-export";
-/// The version of the format this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The version of the format this build writes. 2 added the endpoints' `tokens`.
+pub const VERSION: u32 = 2;
+/// The oldest version this build reads (a version-1 file has no `tokens`: each endpoint
+/// gets one `Inactive` token from its `tokenHash`).
+pub const OLDEST_VERSION: u32 = 1;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -68,6 +73,35 @@ pub struct EndpointLine {
     pub metadata_version: u64,
     /// SHA-256 of the endpoint token scoped to its application, 64 hex digits.
     pub token_hash: String,
+    /// Every token row of the endpoint (absent in version-1 files).
+    #[serde(default)]
+    pub tokens: Vec<TokenLine>,
+}
+
+/// One token of an endpoint, as stored: its hash, never the token.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenLine {
+    pub token_id: String,
+    /// SHA-256 of the token scoped to its application, 64 hex digits.
+    pub token_hash: String,
+    /// `Inactive`, `Active`, `Suspended` or `Revoked`.
+    pub status: String,
+    pub created: i64,
+    /// The last status change, if any.
+    pub updated: Option<i64>,
+}
+
+impl From<&StoredToken> for TokenLine {
+    fn from(t: &StoredToken) -> Self {
+        Self {
+            token_id: t.id.to_string(),
+            token_hash: t.hash.to_hex(),
+            status: t.status.as_str().to_owned(),
+            created: t.created.0,
+            updated: t.updated.map(|u| u.0),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -92,6 +126,7 @@ impl From<&EndpointExport> for EndpointLine {
             version: ep.version,
             metadata_version: ep.metadata_version,
             token_hash: e.token_hash.to_hex(),
+            tokens: e.tokens.iter().map(TokenLine::from).collect(),
         }
     }
 }
@@ -168,6 +203,16 @@ fn time(field: &str, ms: i64) -> Result<Timestamp, Invalid> {
     Ok(Timestamp(ms))
 }
 
+fn token_hash(field: &str, hex: &str) -> Result<TokenHash, Invalid> {
+    TokenHash::from_hex(hex).ok_or_else(|| {
+        invalid(
+            field,
+            "pattern",
+            "must be 64 lowercase hexadecimal digits (a SHA-256)",
+        )
+    })
+}
+
 fn positive(field: &str, n: u64) -> Result<u64, Invalid> {
     if n == 0 || n > i64::MAX as u64 {
         return Err(invalid(field, "minimum", "must be a positive integer"));
@@ -182,15 +227,39 @@ impl EndpointLine {
         let app = checked("applicationName", AppName::parse(&self.application_name))?;
         let metadata = Metadata::parse(self.metadata, "metadata", limits)
             .map_err(|e| domain("metadata", e))?;
-        let hash = TokenHash::from_hex(&self.token_hash).ok_or_else(|| {
-            invalid(
-                "tokenHash",
-                "pattern",
-                "must be 64 lowercase hexadecimal digits (a SHA-256)",
-            )
-        })?;
+        let hash = token_hash("tokenHash", &self.token_hash)?;
+        let id = checked("endpointId", EndpointId::parse(&self.endpoint_id))?;
+        let mut tokens = Vec::with_capacity(self.tokens.len());
+        let (mut ids, mut hashes) = (BTreeSet::new(), BTreeSet::new());
+        for (i, t) in self.tokens.into_iter().enumerate() {
+            let field = |name: &str| format!("tokens[{i}].{name}");
+            let token = StoredToken {
+                id: checked(&field("tokenId"), TokenId::parse(&t.token_id))?,
+                endpoint_id: id.clone(),
+                app: app.clone(),
+                hash: token_hash(&field("tokenHash"), &t.token_hash)?,
+                status: checked(&field("status"), TokenStatus::parse(&t.status, "status"))?,
+                created: time(&field("created"), t.created)?,
+                updated: t.updated.map(|u| time(&field("updated"), u)).transpose()?,
+            };
+            if !ids.insert(token.id.clone()) {
+                return Err(invalid(
+                    &field("tokenId"),
+                    "unique",
+                    "the endpoint lists this token ID twice",
+                ));
+            }
+            if !hashes.insert(token.hash.0) {
+                return Err(invalid(
+                    &field("tokenHash"),
+                    "unique",
+                    "the endpoint lists this token hash twice",
+                ));
+            }
+            tokens.push(token);
+        }
         let endpoint = Endpoint {
-            id: checked("endpointId", EndpointId::parse(&self.endpoint_id))?,
+            id,
             app,
             app_version: checked("appVersion", AppVersionName::parse(&self.app_version))?,
             app_version_registered: time("appVersionRegistered", self.app_version_registered)?,
@@ -208,7 +277,7 @@ impl EndpointLine {
             tenant,
             endpoint,
             token_hash: hash,
-            tokens: vec![],
+            tokens,
         }))
     }
 }
@@ -297,6 +366,75 @@ mod tests {
         let mut line = endpoint_line();
         line["metadata"] = json!([1]);
         assert_eq!(validate(line).map(|_| ()).unwrap_err().field, "metadata");
+    }
+
+    fn token_line() -> Value {
+        json!({"tokenId": "t-1", "tokenHash": "cd".repeat(32), "status": "Suspended",
+               "created": 1, "updated": 2})
+    }
+
+    #[test]
+    fn tokens_are_optional_and_checked() {
+        // Without `tokens` (a version-1 line): none listed; the store derives one.
+        let Ok(ImportRecord::Endpoint(e)) = validate(endpoint_line()) else {
+            panic!()
+        };
+        assert!(e.tokens.is_empty());
+        let mut line = endpoint_line();
+        line["tokens"] = json!([token_line()]);
+        let Ok(ImportRecord::Endpoint(e)) = validate(line) else {
+            panic!()
+        };
+        let [t] = e.tokens.as_slice() else { panic!() };
+        assert_eq!(
+            (t.id.as_str(), t.endpoint_id.as_str(), t.app.as_str()),
+            ("t-1", "ep-1", "app")
+        );
+        assert_eq!(
+            (t.hash.0, t.status, t.created, t.updated),
+            (
+                [0xcd; 32],
+                TokenStatus::Suspended,
+                Timestamp(1),
+                Some(Timestamp(2))
+            )
+        );
+        let cases = [
+            ("tokenId", json!("a b"), "tokens[1].tokenId"),
+            ("tokenHash", json!("xyz"), "tokens[1].tokenHash"),
+            ("status", json!("Lost"), "tokens[1].status"),
+            ("created", json!(-1), "tokens[1].created"),
+            ("updated", json!(-1), "tokens[1].updated"),
+        ];
+        for (name, value, field) in cases {
+            let mut second = token_line();
+            second["tokenId"] = json!("t-2");
+            second["tokenHash"] = json!("ef".repeat(32));
+            second[name] = value;
+            let mut line = endpoint_line();
+            line["tokens"] = json!([token_line(), second]);
+            let e = validate(line).map(|_| ()).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+        // A token ID or hash twice.
+        for name in ["tokenId", "tokenHash"] {
+            let mut second = token_line();
+            second["tokenId"] = json!("t-2");
+            second["tokenHash"] = json!("ef".repeat(32));
+            second[name] = token_line()[name].clone();
+            let mut line = endpoint_line();
+            line["tokens"] = json!([token_line(), second]);
+            let e = validate(line).map(|_| ()).unwrap_err();
+            assert_eq!(
+                (e.field.as_str(), e.rule.as_str()),
+                (format!("tokens[1].{name}").as_str(), "unique")
+            );
+        }
+        let mut line = endpoint_line();
+        let mut extra = token_line();
+        extra["token"] = json!("plain text");
+        line["tokens"] = json!([extra]);
+        assert!(validate(line).is_err(), "unknown token fields are refused");
     }
 
     #[test]

@@ -455,12 +455,14 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     for schema in [SCHEMA, sqlite_filters::SCHEMA, sqlite_credentials::SCHEMA] {
         tx.execute_batch(schema).map_err(unavailable)?;
     }
-    tx.execute(
-        "INSERT INTO schema_meta(key, value) VALUES('schema_version', ?1) \
-         ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-        [SCHEMA_VERSION],
-    )
-    .map_err(unavailable)?;
+    if found != Some(SCHEMA_VERSION) {
+        tx.execute(
+            "INSERT INTO schema_meta(key, value) VALUES('schema_version', ?1) \
+             ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            [SCHEMA_VERSION],
+        )
+        .map_err(unavailable)?;
+    }
     tx.commit().map_err(unavailable)
 }
 

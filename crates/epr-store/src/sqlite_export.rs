@@ -41,8 +41,10 @@ pub(crate) fn endpoints(
     after: i64,
     limit: usize,
 ) -> rusqlite::Result<Vec<EndpointExport>> {
+    // One read transaction: the token rows are those of the same snapshot as the endpoints.
+    let tx = conn.unchecked_transaction()?;
     // The rowid is the incarnation: this walks the table in registration order.
-    let mut stmt = conn.prepare_cached(&format!(
+    let mut stmt = tx.prepare_cached(&format!(
         "SELECT {ENDPOINT_COLUMNS}, token_hash FROM endpoints \
          WHERE incarnation>?2 AND tenant=?1 ORDER BY incarnation LIMIT ?3"
     ))?;
@@ -67,10 +69,11 @@ pub(crate) fn endpoints(
         },
     )?;
     let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-    // The caller's read holds one snapshot, so the token rows agree with the endpoints.
+    drop(stmt);
     for e in &mut out {
-        e.tokens = endpoint_tokens(conn, tenant.as_str(), e.endpoint.id.as_str())?;
+        e.tokens = endpoint_tokens(&tx, tenant.as_str(), e.endpoint.id.as_str())?;
     }
+    tx.finish()?;
     Ok(out)
 }
 

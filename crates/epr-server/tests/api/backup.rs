@@ -273,9 +273,16 @@ async fn export_then_import_gives_the_same_endpoints_filters_and_memberships() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines[0]["type"], "header");
-    assert_eq!(lines[0]["version"], 1);
+    assert_eq!(lines[0]["version"], 2);
     assert_eq!(lines.last().unwrap()["type"], "end");
     assert_eq!(lines.len(), 1 + 1 + 31 + 1);
+    // Each endpoint with its token row (the hash, never the token).
+    for line in lines.iter().filter(|l| l["type"] == "endpoint") {
+        let tokens = line["tokens"].as_array().expect("tokens listed");
+        assert_eq!(tokens.len(), 1, "{line}");
+        assert_eq!(tokens[0]["tokenHash"], line["tokenHash"], "{line}");
+        assert_eq!(tokens[0]["status"], "Inactive", "{line}");
+    }
 
     let target = dir.path().join("target");
     let report = ok(&epr(&target, &[os("import"), os("--from"), file.as_os_str()]).await);
@@ -322,6 +329,19 @@ async fn export_then_import_gives_the_same_endpoints_filters_and_memberships() {
         .await;
     assert_eq!(r.status(), StatusCode::CONFLICT);
     assert_eq!(r.json::<Value>().await.unwrap()["field"], "endpointToken");
+    // Exported again, the endpoints (tokens included) are the same lines.
+    let file2 = dir.path().join("export-2.ndjson");
+    ok(&epr(&target, &[os("export"), os("--to"), file2.as_os_str()]).await);
+    let endpoint_lines = |text: &str| -> Vec<Value> {
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|l| l["type"] == "endpoint")
+            .collect()
+    };
+    assert_eq!(
+        endpoint_lines(&std::fs::read_to_string(&file2).unwrap()),
+        endpoint_lines(&text)
+    );
     // And the store serves writes normally, with live membership.
     imported
         .register("new-1", "demo-v1", json!({"city": "Kyiv"}))
@@ -329,6 +349,41 @@ async fn export_then_import_gives_the_same_endpoints_filters_and_memberships() {
     assert!(members(&imported, &filter).await.contains("new-1"));
     imported.stop().await;
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_export_still_imports() {
+    crate::helpers::embedded_only();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("v1.ndjson");
+    let header = json!({"type": "header", "format": "epr-export", "version": 1,
+                        "exportedAt": 0, "storeId": "x"});
+    let hash = "ab".repeat(32);
+    let endpoint = json!({"type": "endpoint", "tenant": "default", "endpointId": "ep-1",
+        "applicationName": "demo", "appVersion": "demo-v1", "appVersionRegistered": 1,
+        "created": 7, "metadata": {}, "metadataUpdated": null, "version": 1,
+        "metadataVersion": 1, "tokenHash": hash});
+    let end = json!({"type": "end", "filters": 0, "endpoints": 1});
+    std::fs::write(&file, format!("{header}\n{endpoint}\n{end}\n")).unwrap();
+    let target = dir.path().join("target");
+    let report = ok(&epr(&target, &[os("import"), os("--from"), file.as_os_str()]).await);
+    assert_eq!(report["endpoints"]["imported"], 1, "{report}");
+    // One Inactive token from the hash, under an ID derived from it: a re-import is a no-op.
+    let report = ok(&epr(&target, &[os("import"), os("--from"), file.as_os_str()]).await);
+    assert_eq!(report["endpoints"]["existing"], 1, "{report}");
+    let out = dir.path().join("out.ndjson");
+    ok(&epr(&target, &[os("export"), os("--to"), out.as_os_str()]).await);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let line: Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["type"] == "endpoint")
+        .unwrap();
+    assert_eq!(
+        line["tokens"],
+        json!([{"tokenId": "abababab-abab-abab-abab-abababababab", "tokenHash": hash,
+                "status": "Inactive", "created": 7, "updated": null}])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
