@@ -21,6 +21,7 @@
 //! - **Errors** (`error`): every database failure is `StoreError::Unavailable` (HTTP 503
 //!   with `Retry-After`); nothing is acknowledged before its commit returned.
 
+mod credentials;
 mod error;
 mod export;
 mod filters;
@@ -34,9 +35,10 @@ mod write;
 
 use async_trait::async_trait;
 use epr_core::command::{Effect, WriteCtx};
+use epr_core::credentials::{ClaimToken, Rejection, StoredToken, TokenListQuery};
 use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::{EndpointFilter, FilterCommand, FilterId};
-use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
+use epr_core::ids::{AppName, AppVersionName, ClaimId, EndpointId, TenantId, TokenHash, TokenId};
 use epr_core::ports::{
     BatchOutcome, BatchRequest, EndpointExport, ImportOutcome, ImportRecord, OutboxEntry,
     OutboxWaker, Store, StoreError,
@@ -386,95 +388,90 @@ impl Store for PgStore {
 
     async fn get_token(
         &self,
-        _tenant: &TenantId,
-        _endpoint: &EndpointId,
-        _id: &epr_core::ids::TokenId,
-    ) -> Result<Option<epr_core::credentials::StoredToken>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        endpoint: &EndpointId,
+        id: &TokenId,
+    ) -> Result<Option<StoredToken>, StoreError> {
+        credentials::get_token(&self.inner, tenant, endpoint, id).await
     }
 
     async fn find_token(
         &self,
-        _tenant: &TenantId,
-        _app: &AppName,
-        _hash: &epr_core::ids::TokenHash,
-    ) -> Result<Option<epr_core::credentials::StoredToken>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        app: &AppName,
+        hash: &TokenHash,
+    ) -> Result<Option<StoredToken>, StoreError> {
+        credentials::find_token(&self.inner, tenant, app, hash).await
     }
 
     async fn list_tokens(
         &self,
-        _tenant: &TenantId,
-        _endpoint: &EndpointId,
-        _query: &epr_core::credentials::TokenListQuery,
-        _page: PageRequest,
-    ) -> Result<Page<epr_core::credentials::StoredToken>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        endpoint: &EndpointId,
+        query: &TokenListQuery,
+        page: PageRequest,
+    ) -> Result<Page<StoredToken>, StoreError> {
+        credentials::list_tokens(&self.inner, tenant, endpoint, query, page).await
     }
 
     async fn create_claims(
         &self,
-        _tenant: &TenantId,
-        _claims: Vec<epr_core::credentials::ClaimToken>,
+        tenant: &TenantId,
+        claims: Vec<ClaimToken>,
     ) -> Result<(), StoreError> {
-        Err(not_yet())
+        credentials::create_claims(&self.inner, tenant, claims).await
     }
 
     async fn get_claim(
         &self,
-        _tenant: &TenantId,
-        _app: &AppName,
-        _id: &epr_core::ids::ClaimId,
-    ) -> Result<Option<epr_core::credentials::ClaimToken>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        app: &AppName,
+        id: &ClaimId,
+    ) -> Result<Option<ClaimToken>, StoreError> {
+        credentials::get_claim(&self.inner, tenant, app, id).await
     }
 
     async fn find_claim(
         &self,
-        _tenant: &TenantId,
-        _app: &AppName,
-        _hash: &epr_core::ids::TokenHash,
-    ) -> Result<Option<epr_core::credentials::ClaimToken>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        app: &AppName,
+        hash: &TokenHash,
+    ) -> Result<Option<ClaimToken>, StoreError> {
+        credentials::find_claim(&self.inner, tenant, app, hash).await
     }
 
     async fn list_claims(
         &self,
-        _tenant: &TenantId,
-        _app: &AppName,
-        _page: PageRequest,
-    ) -> Result<Page<epr_core::credentials::ClaimToken>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        app: &AppName,
+        page: PageRequest,
+    ) -> Result<Page<ClaimToken>, StoreError> {
+        credentials::list_claims(&self.inner, tenant, app, page).await
     }
 
     async fn delete_claim(
         &self,
-        _tenant: &TenantId,
-        _app: &AppName,
-        _id: &epr_core::ids::ClaimId,
+        tenant: &TenantId,
+        app: &AppName,
+        id: &ClaimId,
     ) -> Result<bool, StoreError> {
-        Err(not_yet())
+        credentials::delete_claim(&self.inner, tenant, app, id).await
     }
 
     async fn record_rejection(
         &self,
-        _tenant: &TenantId,
-        _rejection: epr_core::credentials::Rejection,
+        tenant: &TenantId,
+        rejection: Rejection,
     ) -> Result<(), StoreError> {
-        Err(not_yet())
+        credentials::record_rejection(&self.inner, tenant, rejection).await
     }
 
     async fn list_rejections(
         &self,
-        _tenant: &TenantId,
-        _app: &AppName,
-        _page: PageRequest,
-    ) -> Result<Page<epr_core::credentials::Rejection>, StoreError> {
-        Err(not_yet())
+        tenant: &TenantId,
+        app: &AppName,
+        page: PageRequest,
+    ) -> Result<Page<Rejection>, StoreError> {
+        credentials::list_rejections(&self.inner, tenant, app, page).await
     }
-}
-
-/// Placeholder of the skeleton (replaced by the credentials slice).
-fn not_yet() -> StoreError {
-    StoreError::Unavailable("credentials are not implemented on this backend yet".into())
 }

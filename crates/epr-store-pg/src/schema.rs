@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 const MIGRATION_LOCK: i64 = 0x0045_5052_4d49_4752;
 
 /// `(version, SQL)`, in order. Never edit a released migration: add one.
-pub(crate) const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+pub(crate) const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
 
 const V1: &str = r#"
 CREATE TABLE store_meta(
@@ -218,6 +218,59 @@ CREATE TABLE settings(
 );
 "#;
 
+/// Endpoint credentials (issue 11): token states and IDs, claim tokens, rejections.
+const V2: &str = r#"
+-- Several tokens per endpoint, each with Kaa CM's state. Rows of a v1 database (one token
+-- per endpoint, issued at registration) get an ID each and start Inactive: the volatile
+-- default gives every existing row its own value (a rewrite of the table). The default
+-- stays for replicas of the previous version still running during a rolling upgrade,
+-- whose inserts name no ID; this version always names it.
+ALTER TABLE tokens ADD COLUMN token_id text NOT NULL DEFAULT gen_random_uuid()::text;
+ALTER TABLE tokens ADD COLUMN status text NOT NULL DEFAULT 'Inactive'
+    CHECK (status IN ('Inactive', 'Active', 'Suspended', 'Revoked'));
+ALTER TABLE tokens ADD COLUMN updated bigint NULL;
+ALTER TABLE tokens ADD CONSTRAINT tokens_by_id UNIQUE(tenant, token_id);
+-- An endpoint's tokens in creation order (listing, the write path's preload, export); IDs
+-- in byte order, as in the embedded store.
+DROP INDEX tokens_by_endpoint;
+CREATE INDEX tokens_by_endpoint_created
+    ON tokens(tenant, endpoint_id, created, token_id COLLATE "C");
+
+-- One-time claim tokens for self-registration, by hash, unique per application. A use is
+-- recorded (used_at, used_by) in the transaction of the registration that used it.
+CREATE TABLE claim_tokens(
+    tenant text NOT NULL,
+    app text NOT NULL,
+    claim_hash bytea NOT NULL,
+    claim_id text NOT NULL,
+    created bigint NOT NULL,
+    expires bigint NOT NULL,
+    binding_kind text NOT NULL CHECK (binding_kind IN ('any', 'endpoint', 'pattern')),
+    binding text NULL,
+    used_at bigint NULL,
+    used_by text NULL,
+    CONSTRAINT claim_tokens_pkey PRIMARY KEY(tenant, app, claim_hash),
+    CONSTRAINT claim_tokens_by_id UNIQUE(tenant, claim_id),
+    CHECK ((binding_kind = 'any') = (binding IS NULL))
+);
+CREATE INDEX claim_tokens_by_created ON claim_tokens(tenant, app, created, claim_id COLLATE "C");
+
+-- Refused self-registrations; the latest REJECTIONS_KEPT per application are kept (older
+-- ones are deleted by each insert).
+CREATE TABLE rejections(
+    id bigserial PRIMARY KEY,
+    tenant text NOT NULL,
+    app text NOT NULL,
+    at bigint NOT NULL,
+    app_version text NULL,
+    endpoint_id text NULL,
+    source text NOT NULL,
+    reason text NOT NULL,
+    message text NOT NULL
+);
+CREATE INDEX rejections_by_app ON rejections(tenant, app, id);
+"#;
+
 /// The newest schema version this build knows.
 pub fn latest() -> i32 {
     MIGRATIONS.last().map_or(0, |m| m.0)
@@ -262,6 +315,11 @@ fn newer(found: i32) -> StoreError {
 /// each migration takes the advisory lock, re-reads the version and skips what another
 /// process applied. Refuses a database newer than this build.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
+    migrate_to(client, latest()).await
+}
+
+/// [`migrate`], stopping at version `target` (tests of an upgrade from an older schema).
+pub async fn migrate_to(client: &mut Client, target: i32) -> Result<Vec<i32>, StoreError> {
     // Under the migration lock: two processes running `CREATE TABLE IF NOT EXISTS` at once
     // can both miss the table and one then fails (duplicate type or key).
     let tx = client.transaction().await.map_err(db)?;
@@ -292,7 +350,7 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
         if current > latest() {
             return Err(newer(current));
         }
-        if current >= *version {
+        if current >= *version || *version > target {
             continue;
         }
         tx.batch_execute(sql).await.map_err(db)?;

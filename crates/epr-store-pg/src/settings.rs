@@ -58,6 +58,7 @@ pub(crate) async fn put(inner: &Inner, key: &str, value: &str) -> Result<(), Sto
 const ANALYZED: &[&str] = &[
     "endpoints",
     "tokens",
+    "claim_tokens",
     "endpoint_values",
     "filter_matches",
     "outbox",

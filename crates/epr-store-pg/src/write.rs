@@ -16,14 +16,16 @@
 //!    or a deadlock / serialization failure, rolls the group back and runs it again: the
 //!    re-run sees the other replica's row and refuses exactly as the domain does.
 
+use crate::credentials::{claim_from_row, token_from_row, CLAIM_COLUMNS, TOKEN_COLUMNS};
 use crate::error::{db, msg, pool, retryable};
 use crate::filters::{AppFilters, MatchChange};
 use crate::rows::{endpoint_from_row, ENDPOINT_COLUMNS};
 use crate::{app_lock_key, Inner, PgConfig};
-use epr_core::command::{plan, Command, Effect, WriteCtx};
+use epr_core::command::{plan, Command, Effect, Loaded, Plan, WriteCtx};
+use epr_core::credentials::{ClaimToken, ClaimUse, StoredToken, TokenOp, TokenStatus};
 use epr_core::endpoint::Endpoint;
 use epr_core::event::OutboxEvent;
-use epr_core::ids::{AppName, EndpointId, TenantId};
+use epr_core::ids::{AppName, EndpointId, TenantId, TokenHash, TokenId};
 use epr_core::log_gate::LogGate;
 use epr_core::ports::{
     BatchCreated, BatchFailed, BatchOutcome, BatchRequest, EndpointExport, ImportOutcome,
@@ -32,7 +34,7 @@ use epr_core::ports::{
 use epr_core::{DomainError, Timestamp};
 use epr_store::codec;
 // `try_join*` poll their futures in order: statements are sent in the order written.
-use futures_util::future::{try_join, try_join3, try_join4, try_join_all};
+use futures_util::future::{try_join, try_join3, try_join_all};
 use futures_util::TryFutureExt;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -286,6 +288,30 @@ static INSERT_ENDPOINTS: LazyLock<String> = LazyLock::new(|| {
 const TOKENS: &str = "SELECT t.token_hash, t.endpoint_id FROM unnest($3::bytea[]) AS k(h) \
     CROSS JOIN LATERAL (SELECT token_hash, endpoint_id FROM tokens \
         WHERE tenant=$1 AND app=$2 AND token_hash=k.h OFFSET 0) t";
+/// The token rows of endpoints, in creation order. Sent after `LOCK_ROWS`: read once the
+/// endpoint rows are locked, and every token write is a command on its (locked) endpoint.
+static ENDPOINT_TOKENS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT t.* FROM unnest($2::text[]) WITH ORDINALITY AS k(id, n) \
+         CROSS JOIN LATERAL (SELECT {TOKEN_COLUMNS} FROM tokens \
+             WHERE tenant=$1 AND endpoint_id=k.id OFFSET 0) t \
+         ORDER BY k.n, t.created, t.token_id COLLATE \"C\""
+    )
+});
+/// Claim tokens by hash, locked in the order of the array (sorted by the caller): two
+/// replicas using one claim token serialise on its row.
+static LOCK_CLAIMS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT c.* FROM unnest($3::bytea[]) WITH ORDINALITY AS k(h, n) \
+         CROSS JOIN LATERAL (SELECT {CLAIM_COLUMNS} FROM claim_tokens \
+             WHERE tenant=$1 AND app=$2 AND claim_hash=k.h OFFSET 0 FOR UPDATE) c \
+         ORDER BY k.n"
+    )
+});
+/// Holders of token IDs (imports bring their own IDs).
+const TOKEN_IDS: &str = "SELECT t.token_id, t.endpoint_id FROM unnest($2::text[]) AS k(id) \
+    CROSS JOIN LATERAL (SELECT token_id, endpoint_id FROM tokens \
+        WHERE tenant=$1 AND token_id=k.id OFFSET 0) t";
 const INCARNATIONS: &str =
     "SELECT nextval('endpoint_incarnation') FROM generate_series(1::bigint, $1::bigint)";
 /// Locks in the order given (the caller sorts the keys, so processes lock in one order).
@@ -304,9 +330,19 @@ const UPDATE_ENDPOINTS: &str = "UPDATE endpoints e SET app_version=u.av, \
     FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[], $6::bigint[], \
     $7::bigint[], $8::bigint[]) AS u(t, id, av, avr, md, mu, v, mv) \
     WHERE e.tenant=u.t AND e.endpoint_id=u.id";
-const INSERT_TOKENS: &str = "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, created) \
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bigint[]) \
-    ON CONFLICT DO NOTHING";
+const INSERT_TOKENS: &str = "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, created, \
+    token_id, status, updated) \
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bigint[], \
+    $6::text[], $7::text[], $8::bigint[]) ON CONFLICT DO NOTHING";
+const UPDATE_TOKENS: &str = "UPDATE tokens t SET status=u.s, updated=u.up \
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
+        AS u(t, ep, id, s, up) \
+    WHERE t.tenant=u.t AND t.token_id=u.id AND t.endpoint_id=u.ep";
+/// Only an unused claim token: the row is locked since the preload, so all of them.
+const USE_CLAIMS: &str = "UPDATE claim_tokens c SET used_at=u.at, used_by=u.by \
+    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bigint[], $5::text[]) \
+        AS u(t, app, h, at, by) \
+    WHERE c.tenant=u.t AND c.app=u.app AND c.claim_hash=u.h AND c.used_at IS NULL";
 const INSERT_BATCH: &str =
     "INSERT INTO batch_tasks(tenant, task_id, app, created, outcome) VALUES($1,$2,$3,$4,$5)";
 /// `WITH ORDINALITY … ORDER BY n`: the ids (`bigserial`) follow the events' order.
@@ -318,12 +354,17 @@ const NOTIFY: &str = "SELECT pg_notify($1, '')";
 struct Statements {
     lock_rows: Statement,
     tokens: Statement,
+    endpoint_tokens: Statement,
+    lock_claims: Statement,
+    token_ids: Statement,
     incarnations: Statement,
     lock_apps_shared: Statement,
     lock_apps: Statement,
     delete: Statement,
     update: Statement,
     insert_tokens: Statement,
+    update_tokens: Statement,
+    use_claims: Statement,
     insert_endpoints: Statement,
     insert_batch: Statement,
     outbox: Statement,
@@ -337,12 +378,17 @@ impl Statements {
             [
                 LOCK_ROWS.as_str(),
                 TOKENS,
+                ENDPOINT_TOKENS.as_str(),
+                LOCK_CLAIMS.as_str(),
+                TOKEN_IDS,
                 INCARNATIONS,
                 LOCK_APPS_SHARED,
                 LOCK_APPS,
                 DELETE_ENDPOINTS,
                 UPDATE_ENDPOINTS,
                 INSERT_TOKENS,
+                UPDATE_TOKENS,
+                USE_CLAIMS,
                 INSERT_ENDPOINTS.as_str(),
                 INSERT_BATCH,
                 INSERT_OUTBOX,
@@ -356,12 +402,17 @@ impl Statements {
         Ok(Self {
             lock_rows: next(),
             tokens: next(),
+            endpoint_tokens: next(),
+            lock_claims: next(),
+            token_ids: next(),
             incarnations: next(),
             lock_apps_shared: next(),
             lock_apps: next(),
             delete: next(),
             update: next(),
             insert_tokens: next(),
+            update_tokens: next(),
+            use_claims: next(),
             insert_endpoints: next(),
             insert_batch: next(),
             outbox: next(),
@@ -657,6 +708,14 @@ fn commands(works: &[Work]) -> impl Iterator<Item = (&Command, &WriteCtx)> {
     )
 }
 
+/// The ID of the token a command may insert (with [`Command::new_token`]).
+fn new_token_id(cmd: &Command) -> Option<&TokenId> {
+    match cmd {
+        Command::IssueToken { token_id, .. } => Some(token_id),
+        other => other.registration().map(|r| &r.token_id),
+    }
+}
+
 /// A token hash's owner, by tenant, application and hash.
 type TokenKey<'w> = (&'w str, &'w str, [u8; 32]);
 /// An endpoint, by tenant and ID.
@@ -668,7 +727,63 @@ struct Step<'w> {
     ctx: &'w WriteCtx,
     app: AppName,
     changes: Vec<MatchChange>,
+    /// The endpoint's events, then the membership events of `changes` (added once applied).
     events: Vec<OutboxEvent>,
+    /// Appended after `events`.
+    token_events: Vec<OutboxEvent>,
+}
+
+/// An endpoint's token rows as the group sees them: as read (when a plan needed them) and
+/// the group's changes.
+#[derive(Default)]
+struct TokenState {
+    /// Rows as read, with the group's status changes applied (empty once `deleted_all`).
+    loaded: Vec<StoredToken>,
+    /// IDs of `loaded` rows whose status the group changed.
+    dirty: BTreeSet<String>,
+    /// Every row of the endpoint as read is deleted (its endpoint was unregistered).
+    deleted_all: bool,
+    /// Rows the group inserts, in their state now.
+    inserted: Vec<StoredToken>,
+}
+
+impl TokenState {
+    fn view(&self) -> Vec<StoredToken> {
+        self.loaded
+            .iter()
+            .chain(self.inserted.iter())
+            .cloned()
+            .collect()
+    }
+
+    fn apply(&mut self, op: TokenOp) -> Result<(), StoreError> {
+        match op {
+            TokenOp::Insert(t) => self.inserted.push(t),
+            TokenOp::SetStatus {
+                id,
+                status,
+                updated,
+            } => {
+                if let Some(t) = self.inserted.iter_mut().find(|t| t.id == id) {
+                    t.status = status;
+                    t.updated = Some(updated);
+                } else if let Some(t) = self.loaded.iter_mut().find(|t| t.id == id) {
+                    t.status = status;
+                    t.updated = Some(updated);
+                    self.dirty.insert(id.as_str().to_owned());
+                } else {
+                    return Err(msg("internal error: a status change of a token not loaded"));
+                }
+            }
+            TokenOp::DeleteAll => {
+                self.deleted_all = true;
+                self.loaded.clear();
+                self.dirty.clear();
+                self.inserted.clear();
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The group's view of the database: rows as read (locked), and its own changes on top.
@@ -676,10 +791,20 @@ struct Overlay<'w> {
     initial: HashMap<Key<'w>, Endpoint>,
     /// Endpoints this group changed: their state now (`None`: deleted).
     changed: HashMap<Key<'w>, Option<Endpoint>>,
-    /// Holders of the token hashes the group's registrations use.
+    /// Holders of the token hashes the group's commands would insert (as read, then as the
+    /// group changed them).
     holders: HashMap<TokenKey<'w>, String>,
-    /// The token of every endpoint the group registered (and still holds).
-    new_tokens: HashMap<Key<'w>, (&'w str, [u8; 32])>,
+    /// Holders of the token IDs the group's commands would insert, likewise.
+    id_holders: HashMap<Key<'w>, String>,
+    /// The initial token hash of every endpoint the group registered (and still holds).
+    new_tokens: HashMap<Key<'w>, [u8; 32]>,
+    /// Token rows by endpoint: those read for the plans, and every endpoint whose tokens
+    /// the group changed.
+    tokens: HashMap<Key<'w>, TokenState>,
+    /// Claim tokens as read (locked), with the group's uses.
+    claims: HashMap<TokenKey<'w>, ClaimToken>,
+    /// Claim tokens the group used up, in order.
+    claim_uses: Vec<(TokenKey<'w>, ClaimUse)>,
     filters: HashMap<String, HashMap<String, Arc<AppFilters>>>,
     incarnations: std::vec::IntoIter<i64>,
     steps: Vec<Step<'w>>,
@@ -698,35 +823,66 @@ impl<'w> Overlay<'w> {
         let tenant = ctx.tenant.as_str();
         let key = (tenant, cmd.endpoint_id().as_str());
         let before = self.current(&key);
-        let incarnation = match cmd {
-            Command::Register(_) => self
+        let incarnation = match cmd.registration() {
+            Some(_) => self
                 .incarnations
                 .next()
                 .ok_or_else(|| msg("internal error: too few incarnations taken"))?,
-            _ => 0,
+            None => 0,
         };
-        let plan = plan(
-            before.clone(),
-            &epr_core::command::Loaded::default(),
-            cmd,
-            ctx,
-            incarnation,
-        )?;
-        if let (Effect::Insert(ep), Command::Register(reg)) = (&plan.effect, cmd) {
-            if self
-                .holders
-                .contains_key(&(tenant, reg.app.as_str(), reg.token_hash.0))
-            {
-                return Err(DomainError::Conflict {
-                    field: "endpointToken",
-                    message: format!(
-                        "the endpoint token is already in use in application '{}'",
-                        ep.app
-                    ),
+        let claim_key = cmd
+            .claim()
+            .map(|(app, hash)| (tenant, app.as_str(), hash.0));
+        let loaded = Loaded {
+            tokens: match self.tokens.get(&key) {
+                Some(state) if cmd.needs_tokens() => state.view(),
+                _ => Vec::new(),
+            },
+            claim: claim_key.and_then(|k| self.claims.get(&k).cloned()),
+        };
+        let plan = plan(before.clone(), &loaded, cmd, ctx, incarnation)?;
+        // A token the plan inserts must be free in its application (the row's primary key).
+        let inserts_token = plan
+            .tokens
+            .ops
+            .iter()
+            .any(|op| matches!(op, TokenOp::Insert(_)));
+        let new_token = match cmd.new_token() {
+            Some((app, hash)) if inserts_token => {
+                let token_key = (tenant, app.as_str(), hash.0);
+                if self.holders.contains_key(&token_key) {
+                    return Err(DomainError::Conflict {
+                        field: "endpointToken",
+                        message: format!(
+                            "the endpoint token is already in use in application '{app}'"
+                        ),
+                    }
+                    .into());
                 }
-                .into());
+                Some(token_key)
             }
-        }
+            None if inserts_token => {
+                return Err(msg(
+                    "internal error: a plan inserted a token its command does not name",
+                ))
+            }
+            _ => None,
+        };
+        // Token IDs are generated (UUIDs), so this never refuses in practice; checked so
+        // that a clash refuses one command instead of failing its whole group.
+        let new_id = match new_token_id(cmd) {
+            Some(token_id) if inserts_token => {
+                if self.id_holders.contains_key(&(tenant, token_id.as_str())) {
+                    return Err(DomainError::Conflict {
+                        field: "endpointTokenId",
+                        message: format!("the endpoint token ID '{token_id}' is already in use"),
+                    }
+                    .into());
+                }
+                Some((tenant, token_id.as_str()))
+            }
+            _ => None,
+        };
         let changed_keys = plan.changed_metadata_keys(cmd);
         let app = plan.effect.endpoint().app.clone();
         let changes = match self
@@ -740,52 +896,95 @@ impl<'w> Overlay<'w> {
             _ => Vec::new(),
         };
         drop(changed_keys);
-        match (&plan.effect, cmd) {
-            (Effect::Insert(ep), Command::Register(reg)) => {
-                self.holders.insert(
-                    (tenant, reg.app.as_str(), reg.token_hash.0),
-                    ep.id.as_str().to_owned(),
-                );
-                self.new_tokens
-                    .insert(key, (reg.app.as_str(), reg.token_hash.0));
+        match (&plan.effect, cmd.registration()) {
+            (Effect::Insert(ep), Some(reg)) => {
+                self.new_tokens.insert(key, reg.token_hash.0);
                 self.changed.insert(key, Some(ep.clone()));
             }
             (Effect::Update(ep), _) => {
                 self.changed.insert(key, Some(ep.clone()));
             }
             (Effect::Delete(ep), _) => {
-                // Its token is free again (for a later registration of this group too).
+                // Its tokens are free again (for a later command of this group too).
                 self.holders
                     .retain(|(t, _, _), holder| !(*t == tenant && holder == ep.id.as_str()));
+                self.id_holders
+                    .retain(|(t, _), holder| !(*t == tenant && holder == ep.id.as_str()));
                 self.new_tokens.remove(&key);
                 self.changed.insert(key, None);
             }
             (Effect::Unchanged(_), _) => {}
-            (Effect::Insert(_), _) => {
+            (Effect::Insert(_), None) => {
                 return Err(msg("plan inserted for a non-registration command"));
             }
         }
-        let events: Vec<OutboxEvent> = plan.events.into_iter().map(OutboxEvent::from).collect();
-        if !events.is_empty() || !changes.is_empty() {
+        let Plan {
+            effect,
+            events,
+            tokens,
+            ..
+        } = plan;
+        if !tokens.ops.is_empty() {
+            let state = self.tokens.entry(key).or_default();
+            for op in tokens.ops {
+                state.apply(op)?;
+            }
+        }
+        if let Some(token_key) = new_token {
+            self.holders.insert(token_key, key.1.to_owned());
+        }
+        if let Some(id_key) = new_id {
+            self.id_holders.insert(id_key, key.1.to_owned());
+        }
+        if let Some((hash, used)) = tokens.claim_used {
+            let k = claim_key
+                .filter(|k| k.2 == hash.0)
+                .ok_or_else(|| msg("internal error: a plan used a claim token not loaded"))?;
+            if let Some(c) = self.claims.get_mut(&k) {
+                c.used = Some(used.clone());
+            }
+            self.claim_uses.push((k, used));
+        }
+        let events: Vec<OutboxEvent> = events.into_iter().map(OutboxEvent::from).collect();
+        let token_events: Vec<OutboxEvent> =
+            tokens.events.into_iter().map(OutboxEvent::from).collect();
+        if !events.is_empty() || !changes.is_empty() || !token_events.is_empty() {
             self.steps.push(Step {
                 key,
                 ctx,
                 app,
                 changes,
                 events,
+                token_events,
             });
         }
-        Ok(plan.effect)
+        Ok(effect)
     }
 }
 
-/// The rows a group writes: the final state of every endpoint it changed.
+/// The rows a group writes: the final state of every endpoint it changed, its tokens, the
+/// claim tokens it used.
 #[derive(Default)]
 struct FinalWrites<'a> {
     del_tenant: Vec<&'a str>,
     del_id: Vec<&'a str>,
     upd: Vec<(&'a str, &'a Endpoint)>,
-    ins: Vec<(&'a str, &'a Endpoint, &'a str, [u8; 32])>,
+    /// Endpoints inserted, with their initial token's hash.
+    ins: Vec<(&'a str, &'a Endpoint, [u8; 32])>,
+    /// Token rows inserted (after the deletions: an endpoint deleted and registered again).
+    tok_ins: Vec<(&'a str, &'a StoredToken)>,
+    /// Token rows as they are now, whose status changed.
+    tok_upd: Vec<(&'a str, &'a StoredToken)>,
+    claim_uses: Vec<(TokenKey<'a>, &'a ClaimUse)>,
+}
+
+/// Rows [`FinalWrites::run`] wrote, to compare with what it meant to.
+#[derive(Debug, PartialEq, Eq)]
+struct Written {
+    endpoints: u64,
+    tokens: u64,
+    token_updates: u64,
+    claims: u64,
 }
 
 impl<'a> FinalWrites<'a> {
@@ -794,10 +993,20 @@ impl<'a> FinalWrites<'a> {
         self.del_id.push(id);
     }
 
+    /// What [`FinalWrites::run`] writes when no other replica got in the way.
+    fn expected(&self) -> Written {
+        Written {
+            endpoints: self.ins.len() as u64,
+            tokens: self.tok_ins.len() as u64,
+            token_updates: self.tok_upd.len() as u64,
+            claims: self.claim_uses.len() as u64,
+        }
+    }
+
     /// Runs the statements, pipelined, in an order that keeps them independent: deletions
-    /// first (an ID deleted and registered again), inserts last. Returns how many tokens
-    /// and endpoint rows were inserted.
-    async fn run(&self, tx: &Transaction<'_>, st: &Statements) -> Result<(u64, u64), StoreError> {
+    /// first (an ID deleted and registered again), inserts after. Token status changes
+    /// touch only rows that existed before the group and are not deleted.
+    async fn run(&self, tx: &Transaction<'_>, st: &Statements) -> Result<Written, StoreError> {
         let deletes = async {
             if self.del_id.is_empty() {
                 return Ok(0);
@@ -840,17 +1049,48 @@ impl<'a> FinalWrites<'a> {
             tx.execute(&st.update, &[&t, &id, &av, &avr, &md, &mu, &v, &mv])
                 .await
         };
-        let tokens = async {
-            if self.ins.is_empty() {
+        let token_updates = async {
+            if self.tok_upd.is_empty() {
                 return Ok(0);
             }
-            let t: Vec<&str> = self.ins.iter().map(|i| i.0).collect();
-            let app: Vec<&str> = self.ins.iter().map(|i| i.2).collect();
-            let hash: Vec<&[u8]> = self.ins.iter().map(|i| &i.3[..]).collect();
-            let id: Vec<&str> = self.ins.iter().map(|i| i.1.id.as_str()).collect();
-            let created: Vec<i64> = self.ins.iter().map(|i| i.1.created.0).collect();
-            tx.execute(&st.insert_tokens, &[&t, &app, &hash, &id, &created])
+            let t: Vec<&str> = self.tok_upd.iter().map(|(t, _)| *t).collect();
+            let ep: Vec<&str> = self
+                .tok_upd
+                .iter()
+                .map(|(_, k)| k.endpoint_id.as_str())
+                .collect();
+            let id: Vec<&str> = self.tok_upd.iter().map(|(_, k)| k.id.as_str()).collect();
+            let status: Vec<&str> = self
+                .tok_upd
+                .iter()
+                .map(|(_, k)| k.status.as_str())
+                .collect();
+            let updated: Vec<Option<i64>> = self
+                .tok_upd
+                .iter()
+                .map(|(_, k)| k.updated.map(|u| u.0))
+                .collect();
+            tx.execute(&st.update_tokens, &[&t, &ep, &id, &status, &updated])
                 .await
+        };
+        let tokens = async {
+            if self.tok_ins.is_empty() {
+                return Ok(0);
+            }
+            let k = || self.tok_ins.iter().map(|(_, k)| *k);
+            let t: Vec<&str> = self.tok_ins.iter().map(|(t, _)| *t).collect();
+            let app: Vec<&str> = k().map(|k| k.app.as_str()).collect();
+            let hash: Vec<&[u8]> = k().map(|k| &k.hash.0[..]).collect();
+            let ep: Vec<&str> = k().map(|k| k.endpoint_id.as_str()).collect();
+            let created: Vec<i64> = k().map(|k| k.created.0).collect();
+            let id: Vec<&str> = k().map(|k| k.id.as_str()).collect();
+            let status: Vec<&str> = k().map(|k| k.status.as_str()).collect();
+            let updated: Vec<Option<i64>> = k().map(|k| k.updated.map(|u| u.0)).collect();
+            tx.execute(
+                &st.insert_tokens,
+                &[&t, &app, &hash, &ep, &created, &id, &status, &updated],
+            )
+            .await
         };
         let inserts = async {
             if self.ins.is_empty() {
@@ -869,7 +1109,7 @@ impl<'a> FinalWrites<'a> {
             let mu: Vec<Option<i64>> = e().map(|e| e.metadata_updated.map(|t| t.0)).collect();
             let v: Vec<i64> = e().map(|e| e.version as i64).collect();
             let mv: Vec<i64> = e().map(|e| e.metadata_version as i64).collect();
-            let hash: Vec<&[u8]> = self.ins.iter().map(|i| &i.3[..]).collect();
+            let hash: Vec<&[u8]> = self.ins.iter().map(|i| &i.2[..]).collect();
             tx.execute(
                 &st.insert_endpoints,
                 &[
@@ -878,45 +1118,108 @@ impl<'a> FinalWrites<'a> {
             )
             .await
         };
-        let (_, _, tokens, endpoints) = try_join4(deletes, updates, tokens, inserts)
-            .await
-            .map_err(db)?;
-        Ok((tokens, endpoints))
+        let claims = async {
+            if self.claim_uses.is_empty() {
+                return Ok(0);
+            }
+            let c = || self.claim_uses.iter();
+            let t: Vec<&str> = c().map(|((t, _, _), _)| *t).collect();
+            let app: Vec<&str> = c().map(|((_, a, _), _)| *a).collect();
+            let hash: Vec<&[u8]> = c().map(|((_, _, h), _)| &h[..]).collect();
+            let at: Vec<i64> = c().map(|(_, u)| u.at.0).collect();
+            let by: Vec<&str> = c().map(|(_, u)| u.endpoint_id.as_str()).collect();
+            tx.execute(&st.use_claims, &[&t, &app, &hash, &at, &by])
+                .await
+        };
+        let ((_, _, token_updates), (tokens, endpoints, claims)) = try_join(
+            try_join3(deletes, updates, token_updates),
+            try_join3(tokens, inserts, claims),
+        )
+        .await
+        .map_err(db)?;
+        Ok(Written {
+            endpoints,
+            tokens,
+            token_updates,
+            claims,
+        })
     }
 }
 
+/// What a group (or an import chunk) reads before planning, by tenant (and application).
+#[derive(Default)]
+struct Wanted<'w> {
+    /// Endpoint rows, locked.
+    ids: BTreeMap<&'w str, BTreeSet<&'w str>>,
+    /// Token hashes whose holders are looked up (the tokens the commands would insert).
+    hashes: BTreeMap<(&'w str, &'w str), BTreeSet<[u8; 32]>>,
+    /// Endpoints whose token rows the plans need.
+    token_owners: BTreeMap<&'w str, BTreeSet<&'w str>>,
+    /// Claim tokens by hash, locked.
+    claims: BTreeMap<(&'w str, &'w str), BTreeSet<[u8; 32]>>,
+    /// Token IDs whose holders are looked up (of the tokens the commands or records would
+    /// insert).
+    token_ids: BTreeMap<&'w str, BTreeSet<&'w str>>,
+    /// Incarnations to take.
+    registrations: i64,
+}
+
+/// What [`preload`] read.
+struct Preloaded<'w> {
+    initial: HashMap<Key<'w>, Endpoint>,
+    holders: HashMap<TokenKey<'w>, String>,
+    /// The token rows of `Wanted::token_owners` that have any, in creation order.
+    tokens: HashMap<Key<'w>, Vec<StoredToken>>,
+    claims: HashMap<TokenKey<'w>, ClaimToken>,
+    /// Holders of `Wanted::token_ids`: (tenant, token ID) → endpoint.
+    id_holders: HashMap<Key<'w>, String>,
+    incarnations: Vec<i64>,
+}
+
 /// Reads what the commands name, under row locks, and takes incarnations: one round trip.
+/// Statements run in the order sent: endpoint rows are locked (in key order) before their
+/// tokens are read and before any claim row is locked (in key order), so groups of several
+/// replicas take their locks in one order.
 async fn preload<'w>(
     tx: &Transaction<'_>,
     st: &Statements,
-    ids: &BTreeMap<&'w str, BTreeSet<&'w str>>,
-    hashes: &BTreeMap<(&'w str, &'w str), BTreeSet<[u8; 32]>>,
-    registrations: i64,
-) -> Result<
-    (
-        HashMap<Key<'w>, Endpoint>,
-        HashMap<TokenKey<'w>, String>,
-        Vec<i64>,
-    ),
-    StoreError,
-> {
-    let rows = try_join_all(ids.iter().map(|(tenant, ids)| async move {
+    w: &Wanted<'w>,
+) -> Result<Preloaded<'w>, StoreError> {
+    let rows = try_join_all(w.ids.iter().map(|(tenant, ids)| async move {
         let list: Vec<&str> = ids.iter().copied().collect();
         tx.query(&st.lock_rows, &[tenant, &list]).await
     }));
-    let tokens = try_join_all(hashes.iter().map(|((tenant, app), hashes)| async move {
+    let tokens = try_join_all(w.hashes.iter().map(|((tenant, app), hashes)| async move {
         let list: Vec<&[u8]> = hashes.iter().map(|h| &h[..]).collect();
         tx.query(&st.tokens, &[tenant, app, &list]).await
     }));
+    let owned = try_join_all(w.token_owners.iter().map(|(tenant, ids)| async move {
+        let list: Vec<&str> = ids.iter().copied().collect();
+        tx.query(&st.endpoint_tokens, &[tenant, &list]).await
+    }));
+    let claims = try_join_all(w.claims.iter().map(|((tenant, app), hashes)| async move {
+        let list: Vec<&[u8]> = hashes.iter().map(|h| &h[..]).collect();
+        tx.query(&st.lock_claims, &[tenant, app, &list]).await
+    }));
+    let token_ids = try_join_all(w.token_ids.iter().map(|(tenant, ids)| async move {
+        let list: Vec<&str> = ids.iter().copied().collect();
+        tx.query(&st.token_ids, &[tenant, &list]).await
+    }));
+    let registrations = w.registrations;
     let incarnations = async {
         if registrations == 0 {
             return Ok(Vec::new());
         }
         tx.query(&st.incarnations, &[&registrations]).await
     };
-    let (rows, tokens, incarnations) = try_join3(rows, tokens, incarnations).await.map_err(db)?;
+    let ((rows, tokens, owned), (claims, token_ids, incarnations)) = try_join(
+        try_join3(rows, tokens, owned),
+        try_join3(claims, token_ids, incarnations),
+    )
+    .await
+    .map_err(db)?;
     let mut initial = HashMap::new();
-    for ((tenant, ids), rows) in ids.iter().zip(rows) {
+    for ((tenant, ids), rows) in w.ids.iter().zip(rows) {
         for row in rows {
             let ep = endpoint_from_row(&row)?;
             // The key borrows the group's own strings.
@@ -926,22 +1229,61 @@ async fn preload<'w>(
         }
     }
     let mut holders = HashMap::new();
-    for (((tenant, app), _), rows) in hashes.iter().zip(tokens) {
+    for (((tenant, app), _), rows) in w.hashes.iter().zip(tokens) {
         for row in rows {
             let hash: &[u8] = row
                 .try_get(0)
                 .map_err(|e| crate::error::corrupt("token", e))?;
-            let hash = <[u8; 32]>::try_from(hash)
-                .map_err(|_| crate::error::corrupt("token", "a token hash is not 32 bytes"))?;
+            let hash = crate::credentials::hash_from(hash)?.0;
             let holder: String = row
                 .try_get(1)
                 .map_err(|e| crate::error::corrupt("token", e))?;
             holders.insert((*tenant, *app, hash), holder);
         }
     }
+    let mut by_endpoint: HashMap<Key<'w>, Vec<StoredToken>> = HashMap::new();
+    for ((tenant, ids), rows) in w.token_owners.iter().zip(owned) {
+        for row in rows {
+            let Some(t) = token_from_row(&row, 0)? else {
+                continue;
+            };
+            if let Some(id) = ids.get(t.endpoint_id.as_str()) {
+                by_endpoint.entry((*tenant, *id)).or_default().push(t);
+            }
+        }
+    }
+    let mut claimed = HashMap::new();
+    for (((tenant, app), _), rows) in w.claims.iter().zip(claims) {
+        for row in rows {
+            if let Some(c) = claim_from_row(&row, 0)? {
+                claimed.insert((*tenant, *app, c.hash.0), c);
+            }
+        }
+    }
+    let mut id_holders = HashMap::new();
+    for ((tenant, ids), rows) in w.token_ids.iter().zip(token_ids) {
+        for row in rows {
+            let id: &str = row
+                .try_get(0)
+                .map_err(|e| crate::error::corrupt("token", e))?;
+            let holder: String = row
+                .try_get(1)
+                .map_err(|e| crate::error::corrupt("token", e))?;
+            if let Some(id) = ids.get(id) {
+                id_holders.insert((*tenant, *id), holder);
+            }
+        }
+    }
     let mut incs: Vec<i64> = incarnations.iter().map(|r| r.get(0)).collect();
     incs.sort_unstable();
-    Ok((initial, holders, incs))
+    Ok(Preloaded {
+        initial,
+        holders,
+        tokens: by_endpoint,
+        claims: claimed,
+        id_holders,
+        incarnations: incs,
+    })
 }
 
 async fn run_group(
@@ -954,30 +1296,73 @@ async fn run_group(
     let txn = client.transaction().await?;
     let tx: &Transaction<'_> = &txn;
     // 1. What the group reads.
-    let mut ids: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    let mut hashes: BTreeMap<(&str, &str), BTreeSet<[u8; 32]>> = BTreeMap::new();
-    let mut registrations = 0i64;
+    let mut wanted = Wanted::default();
     for (cmd, ctx) in commands(works) {
-        ids.entry(ctx.tenant.as_str())
-            .or_default()
-            .insert(cmd.endpoint_id().as_str());
-        if let Command::Register(reg) = cmd {
-            registrations += 1;
-            hashes
-                .entry((ctx.tenant.as_str(), reg.app.as_str()))
+        let tenant = ctx.tenant.as_str();
+        let id = cmd.endpoint_id().as_str();
+        wanted.ids.entry(tenant).or_default().insert(id);
+        if cmd.registration().is_some() {
+            wanted.registrations += 1;
+        }
+        if let Some((app, hash)) = cmd.new_token() {
+            wanted
+                .hashes
+                .entry((tenant, app.as_str()))
                 .or_default()
-                .insert(reg.token_hash.0);
+                .insert(hash.0);
+        }
+        if let Some(token_id) = new_token_id(cmd) {
+            wanted
+                .token_ids
+                .entry(tenant)
+                .or_default()
+                .insert(token_id.as_str());
+        }
+        if cmd.needs_tokens() {
+            wanted.token_owners.entry(tenant).or_default().insert(id);
+        }
+        if let Some((app, hash)) = cmd.claim() {
+            wanted
+                .claims
+                .entry((tenant, app.as_str()))
+                .or_default()
+                .insert(hash.0);
         }
     }
-    let (initial, holders, incarnations) = preload(tx, st, &ids, &hashes, registrations).await?;
+    let Preloaded {
+        initial,
+        holders,
+        tokens,
+        claims,
+        id_holders,
+        incarnations,
+    } = preload(tx, st, &wanted).await?;
+    // Every endpoint whose tokens a plan needs has a state (empty when it has no rows).
+    let mut tokens: HashMap<Key<'_>, TokenState> = tokens
+        .into_iter()
+        .map(|(k, loaded)| {
+            (
+                k,
+                TokenState {
+                    loaded,
+                    ..TokenState::default()
+                },
+            )
+        })
+        .collect();
+    for (tenant, ids) in &wanted.token_owners {
+        for id in ids {
+            tokens.entry((*tenant, *id)).or_default();
+        }
+    }
 
     // 2. The applications' shared locks (sorted: one order in every process), then their
     // filters as of now.
     let mut apps: BTreeSet<(&TenantId, AppName)> = BTreeSet::new();
     for (cmd, ctx) in commands(works) {
-        let app = match cmd {
-            Command::Register(reg) => &reg.app,
-            other => match initial.get(&(ctx.tenant.as_str(), other.endpoint_id().as_str())) {
+        let app = match cmd.registration() {
+            Some(reg) => &reg.app,
+            None => match initial.get(&(ctx.tenant.as_str(), cmd.endpoint_id().as_str())) {
                 Some(ep) => &ep.app,
                 // Registered earlier in this group (its application is in the set) or
                 // absent (refused).
@@ -1013,7 +1398,11 @@ async fn run_group(
         initial,
         changed: HashMap::new(),
         holders,
+        id_holders,
         new_tokens: HashMap::new(),
+        tokens,
+        claims,
+        claim_uses: Vec::new(),
         filters,
         incarnations: incarnations.into_iter(),
         steps: Vec::new(),
@@ -1082,7 +1471,7 @@ async fn run_group(
         let token = g.new_tokens.get(key).copied();
         let token = |ep| {
             token
-                .map(|(app, hash)| (tenant, ep, app, hash))
+                .map(|hash| (tenant, ep, hash))
                 .ok_or_else(|| msg("internal error: a registered endpoint without its token"))
         };
         match (g.initial.get(key), now) {
@@ -1100,7 +1489,23 @@ async fn run_group(
             (None, None) => {}
         }
     }
-    let expected = writes.ins.len() as u64;
+    // Token rows: a `deleted_all` endpoint's rows as read go with the endpoint's deletion
+    // above (an endpoint whose tokens were all deleted was unregistered, so it is deleted,
+    // or deleted and registered again, or was not there before the group).
+    let mut token_keys: Vec<(&Key<'_>, &TokenState)> = g.tokens.iter().collect();
+    token_keys.sort_unstable_by_key(|(k, _)| **k);
+    for ((tenant, _), state) in token_keys {
+        for t in &state.loaded {
+            if state.dirty.contains(t.id.as_str()) {
+                writes.tok_upd.push((tenant, t));
+            }
+        }
+        writes
+            .tok_ins
+            .extend(state.inserted.iter().map(|t| (*tenant, t)));
+    }
+    writes.claim_uses = g.claim_uses.iter().map(|(k, u)| (*k, u)).collect();
+    let expected = writes.expected();
     let batch_rows = try_join_all(batches.iter().map(
         |(t, task, app, created, outcome)| async move {
             tx.execute(&st.insert_batch, &[t, task, app, created, outcome])
@@ -1113,7 +1518,7 @@ async fn run_group(
     let has_membership = steps.iter().any(|s| !s.changes.is_empty());
     let writes = try_join(writes.run(tx, st), batch_rows.map_err(db));
     let appended;
-    let ((inserted_tokens, inserted_rows), _) = if has_membership {
+    let (written, _) = if has_membership {
         // Commands on different endpoints touch different membership rows (counts are
         // added deltas): their statements are pipelined. One endpoint's run in order.
         let mut chains: HashMap<Key<'_>, Vec<usize>> = HashMap::new();
@@ -1155,12 +1560,13 @@ async fn run_group(
         appended = false;
         writes.await?
     };
-    if inserted_tokens != expected || inserted_rows != expected {
+    if written != expected {
         // Another replica took an ID or a token since the rows were read; its commit is
         // visible to the next run, whose plan then refuses as the domain does.
-        return Err(Failure::Again(
-            "an endpoint ID or token was taken by a concurrent registration".into(),
-        ));
+        return Err(Failure::Again(format!(
+            "an endpoint ID or token was taken by a concurrent write \
+             (wrote {written:?}, meant {expected:?})"
+        )));
     }
     drop(steps);
     // 5. Commit; nothing was acknowledged before this returned.
@@ -1177,7 +1583,7 @@ async fn append(
 ) -> Result<bool, StoreError> {
     let texts: Vec<String> = steps
         .iter()
-        .flat_map(|s| s.events.iter())
+        .flat_map(|s| s.events.iter().chain(s.token_events.iter()))
         .map(codec::encode_outbox)
         .collect();
     if texts.is_empty() {
@@ -1254,9 +1660,45 @@ async fn run_import(
         .map_err(Failure::Fatal)
 }
 
-/// An imported endpoint waiting for its insert: tenant, record (as an insert), application,
-/// token hash.
-type PendingImport<'w> = (&'w str, Effect, &'w str, [u8; 32]);
+/// An imported endpoint waiting for its insert: tenant, record (as an insert), its initial
+/// token's hash, its token rows.
+type PendingImport<'w> = (&'w str, Effect, [u8; 32], Vec<StoredToken>);
+
+/// The ID of the one token an import gives a record without token rows (an export made
+/// before tokens had states): the first 16 bytes of its hash, written as a UUID, so
+/// importing the record again gives the same ID.
+pub(crate) fn derived_token_id(hash: &TokenHash) -> TokenId {
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&hash.0[..16]);
+    TokenId::parse(&uuid::Uuid::from_bytes(first).hyphenated().to_string())
+        .expect("a UUID is a valid token ID")
+}
+
+/// The token rows an imported record brings: its own, or one `Inactive` token from its
+/// `token_hash`. They belong to the record's endpoint whatever they say.
+fn imported_tokens(record: &EndpointExport) -> Vec<StoredToken> {
+    let ep = &record.endpoint;
+    if record.tokens.is_empty() {
+        return vec![StoredToken {
+            id: derived_token_id(&record.token_hash),
+            endpoint_id: ep.id.clone(),
+            app: ep.app.clone(),
+            hash: record.token_hash,
+            status: TokenStatus::Inactive,
+            created: ep.created,
+            updated: None,
+        }];
+    }
+    record
+        .tokens
+        .iter()
+        .map(|t| StoredToken {
+            endpoint_id: ep.id.clone(),
+            app: ep.app.clone(),
+            ..t.clone()
+        })
+        .collect()
+}
 
 async fn import_chunk<'w>(
     inner: &Inner,
@@ -1267,28 +1709,44 @@ async fn import_chunk<'w>(
     filters: &mut HashMap<(TenantId, AppName), Arc<AppFilters>>,
     outcomes: &mut [Option<ImportOutcome>],
 ) -> Result<(), Failure> {
-    let mut ids: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    let mut hashes: BTreeMap<(&str, &str), BTreeSet<[u8; 32]>> = BTreeMap::new();
-    for (_, e) in chunk {
-        ids.entry(e.tenant.as_str())
+    let tokens: Vec<Vec<StoredToken>> = chunk.iter().map(|(_, e)| imported_tokens(e)).collect();
+    let mut wanted = Wanted::default();
+    for ((_, e), tokens) in chunk.iter().zip(&tokens) {
+        let t = e.tenant.as_str();
+        wanted
+            .ids
+            .entry(t)
             .or_default()
             .insert(e.endpoint.id.as_str());
-        hashes
-            .entry((e.tenant.as_str(), e.endpoint.app.as_str()))
+        let hashes = wanted
+            .hashes
+            .entry((t, e.endpoint.app.as_str()))
+            .or_default();
+        hashes.extend(tokens.iter().map(|k| k.hash.0));
+        // The record's own IDs (the derived one is checked by its hash: same hash, same ID).
+        wanted
+            .token_ids
+            .entry(t)
             .or_default()
-            .insert(e.token_hash.0);
+            .extend(e.tokens.iter().map(|k| k.id.as_str()));
     }
-    let count = chunk.len() as i64;
-    let (initial, mut holders, incarnations) = preload(tx, st, &ids, &hashes, count).await?;
+    wanted.registrations = chunk.len() as i64;
+    let Preloaded {
+        initial,
+        mut holders,
+        mut id_holders,
+        incarnations,
+        ..
+    } = preload(tx, st, &wanted).await?;
     let mut incarnations = incarnations.into_iter();
     let mut present: HashSet<Key<'w>> = initial.into_keys().collect();
     let mut pending: Vec<PendingImport<'w>> = Vec::new();
-    for &(index, record) in chunk {
+    for (&(index, record), tokens) in chunk.iter().zip(tokens) {
         let EndpointExport {
             tenant,
             endpoint,
             token_hash,
-            tokens: _,
+            tokens: own,
         } = record;
         let t = tenant.as_str();
         let key = (t, endpoint.id.as_str());
@@ -1296,12 +1754,15 @@ async fn import_chunk<'w>(
             outcomes[index] = Some(ImportOutcome::Exists);
             continue;
         }
-        let token_key = (t, endpoint.app.as_str(), token_hash.0);
-        if let Some(other) = holders.get(&token_key) {
-            outcomes[index] = Some(ImportOutcome::Conflict(format!(
-                "the endpoint token is already in use by endpoint '{other}' in application '{}'",
-                endpoint.app
-            )));
+        if let Some(conflict) = token_conflict(
+            t,
+            endpoint.app.as_str(),
+            &tokens,
+            own,
+            &holders,
+            &id_holders,
+        ) {
+            outcomes[index] = Some(ImportOutcome::Conflict(conflict));
             continue;
         }
         // A fresh incarnation: this store's own entity tags and registration order.
@@ -1310,7 +1771,15 @@ async fn import_chunk<'w>(
             .next()
             .ok_or_else(|| msg("internal error: too few incarnations taken"))?;
         present.insert(key);
-        holders.insert(token_key, ep.id.as_str().to_owned());
+        for k in &tokens {
+            holders.insert(
+                (t, endpoint.app.as_str(), k.hash.0),
+                ep.id.as_str().to_owned(),
+            );
+        }
+        for k in own {
+            id_holders.insert((t, k.id.as_str()), ep.id.as_str().to_owned());
+        }
         let app_filters = match filters.get(&(tenant.clone(), ep.app.clone())) {
             Some(f) => f.clone(),
             None => {
@@ -1341,10 +1810,46 @@ async fn import_chunk<'w>(
                 .await?;
             }
         }
-        pending.push((t, effect, endpoint.app.as_str(), token_hash.0));
+        pending.push((t, effect, token_hash.0, tokens));
         outcomes[index] = Some(ImportOutcome::Imported);
     }
     flush_imports(tx, st, &mut pending).await
+}
+
+/// Why a record's tokens cannot be stored: a hash held by another endpoint of the
+/// application, an ID held by another token of the tenant, or a repeat within the record.
+fn token_conflict(
+    tenant: &str,
+    app: &str,
+    tokens: &[StoredToken],
+    own: &[StoredToken],
+    holders: &HashMap<TokenKey<'_>, String>,
+    id_holders: &HashMap<Key<'_>, String>,
+) -> Option<String> {
+    let mut hashes = HashSet::new();
+    for k in tokens {
+        if let Some(other) = holders.get(&(tenant, app, k.hash.0)) {
+            return Some(format!(
+                "the endpoint token is already in use by endpoint '{other}' in application '{app}'"
+            ));
+        }
+        if !hashes.insert(k.hash.0) {
+            return Some("the record holds one endpoint token twice".into());
+        }
+    }
+    let mut ids = HashSet::new();
+    for k in own {
+        if let Some(other) = id_holders.get(&(tenant, k.id.as_str())) {
+            return Some(format!(
+                "the endpoint token ID '{}' is already in use by endpoint '{other}'",
+                k.id
+            ));
+        }
+        if !ids.insert(k.id.as_str()) {
+            return Some(format!("the record holds the token ID '{}' twice", k.id));
+        }
+    }
+    None
 }
 
 async fn flush_imports(
@@ -1358,13 +1863,17 @@ async fn flush_imports(
     let writes = FinalWrites {
         ins: pending
             .iter()
-            .map(|(t, ep, app, hash)| (*t, ep.endpoint(), *app, *hash))
+            .map(|(t, ep, hash, _)| (*t, ep.endpoint(), *hash))
+            .collect(),
+        tok_ins: pending
+            .iter()
+            .flat_map(|(t, _, _, tokens)| tokens.iter().map(move |k| (*t, k)))
             .collect(),
         ..Default::default()
     };
-    let (tokens, rows) = writes.run(tx, st).await?;
-    let expected = pending.len() as u64;
-    if tokens != expected || rows != expected {
+    let expected = writes.expected();
+    let written = writes.run(tx, st).await?;
+    if written != expected {
         return Err(Failure::Again(
             "an endpoint ID or token was taken by a concurrent write".into(),
         ));

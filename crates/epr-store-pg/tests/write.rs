@@ -5,6 +5,7 @@
 
 use epr_core::command::{Command, MetadataChange, Registration, WriteCtx};
 use epr_core::endpoint::Precondition;
+use epr_core::event::OutboxEvent;
 use epr_core::ids::{AppName, AppVersionName, EndpointId, EndpointToken, TenantId};
 use epr_core::metadata::{Limits, Metadata, MetadataKey};
 use epr_core::ports::{Store, StoreError};
@@ -222,17 +223,25 @@ async fn a_group_with_refused_commands_commits_the_others() {
         .collect();
     let kinds: Vec<(String, String)> = events
         .iter()
-        .map(|(_, text)| {
-            let e = epr_store::codec::decode_outbox(text).unwrap();
-            let e = e.as_endpoint().unwrap();
-            (
-                e.endpoint_id.to_string(),
-                format!("{:?}", e.kind)
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric())
-                    .collect(),
-            )
-        })
+        .map(
+            |(_, text)| match epr_store::codec::decode_outbox(text).unwrap() {
+                OutboxEvent::Endpoint(e) => (
+                    e.endpoint_id.to_string(),
+                    format!("{:?}", e.kind)
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric())
+                        .collect(),
+                ),
+                OutboxEvent::Token(t) => (
+                    t.endpoint_id.to_string(),
+                    format!("Token{:?}", t.kind)
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric())
+                        .collect(),
+                ),
+                other => panic!("{other:?}"),
+            },
+        )
         .collect();
     // The first three: the set-up registrations (empty metadata: `registered` only).
     let tail: Vec<(&str, &str)> = kinds[3..]
@@ -247,6 +256,7 @@ async fn a_group_with_refused_commands_commits_the_others() {
             ("n1", "MetadataUpdated"),
             ("n1", "MetadataUpdated"),
             ("gone", "Unregistered"),
+            ("gone", "TokenRevoked"),
             ("gone", "Registered"),
             ("gone", "MetadataUpdated"),
             ("n4", "Registered"),
