@@ -1089,12 +1089,14 @@ impl FilterBench {
                     events: None,
                     workers: new_workers(&t.addr, args.connections),
                     replicas: Vec::new(),
+                    nats_instance: None,
                 };
-                let ctx = Arc::new(Ctx {
-                    run_id: format!("{}-{tag}", ctx.run_id),
-                    app_version: version.to_owned(),
-                    metadata: RegMetadata::Mixed,
-                });
+                let ctx = Arc::new(Ctx::new(
+                    format!("{}-{tag}", ctx.run_id),
+                    version.to_owned(),
+                    RegMetadata::Mixed,
+                    &args.app_name,
+                ));
                 (target, ctx)
             };
             self.register = Some(RegisterSetup {

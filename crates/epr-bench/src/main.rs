@@ -4,12 +4,14 @@
 mod auth;
 mod client;
 mod cpu;
+mod ecap;
 mod events;
 mod filters;
 mod metalist;
 mod metrics;
 mod outbox;
 mod pgdb;
+mod selfreg;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -44,8 +46,10 @@ struct Args {
     #[arg(long, short, default_value_t = 10.0)]
     duration: f64,
     /// Comma-separated subset of: health,register,get,put,latency,drain,backfill,
-    /// filter-update,filter-register,metalist (always run in that order; latency and drain
-    /// need --nats-url).
+    /// filter-update,filter-register,metalist,selfreg,ecap (always run in that order;
+    /// latency, drain and ecap need --nats-url). selfreg: operator registrations vs device
+    /// self-registrations (and with claim tokens), side by side; ecap: 16/ECAP token
+    /// validation over NATS (activation, then an open-loop load at --ecap-rate).
     #[arg(long, default_value = "health,register,get,put", value_delimiter = ',')]
     phases: Vec<String>,
     /// Run `health` again at the end of each round (the machine is noisy).
@@ -67,7 +71,8 @@ struct Args {
     /// events off (`nats.url: ""`) and one with events on (this URL), and every
     /// health/register/get/put/latency phase runs against both (off then on in odd
     /// rounds, on then off in even ones); events of the "on" server are counted by a
-    /// subscriber on `kaa.v1.events.{instance}.>`. Needed by the latency and drain phases.
+    /// subscriber on `kaa.v1.events.{instance}.>`. Needed by the latency, drain and ecap
+    /// phases (ecap runs on the events-on server).
     #[arg(long)]
     nats_url: Option<String>,
     /// PID of the nats-server process (e.g. `$(cat /tmp/epr-services/nats/pid)`): its CPU
@@ -153,14 +158,39 @@ struct Args {
     /// alone.
     #[arg(long, requires = "auth")]
     auth_header_everywhere: bool,
-    /// Embedded store vs PostgreSQL (needs --server-bin, not --nats-url or --auth): this
+    /// Embedded store vs PostgreSQL (needs --server-bin, not --auth): this
     /// URL names a PostgreSQL server (any database on it); the bench creates two fresh
     /// databases and spawns three targets: `embedded`, `pg` (one server on the first
     /// database) and `pg2` (two servers, two replicas, on the second; connections
     /// alternate between them). Every closed-loop phase runs against all three, in turn;
     /// metalist runs on `embedded` and `pg`.
-    #[arg(long, conflicts_with_all = ["nats_url", "auth"], requires = "server_bin")]
+    /// With --nats-url too, every target also publishes events and serves NATS requests,
+    /// each under its own instance name (`{instance}-{target}`): what the ecap phase needs.
+    #[arg(long, conflicts_with = "auth", requires = "server_bin")]
     pg_url: Option<String>,
+    /// Application of the selfreg and ecap phases (its versions: --app-version).
+    #[arg(long, default_value = "bench")]
+    app_name: String,
+    /// selfreg phase: at most this many claim tokens are minted before each claim-token
+    /// measurement (the bench mints 1.5 × the best registration rate of the target so
+    /// far × (warm-up + duration), up to this); 0 skips the claim-token measurement.
+    #[arg(long, default_value_t = 200_000)]
+    selfreg_claims: usize,
+    /// selfreg phase: YAML appended to each spawned server's config (the device API's
+    /// per-source rate limit would otherwise stop a bench that sends everything from one
+    /// address); '' appends nothing.
+    #[arg(long, default_value = selfreg::SERVER_YAML)]
+    selfreg_yaml: String,
+    /// ecap phase: endpoints registered (each with its own token) per target and round.
+    #[arg(long, default_value_t = 20_000)]
+    ecap_endpoints: usize,
+    /// ecap phase: token validation requests per second (open loop: sent on schedule
+    /// whatever the replies).
+    #[arg(long, default_value_t = 5000.0)]
+    ecap_rate: f64,
+    /// ecap phase: validation requests in flight during the activation pass (closed loop).
+    #[arg(long, default_value_t = 64)]
+    ecap_window: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -181,10 +211,21 @@ enum Phase {
     FilterRegister,
     /// Listing by a metadata value over `--meta-endpoints` endpoints ([`metalist`]).
     MetaList,
+    /// Operator registration vs device self-registration ([`selfreg`]): runs the three
+    /// phases below.
+    SelfReg,
+    /// 16/ECAP token validation over NATS ([`ecap`]).
+    Ecap,
+    /// `POST /api/v1/endpoints` with the selfreg key mix (part of `selfreg`).
+    SrOperator,
+    /// `POST /device/v1/applications/{app}/registrations` with the provisioning secret.
+    SrDevice,
+    /// The same with a pre-minted claim token instead.
+    SrClaim,
 }
 
 impl Phase {
-    const ALL: [Phase; 10] = [
+    const ALL: [Phase; 12] = [
         Phase::Health,
         Phase::Register,
         Phase::Get,
@@ -195,6 +236,8 @@ impl Phase {
         Phase::FilterUpdate,
         Phase::FilterRegister,
         Phase::MetaList,
+        Phase::SelfReg,
+        Phase::Ecap,
     ];
 
     fn name(self) -> &'static str {
@@ -209,6 +252,11 @@ impl Phase {
             Phase::FilterUpdate => "filter-update",
             Phase::FilterRegister => "filter-register",
             Phase::MetaList => "metalist",
+            Phase::SelfReg => "selfreg",
+            Phase::Ecap => "ecap",
+            Phase::SrOperator => "selfreg-operator",
+            Phase::SrDevice => "selfreg-device",
+            Phase::SrClaim => "selfreg-claim",
         }
     }
 
@@ -224,9 +272,11 @@ impl Phase {
             "filter-update" => Phase::FilterUpdate,
             "filter-register" => Phase::FilterRegister,
             "metalist" => Phase::MetaList,
+            "selfreg" => Phase::SelfReg,
+            "ecap" => Phase::Ecap,
             _ => bail!(
                 "unknown phase {s:?} (use health,register,get,put,latency,drain,backfill,\
-                 filter-update,filter-register,metalist)"
+                 filter-update,filter-register,metalist,selfreg,ecap)"
             ),
         })
     }
@@ -249,7 +299,15 @@ impl Phase {
 
     /// Phases that read the events of the events-on server.
     fn needs_nats(self) -> bool {
-        matches!(self, Phase::Latency | Phase::Drain)
+        matches!(self, Phase::Latency | Phase::Drain | Phase::Ecap)
+    }
+
+    /// Registrations: each success adds an endpoint (and its events).
+    fn registers(self) -> bool {
+        matches!(
+            self,
+            Phase::Register | Phase::SrOperator | Phase::SrDevice | Phase::SrClaim
+        )
     }
 }
 
@@ -296,6 +354,9 @@ struct Round {
     /// Filter phases (their registrations are rows of `phases`).
     filters: filters::RoundOut,
     metalist: metalist::MetaOut,
+    /// selfreg phase: per target, the rates side by side (the rows are in `phases`).
+    selfreg: Vec<selfreg::SelfRegRow>,
+    ecap: Vec<ecap::EcapResult>,
 }
 
 /// What the subscriber saw of one closed-loop phase against the events-on server.
@@ -352,6 +413,11 @@ struct Ctx {
     app_version: String,
     /// What a `register` request carries.
     metadata: RegMetadata,
+    /// `POST /device/v1/applications/{app}/registrations` (selfreg).
+    device_path: String,
+    /// Unused claim tokens of the current selfreg-claim measurement, shared by its
+    /// connections (one thread: the lock is never contended).
+    claims: std::sync::Mutex<Vec<String>>,
 }
 
 /// The metadata of a `register` request.
@@ -363,6 +429,18 @@ enum RegMetadata {
     Basic,
     /// The 10 keys of mixed types of the filter phases' endpoints ([`filters::Md`]).
     Mixed,
+}
+
+impl Ctx {
+    fn new(run_id: String, app_version: String, metadata: RegMetadata, app: &str) -> Ctx {
+        Ctx {
+            run_id,
+            app_version,
+            metadata,
+            device_path: format!("/device/v1/applications/{app}/registrations"),
+            claims: Default::default(),
+        }
+    }
 }
 
 impl Worker {
@@ -426,6 +504,23 @@ impl Worker {
                 write!(self.path, "/api/v1/endpoints/{}/metadata/temp", self.ids[i])?;
                 write!(self.body, "{}.{}", temp / 10, temp % 10)?;
                 "PUT"
+            }
+            Phase::SrOperator | Phase::SrDevice | Phase::SrClaim => {
+                self.seq += 1;
+                let id = selfreg::write_request(self, phase, ctx)?;
+                new_id = Some(id);
+                if phase != Phase::SrOperator {
+                    // Devices send no operator credentials.
+                    let r = self
+                        .conn
+                        .request("POST", &self.path, Some(self.body.as_bytes()))
+                        .await?;
+                    if let (Some(id), true) = (new_id, r.is_success()) {
+                        self.ids.push(id);
+                    }
+                    return Ok(r);
+                }
+                "POST"
             }
             _ => bail!("{} is not a closed-loop phase", phase.name()),
         };
@@ -530,7 +625,7 @@ async fn run_task(
         match res {
             Ok(r) if r.is_success() => {
                 out.acked += 1;
-                out.registrations += (phase == Phase::Register) as u64;
+                out.registrations += phase.registers() as u64;
                 out.last_ok = Some(done);
             }
             Ok(r) => {
@@ -652,6 +747,64 @@ async fn run_phase(
     Ok((back, res, extra))
 }
 
+/// One closed-loop measurement of `phase` against `targets[i]`: lets the servers settle
+/// (`settling`), checkpoints PostgreSQL (--pg-url), prints the table row and, on the
+/// events-on server, checks the events the writes caused.
+async fn measure_closed(
+    targets: &mut [Target],
+    i: usize,
+    phase: Phase,
+    round: usize,
+    ctx: &Arc<Ctx>,
+    args: &Args,
+    settling: bool,
+) -> Result<(PhaseResult, Option<EventsCheck>)> {
+    if settling {
+        let waited = settle(targets).await;
+        if waited > Duration::from_secs(2) {
+            eprintln!("settle: servers busy for {:.1} s", waited.as_secs_f64());
+        }
+    }
+    if let Some(url) = &args.pg_url {
+        // Every measurement starts with clean buffers (as pgbench does): the previous
+        // phase's dirty pages would otherwise be written back during this one, and every
+        // side would pay for the one before.
+        pgdb::checkpoint(url).await?;
+    }
+    let t = &mut targets[i];
+    let before = t.events.as_ref().map(|e| e.counts());
+    let workers = std::mem::take(&mut t.workers);
+    let (back, res, extra) = run_phase(workers, ctx, phase, args, t).await?;
+    t.workers = back;
+    let mut label = res.phase.to_owned();
+    if !t.name.is_empty() {
+        write!(label, " [{}]", t.name)?;
+    }
+    if args.repeat > 1 {
+        write!(label, " #{round}")?;
+    }
+    println!("{}", fmt_row(&res, &label));
+    let mut check = None;
+    if let (Some(ev), Some(before)) = (&t.events, before) {
+        let c = check_events(ev, before, phase, round, &extra, args).await;
+        if !c.ok {
+            eprintln!(
+                "EVENTS MISMATCH ({} round {round}): {} registrations acked, \
+                 {} writes acked; received {} registered, {} metadata.updated, \
+                 {} other",
+                c.phase,
+                c.registrations,
+                c.writes_acked,
+                c.registered_events,
+                c.metadata_events,
+                c.other_events
+            );
+        }
+        check = Some(c);
+    }
+    Ok((res, check))
+}
+
 /// Samples CPU counters and the server's `/metrics` at `from` and at `to`; yields the
 /// differences.
 fn sample_window(
@@ -743,7 +896,11 @@ async fn check_events(
     // Every registration publishes `registered`, plus `metadata.updated` when it has
     // metadata (5 keys unless --bare-register); a metadata PUT publishes
     // `metadata.updated` only when the value changed.
-    let md = if args.bare_register { 0 } else { regs };
+    let md = if args.bare_register && phase == Phase::Register {
+        0
+    } else {
+        regs
+    };
     let put_max = if phase == Phase::Put { extra.acked } else { 0 };
     let idle = Duration::from_secs_f64(args.event_timeout);
     ev.wait_for(idle, |c| {
@@ -809,9 +966,15 @@ enum EventsMode<'a> {
     Nats { url: &'a str, instance: &'a str },
     /// No events; this `auth` section (authentication on).
     Auth { yaml: &'a str },
-    /// No events; the PostgreSQL store on this database URL.
-    Postgres { url: &'a str },
+    /// The PostgreSQL store on this database URL; events (and NATS requests) with `nats`.
+    Postgres {
+        url: &'a str,
+        nats: Option<(&'a str, &'a str)>,
+    },
 }
+
+/// Appended to every spawned server's config (set once, before the first spawn).
+static SERVER_EXTRA_YAML: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Spawns `bin` on a free port with a fresh temporary config and data dir.
 fn spawn_server(bin: &Path, events: EventsMode) -> Result<(Server, String)> {
@@ -850,12 +1013,25 @@ fn spawn_server_in(bin: &Path, dir: &Path, events: EventsMode) -> Result<(Server
     if let EventsMode::Auth { yaml: auth } = events {
         yaml.push_str(auth);
     }
-    if let EventsMode::Postgres { url } = events {
+    if let EventsMode::Postgres { url, nats } = events {
         write!(
             yaml,
             "store:\n  backend: postgres\n  postgres:\n    url: {}\n",
             serde_json::to_string(url)?
         )?;
+        if let Some((url, instance)) = nats {
+            write!(
+                yaml,
+                "service:\n  instance_name: {instance}\n  replica_id: bench\nnats:\n  url: {}\n",
+                serde_json::to_string(url)?
+            )?;
+        }
+    }
+    if let Some(extra) = SERVER_EXTRA_YAML.get() {
+        yaml.push_str(extra);
+        if !extra.ends_with('\n') {
+            yaml.push('\n');
+        }
     }
     std::fs::write(&config, yaml)?;
     let data = dir.join("data");
@@ -958,7 +1134,7 @@ fn ratios(phases: &[PhaseResult]) -> Vec<(String, f64)> {
         }
     }
     for pair in &PAIRS {
-        for name in ["health", "register", "get-by-id", "metadata-put"] {
+        for name in PAIR_PHASES {
             // Mean over the round (health runs twice with --health-again).
             let rate = |t: &str| {
                 let r: Vec<f64> = phases
@@ -985,6 +1161,17 @@ struct Pair {
     ratio: &'static str,
     title: &'static str,
 }
+
+/// Closed-loop phases compared between the two sides of a [`Pair`].
+const PAIR_PHASES: [&str; 7] = [
+    "health",
+    "register",
+    "get-by-id",
+    "metadata-put",
+    "selfreg-operator",
+    "selfreg-device",
+    "selfreg-claim",
+];
 
 /// Target names of the `--auth` servers.
 const AUTH_OFF: &str = "auth-off";
@@ -1064,6 +1251,7 @@ impl Target {
             events,
             workers: Vec::new(),
             replicas: Vec::new(),
+            nats_instance: None,
         }
     }
 
@@ -1090,6 +1278,8 @@ struct Target {
     /// Further servers of the same target (replicas on one database): connections
     /// alternate between `addr` and theirs.
     replicas: Vec<(Server, String)>,
+    /// The service instance name the target serves NATS requests on (targets with NATS).
+    nats_instance: Option<String>,
 }
 
 fn new_workers(addr: &str, n: usize) -> Vec<Worker> {
@@ -1135,7 +1325,24 @@ async fn run(args: Args) -> Result<()> {
         bail!("nothing to do: need at least one phase, connection and round");
     }
     if seq.iter().any(|p| p.needs_nats()) && args.nats_url.is_none() {
-        bail!("the latency and drain phases need --nats-url");
+        bail!("the latency, drain and ecap phases need --nats-url");
+    }
+    if args.pg_url.is_some()
+        && seq
+            .iter()
+            .any(|p| matches!(p, Phase::Latency | Phase::Drain))
+    {
+        bail!("the latency and drain phases do not run with --pg-url");
+    }
+    if !args.ecap_rate.is_finite()
+        || args.ecap_rate <= 0.0
+        || args.ecap_endpoints == 0
+        || args.ecap_window == 0
+    {
+        bail!("--ecap-rate, --ecap-endpoints and --ecap-window must be positive");
+    }
+    if seq.contains(&Phase::SelfReg) {
+        let _ = SERVER_EXTRA_YAML.set(args.selfreg_yaml.clone());
     }
     if !args.rate.is_finite()
         || args.rate <= 0.0
@@ -1170,15 +1377,27 @@ async fn run(args: Args) -> Result<()> {
     match (&args.server_bin, &args.url) {
         (Some(bin), _) if args.pg_url.is_some() => {
             let admin = args.pg_url.as_deref().unwrap_or_default();
-            targets.push(Target::spawned(
-                PG_EMBEDDED,
-                spawn_server(bin, EventsMode::Default)?,
-                None,
-            ));
+            // With NATS, each target under its own instance name: replicas of one target
+            // share a queue group, different targets must not.
+            let own = |name: &str| format!("{instance}-{name}");
+            let embedded_instance = own(PG_EMBEDDED);
+            let embedded = match &args.nats_url {
+                Some(url) => EventsMode::Nats {
+                    url,
+                    instance: &embedded_instance,
+                },
+                None => EventsMode::Default,
+            };
+            let mut t = Target::spawned(PG_EMBEDDED, spawn_server(bin, embedded)?, None);
+            t.nats_instance = args.nats_url.as_ref().map(|_| embedded_instance.clone());
+            targets.push(t);
             for (name, replicas) in [(PG_ONE, 1), (PG_TWO, 2)] {
                 let db = pgdb::create(admin, &format!("epr_bench_{run_id}_{name}")).await?;
-                let mode = EventsMode::Postgres { url: &db };
+                let inst = own(name);
+                let nats = args.nats_url.as_deref().map(|u| (u, inst.as_str()));
+                let mode = EventsMode::Postgres { url: &db, nats };
                 let mut t = Target::spawned(name, spawn_server(bin, mode)?, None);
+                t.nats_instance = nats.map(|_| inst.clone());
                 for _ in 1..replicas {
                     // One at a time: the first has migrated the database when it is healthy.
                     wait_healthy(&t.addr, t.server.as_mut()).await?;
@@ -1211,7 +1430,10 @@ async fn run(args: Args) -> Result<()> {
                 targets.push(Target::spawned("", s, None));
             }
             Some(url) => {
-                if seq.iter().any(|p| p.closed_loop() || *p == Phase::Latency) {
+                if seq
+                    .iter()
+                    .any(|p| p.closed_loop() || matches!(p, Phase::Latency | Phase::SelfReg))
+                {
                     let off = EventsMode::Nats {
                         url: "",
                         instance: &instance,
@@ -1223,7 +1445,9 @@ async fn run(args: Args) -> Result<()> {
                     instance: &instance,
                 };
                 let s = spawn_server(bin, on)?;
-                targets.push(Target::spawned("on", s, events.clone()));
+                let mut t = Target::spawned("on", s, events.clone());
+                t.nats_instance = Some(instance.clone());
+                targets.push(t);
             }
         },
         (None, Some(url)) => {
@@ -1238,6 +1462,7 @@ async fn run(args: Args) -> Result<()> {
                 events: events.clone(),
                 workers: Vec::new(),
                 replicas: Vec::new(),
+                nats_instance: args.nats_url.as_ref().map(|_| instance.clone()),
             });
         }
         (None, None) => bail!("need --server-bin or --url"),
@@ -1318,7 +1543,7 @@ async fn run(args: Args) -> Result<()> {
     );
     if seq
         .iter()
-        .any(|p| p.closed_loop() || *p == Phase::FilterRegister)
+        .any(|p| p.closed_loop() || matches!(p, Phase::FilterRegister | Phase::SelfReg))
     {
         println!("{TABLE_HEADER}");
     }
@@ -1326,17 +1551,19 @@ async fn run(args: Args) -> Result<()> {
     // measurements. A lone server without events runs back to back, as before.
     let settling = targets.len() > 1 || events.is_some();
 
-    let ctx = Arc::new(Ctx {
-        run_id,
-        app_version: args.app_version.clone(),
-        metadata: if args.bare_register {
+    let ctx = Arc::new(Ctx::new(
+        run_id.clone(),
+        args.app_version.clone(),
+        if args.bare_register {
             RegMetadata::Bare
         } else {
             RegMetadata::Basic
         },
-    });
+        &args.app_name,
+    ));
 
     let mut filter_bench = filters::FilterBench::default();
+    let mut selfreg_bench = selfreg::SelfRegBench::default();
     // One per target: each loads its endpoints once.
     let mut meta_benches: Vec<metalist::MetaBench> =
         targets.iter().map(|_| Default::default()).collect();
@@ -1348,7 +1575,42 @@ async fn run(args: Args) -> Result<()> {
         let mut drain = Vec::new();
         let mut filter_out = filters::RoundOut::default();
         let mut meta_out = metalist::MetaOut::default();
+        let mut selfreg_out = Vec::new();
+        let mut ecap_out = Vec::new();
         for &phase in &seq {
+            if phase == Phase::SelfReg {
+                selfreg_bench
+                    .run(
+                        &mut targets,
+                        &ctx,
+                        round,
+                        &args,
+                        &mut results,
+                        &mut checks,
+                        &mut selfreg_out,
+                    )
+                    .await?;
+                continue;
+            }
+            if phase == Phase::Ecap {
+                let url = args.nats_url.as_deref().unwrap_or_default();
+                let mut order: Vec<usize> = (0..targets.len()).collect();
+                if round % 2 == 0 {
+                    order.reverse();
+                }
+                for i in order {
+                    if targets[i].nats_instance.is_none() {
+                        continue;
+                    }
+                    settle(&targets).await;
+                    if let Some(pg) = &args.pg_url {
+                        pgdb::checkpoint(pg).await?;
+                    }
+                    let r = ecap::run(&targets[i], url, &ctx, round, &args).await?;
+                    ecap_out.push(r);
+                }
+                continue;
+            }
             if phase == Phase::MetaList {
                 // The first server; with --pg-url the embedded one and one PostgreSQL
                 // replica (two replicas read the same database the same way).
@@ -1379,49 +1641,11 @@ async fn run(args: Args) -> Result<()> {
                     order.reverse();
                 }
                 for i in order {
-                    if settling {
-                        let waited = settle(&targets).await;
-                        if waited > Duration::from_secs(2) {
-                            eprintln!("settle: servers busy for {:.1} s", waited.as_secs_f64());
-                        }
-                    }
-                    if let Some(url) = &args.pg_url {
-                        // Every measurement starts with clean buffers (as pgbench does): the
-                        // previous phase's dirty pages would otherwise be written back
-                        // during this one, and every side would pay for the one before.
-                        pgdb::checkpoint(url).await?;
-                    }
-                    let t = &mut targets[i];
-                    let before = t.events.as_ref().map(|e| e.counts());
-                    let workers = std::mem::take(&mut t.workers);
-                    let (back, res, extra) = run_phase(workers, &ctx, phase, &args, t).await?;
-                    t.workers = back;
-                    let mut label = res.phase.to_owned();
-                    if !t.name.is_empty() {
-                        write!(label, " [{}]", t.name)?;
-                    }
-                    if args.repeat > 1 {
-                        write!(label, " #{round}")?;
-                    }
-                    println!("{}", fmt_row(&res, &label));
+                    let (res, check) =
+                        measure_closed(&mut targets, i, phase, round, &ctx, &args, settling)
+                            .await?;
                     results.push(res);
-                    if let (Some(ev), Some(before)) = (&t.events, before) {
-                        let c = check_events(ev, before, phase, round, &extra, &args).await;
-                        if !c.ok {
-                            eprintln!(
-                                "EVENTS MISMATCH ({} round {round}): {} registrations acked, \
-                                 {} writes acked; received {} registered, {} metadata.updated, \
-                                 {} other",
-                                c.phase,
-                                c.registrations,
-                                c.writes_acked,
-                                c.registered_events,
-                                c.metadata_events,
-                                c.other_events
-                            );
-                        }
-                        checks.push(c);
-                    }
+                    checks.extend(check);
                 }
                 continue;
             }
@@ -1485,6 +1709,8 @@ async fn run(args: Args) -> Result<()> {
             drain,
             filters: filter_out,
             metalist: meta_out,
+            selfreg: selfreg_out,
+            ecap: ecap_out,
         });
     }
     println!();
@@ -1503,6 +1729,8 @@ async fn run(args: Args) -> Result<()> {
     }
     print_event_tables(&rounds);
     filters::print_tables(&rounds, &filter_bench);
+    selfreg::print_summary(&rounds);
+    ecap::print_summary(&rounds, &args);
     if let Some(ev) = &events {
         let (slow, bad) = (ev.slow_consumer(), ev.malformed());
         if slow > 0 || bad > 0 {
@@ -1539,7 +1767,7 @@ fn print_pair_summary(rounds: &[Round], pair: &Pair) {
     let all: Vec<&PhaseResult> = rounds.iter().flat_map(|r| &r.phases).collect();
     let (a, b) = (pair.a, pair.b);
     let mut header = false;
-    for name in ["health", "register", "get-by-id", "metadata-put"] {
+    for name in PAIR_PHASES {
         let pick = |t: &str| -> Vec<&PhaseResult> {
             all.iter()
                 .copied()
@@ -1768,11 +1996,12 @@ mod tests {
             "-d",
             "0.2",
         ]);
-        let ctx = Arc::new(Ctx {
-            run_id: "t".into(),
-            app_version: "bench-v1".into(),
-            metadata: RegMetadata::Basic,
-        });
+        let ctx = Arc::new(Ctx::new(
+            "t".into(),
+            "bench-v1".into(),
+            RegMetadata::Basic,
+            "bench",
+        ));
         let mut workers: Vec<Worker> = (0..4)
             .map(|idx| Worker {
                 idx,
@@ -1794,6 +2023,7 @@ mod tests {
             events: None,
             workers: Vec::new(),
             replicas: Vec::new(),
+            nats_instance: None,
         };
         let mut results = Vec::new();
         for phase in [Phase::Health, Phase::Register, Phase::Get, Phase::Put] {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 /// The application of this phase (added to a spawned server's config).
 pub const APP: (&str, &[&str]) = ("meta", &["meta-v1"]);
 const PAGE: u64 = 100;
-const KINDS: [&str; 7] = [
+pub(crate) const KINDS: [&str; 7] = [
     "sensor",
     "gateway",
     "meter",

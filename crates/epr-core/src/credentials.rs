@@ -135,9 +135,20 @@ pub enum TokenOp {
 }
 
 /// An endpoint-ID pattern (a regular expression matched against the whole ID), at most 256
-/// characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdPattern(String);
+/// characters. Compiled once, when parsed: it is matched on every self-registration.
+#[derive(Debug, Clone)]
+pub struct IdPattern {
+    text: String,
+    regex: regex::Regex,
+}
+
+impl PartialEq for IdPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for IdPattern {}
 
 impl IdPattern {
     pub fn parse(s: &str, field: &str) -> Result<Self, ValidationError> {
@@ -148,29 +159,29 @@ impl IdPattern {
                 "must be a regular expression of 1 to 256 characters",
             ));
         }
-        Self::compile(s).map_err(|e| {
-            ValidationError::new(
-                field,
-                "regex",
-                format!("not a valid regular expression: {e}"),
-            )
-        })?;
-        Ok(Self(s.to_owned()))
-    }
-
-    fn compile(s: &str) -> Result<regex::Regex, regex::Error> {
-        regex::RegexBuilder::new(&format!("^(?:{s})$"))
+        let regex = regex::RegexBuilder::new(&format!("^(?:{s})$"))
             .size_limit(1 << 20)
             .build()
+            .map_err(|e| {
+                ValidationError::new(
+                    field,
+                    "regex",
+                    format!("not a valid regular expression: {e}"),
+                )
+            })?;
+        Ok(Self {
+            text: s.to_owned(),
+            regex,
+        })
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 
     /// Whether the whole of `id` matches.
     pub fn matches(&self, id: &str) -> bool {
-        Self::compile(&self.0).is_ok_and(|r| r.is_match(id))
+        self.regex.is_match(id)
     }
 }
 

@@ -18,6 +18,10 @@
 //!   visible rows a sequence number (`seq`) in visibility order; relays page by `seq`.
 //!   Writers `NOTIFY epr_outbox` in their transaction; the leader `LISTEN`s and wakes its
 //!   relay at once.
+//! - **Credentials** (`credentials`, `write`): token rows change only through endpoint
+//!   commands, so the endpoint's row lock guards them; the group's preload reads them after
+//!   locking the rows. A claim token's row is locked (`FOR UPDATE`) by the group that uses
+//!   it, after its endpoint rows, so two replicas using one claim serialise.
 //! - **Errors** (`error`): every database failure is `StoreError::Unavailable` (HTTP 503
 //!   with `Retry-After`); nothing is acknowledged before its commit returned.
 

@@ -4,17 +4,22 @@
 //! Each writer task owns one connection and commits everything queued for it (up to
 //! `max_group` jobs) in one transaction, answering only after COMMIT returned. A group:
 //! 1. locks and loads every endpoint row its commands name (`FOR UPDATE`, in key order, so
-//!    replicas lock in one order), the token rows its registrations would take, and a block
-//!    of incarnations: one pipelined round trip;
+//!    replicas lock in one order), then the token rows of endpoints whose plans need them,
+//!    the holders of the token hashes and IDs its commands would insert, the claim token
+//!    rows they use (`FOR UPDATE`, in key order, after every endpoint row), and a block of
+//!    incarnations: one pipelined round trip;
 //! 2. takes the *shared* advisory lock of every application it touches (filter changes take
 //!    it exclusively) and reads the applications' filters;
 //! 3. plans every command in memory over an overlay of the group's own changes (two
 //!    commands on one endpoint see each other; a refused command changes nothing);
-//! 4. writes the final state of each endpoint it changed with a few set-based statements
-//!    (`unnest`), stores membership, appends the events to the outbox and NOTIFYs;
-//! 5. commits. An insert that finds its ID or token taken by another replica since step 1,
-//!    or a deadlock / serialization failure, rolls the group back and runs it again: the
-//!    re-run sees the other replica's row and refuses exactly as the domain does.
+//! 4. writes the final state of each endpoint it changed, its token rows and the claim
+//!    tokens used, with a few set-based statements (`unnest`), stores membership, appends
+//!    the events to the outbox (per command: endpoint events, membership events, token
+//!    events) and NOTIFYs;
+//! 5. commits. An insert that finds its ID or token taken by another replica since step 1
+//!    (fewer rows written than planned), or a deadlock / serialization failure, rolls the
+//!    group back and runs it again: the re-run sees the other replica's row and refuses
+//!    exactly as the domain does.
 
 use crate::credentials::{claim_from_row, token_from_row, CLAIM_COLUMNS, TOKEN_COLUMNS};
 use crate::error::{db, msg, pool, retryable};
@@ -25,7 +30,7 @@ use epr_core::command::{plan, Command, Effect, Loaded, Plan, WriteCtx};
 use epr_core::credentials::{ClaimToken, ClaimUse, StoredToken, TokenOp, TokenStatus};
 use epr_core::endpoint::Endpoint;
 use epr_core::event::OutboxEvent;
-use epr_core::ids::{AppName, EndpointId, TenantId, TokenHash, TokenId};
+use epr_core::ids::{AppName, EndpointId, TenantId, TokenId};
 use epr_core::log_gate::LogGate;
 use epr_core::ports::{
     BatchCreated, BatchFailed, BatchOutcome, BatchRequest, EndpointExport, ImportOutcome,
@@ -1664,23 +1669,13 @@ async fn run_import(
 /// token's hash, its token rows.
 type PendingImport<'w> = (&'w str, Effect, [u8; 32], Vec<StoredToken>);
 
-/// The ID of the one token an import gives a record without token rows (an export made
-/// before tokens had states): the first 16 bytes of its hash, written as a UUID, so
-/// importing the record again gives the same ID.
-pub(crate) fn derived_token_id(hash: &TokenHash) -> TokenId {
-    let mut first = [0u8; 16];
-    first.copy_from_slice(&hash.0[..16]);
-    TokenId::parse(&uuid::Uuid::from_bytes(first).hyphenated().to_string())
-        .expect("a UUID is a valid token ID")
-}
-
 /// The token rows an imported record brings: its own, or one `Inactive` token from its
 /// `token_hash`. They belong to the record's endpoint whatever they say.
 fn imported_tokens(record: &EndpointExport) -> Vec<StoredToken> {
     let ep = &record.endpoint;
     if record.tokens.is_empty() {
         return vec![StoredToken {
-            id: derived_token_id(&record.token_hash),
+            id: codec::initial_token_id(&record.token_hash),
             endpoint_id: ep.id.clone(),
             app: ep.app.clone(),
             hash: record.token_hash,
