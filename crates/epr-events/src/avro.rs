@@ -70,6 +70,13 @@ compiled_schemas! {
     TLE_UNREGISTERED => "0021-tenant-unregistered.avsc",
     SCMP_BROADCAST => "0017-broadcast_configuration_update.avsc",
     SCMP_TARGETED => "0017-service_specific_configuration_update.avsc",
+    ECAP_TOKEN_VALIDATION_REQUEST => "0016-endpoint-token-validation-request.avsc",
+    ECAP_TOKEN_VALIDATION_RESPONSE => "0016-endpoint-token-validation-response.avsc",
+    ECAP_TOKEN_TRANSITION_REQUEST => "0016-endpoint-token-status-transition-request.avsc",
+    ECAP_TOKEN_TRANSITION_RESPONSE => "0016-endpoint-token-status-transition-response.avsc",
+    ECAP_TOKEN_REVOKED => "0016-endpoint-token-revoked.avsc",
+    // EPR's own extension schemas live in `ext/`, apart from Kaa's verbatim copies.
+    EXT_TOKEN_STATUS_CHANGED => "ext/epr-endpoint-token-status-changed.avsc",
 }
 
 impl CompiledSchema {
@@ -734,10 +741,20 @@ mod tests {
     #[test]
     fn every_file_in_avro_is_compiled_in_and_parses() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("avro");
-        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let mut on_disk: Vec<String> = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                // `ext/`: our extension schemas, one level deep.
+                for inner in std::fs::read_dir(entry.path()).unwrap() {
+                    let inner = inner.unwrap().file_name().into_string().unwrap();
+                    on_disk.push(format!("{name}/{inner}"));
+                }
+            } else {
+                on_disk.push(name);
+            }
+        }
         on_disk.sort();
         let mut compiled: Vec<String> = ALL.iter().map(|s| s.file.to_owned()).collect();
         compiled.sort();

@@ -13,6 +13,9 @@
 //!   them, for tests and tools).
 //! - [`scmp`] decodes the 17/SCMP configuration updates from Kaa's Tekton (broadcast and
 //!   targeted) and says what their null pattern asks to re-read.
+//! - [`ecap`] decodes 16/ECAP endpoint token requests and encodes their responses (and the
+//!   reverse), and encodes the `endpoint.token.revoked` event and our extension event
+//!   `endpoint.token.status-changed`.
 //!
 //! All of it is pure (no NATS client, no clock).
 //!
@@ -207,7 +210,8 @@ pub fn encode(event: &DomainEvent, origin: &Originator) -> Result<Encoded, Encod
 }
 
 /// Encodes anything the outbox carries: endpoint events with [`encode`] (9/ELCE, 15/EME),
-/// filter events with [`efe::encode_filter_event`] (18/EFE).
+/// filter events with [`efe::encode_filter_event`] (18/EFE), token events with
+/// [`ecap::encode_token_event`] (16/ECAP and its extension).
 pub fn encode_outbox(event: &OutboxEvent, origin: &Originator) -> Result<Encoded, EncodeError> {
     match event {
         OutboxEvent::Endpoint(e) => encode(e, origin),

@@ -1,6 +1,7 @@
 //! Whatever arrives on NATS, the decoders return an error instead of panicking.
 
 use epr_events::connectivity::decode_connected;
+use epr_events::ecap;
 use epr_events::efe::{self, EndpointFilterEvent, FilterEventKind, FilterStatusEvent};
 use epr_events::efmp;
 use epr_events::epmmp::{
@@ -33,6 +34,13 @@ fn decode_everything(bytes: &[u8]) -> usize {
     for kind in TenantEventKind::ALL {
         ok += usize::from(decode_tenant_event(kind, bytes).is_ok());
     }
+    for t in ecap::RequestType::ALL {
+        ok += usize::from(ecap::decode_request(t, bytes).is_ok());
+        ok += usize::from(ecap::decode_request_envelope(t, bytes).is_ok());
+        ok += usize::from(ecap::decode_response(t, bytes).is_ok());
+    }
+    ok += usize::from(ecap::decode_revoked(bytes).is_ok());
+    ok += usize::from(ecap::decode_status_changed(bytes).is_ok());
     ok
 }
 

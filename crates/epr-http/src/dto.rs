@@ -1,5 +1,6 @@
 //! Wire shapes, spelled as Kaa spells them. Only this module knows them.
 
+use epr_core::credentials::StoredToken;
 use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::{EndpointFilter, FilterId};
 use epr_core::ids::EndpointId;
@@ -272,6 +273,59 @@ impl BatchStatusDto {
                 .collect(),
         }
     }
+}
+
+/// One endpoint token as Kaa's CM shows it (`GET …/tokens`, `GET …/tokens/{id}`, the answer
+/// of `PUT …/status`). Never the token itself: only its hash is stored.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenDto {
+    pub status: &'static str,
+    pub endpoint_token_id: String,
+    pub created_date: String,
+    pub application_name: String,
+    /// The last status change; absent while the token never changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_date: Option<String>,
+}
+
+impl TokenDto {
+    pub fn from_token(t: &StoredToken) -> Self {
+        Self {
+            status: t.status.as_str(),
+            endpoint_token_id: t.id.to_string(),
+            created_date: iso(t.created),
+            application_name: t.app.to_string(),
+            update_date: t.updated.map(iso),
+        }
+    }
+}
+
+/// `POST /endpoints/{id}/tokens`. Unknown fields are ignored, as on every body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssueTokenBody {
+    pub application_name: Option<String>,
+    /// The token to issue; generated when absent or `null`.
+    pub token: Option<String>,
+}
+
+/// The answer to `POST /endpoints/{id}/tokens`: the only time the token itself is shown.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedTokenDto {
+    pub token: String,
+    pub endpoint_token_id: String,
+    pub created_date: String,
+    pub application_name: String,
+    pub status: &'static str,
+}
+
+/// `PUT /endpoints/{id}/tokens/{tokenId}/status`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenStatusBody {
+    pub status: Option<String>,
 }
 
 #[cfg(test)]

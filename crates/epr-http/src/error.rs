@@ -109,10 +109,15 @@ impl From<DomainError> for ApiError {
                     "endpoint filter" => "filterId",
                     "self-registration policy" => "applicationName",
                     "claim token" => "claimTokenId",
+                    "endpoint token" => "endpointTokenId",
                     other => other,
                 };
                 Self::new(StatusCode::NOT_FOUND, message).with(field, "exists")
             }
+            // A token's refused life-cycle step is the one conflict that is not a taken name.
+            DomainError::Conflict {
+                field: "status", ..
+            } => Self::new(StatusCode::CONFLICT, message).with("status", "transition"),
             DomainError::Conflict { field, .. } => {
                 Self::new(StatusCode::CONFLICT, message).with(field, "unique")
             }

@@ -47,7 +47,7 @@ fn endpoint_id(raw: &str) -> Result<EndpointId> {
 
 /// The endpoint of the path, once the caller is allowed `scope` on it: checked on the raw
 /// ID before it is validated or looked up, so a refusal tells nothing about it.
-fn authorized_endpoint(
+pub(crate) fn authorized_endpoint(
     caller: &Caller,
     scope: Scope,
     p: std::result::Result<Path<String>, PathRejection>,

@@ -17,12 +17,13 @@ mod ops;
 pub mod rate_limit;
 pub mod self_registration;
 pub mod strict;
+mod tokens;
 mod tracking;
 mod wire_terms;
 
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use epr_core::auth::{Authenticator, Principal};
 use epr_core::registry::Registry;
@@ -107,6 +108,13 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("PUT", "/endpoints/{endpointId}/metadata/{metadataKey}"),
     ("DELETE", "/endpoints/{endpointId}/metadata/{metadataKey}"),
     ("GET", "/endpoints/{endpointId}/metadata-keys"),
+    ("GET", "/endpoints/{endpointId}/tokens"),
+    ("POST", "/endpoints/{endpointId}/tokens"),
+    ("GET", "/endpoints/{endpointId}/tokens/{endpointTokenId}"),
+    (
+        "PUT",
+        "/endpoints/{endpointId}/tokens/{endpointTokenId}/status",
+    ),
     ("GET", "/applications/{applicationName}/metadata-keys"),
     ("GET", "/applications"),
     ("GET", "/applications/{applicationName}"),
@@ -187,6 +195,7 @@ fn api() -> Router<AppState> {
     use filters as f;
     use handlers as h;
     use self_registration as sr;
+    use tokens as t;
     Router::new()
         .route("/endpoints", post(h::register).get(h::list))
         .route("/endpoints/", post(h::register).get(h::list))
@@ -215,6 +224,18 @@ fn api() -> Router<AppState> {
         .route(
             "/endpoints/{endpointId}/metadata-keys",
             get(h::endpoint_metadata_keys),
+        )
+        .route(
+            "/endpoints/{endpointId}/tokens",
+            get(t::list).post(t::issue),
+        )
+        .route(
+            "/endpoints/{endpointId}/tokens/{endpointTokenId}",
+            get(t::get),
+        )
+        .route(
+            "/endpoints/{endpointId}/tokens/{endpointTokenId}/status",
+            put(t::set_status),
         )
         .route(
             "/applications/{applicationName}/metadata-keys",

@@ -33,6 +33,11 @@ pub const QUERY_PARAMS: &[(&str, &str, &[&str])] = &[
     ("GET", "/endpoints/{endpointId}/metadata", &["include"]),
     (
         "GET",
+        "/endpoints/{endpointId}/tokens",
+        &["status", "order", "offset", "limit"],
+    ),
+    (
+        "GET",
         "/applications/{applicationName}/filters",
         &["name", "offset", "limit"],
     ),

@@ -179,7 +179,8 @@ fn request_for(method: &str, template: &str) -> (Method, String, Option<Value>) 
         .replace("{endpointId}", "e1")
         .replace("{metadataKey}", "k")
         .replace("{applicationName}", "demo")
-        .replace("{filterId}", "00000000-0000-4000-8000-000000000001");
+        .replace("{filterId}", "00000000-0000-4000-8000-000000000001")
+        .replace("{endpointTokenId}", "t1");
     if template == "/endpoints/batch/status" {
         path.push_str("?appName=demo&taskId=t1");
     }

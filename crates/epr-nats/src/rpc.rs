@@ -1,4 +1,4 @@
-//! The request/reply server that 19/EPMMP and 20/EFMP share (3/ISM): for every current
+//! The request/reply server that 19/EPMMP, 20/EFMP and 16/ECAP share (3/ISM): for every current
 //! tenant, one queue subscription per request type on the tenant's instance name, in that
 //! instance's queue group; at most `max_in_flight` requests at once,
 //! and the same reply rules for both protocols.
@@ -66,7 +66,7 @@ pub(crate) trait Protocol: Send + Sync + 'static {
 }
 
 /// The wire half of a [`Protocol`] impl, for a protocol module of `epr_events` that has the
-/// shared request/reply API (`epmmp`, `efmp`): its types, subjects and codecs, and metrics
+/// shared request/reply API (`epmmp`, `efmp`, `ecap`): its types, subjects and codecs, and metrics
 /// named `epr_{module}_*`.
 macro_rules! wire {
     ($name:literal, $module:ident) => {

@@ -183,6 +183,8 @@ pub struct NatsConfig {
     pub epmmp: bool,
     /// Serve 20/EFMP requests (the filters of an endpoint, the endpoints of a filter).
     pub efmp: bool,
+    /// Serve 16/ECAP endpoint token requests (validation, status transition).
+    pub ecap: bool,
     /// Metadata keys that 19/EPMMP may not create or change (answered with 403).
     pub restricted_metadata_keys: Vec<String>,
     /// The tenant of 9/ELCE `connected` events by their publisher's service instance name
@@ -430,6 +432,7 @@ impl Default for NatsConfig {
             connected_listener: true,
             epmmp: true,
             efmp: true,
+            ecap: true,
             restricted_metadata_keys: Vec::new(),
             connected_tenants: BTreeMap::new(),
             tenant_lifecycle: true,

@@ -358,6 +358,19 @@ impl Application {
                     ))
                 }));
             }
+            if settings.nats.ecap {
+                let (nats, registry) = (nats.clone(), registry.clone());
+                let tenancy = tenancy.clone();
+                let cfg = epr_nats::ecap::EcapSettings {
+                    max_in_flight: settings.nats.max_in_flight,
+                };
+                listeners.push(Box::new(move |stop| {
+                    tokio::spawn(logged(
+                        "16/ECAP token server",
+                        epr_nats::ecap::serve(nats, registry, tenancy, cfg, stop),
+                    ))
+                }));
+            }
         }
         let ready = Arc::new(AtomicBool::new(false));
         let state = AppState {

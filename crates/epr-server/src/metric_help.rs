@@ -240,7 +240,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         Counter,
         "Purges of removed tenants' data that finished.",
     ),
-    // epr-nats: 19/EPMMP and 20/EFMP servers
+    // epr-nats: 19/EPMMP, 20/EFMP and 16/ECAP servers
     (
         "epr_epmmp_requests_total",
         Counter,
@@ -270,6 +270,21 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "epr_efmp_dropped_total",
         Counter,
         "20/EFMP requests dropped unanswered, by request type and reason.",
+    ),
+    (
+        "epr_ecap_requests_total",
+        Counter,
+        "16/ECAP endpoint token requests answered, by request type and status code.",
+    ),
+    (
+        "epr_ecap_request_duration_seconds",
+        Histogram,
+        "16/ECAP endpoint token request handling time, by request type.",
+    ),
+    (
+        "epr_ecap_dropped_total",
+        Counter,
+        "16/ECAP endpoint token requests dropped unanswered, by request type and reason.",
     ),
     // epr-server
     (

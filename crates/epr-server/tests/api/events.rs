@@ -87,7 +87,7 @@ async fn every_event_type_arrives_on_its_subject_and_decodes_with_the_avsc() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
 
-    let events = collect(&mut sub, 6, Duration::from_secs(10)).await;
+    let events = collect(&mut sub, 7, Duration::from_secs(10)).await;
     let kinds: Vec<String> = events.iter().map(Event::kind).collect();
     assert_eq!(
         kinds,
@@ -97,7 +97,9 @@ async fn every_event_type_arrives_on_its_subject_and_decodes_with_the_avsc() {
             "metadata.updated",
             "lifecycle.appversion-updated",
             "metadata.updated",
-            "lifecycle.unregistered"
+            "lifecycle.unregistered",
+            // The registration's token, revoked by the unregistration (16/ECAP).
+            "token.revoked"
         ]
     );
     let prefix = format!("kaa.v1.events.{instance}.endpoint.");
@@ -118,6 +120,7 @@ async fn every_event_type_arrives_on_its_subject_and_decodes_with_the_avsc() {
             "req-put-key",
             "req-version",
             "req-replace",
+            "req-delete",
             "req-delete"
         ]
     );
@@ -153,6 +156,8 @@ async fn every_event_type_arrives_on_its_subject_and_decodes_with_the_avsc() {
     );
     assert_eq!(replace.str("appVersionName"), "demo-v2");
     assert_eq!(unreg.str("appVersionName"), "demo-v2");
+    assert_eq!(events[6].str("appName"), "demo");
+    assert_eq!(events[6].strings("tokenIds").len(), 1);
 
     // Nothing else was published, and an unchanged write publishes nothing.
     assert!(collect(&mut sub, 1, Duration::from_millis(300))

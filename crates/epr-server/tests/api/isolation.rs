@@ -669,6 +669,8 @@ impl World {
         if tn.model.eps.remove(&id).is_some() {
             assert_eq!(r.status, 204, "{}", self.ctx(t, &r));
             self.t[t].expect("lifecycle.unregistered", &corr, &id);
+            // Its registration token (never revoked here) is announced revoked.
+            self.t[t].expect("token.revoked", &corr, &id);
         } else {
             assert_eq!(r.status, 404, "{}", self.ctx(t, &r));
         }
@@ -1659,6 +1661,7 @@ impl World {
                 "lifecycle.unregistered",
                 "lifecycle.appversion-updated",
                 "metadata.updated",
+                "token.revoked",
             ] {
                 assert_eq!(
                     count(&keys, kind),

@@ -218,6 +218,8 @@ pub fn schema_for(subject: &str) -> &'static str {
         ("lifecycle", "unregistered") => "0009-ep-unregistered.avsc",
         ("lifecycle", "appversion-updated") => "0009-ep-appversion-updated.avsc",
         ("metadata", "updated") => "0015-ep-metadata-updated.avsc",
+        ("token", "revoked") => "0016-endpoint-token-revoked.avsc",
+        ("token", "status-changed") => "ext/epr-endpoint-token-status-changed.avsc",
         other => panic!("unexpected event subject {subject} ({other:?})"),
     }
 }
@@ -256,7 +258,7 @@ impl Event {
         }
     }
 
-    /// `lifecycle.registered`, `metadata.updated`, ...
+    /// `lifecycle.registered`, `metadata.updated`, `token.revoked`, ...
     pub fn kind(&self) -> String {
         let mut t: Vec<&str> = self.subject.rsplitn(3, '.').take(2).collect();
         t.reverse();
@@ -267,6 +269,22 @@ impl Event {
         match &self.fields[field] {
             Value::String(s) => s.clone(),
             other => panic!("{field} is not a string: {other:?}"),
+        }
+    }
+
+    /// A `["null","string"]` field.
+    pub fn opt_str(&self, field: &str) -> Option<String> {
+        union_string(&self.fields[field])
+    }
+
+    /// An `array<string>` field.
+    pub fn strings(&self, field: &str) -> Vec<String> {
+        match &self.fields[field] {
+            Value::Array(items) => items
+                .iter()
+                .map(|v| union_string(v).expect("a string"))
+                .collect(),
+            other => panic!("{field} is not an array: {other:?}"),
         }
     }
 
