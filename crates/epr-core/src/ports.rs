@@ -354,6 +354,15 @@ pub trait Store: Send + Sync {
         rejection: Rejection,
     ) -> Result<(), StoreError>;
 
+    /// Deletes what a tenant holds besides endpoints and filters: its claim tokens, its
+    /// rejections, and the settings whose key starts with `setting_prefix` (the tenant's
+    /// self-registration policies). One durable transaction; part of purging a tenant.
+    async fn purge_tenant_credentials(
+        &self,
+        tenant: &TenantId,
+        setting_prefix: &str,
+    ) -> Result<(), StoreError>;
+
     /// An application's recorded rejections, newest first.
     async fn list_rejections(
         &self,

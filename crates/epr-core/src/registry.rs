@@ -125,7 +125,15 @@ pub struct Registry {
     clock: Arc<dyn Clock>,
     ids: Arc<dyn IdSource>,
     batch_tokens: Mutex<BatchTokens>,
+    /// Parsed self-registration policies by (tenant, application), with the stored text and
+    /// the limits they were parsed under: reused while both are the same, so a device request
+    /// reads the setting but parses (and compiles the patterns of) a policy only when it
+    /// changed. The stored text stays the truth (replicas may change it).
+    policies: Mutex<PolicyCache>,
 }
+
+type PolicyCache =
+    HashMap<(TenantId, AppName), (String, Limits, Arc<crate::self_registration::Policy>)>;
 
 impl Registry {
     pub fn new(
@@ -145,6 +153,7 @@ impl Registry {
             clock,
             ids,
             batch_tokens: Mutex::new(HashMap::new()),
+            policies: Mutex::new(HashMap::new()),
         }
     }
 
@@ -631,6 +640,15 @@ impl Registry {
             )
             .await?;
         if page.items.is_empty() {
+            // Last: what the tenant holds besides endpoints and filters (claim tokens,
+            // rejections, self-registration policies). Idempotent, so a purge resumed after a
+            // crash finishes it.
+            self.store
+                .purge_tenant_credentials(
+                    tenant,
+                    &crate::self_registration::tenant_setting_prefix(tenant),
+                )
+                .await?;
             return Ok(PurgeStep {
                 filters_deleted: 0,
                 endpoints_deleted: 0,

@@ -41,7 +41,13 @@ pub const MAX_VERSIONS: usize = 1000;
 
 /// The setting (see [`crate::ports::Store::put_setting`]) holding an application's policy.
 pub fn setting_key(tenant: &TenantId, app: &AppName) -> String {
-    format!("self-registration/{tenant}/{app}")
+    format!("{}{app}", tenant_setting_prefix(tenant))
+}
+
+/// The start of every policy setting key of a tenant (the `/` keeps tenant `a` from matching
+/// tenant `ab`).
+pub fn tenant_setting_prefix(tenant: &TenantId) -> String {
+    format!("self-registration/{tenant}/")
 }
 
 /// The strong entity tag of a stored policy document.

@@ -383,6 +383,37 @@ pub(crate) async fn delete_claim(
     Ok(n > 0)
 }
 
+/// A purged tenant's claim tokens, rejections and settings under `prefix`, in one
+/// transaction.
+pub(crate) async fn purge_tenant(
+    inner: &Inner,
+    tenant: &TenantId,
+    prefix: &str,
+) -> Result<(), StoreError> {
+    let mut client = inner.pool.get().await.map_err(pool)?;
+    let tx = client.transaction().await.map_err(db)?;
+    tx.execute(
+        "DELETE FROM claim_tokens WHERE tenant=$1",
+        &[&tenant.as_str()],
+    )
+    .await
+    .map_err(db)?;
+    tx.execute(
+        "DELETE FROM rejections WHERE tenant=$1",
+        &[&tenant.as_str()],
+    )
+    .await
+    .map_err(db)?;
+    // `starts_with`, not LIKE: `_` and `%` may be in the prefix.
+    tx.execute(
+        "DELETE FROM settings WHERE starts_with(key, $1)",
+        &[&prefix],
+    )
+    .await
+    .map_err(db)?;
+    tx.commit().await.map_err(db)
+}
+
 // ---------------------------------------------------------------------------------------
 // Rejections
 

@@ -470,6 +470,14 @@ impl Store for PgStore {
         credentials::record_rejection(&self.inner, tenant, rejection).await
     }
 
+    async fn purge_tenant_credentials(
+        &self,
+        tenant: &TenantId,
+        setting_prefix: &str,
+    ) -> Result<(), StoreError> {
+        credentials::purge_tenant(&self.inner, tenant, setting_prefix).await
+    }
+
     async fn list_rejections(
         &self,
         tenant: &TenantId,

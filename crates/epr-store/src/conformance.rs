@@ -103,6 +103,9 @@ pub const CASES: &[(&str, Case)] = &[
     ("export_import_keeps_tokens", |s| {
         Box::pin(credentials::export_import_keeps_tokens(s))
     }),
+    ("purge_tenant_credentials", |s| {
+        Box::pin(credentials::purge_tenant_credentials(s))
+    }),
 ];
 
 mod credentials;

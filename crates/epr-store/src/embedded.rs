@@ -136,6 +136,7 @@ enum Job {
     CreateClaims(TenantId, Vec<ClaimToken>, Reply<()>),
     DeleteClaim(TenantId, AppName, ClaimId, Reply<bool>),
     RecordRejection(TenantId, Rejection, Reply<()>),
+    PurgeCredentials(TenantId, String, Reply<()>),
     Ping(Reply<()>),
     Shutdown(Reply<()>),
 }
@@ -818,6 +819,10 @@ impl Writer {
                         self.rejections_kept,
                     ),
                 ),
+                Job::PurgeCredentials(tenant, prefix, reply) => Pending::Unit(
+                    reply,
+                    sqlite_credentials::purge_tenant(&tx, tenant.as_str(), &prefix),
+                ),
                 Job::Ping(reply) | Job::Shutdown(reply) => Pending::Unit(reply, Ok(())),
             };
             match outcome.unexpected_error() {
@@ -965,6 +970,7 @@ fn reply_unavailable(job: Job, msg: &str) {
         | Job::PutSetting(_, _, r)
         | Job::CreateClaims(_, _, r)
         | Job::RecordRejection(_, _, r)
+        | Job::PurgeCredentials(_, _, r)
         | Job::Ping(r)
         | Job::Shutdown(r) => drop(r.send(Err(err()))),
     }
@@ -1731,6 +1737,16 @@ impl Store for EmbeddedStore {
     ) -> Result<(), StoreError> {
         let tenant = tenant.clone();
         self.write(|r| Job::RecordRejection(tenant, rejection, r))
+            .await
+    }
+
+    async fn purge_tenant_credentials(
+        &self,
+        tenant: &TenantId,
+        setting_prefix: &str,
+    ) -> Result<(), StoreError> {
+        let (tenant, prefix) = (tenant.clone(), setting_prefix.to_owned());
+        self.write(|r| Job::PurgeCredentials(tenant, prefix, r))
             .await
     }
 

@@ -505,6 +505,25 @@ pub(crate) fn delete_claim(
         .map_err(unavailable)
 }
 
+/// A purged tenant's claim tokens, rejections and settings under `prefix`.
+pub(crate) fn purge_tenant(
+    conn: &Connection,
+    tenant: &str,
+    prefix: &str,
+) -> Result<(), StoreError> {
+    let run = || -> rusqlite::Result<()> {
+        conn.prepare_cached("DELETE FROM claim_tokens WHERE tenant=?1")?
+            .execute(params![tenant])?;
+        conn.prepare_cached("DELETE FROM rejections WHERE tenant=?1")?
+            .execute(params![tenant])?;
+        // A prefix match without LIKE's wildcards (`_` and `%` may be in the prefix).
+        conn.prepare_cached("DELETE FROM settings WHERE substr(key, 1, length(?1)) = ?1")?
+            .execute(params![prefix])?;
+        Ok(())
+    };
+    run().map_err(unavailable)
+}
+
 pub(crate) fn mark_claim_used(
     conn: &Connection,
     tenant: &str,

@@ -21,6 +21,7 @@ use crate::query::{Page, PageRequest};
 use crate::self_registration::{etag_of, setting_key, Mode, Policy};
 use crate::{DomainError, Timestamp, ValidationError};
 use serde_json::Value;
+use std::sync::Arc;
 
 /// A device's registration request as received.
 #[derive(Debug, Clone, Default)]
@@ -301,7 +302,7 @@ impl Registry {
         &self,
         tenant: &TenantId,
         app: &AppName,
-    ) -> Result<Option<(Policy, String)>, Error> {
+    ) -> Result<Option<(Arc<Policy>, String)>, Error> {
         let Some(text) = self
             .store
             .get_setting(&setting_key(tenant, app))
@@ -310,15 +311,39 @@ impl Registry {
         else {
             return Ok(None);
         };
-        let policy = Policy::from_stored(&text, &self.limits()).map_err(|e| {
-            StoreError::Unavailable(
-                format!(
-                "the stored self-registration policy of application '{app}' cannot be read: {e}"
-            )
-                .into(),
-            )
-        })?;
-        Ok(Some((policy, etag_of(&text))))
+        let limits = self.limits();
+        let key = (tenant.clone(), app.clone());
+        let cached = {
+            let cache = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+            cache
+                .get(&key)
+                .filter(|(t, l, _)| *t == text && *l == limits)
+                .map(|(_, _, p)| Arc::clone(p))
+        };
+        let policy = match cached {
+            Some(p) => p,
+            None => {
+                let policy = Arc::new(Policy::from_stored(&text, &limits).map_err(|e| {
+                    StoreError::Unavailable(
+                        format!(
+                            "the stored self-registration policy of application '{app}' \
+                             cannot be read: {e}"
+                        )
+                        .into(),
+                    )
+                })?);
+                let mut cache = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+                // Bounded: an entry per application with a policy; cleared wholesale if a
+                // tenant churn ever makes it large.
+                if cache.len() >= 10_000 {
+                    cache.clear();
+                }
+                cache.insert(key, (text.clone(), limits, Arc::clone(&policy)));
+                policy
+            }
+        };
+        let tag = etag_of(&text);
+        Ok(Some((policy, tag)))
     }
 
     /// An application's self-registration policy and its entity tag (`404` when none).
@@ -330,6 +355,7 @@ impl Registry {
         let app = self.check_app(tenant, app)?;
         self.load_policy(tenant, &app)
             .await?
+            .map(|(p, tag)| (Policy::clone(&p), tag))
             .ok_or_else(|| DomainError::not_found("self-registration policy", app.as_str()).into())
     }
 
@@ -347,8 +373,12 @@ impl Registry {
         let app = self.check_app(tenant, app)?;
         let current = self.load_policy(tenant, &app).await?;
         check_precondition(&precondition, current.as_ref().map(|(_, t)| t.as_str()))?;
-        let policy =
-            Policy::from_rest(doc, current.as_ref().map(|(p, _)| p), &app, &self.limits())?;
+        let policy = Policy::from_rest(
+            doc,
+            current.as_ref().map(|(p, _)| &**p),
+            &app,
+            &self.limits(),
+        )?;
         let catalog = self.catalog(tenant);
         for version in policy.versions.keys() {
             if let Ok(owner) = catalog.resolve(version) {

@@ -1504,3 +1504,59 @@ pub(super) async fn export_import_keeps_tokens(s: Arc<dyn Store>) {
         .unwrap()
         .is_none());
 }
+
+/// A purged tenant's claim tokens, rejections and prefixed settings go; another tenant's
+/// (including one whose name extends the first's) stay.
+pub(super) async fn purge_tenant_credentials(s: Arc<dyn Store>) {
+    let s = &*s;
+    for t in ["t1", "t10"] {
+        s.create_claims(
+            &tenant(t),
+            vec![claim("c1", "app", "secret-1", 0, ClaimBinding::Any)],
+        )
+        .await
+        .unwrap();
+        s.record_rejection(&tenant(t), rejection("app", 1, "refused"))
+            .await
+            .unwrap();
+        s.put_setting(&format!("self-registration/{t}/app"), "{}")
+            .await
+            .unwrap();
+    }
+    s.put_setting("other/key", "kept").await.unwrap();
+    s.purge_tenant_credentials(&tenant("t1"), "self-registration/t1/")
+        .await
+        .unwrap();
+    assert!(get_claim(s, "t1", "app", "c1").await.is_none());
+    let gone = s
+        .list_rejections(&tenant("t1"), &app("app"), all())
+        .await
+        .unwrap();
+    assert_eq!(gone.total, 0);
+    assert_eq!(
+        s.get_setting("self-registration/t1/app").await.unwrap(),
+        None
+    );
+    // Untouched: the other tenant, and settings outside the prefix.
+    assert!(get_claim(s, "t10", "app", "c1").await.is_some());
+    let kept = s
+        .list_rejections(&tenant("t10"), &app("app"), all())
+        .await
+        .unwrap();
+    assert_eq!(kept.total, 1);
+    assert_eq!(
+        s.get_setting("self-registration/t10/app")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("{}")
+    );
+    assert_eq!(
+        s.get_setting("other/key").await.unwrap().as_deref(),
+        Some("kept")
+    );
+    // Idempotent (a resumed purge runs it again).
+    s.purge_tenant_credentials(&tenant("t1"), "self-registration/t1/")
+        .await
+        .unwrap();
+}
