@@ -372,7 +372,8 @@ impl Registry {
     ) -> Result<(Policy, String, bool), Error> {
         let app = self.check_app(tenant, app)?;
         let current = self.load_policy(tenant, &app).await?;
-        check_precondition(&precondition, current.as_ref().map(|(_, t)| t.as_str()))?;
+        // The body first (here and the versions below): a malformed document is 400
+        // whatever the precondition says.
         let policy = Policy::from_rest(
             doc,
             current.as_ref().map(|(p, _)| &**p),
@@ -395,6 +396,7 @@ impl Registry {
                 }
             }
         }
+        check_precondition(&precondition, current.as_ref().map(|(_, t)| t.as_str()))?;
         let stored = policy.to_stored();
         self.store
             .put_setting(&setting_key(tenant, &app), &stored)
