@@ -125,15 +125,24 @@ pub struct Registry {
     clock: Arc<dyn Clock>,
     ids: Arc<dyn IdSource>,
     batch_tokens: Mutex<BatchTokens>,
-    /// Parsed self-registration policies by (tenant, application), with the stored text and
-    /// the limits they were parsed under: reused while both are the same, so a device request
-    /// reads the setting but parses (and compiles the patterns of) a policy only when it
-    /// changed. The stored text stays the truth (replicas may change it).
+    /// Parsed self-registration policies by (tenant, application), with the stored text, the
+    /// limits they were parsed under and when the text was read. A policy is parsed (and its
+    /// patterns compiled) only when its text changed; device requests reuse a text read less
+    /// than `self_registration::POLICY_MAX_AGE_MS` ago, operator requests always read it.
+    /// This replica's own policy writes drop the entry at once; another replica's are seen
+    /// within that age.
     policies: Mutex<PolicyCache>,
 }
 
-type PolicyCache =
-    HashMap<(TenantId, AppName), (String, Limits, Arc<crate::self_registration::Policy>)>;
+type PolicyCache = HashMap<
+    (TenantId, AppName),
+    (
+        String,
+        Limits,
+        Arc<crate::self_registration::Policy>,
+        Timestamp,
+    ),
+>;
 
 impl Registry {
     pub fn new(

@@ -63,6 +63,10 @@ pub struct CreatedClaim {
     pub claim: ClaimToken,
 }
 
+/// How long a device request may use a policy text this replica read earlier: a policy
+/// changed through another replica applies to this one's devices within this time.
+pub const POLICY_MAX_AGE_MS: i64 = 1000;
+
 /// The default lifetime of a claim token, and the longest.
 pub const CLAIM_TTL_DEFAULT_SECS: u64 = 7 * 24 * 3600;
 pub const CLAIM_TTL_MAX_SECS: u64 = 365 * 24 * 3600;
@@ -158,7 +162,7 @@ impl Registry {
             }
         }
         // Open at all?
-        let Some((policy, _)) = self.load_policy(tenant, &app).await? else {
+        let Some((policy, _)) = self.load_policy(tenant, &app, POLICY_MAX_AGE_MS).await? else {
             return Err(refused(
                 Closed,
                 format!("self-registration is closed for application '{app}'"),
@@ -302,23 +306,37 @@ impl Registry {
         &self,
         tenant: &TenantId,
         app: &AppName,
+        max_age_ms: i64,
     ) -> Result<Option<(Arc<Policy>, String)>, Error> {
+        let limits = self.limits();
+        let key = (tenant.clone(), app.clone());
+        let now = self.clock.now();
+        if max_age_ms > 0 {
+            let cache = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((text, l, policy, read_at)) = cache.get(&key) {
+                if *l == limits && now.0.saturating_sub(read_at.0) < max_age_ms {
+                    return Ok(Some((Arc::clone(policy), etag_of(text))));
+                }
+            }
+        }
         let Some(text) = self
             .store
             .get_setting(&setting_key(tenant, app))
             .await?
             .filter(|t| !t.is_empty())
         else {
+            self.forget_policy(tenant, app);
             return Ok(None);
         };
-        let limits = self.limits();
-        let key = (tenant.clone(), app.clone());
         let cached = {
-            let cache = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self.policies.lock().unwrap_or_else(|p| p.into_inner());
             cache
-                .get(&key)
-                .filter(|(t, l, _)| *t == text && *l == limits)
-                .map(|(_, _, p)| Arc::clone(p))
+                .get_mut(&key)
+                .filter(|(t, l, _, _)| *t == text && *l == limits)
+                .map(|(_, _, p, read_at)| {
+                    *read_at = now;
+                    Arc::clone(p)
+                })
         };
         let policy = match cached {
             Some(p) => p,
@@ -338,12 +356,18 @@ impl Registry {
                 if cache.len() >= 10_000 {
                     cache.clear();
                 }
-                cache.insert(key, (text.clone(), limits, Arc::clone(&policy)));
+                cache.insert(key, (text.clone(), limits, Arc::clone(&policy), now));
                 policy
             }
         };
         let tag = etag_of(&text);
         Ok(Some((policy, tag)))
+    }
+
+    /// Drops a cached policy (this replica changed or removed it).
+    fn forget_policy(&self, tenant: &TenantId, app: &AppName) {
+        let mut cache = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+        cache.remove(&(tenant.clone(), app.clone()));
     }
 
     /// An application's self-registration policy and its entity tag (`404` when none).
@@ -353,7 +377,7 @@ impl Registry {
         app: &str,
     ) -> Result<(Policy, String), Error> {
         let app = self.check_app(tenant, app)?;
-        self.load_policy(tenant, &app)
+        self.load_policy(tenant, &app, 0)
             .await?
             .map(|(p, tag)| (Policy::clone(&p), tag))
             .ok_or_else(|| DomainError::not_found("self-registration policy", app.as_str()).into())
@@ -371,7 +395,7 @@ impl Registry {
         precondition: Precondition,
     ) -> Result<(Policy, String, bool), Error> {
         let app = self.check_app(tenant, app)?;
-        let current = self.load_policy(tenant, &app).await?;
+        let current = self.load_policy(tenant, &app, 0).await?;
         // The body first (here and the versions below): a malformed document is 400
         // whatever the precondition says.
         let policy = Policy::from_rest(
@@ -401,6 +425,7 @@ impl Registry {
         self.store
             .put_setting(&setting_key(tenant, &app), &stored)
             .await?;
+        self.forget_policy(tenant, &app);
         Ok((policy, etag_of(&stored), current.is_none()))
     }
 
@@ -412,11 +437,15 @@ impl Registry {
         precondition: Precondition,
     ) -> Result<(), Error> {
         let app = self.check_app(tenant, app)?;
-        let Some((_, tag)) = self.load_policy(tenant, &app).await? else {
+        let Some((_, tag)) = self.load_policy(tenant, &app, 0).await? else {
             return Err(DomainError::not_found("self-registration policy", app.as_str()).into());
         };
         check_precondition(&precondition, Some(&tag))?;
-        self.store.put_setting(&setting_key(tenant, &app), "").await
+        self.store
+            .put_setting(&setting_key(tenant, &app), "")
+            .await?;
+        self.forget_policy(tenant, &app);
+        Ok(())
     }
 
     /// Creates `count` claim tokens (one when the token is given) in one durable write.
