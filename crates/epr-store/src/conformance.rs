@@ -110,7 +110,7 @@ pub const CASES: &[(&str, Case)] = &[
 
 mod credentials;
 mod export;
-mod filters;
+pub(crate) mod filters;
 mod listing;
 
 /// Runs every case on a fresh store from `make`, naming the case that fails.
@@ -125,11 +125,11 @@ where
     }
 }
 
-fn tenant(t: &str) -> TenantId {
+pub(crate) fn tenant(t: &str) -> TenantId {
     TenantId::parse(t).unwrap()
 }
 
-fn ctx(t: &str) -> WriteCtx {
+pub(crate) fn ctx(t: &str) -> WriteCtx {
     WriteCtx {
         tenant: tenant(t),
         now: Timestamp(1_700_000_000_000),
@@ -153,7 +153,7 @@ fn reg(id: &str, version: &str, token: &str, md: Value) -> Registration {
     }
 }
 
-async fn register(s: &dyn Store, t: &str, id: &str, version: &str, md: Value) -> Effect {
+pub(crate) async fn register(s: &dyn Store, t: &str, id: &str, version: &str, md: Value) -> Effect {
     s.execute(
         Command::Register(reg(id, version, &format!("tok-{id}"), md)),
         ctx(t),

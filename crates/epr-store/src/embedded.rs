@@ -81,7 +81,7 @@ pub const DB_FILE: &str = "epr.sqlite3";
 /// 2 added saved filters (tables only); 3 gave token rows an ID, a state and a time of
 /// change, and added claim tokens and rejections. Older directories are upgraded in place at
 /// open, in one transaction (see [`migrate`]).
-pub(crate) const SCHEMA_VERSION: i64 = 3;
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS schema_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -234,8 +234,9 @@ impl EmbeddedStore {
         });
         let (tx, rx) = mpsc::channel(config.max_group.max(1) * 4);
         let waker: Arc<Mutex<Option<OutboxWaker>>> = Arc::default();
-        let filters = FilterCache::load(&conn)?;
-        let index = Arc::new(build_index(&conn)?);
+        let index = Arc::new(MetaIndex::default());
+        let mut filters = FilterCache::load(&conn, index.clone())?;
+        build_index(&conn, &index, &mut filters)?;
         let health = Arc::new(StoreHealth::new(path.clone()));
         let mut writer = Writer {
             health: health.clone(),
@@ -313,6 +314,12 @@ impl EmbeddedStore {
         result
     }
 
+    /// A filter read from its row, with its member count from the in-memory membership.
+    fn with_count(&self, tenant: &TenantId, mut f: EndpointFilter) -> EndpointFilter {
+        f.matched = self.index.members_count(tenant.as_str(), f.id.as_str());
+        f
+    }
+
     async fn send<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.jobs
@@ -380,11 +387,15 @@ fn checkpointer(
     }
 }
 
-/// Reads every endpoint into a new listing index (the index lives in memory only, so every
-/// data directory, old ones included, gets it at open).
-fn build_index(conn: &Connection) -> Result<MetaIndex, StoreError> {
+/// Reads every endpoint into the (empty) listing index and evaluates every saved filter on
+/// it for the memberships (both live in memory only, so every data directory, old ones
+/// included, gets them at open).
+fn build_index(
+    conn: &Connection,
+    index: &MetaIndex,
+    filters: &mut FilterCache,
+) -> Result<(), StoreError> {
     let started = Instant::now();
-    let index = MetaIndex::default();
     let mut stmt = conn
         .prepare(&format!(
             "SELECT {ENDPOINT_COLUMNS}, tenant FROM endpoints ORDER BY incarnation"
@@ -393,31 +404,35 @@ fn build_index(conn: &Connection) -> Result<MetaIndex, StoreError> {
     let mut rows = stmt.query([]).map_err(unavailable)?;
     let mut n = 0u64;
     let mut batch = Vec::with_capacity(4096);
-    let flush = |batch: &mut Vec<IndexChange>| {
+    let flush = |batch: &mut Vec<IndexChange>, filters: &mut FilterCache| {
         index.apply(batch);
+        index.apply_members(&filters.take_staged());
         batch.clear();
     };
     while let Some(row) = rows.next().map_err(unavailable)? {
         let ep = endpoint_from_row(row).map_err(unavailable)?;
         let tenant: String = row.get(10).map_err(unavailable)?;
         let tenant = TenantId::parse(&tenant).map_err(|e| unavailable_msg(e.to_string()))?;
+        filters.evaluate(&tenant, &ep);
         batch.push(IndexChange {
             tenant,
             old: None,
             new: Some(ep),
         });
         if batch.len() == batch.capacity() {
-            flush(&mut batch);
+            flush(&mut batch, filters);
         }
         n += 1;
     }
-    flush(&mut batch);
+    flush(&mut batch, filters);
+    filters.all_seen();
     tracing::info!(
         endpoints = n,
+        filters = filters.len(),
         ms = started.elapsed().as_millis() as u64,
-        "listing index built"
+        "listing index and filter memberships built"
     );
-    Ok(index)
+    Ok(())
 }
 
 /// Creates or upgrades the schema, all in one transaction: an upgrade that fails leaves the
@@ -441,12 +456,14 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     match found {
         None | Some(SCHEMA_VERSION) => {}
         // 1 → 2 only added tables (created below); 2 → 3 rebuilds the token table before the
-        // new schema's indexes name its new columns.
+        // new schema's indexes name its new columns; 3 → 4 drops `filter_matches` (the
+        // filters' schema below: memberships are derived at open).
         Some(v @ (1 | 2)) => {
             tx.execute_batch(sqlite_credentials::UPGRADE_TOKENS_TO_V3)
                 .map_err(unavailable)?;
             tracing::info!(from = v, to = SCHEMA_VERSION, "schema upgraded");
         }
+        Some(v @ 3) => tracing::info!(from = v, to = SCHEMA_VERSION, "schema upgraded"),
         Some(v) => {
             return Err(unavailable_msg(format!(
                 "the data directory holds schema version {v}, this build knows {SCHEMA_VERSION}"
@@ -835,12 +852,6 @@ impl Writer {
                 None => pending.push(outcome),
             }
         }
-        if failure.is_none() {
-            if let Err(e) = self.filters.flush(&tx) {
-                self.health.observe(&e);
-                failure = Some(e.to_string());
-            }
-        }
         if let Some(msg) = failure {
             if let Some(suppressed) = self.failure_log.admit(Instant::now()) {
                 tracing::error!(error = %msg, suppressed, "write group aborted");
@@ -866,6 +877,7 @@ impl Writer {
             Ok(()) => {
                 // Before any answer: a listing started after an acknowledged write sees it.
                 self.index.apply(&changes);
+                self.index.apply_members(&self.filters.take_staged());
                 pending.into_iter().for_each(Pending::deliver);
                 if appended {
                     self.wake_relay();
@@ -889,7 +901,7 @@ impl Writer {
 impl Writer {
     /// Makes the filter cache match the committed rows again after a rollback.
     fn reload_filters(&mut self) {
-        match FilterCache::load(&self.conn) {
+        match FilterCache::load(&self.conn, self.index.clone()) {
             Ok(cache) => self.filters = cache,
             // Keep the old copy: the next group's reads of stored membership still hold.
             Err(e) => tracing::error!(error = %e, "reloading filters after a rollback failed"),
@@ -913,7 +925,10 @@ impl Writer {
             let mut events = Vec::new();
             self.filters
                 .backfill_step(&tx, self.backfill, Timestamp(now_millis()), &mut events)?;
-            self.filters.flush(&tx)?;
+            // Before the commit: a back-fill's matches describe rows already committed (the
+            // writer is their only writer), so they hold whether or not this step commits,
+            // and a reader that sees the filter `active` finds its whole membership.
+            self.index.apply_members(&self.filters.take_staged());
             if self.record_events {
                 append_events(&tx, &events).map_err(unavailable)?;
             }
@@ -1084,7 +1099,6 @@ fn execute(
     // The endpoint's own events first, then its membership events.
     let mut membership = Vec::new();
     filters.match_endpoint(
-        conn,
         &plan.effect,
         old.as_ref(),
         changed_keys.as_ref(),
@@ -1243,14 +1257,6 @@ fn where_clause(tenant: &TenantId, q: &EndpointQuery) -> (String, Vec<String>) {
         }
         sql.push_str(&format!(" AND endpoint_id IN ({})", marks.join(",")));
     }
-    if let Some(f) = &q.filter {
-        args.push(f.to_string());
-        sql.push_str(&format!(
-            " AND incarnation IN (SELECT incarnation FROM filter_matches \
-             WHERE tenant=?1 AND filter_id=?{})",
-            args.len()
-        ));
-    }
     (sql, args)
 }
 
@@ -1264,10 +1270,14 @@ fn list(
     if MetaIndex::serves(q) {
         return list_indexed(conn, index, tenant, q, page);
     }
-    // By endpoint IDs or a saved filter's membership: SQL narrows to those rows.
+    // By endpoint IDs: SQL narrows to those few rows.
     let (cond, args) = where_clause(tenant, q);
     let after = page.after.unwrap_or(i64::MIN);
-    if q.metadata.is_empty() {
+    let members = q
+        .filter
+        .as_ref()
+        .map(|f| index.members(tenant.as_str(), f.as_str()));
+    if q.metadata.is_empty() && members.is_none() {
         let total: i64 = conn
             .prepare_cached(&format!("SELECT COUNT(*) FROM endpoints WHERE {cond}"))?
             .query_row(rusqlite::params_from_iter(args.iter()), |r| r.get(0))?;
@@ -1290,7 +1300,8 @@ fn list(
             next,
         });
     }
-    // Metadata conditions are evaluated here with the domain's reference semantics.
+    // Metadata conditions (and a saved filter's membership) are checked here, with the
+    // domain's reference semantics.
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE {cond} ORDER BY incarnation"
     ))?;
@@ -1299,7 +1310,11 @@ fn list(
     let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
     while let Some(row) = rows.next()? {
         let ep = endpoint_from_row(row)?;
-        if !q.matches(&ep) {
+        if !q.matches(&ep)
+            || members
+                .as_ref()
+                .is_some_and(|m| !m.contains(ep.incarnation as u64))
+        {
             continue;
         }
         total += 1;
@@ -1471,6 +1486,7 @@ impl Store for EmbeddedStore {
             sqlite_filters::load_filter(c, tenant.as_str(), id.as_str()).map_err(unavailable)
         });
         self.observed(found)
+            .map(|f| f.map(|f| self.with_count(tenant, f)))
     }
 
     async fn list_filters(
@@ -1481,6 +1497,7 @@ impl Store for EmbeddedStore {
         page: PageRequest,
     ) -> Result<Page<EndpointFilter>, StoreError> {
         let (tenant, app, name) = (tenant.clone(), app.clone(), name.map(str::to_owned));
+        let index = self.index.clone();
         self.read(move |c| {
             let (total, items) = sqlite_filters::list_filters(
                 c,
@@ -1491,6 +1508,13 @@ impl Store for EmbeddedStore {
                 page.limit,
             )
             .map_err(unavailable)?;
+            let items = items
+                .into_iter()
+                .map(|mut f| {
+                    f.matched = index.members_count(tenant.as_str(), f.id.as_str());
+                    f
+                })
+                .collect();
             Ok(Page {
                 total,
                 items,
@@ -1505,10 +1529,10 @@ impl Store for EmbeddedStore {
         tenant: &TenantId,
         endpoints: &[EndpointId],
     ) -> Result<BTreeMap<EndpointId, Vec<FilterId>>, StoreError> {
-        let (tenant, endpoints) = (tenant.clone(), endpoints.to_vec());
+        let (tenant, endpoints, index) = (tenant.clone(), endpoints.to_vec(), self.index.clone());
         self.read(move |c| {
             let mut out: BTreeMap<EndpointId, Vec<FilterId>> = BTreeMap::new();
-            for (ep, f) in sqlite_filters::matched_filters(c, tenant.as_str(), &endpoints)
+            for (ep, f) in sqlite_filters::matched_filters(c, &index, tenant.as_str(), &endpoints)
                 .map_err(unavailable)?
             {
                 out.entry(ep).or_default().push(f);
@@ -1523,9 +1547,10 @@ impl Store for EmbeddedStore {
         tenant: &TenantId,
         id: &FilterId,
     ) -> Result<Vec<(AppVersionName, EndpointId)>, StoreError> {
-        let (tenant, id) = (tenant.clone(), id.clone());
+        let (tenant, id, index) = (tenant.clone(), id.clone(), self.index.clone());
         self.read(move |c| {
-            sqlite_filters::filter_members(c, tenant.as_str(), id.as_str()).map_err(unavailable)
+            sqlite_filters::filter_members(c, &index, tenant.as_str(), id.as_str())
+                .map_err(unavailable)
         })
         .await
     }
@@ -2061,6 +2086,100 @@ mod tests {
         again.shutdown().await;
         drop(again);
         drop(store);
+    }
+
+    /// Memberships are not stored: a reopened store derives them from the rows, a filter
+    /// that was pending when the store stopped turns active (with its event), and a schema
+    /// 3 directory loses its `filter_matches` table.
+    #[tokio::test]
+    async fn filter_memberships_are_derived_again_at_open() {
+        use crate::conformance::filters::{create, members, wait_active};
+        use crate::conformance::{register, tenant};
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        for i in 0..20 {
+            let md = serde_json::json!({ "n": i, "even": i % 2 == 0 });
+            register(&store, "t1", &format!("ep-{i}"), "app-v1", md).await;
+        }
+        let high =
+            serde_json::json!({"metadata": {"$elemMatch": {"key": "n", "value": {"$gte": 10}}}});
+        let even = serde_json::json!({"metadata": {"$elemMatch": {"key": "even", "value": true}}});
+        create(&store, "t1", "app", "f-high", high).await;
+        create(&store, "t1", "app", "f-even", even).await;
+        wait_active(&store, "t1", "f-high").await;
+        wait_active(&store, "t1", "f-even").await;
+        let high_members = members(&store, "t1", "f-high").await;
+        let even_members = members(&store, "t1", "f-even").await;
+        assert_eq!(high_members.len(), 10);
+        assert_eq!(even_members.len(), 10);
+        store.shutdown().await;
+        drop(store);
+        // As a schema 3 store left it: a membership table, and f-even stopped mid back-fill.
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(
+                "UPDATE schema_meta SET value=3 WHERE key='schema_version';
+                 CREATE TABLE filter_matches(tenant TEXT NOT NULL, filter_id TEXT NOT NULL,
+                    incarnation INTEGER NOT NULL, PRIMARY KEY(tenant, filter_id, incarnation))
+                    WITHOUT ROWID;
+                 INSERT INTO filter_matches VALUES('t1', 'f-high', 1);
+                 UPDATE filters SET status='pending', backfill_after=3, backfill_until=20,
+                    backfill_correlation='corr-x' WHERE filter_id='f-even';",
+            )
+            .unwrap();
+        }
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        let t1 = tenant("t1");
+        let high = store
+            .get_filter(&t1, &FilterId::parse("f-high").unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(high.matched, 10);
+        assert_eq!(members(&store, "t1", "f-high").await, high_members);
+        let even = wait_active(&store, "t1", "f-even").await;
+        assert_eq!(even.matched, 10);
+        assert_eq!(members(&store, "t1", "f-even").await, even_members);
+        let activated = store
+            .outbox_pending(0, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| match &e.event {
+                OutboxEvent::Filter(f) => {
+                    f.filter_id.as_str() == "f-even"
+                        && f.kind == epr_core::event::FilterEventKind::Activated
+                        && f.correlation_id == "corr-x"
+                }
+                _ => false,
+            })
+            .count();
+        assert_eq!(activated, 1, "the resumed filter's activation is an event");
+        // Listing by a filter and a metadata value together is an intersection.
+        let q = EndpointQuery {
+            filter: Some(FilterId::parse("f-high").unwrap()),
+            metadata: vec![epr_core::query::MetadataCondition::Equals(
+                "even".into(),
+                vec![serde_json::json!(true)],
+            )],
+            ..Default::default()
+        };
+        let page = store.list(&t1, &q, PageRequest::new(0, 100)).await.unwrap();
+        assert_eq!(page.total, 5);
+        assert_eq!(page.items.len(), 5);
+        let readers = store.readers.clone();
+        let tables: i64 = readers
+            .with_local(|c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE name='filter_matches'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(unavailable)
+            })
+            .unwrap();
+        assert_eq!(tables, 0, "the upgrade dropped the membership table");
+        store.shutdown().await;
     }
 
     #[tokio::test]

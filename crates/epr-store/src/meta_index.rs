@@ -11,6 +11,12 @@
 //! for a million endpoints on the 2-core test machine, BENCHMARKS.md) and it takes memory (a few bytes per
 //! endpoint and key for low-cardinality keys, ~70 bytes per distinct value otherwise).
 //!
+//! It also holds every saved filter's membership (one bitmap of incarnations per filter):
+//! the stored form of a membership is nothing but the endpoint rows and the filter's query,
+//! since a member is exactly an endpoint the filter matches (see `sqlite_filters`). So a
+//! membership change writes no page at all; the bitmaps are derived again when the store
+//! opens, in the same scan that builds the listing index.
+//!
 //! The writer applies a group's changes after the group commits and before it answers, so a
 //! listing that starts after a write was acknowledged sees it. A listing that runs beside a
 //! write may read the index before and the row after it (or the reverse): rows are checked
@@ -18,6 +24,7 @@
 //! longer match, so a page never holds a wrong endpoint.
 
 use epr_core::endpoint::Endpoint;
+use epr_core::endpoint_filter::FilterId;
 use epr_core::ids::TenantId;
 use epr_core::query::{EndpointQuery, MetadataCondition, PageRequest};
 use roaring::RoaringTreemap;
@@ -93,10 +100,34 @@ struct AppIndex {
 
 type Tenants = HashMap<String, HashMap<String, AppIndex>>;
 
+/// Saved filters' memberships: tenant → filter ID → incarnations of its members.
+type Memberships = HashMap<String, HashMap<String, RoaringTreemap>>;
+
+#[derive(Debug, Default)]
+struct State {
+    tenants: Tenants,
+    members: Memberships,
+}
+
 /// The index, shared by the writer (which updates it) and the readers.
 #[derive(Debug, Default)]
 pub(crate) struct MetaIndex {
-    tenants: RwLock<Tenants>,
+    state: RwLock<State>,
+}
+
+/// A change of one saved filter's membership, staged by the writer during a transaction and
+/// applied (in order) once it committed.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum MemberChange {
+    /// The endpoint `inc` is (`member`) or is not a member of the filter.
+    Set {
+        tenant: TenantId,
+        filter: FilterId,
+        inc: u64,
+        member: bool,
+    },
+    /// The filter's membership is empty (its query changed, or it was deleted).
+    Clear { tenant: TenantId, filter: FilterId },
 }
 
 /// A page picked from the index: the incarnations to read, in listing order.
@@ -272,10 +303,14 @@ impl AppIndex {
 
     /// The incarnations of this application that satisfy the query's version and metadata
     /// conditions (the application itself is the caller's choice).
-    fn eval(&self, q: &EndpointQuery) -> RoaringTreemap {
+    /// `members`: a saved filter's membership the result must also lie in.
+    fn eval(&self, q: &EndpointQuery, members: Option<&RoaringTreemap>) -> RoaringTreemap {
         let empty = RoaringTreemap::new();
         // Sets the result must lie in, and sets it must avoid.
         let mut within: Vec<std::borrow::Cow<'_, RoaringTreemap>> = Vec::new();
+        if let Some(m) = members {
+            within.push(std::borrow::Cow::Borrowed(m));
+        }
         let mut avoid: Vec<std::borrow::Cow<'_, RoaringTreemap>> = Vec::new();
         if let Some(v) = &q.app_version {
             within.push(std::borrow::Cow::Borrowed(
@@ -344,52 +379,121 @@ impl MetaIndex {
         if changes.is_empty() {
             return;
         }
-        let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let tenants = &mut state.tenants;
         for c in changes {
             let t = c.tenant.as_str();
             match (&c.old, &c.new) {
                 (Some(old), Some(new)) if old.app == new.app => {
-                    app_mut(&mut tenants, t, new.app.as_str()).update(old, new)
+                    app_mut(tenants, t, new.app.as_str()).update(old, new)
                 }
                 (old, new) => {
                     if let Some(old) = old {
-                        app_mut(&mut tenants, t, old.app.as_str()).remove(old);
-                        drop_if_empty(&mut tenants, t, old.app.as_str());
+                        app_mut(tenants, t, old.app.as_str()).remove(old);
+                        drop_if_empty(tenants, t, old.app.as_str());
                     }
                     if let Some(new) = new {
-                        app_mut(&mut tenants, t, new.app.as_str()).add(new);
+                        app_mut(tenants, t, new.app.as_str()).add(new);
                     }
                 }
             }
         }
     }
 
-    /// Whether [`Self::page`] answers this query: not when it restricts by endpoint IDs or
-    /// by a saved filter (SQL reads those few rows or that membership directly).
+    /// Applies staged membership changes, in order.
+    pub(crate) fn apply_members(&self, changes: &[MemberChange]) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        for c in changes {
+            match c {
+                MemberChange::Set {
+                    tenant,
+                    filter,
+                    inc,
+                    member,
+                } => {
+                    let filters = match state.members.get_mut(tenant.as_str()) {
+                        Some(f) => f,
+                        None => state.members.entry(tenant.to_string()).or_default(),
+                    };
+                    let set = match filters.get_mut(filter.as_str()) {
+                        Some(s) => s,
+                        None => filters.entry(filter.to_string()).or_default(),
+                    };
+                    if *member {
+                        set.insert(*inc);
+                    } else {
+                        set.remove(*inc);
+                    }
+                }
+                MemberChange::Clear { tenant, filter } => {
+                    if let Some(filters) = state.members.get_mut(tenant.as_str()) {
+                        filters.remove(filter.as_str());
+                        if filters.is_empty() {
+                            state.members.remove(tenant.as_str());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// How many endpoints a filter holds.
+    pub(crate) fn members_count(&self, tenant: &str, filter: &str) -> u64 {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        members_of(&state.members, tenant, filter).map_or(0, |s| s.len())
+    }
+
+    /// Whether each of `incs` is a member of the filter.
+    pub(crate) fn are_members(&self, tenant: &str, filter: &str, incs: &[i64]) -> Vec<bool> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let set = members_of(&state.members, tenant, filter);
+        incs.iter()
+            .map(|&i| i >= 0 && set.is_some_and(|s| s.contains(i as u64)))
+            .collect()
+    }
+
+    /// A copy of a filter's members (a bitmap: a few bytes per member at most).
+    pub(crate) fn members(&self, tenant: &str, filter: &str) -> RoaringTreemap {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        members_of(&state.members, tenant, filter)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Whether [`Self::page`] answers this query: not when it restricts by endpoint IDs
+    /// (SQL reads those few rows directly).
     pub(crate) fn serves(q: &EndpointQuery) -> bool {
-        q.endpoint_ids.is_empty() && q.filter.is_none()
+        q.endpoint_ids.is_empty()
     }
 
     /// The matches of `q` in `tenant` (every application when `q.app` is `None`), their
     /// number, and the incarnations of the requested page.
     pub(crate) fn page(&self, tenant: &str, q: &EndpointQuery, page: PageRequest) -> IndexPage {
-        let tenants = self.tenants.read().unwrap_or_else(|p| p.into_inner());
-        let apps = tenants.get(tenant);
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let apps = state.tenants.get(tenant);
+        let empty = RoaringTreemap::new();
+        let members = q
+            .filter
+            .as_ref()
+            .map(|f| members_of(&state.members, tenant, f.as_str()).unwrap_or(&empty));
         let matches = match (&q.app, apps) {
             (_, None) => RoaringTreemap::new(),
             (Some(app), Some(apps)) => apps
                 .get(app.as_str())
-                .map(|a| a.eval(q))
+                .map(|a| a.eval(q, members))
                 .unwrap_or_default(),
             (None, Some(apps)) => {
                 let mut out = RoaringTreemap::new();
                 for a in apps.values() {
-                    out |= a.eval(q);
+                    out |= a.eval(q, members);
                 }
                 out
             }
         };
-        drop(tenants);
+        drop(state);
         let total = matches.len();
         // Position of the page's first match: `offset` matches after the cursor (keyset).
         let start = match page.after {
@@ -413,6 +517,14 @@ impl MetaIndex {
             more,
         }
     }
+}
+
+fn members_of<'a>(
+    members: &'a Memberships,
+    tenant: &str,
+    filter: &str,
+) -> Option<&'a RoaringTreemap> {
+    members.get(tenant).and_then(|f| f.get(filter))
 }
 
 fn app_mut<'a>(tenants: &'a mut Tenants, tenant: &str, app: &str) -> &'a mut AppIndex {

@@ -152,7 +152,7 @@ fn import_endpoint(
     };
     let mut discarded = Vec::new();
     let effect = Effect::Insert(endpoint);
-    filters.match_endpoint(conn, &effect, None, None, &ctx, &mut discarded)?;
+    filters.match_endpoint(&effect, None, None, &ctx, &mut discarded)?;
     changes.push(crate::meta_index::IndexChange {
         tenant: ctx.tenant,
         old: None,

@@ -1,13 +1,22 @@
 //! Saved filters in the embedded store: their rows, the writer's in-memory copy of every
 //! filter's compiled query, live matching of endpoint writes, and the back-fill.
 //!
-//! Invariant (what makes live matching and back-fill agree): a row in `filter_matches`
-//! exists exactly when the filter matches the endpoint's *current* state, for every endpoint
-//! the filter has "seen". An active filter has seen every endpoint; a pending one has seen the
-//! endpoints written since its back-fill started plus those the back-fill has passed
-//! (`backfill_after`). Both the writes and the back-fill run on the one writer thread, so an
-//! endpoint is never evaluated on a stale state. When a query changes, the old rows are
-//! deleted in the same transaction and the back-fill starts over.
+//! Invariant (what makes live matching and back-fill agree): an endpoint is in a filter's
+//! membership (a bitmap in [`MetaIndex`]) exactly when the filter matches the endpoint's
+//! *current* state, for every endpoint the filter has "seen". An active filter has seen every
+//! endpoint; a pending one has seen the endpoints written since its back-fill started plus
+//! those the back-fill has passed. Both the writes and the back-fill run on the one writer
+//! thread, so an endpoint is never evaluated on a stale state. When a query changes, the old
+//! membership is cleared in the same group and the back-fill starts over.
+//!
+//! Memberships are not stored: they are a function of the committed endpoint rows and the
+//! filters' queries, so the store derives them again when it opens (every filter, pending
+//! ones included, is evaluated over every endpoint in the scan that builds the listing
+//! index; a pending filter then only has its `activated` left to do). A membership change
+//! thus writes no page: the writer stages it during the transaction and applies it to the
+//! bitmaps once the group committed, with the listing index's changes. Until version 3 of
+//! the schema they were rows of a `filter_matches` table, whose pages every change dirtied
+//! (BENCHMARKS.md, issue 13); the upgrade drops it.
 
 use epr_core::command::{Effect, WriteCtx};
 use epr_core::endpoint::Endpoint;
@@ -20,6 +29,8 @@ use epr_core::filter::Filter;
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use epr_core::ports::{ImportOutcome, StoreError};
 use epr_core::{DomainError, Timestamp};
+
+use crate::meta_index::{MemberChange, MetaIndex};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
@@ -48,16 +59,9 @@ CREATE TABLE IF NOT EXISTS filters(
     PRIMARY KEY(tenant, filter_id)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS filters_by_name ON filters(tenant, app, name);
--- Keyed by the endpoint's incarnation (its rowid, increasing with registration), so the
--- back-fill appends in order. One B-tree only: an endpoint's memberships are found by
--- evaluating the filters (writes) or probing each active filter of its application (reads).
-CREATE TABLE IF NOT EXISTS filter_matches(
-    tenant TEXT NOT NULL,
-    filter_id TEXT NOT NULL,
-    incarnation INTEGER NOT NULL,
-    PRIMARY KEY(tenant, filter_id, incarnation)
-) WITHOUT ROWID;
+-- Memberships live in memory (see the module docs); schema 3 stored them here.
 DROP INDEX IF EXISTS filter_matches_by_endpoint;
+DROP TABLE IF EXISTS filter_matches;
 ";
 
 pub(crate) const FILTER_COLUMNS: &str =
@@ -161,15 +165,15 @@ struct Cached {
     /// The correlation ID of the request that started the back-fill, so that `activated`
     /// carries it too.
     correlation: String,
-    matched: i64,
-    /// `matched` or the back-fill cursor changed since the row was last written.
-    dirty: bool,
 }
 
 /// Every filter, by tenant and application. Owned by the writer thread.
-#[derive(Default)]
 pub(crate) struct FilterCache {
     apps: HashMap<(TenantId, AppName), Vec<Cached>>,
+    /// Where the committed memberships are (shared with the readers).
+    index: Arc<MetaIndex>,
+    /// Membership changes of the open transaction, applied once it committed.
+    staged: Vec<MemberChange>,
 }
 
 /// How the back-fill is paced.
@@ -195,12 +199,19 @@ impl Default for BackfillPace {
 }
 
 impl FilterCache {
-    /// Loads every filter (at open, and after a rolled-back group).
-    pub(crate) fn load(conn: &Connection) -> Result<Self, StoreError> {
-        let mut cache = Self::default();
+    /// Loads every filter (at open, and after a rolled-back group). The memberships in
+    /// `index` are the committed ones; a pending filter's back-fill resumes from its stored
+    /// cursor (the start, since the cursor is no longer written: evaluating an endpoint
+    /// again changes nothing), unless [`Self::evaluate`] saw every endpoint at open.
+    pub(crate) fn load(conn: &Connection, index: Arc<MetaIndex>) -> Result<Self, StoreError> {
+        let mut cache = Self {
+            apps: HashMap::new(),
+            index,
+            staged: Vec::new(),
+        };
         let mut stmt = conn
             .prepare(
-                "SELECT tenant, filter_id, app, name, query, matched, backfill_after, \
+                "SELECT tenant, filter_id, app, name, query, backfill_after, \
                  backfill_until, backfill_correlation FROM filters \
                  ORDER BY tenant, app, created, filter_id",
             )
@@ -214,8 +225,8 @@ impl FilterCache {
                 let query: Value =
                     serde_json::from_str(&row.get::<_, String>(4)?).map_err(|e| corrupt(4, e))?;
                 let compiled = Filter::parse(&query).map_err(|e| corrupt(4, e))?;
-                let after: Option<i64> = row.get(6)?;
-                let until: Option<i64> = row.get(7)?;
+                let after: Option<i64> = row.get(5)?;
+                let until: Option<i64> = row.get(6)?;
                 Ok((
                     (tenant, app),
                     Cached {
@@ -230,9 +241,7 @@ impl FilterCache {
                             started: Instant::now(),
                             evaluated: 0,
                         }),
-                        matched: row.get(5)?,
-                        correlation: row.get::<_, Option<String>>(8)?.unwrap_or_default(),
-                        dirty: false,
+                        correlation: row.get::<_, Option<String>>(7)?.unwrap_or_default(),
                     },
                 ))
             };
@@ -246,26 +255,45 @@ impl FilterCache {
         self.apps.values().flatten().any(|f| f.backfill.is_some())
     }
 
-    /// Writes the counters and cursors that changed; called before each commit.
-    pub(crate) fn flush(&mut self, conn: &Connection) -> Result<(), StoreError> {
-        for ((tenant, _), filters) in self.apps.iter_mut() {
-            for f in filters.iter_mut().filter(|f| f.dirty) {
-                conn.prepare_cached(
-                    "UPDATE filters SET matched=?3, backfill_after=?4 WHERE tenant=?1 AND filter_id=?2",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        tenant.as_str(),
-                        f.id.as_str(),
-                        f.matched,
-                        f.backfill.map(|b| b.after)
-                    ])
-                })
-                .map_err(unavailable)?;
-                f.dirty = false;
+    /// The membership changes of the transaction that is about to commit, to apply with
+    /// [`MetaIndex::apply_members`] once it did (dropped with a rolled-back group).
+    pub(crate) fn take_staged(&mut self) -> Vec<MemberChange> {
+        std::mem::take(&mut self.staged)
+    }
+
+    /// At open: stages the memberships of one stored endpoint in every filter of its
+    /// application (pending ones included; see [`Self::all_seen`]).
+    pub(crate) fn evaluate(&mut self, tenant: &TenantId, ep: &Endpoint) {
+        let Some(filters) = self.apps.get(&(tenant.clone(), ep.app.clone())) else {
+            return;
+        };
+        for f in filters {
+            if f.compiled
+                .matches(ep.app_version.as_str(), ep.metadata.as_map())
+            {
+                self.staged.push(MemberChange::Set {
+                    tenant: tenant.clone(),
+                    filter: f.id.clone(),
+                    inc: ep.incarnation as u64,
+                    member: true,
+                });
             }
         }
-        Ok(())
+    }
+
+    /// At open, once [`Self::evaluate`] saw every endpoint: pending filters have seen them
+    /// all, so their back-fill has only its `activated` left.
+    pub(crate) fn all_seen(&mut self) {
+        for f in self.apps.values_mut().flatten() {
+            if let Some(b) = f.backfill.as_mut() {
+                b.after = b.until;
+            }
+        }
+    }
+
+    /// The number of filters (the open log says it).
+    pub(crate) fn len(&self) -> usize {
+        self.apps.values().map(Vec::len).sum()
     }
 
     /// Whether any filter exists for this application (so a write needs matching).
@@ -275,18 +303,17 @@ impl FilterCache {
             .is_some_and(|fs| !fs.is_empty())
     }
 
-    /// Re-evaluates one written endpoint against its application's filters and stores the
+    /// Re-evaluates one written endpoint against its application's filters and stages the
     /// membership changes, with `ep-matched` / `ep-unmatched` events for active filters.
     ///
     /// Whether the endpoint was a member is the filter evaluated on its state before the
-    /// write (`old`), not a read of the stored rows: by the invariant (module docs) the two
-    /// agree wherever a row can exist, and where the filter has not seen the endpoint yet the
-    /// insert or delete changes nothing and the back-fill decides later. `changed_keys` (the
+    /// write (`old`), not a read of the membership: by the invariant (module docs) the two
+    /// agree wherever the filter has seen the endpoint, and where it has not, the back-fill
+    /// decides later. `changed_keys` (the
     /// metadata keys a metadata write changed) lets filters that read other keys only be
     /// skipped: their answer cannot have changed.
     pub(crate) fn match_endpoint(
         &mut self,
-        conn: &Connection,
         effect: &Effect,
         old: Option<&Endpoint>,
         changed_keys: Option<&BTreeSet<&str>>,
@@ -297,34 +324,26 @@ impl FilterCache {
             Effect::Unchanged(_) => return Ok(()),
             Effect::Insert(ep) | Effect::Update(ep) | Effect::Delete(ep) => ep,
         };
-        let Some(filters) = self.apps.get_mut(&(ctx.tenant.clone(), ep.app.clone())) else {
+        let Self { apps, staged, .. } = self;
+        let Some(filters) = apps.get(&(ctx.tenant.clone(), ep.app.clone())) else {
             return Ok(());
         };
-        let tenant = ctx.tenant.as_str();
         let deleted = matches!(effect, Effect::Delete(_));
         let new = (!deleted).then_some(ep);
-        for f in filters.iter_mut() {
+        for f in filters.iter() {
             let Some(is) =
                 membership_change(&f.compiled, f.keys.as_deref(), old, new, changed_keys)
             else {
                 continue;
             };
-            let sql = if is {
-                "INSERT OR IGNORE INTO filter_matches(tenant, filter_id, incarnation) \
-                 VALUES(?1,?2,?3)"
-            } else {
-                "DELETE FROM filter_matches WHERE tenant=?1 AND filter_id=?2 AND incarnation=?3"
-            };
-            let changed = conn
-                .prepare_cached(sql)
-                .and_then(|mut s| s.execute(params![tenant, f.id.as_str(), ep.incarnation]))
-                .map_err(unavailable)?;
-            if changed == 0 {
-                // Not seen by this pending filter yet: its back-fill decides.
-                continue;
-            }
-            f.matched += if is { 1 } else { -1 };
-            f.dirty = true;
+            // For a pending filter that has not seen the endpoint yet this may set what is
+            // already so; its back-fill evaluates the endpoint again, to the same answer.
+            staged.push(MemberChange::Set {
+                tenant: ctx.tenant.clone(),
+                filter: f.id.clone(),
+                inc: ep.incarnation as u64,
+                member: is,
+            });
             metrics::counter!("epr_filter_membership_changes_total").increment(1);
             // A pending filter's membership is built silently (see docs/filters.md).
             if f.backfill.is_none() {
@@ -385,7 +404,7 @@ impl FilterCache {
                         f.spec.description,
                         Value::Object(f.spec.query.clone()).to_string(),
                         f.status.as_str(),
-                        f.matched as i64,
+                        0i64,
                         f.created.0,
                         f.updated.0,
                         f.version as i64,
@@ -394,6 +413,11 @@ impl FilterCache {
                     ])
                 })
                 .map_err(unavailable)?;
+                // A new ID has no membership; this only guards against a stale one.
+                self.staged.push(MemberChange::Clear {
+                    tenant: ctx.tenant.clone(),
+                    filter: f.id.clone(),
+                });
                 self.apps.entry(key(f)).or_default().push(Cached {
                     id: f.id.clone(),
                     name: f.spec.name.clone(),
@@ -401,24 +425,20 @@ impl FilterCache {
                     keys: f.spec.compiled.metadata_keys(),
                     backfill: Some(Backfill::new(last_incarnation)),
                     correlation: ctx.correlation_id.clone(),
-                    matched: 0,
-                    dirty: false,
                 });
             }
             FilterEffect::Update { filter: f, restart } => {
                 self.check_name_free(conn, tenant, f)?;
                 let backfill = restart.then_some(0i64);
                 if *restart {
-                    conn.prepare_cached(
-                        "DELETE FROM filter_matches WHERE tenant=?1 AND filter_id=?2",
-                    )
-                    .and_then(|mut s| s.execute(params![tenant, f.id.as_str()]))
-                    .map_err(unavailable)?;
+                    self.staged.push(MemberChange::Clear {
+                        tenant: ctx.tenant.clone(),
+                        filter: f.id.clone(),
+                    });
                 }
                 conn.prepare_cached(
                     "UPDATE filters SET name=?3, description=?4, query=?5, status=?6, updated=?7, \
-                     version=?8, matched=CASE WHEN ?9 IS NULL THEN matched ELSE 0 END, \
-                     backfill_after=CASE WHEN ?9 IS NULL THEN backfill_after ELSE ?9 END, \
+                     version=?8, backfill_after=CASE WHEN ?9 IS NULL THEN backfill_after ELSE ?9 END, \
                      backfill_until=CASE WHEN ?9 IS NULL THEN backfill_until ELSE ?10 END, \
                      backfill_correlation=CASE WHEN ?9 IS NULL THEN backfill_correlation ELSE ?11 END \
                      WHERE tenant=?1 AND filter_id=?2",
@@ -446,27 +466,31 @@ impl FilterCache {
                     cached.keys = f.spec.compiled.metadata_keys();
                     cached.backfill = Some(Backfill::new(last_incarnation));
                     cached.correlation = ctx.correlation_id.clone();
-                    cached.matched = 0;
-                    cached.dirty = false;
                 }
-                result.matched = cached.matched.max(0) as u64;
+                // The count as of the last commit (changes staged in this group are not in it).
+                result.matched = if *restart {
+                    0
+                } else {
+                    self.index.members_count(tenant, f.id.as_str())
+                };
             }
             FilterEffect::Delete(f) => {
-                conn.prepare_cached("DELETE FROM filter_matches WHERE tenant=?1 AND filter_id=?2")
-                    .and_then(|mut s| s.execute(params![tenant, f.id.as_str()]))
-                    .map_err(unavailable)?;
                 conn.prepare_cached("DELETE FROM filters WHERE tenant=?1 AND filter_id=?2")
                     .and_then(|mut s| s.execute(params![tenant, f.id.as_str()]))
                     .map_err(unavailable)?;
-                let list = self.apps.entry(key(f)).or_default();
-                result.matched = list
-                    .iter()
-                    .find(|c| c.id == f.id)
-                    .map_or(result.matched, |c| c.matched.max(0) as u64);
-                list.retain(|c| c.id != f.id);
+                self.staged.push(MemberChange::Clear {
+                    tenant: ctx.tenant.clone(),
+                    filter: f.id.clone(),
+                });
+                result.matched = self.index.members_count(tenant, f.id.as_str());
+                self.apps
+                    .entry(key(f))
+                    .or_default()
+                    .retain(|c| c.id != f.id);
             }
             FilterEffect::Unchanged(f) => {
-                result.matched = self.find_mut(&key(f), &f.id)?.matched.max(0) as u64;
+                self.find_mut(&key(f), &f.id)?;
+                result.matched = self.index.members_count(tenant, f.id.as_str());
             }
         }
         events.extend(plan.events.into_iter().map(OutboxEvent::Filter));
@@ -517,6 +541,10 @@ impl FilterCache {
             ])
         })
         .map_err(unavailable)?;
+        self.staged.push(MemberChange::Clear {
+            tenant: tenant.clone(),
+            filter: f.id.clone(),
+        });
         self.apps
             .entry((tenant.clone(), f.app.clone()))
             .or_default()
@@ -527,8 +555,6 @@ impl FilterCache {
                 keys: f.spec.compiled.metadata_keys(),
                 backfill: Some(Backfill::new(last_incarnation)),
                 correlation: CORRELATION.into(),
-                matched: 0,
-                dirty: false,
             });
         Ok(ImportOutcome::Imported)
     }
@@ -585,8 +611,8 @@ impl FilterCache {
         now: Timestamp,
         events: &mut Vec<OutboxEvent>,
     ) -> Result<(), StoreError> {
-        let Some(((tenant, app), filters)) = self
-            .apps
+        let Self { apps, staged, .. } = self;
+        let Some(((tenant, app), filters)) = apps
             .iter_mut()
             .find(|(_, fs)| fs.iter().any(|f| f.backfill.is_some()))
         else {
@@ -615,12 +641,6 @@ impl FilterCache {
                 "SELECT incarnation, app_version, metadata FROM endpoints \
                  WHERE tenant=?1 AND app=?2 AND incarnation>?3 AND incarnation<=?4 \
                  ORDER BY incarnation LIMIT ?5",
-            )
-            .map_err(unavailable)?;
-        let mut insert = conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO filter_matches(tenant, filter_id, incarnation) \
-                 VALUES(?1,?2,?3)",
             )
             .map_err(unavailable)?;
         let done = loop {
@@ -652,10 +672,12 @@ impl FilterCache {
                     }
                     b.evaluated += 1;
                     if f.compiled.matches(version, &metadata) {
-                        let added = insert
-                            .execute(params![tenant.as_str(), f.id.as_str(), incarnation])
-                            .map_err(unavailable)?;
-                        f.matched += added as i64;
+                        staged.push(MemberChange::Set {
+                            tenant: tenant.clone(),
+                            filter: f.id.clone(),
+                            inc: incarnation as u64,
+                            member: true,
+                        });
                     }
                 }
                 cursor = incarnation;
@@ -671,7 +693,6 @@ impl FilterCache {
         };
         let last = if done { until } else { cursor };
         for f in pending.iter_mut() {
-            f.dirty = true;
             let Some(b) = f.backfill.as_mut() else {
                 continue;
             };
@@ -681,7 +702,7 @@ impl FilterCache {
             }
             let secs = b.started.elapsed().as_secs_f64();
             metrics::histogram!("epr_filter_backfill_seconds").record(secs);
-            tracing::info!(filter = %f.id, app = %app, evaluated = b.evaluated, matched = f.matched,
+            tracing::info!(filter = %f.id, app = %app, evaluated = b.evaluated,
                 seconds = secs, "filter back-fill complete; filter active");
             f.backfill = None;
             conn.prepare_cached(
@@ -718,47 +739,68 @@ impl Backfill {
 /// The active filters of each endpoint (`include=filters`, 20/EFMP).
 pub(crate) fn matched_filters(
     conn: &Connection,
+    index: &MetaIndex,
     tenant: &str,
     endpoints: &[EndpointId],
 ) -> rusqlite::Result<Vec<(EndpointId, FilterId)>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT f.filter_id FROM endpoints e \
-         JOIN filters f ON f.tenant=e.tenant AND f.app=e.app AND f.status='active' \
-         JOIN filter_matches m \
-           ON m.tenant=f.tenant AND m.filter_id=f.filter_id AND m.incarnation=e.incarnation \
-         WHERE e.tenant=?1 AND e.endpoint_id=?2 ORDER BY f.filter_id",
+    let mut endpoint = conn.prepare_cached(
+        "SELECT incarnation, app FROM endpoints WHERE tenant=?1 AND endpoint_id=?2",
+    )?;
+    let mut active = conn.prepare_cached(
+        "SELECT filter_id FROM filters WHERE tenant=?1 AND app=?2 AND status='active' \
+         ORDER BY filter_id",
     )?;
     let mut out = Vec::new();
     for ep in endpoints {
-        let rows = stmt.query_map(params![tenant, ep.as_str()], |r| r.get::<_, String>(0))?;
-        for id in rows {
-            out.push((
-                ep.clone(),
-                FilterId::parse(&id?).map_err(|e| corrupt(0, e))?,
-            ));
+        let Some((inc, app)) = endpoint
+            .query_row(params![tenant, ep.as_str()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
+            .optional()?
+        else {
+            continue;
+        };
+        let ids = active
+            .query_map(params![tenant, app], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for id in ids {
+            if index.are_members(tenant, &id, &[inc])[0] {
+                out.push((ep.clone(), FilterId::parse(&id).map_err(|e| corrupt(0, e))?));
+            }
         }
     }
     Ok(out)
 }
 
-/// A filter's stored membership with each endpoint's application version.
+/// A filter's membership with each endpoint's application version, in incarnation order.
 pub(crate) fn filter_members(
     conn: &Connection,
+    index: &MetaIndex,
     tenant: &str,
     id: &str,
 ) -> rusqlite::Result<Vec<(AppVersionName, EndpointId)>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT e.app_version, e.endpoint_id FROM filter_matches m \
-         JOIN endpoints e ON e.incarnation=m.incarnation AND e.tenant=m.tenant \
-         WHERE m.tenant=?1 AND m.filter_id=?2 ORDER BY m.incarnation",
-    )?;
-    let rows = stmt.query_map(params![tenant, id], |r| {
-        let v: String = r.get(0)?;
-        let e: String = r.get(1)?;
-        Ok((
-            AppVersionName::parse(&v).map_err(|e| corrupt(0, e))?,
-            EndpointId::parse(&e).map_err(|e| corrupt(1, e))?,
-        ))
-    })?;
-    rows.collect()
+    let members = index.members(tenant, id);
+    let tx = conn.unchecked_transaction()?;
+    let mut out = Vec::with_capacity(members.len() as usize);
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT app_version, endpoint_id FROM endpoints WHERE incarnation=?1 AND tenant=?2",
+        )?;
+        for inc in members.iter() {
+            // A member deleted since the bitmap was read is simply gone.
+            let row = stmt
+                .query_row(params![inc as i64, tenant], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .optional()?;
+            if let Some((v, e)) = row {
+                out.push((
+                    AppVersionName::parse(&v).map_err(|e| corrupt(0, e))?,
+                    EndpointId::parse(&e).map_err(|e| corrupt(1, e))?,
+                ));
+            }
+        }
+    }
+    tx.finish()?;
+    Ok(out)
 }

@@ -35,7 +35,7 @@ fn create_cmd(app_name: &str, id: &str, name: &str, query: Value) -> FilterComma
     }
 }
 
-pub(super) async fn create(
+pub(crate) async fn create(
     s: &dyn Store,
     t: &str,
     app_name: &str,
@@ -51,7 +51,7 @@ pub(super) async fn create(
 }
 
 /// Polls until the filter is active (back-fill runs in the background).
-pub(super) async fn wait_active(s: &dyn Store, t: &str, id: &str) -> EndpointFilter {
+pub(crate) async fn wait_active(s: &dyn Store, t: &str, id: &str) -> EndpointFilter {
     for _ in 0..4000 {
         let f = s.get_filter(&tenant(t), &fid(id)).await.unwrap().unwrap();
         if f.status == FilterStatus::Active {
@@ -62,7 +62,7 @@ pub(super) async fn wait_active(s: &dyn Store, t: &str, id: &str) -> EndpointFil
     panic!("filter {id} did not turn active in 20 s");
 }
 
-pub(super) async fn members(s: &dyn Store, t: &str, id: &str) -> BTreeSet<String> {
+pub(crate) async fn members(s: &dyn Store, t: &str, id: &str) -> BTreeSet<String> {
     s.filter_members(&tenant(t), &fid(id))
         .await
         .unwrap()
