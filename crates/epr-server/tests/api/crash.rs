@@ -157,9 +157,10 @@ async fn events_of_acknowledged_writes_are_published_after_sigkill() {
     );
 }
 
-/// A filter back-fill killed with SIGKILL half-way resumes after the restart from its stored
-/// cursor (the count never goes back), while writes race it, and completes with exactly the
-/// endpoints that match their final state.
+/// A filter back-fill killed with SIGKILL half-way resumes after the restart (the count never
+/// goes back: PostgreSQL resumes from its stored cursor, the embedded store derives every
+/// membership at open and the filter turns active right away), while writes race it, and
+/// completes with exactly the endpoints that match their final state.
 #[tokio::test]
 async fn a_killed_back_fill_resumes_and_completes() {
     let dir = tempfile::tempdir().unwrap();
@@ -220,7 +221,10 @@ async fn a_killed_back_fill_resumes_and_completes() {
     let server = start(dir.path(), &slow).await;
     let base = server.base();
     let after = get(base.clone(), filter_url.clone()).await;
-    assert_eq!(after["status"], "pending", "{after}");
+    assert!(
+        after["status"] == "pending" || after["status"] == "active",
+        "{after}"
+    );
     assert!(
         after["matchedEndpointsCount"].as_u64().unwrap() >= seen,
         "resumed, not restarted: {after} (had {seen})"
