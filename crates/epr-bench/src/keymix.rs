@@ -104,10 +104,10 @@ fn elem(key: &str, value: Value) -> Value {
 /// - `$and` over all five keys (25 %).
 pub fn filter(k: usize) -> Value {
     let j = k / 5;
-    let on = j % 2 == 0;
+    let on = j.is_multiple_of(2);
     match k % 5 {
         0 => match j % 4 {
-            0 => elem("on", json!((j / 4) % 2 == 0)),
+            0 => elem("on", json!((j / 4).is_multiple_of(2))),
             1 => elem("kind", json!(KINDS[j % 7])),
             2 => elem("fw", json!(format!("1.{}.0", j % 13))),
             _ => elem("city", json!(format!("c{}", j % 40))),

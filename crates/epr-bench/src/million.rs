@@ -227,7 +227,7 @@ pub async fn run(run_id: &str, round: usize, args: &Args) -> Result<MillionOut> 
     let cases: [(&'static str, String, bool); 3] = [
         ("filterId ~1 %: first", backfill.filter_id.clone(), false),
         ("filterId ~1 %: offset", backfill.filter_id.clone(), true),
-        ("filterId ~27 %: first", quarter, false),
+        ("filterId ~24 %: first", quarter, false),
     ];
     for (label, id, offset) in cases {
         for conns in [1, args.connections] {
