@@ -229,11 +229,11 @@ pub fn varied_filter(k: usize, version: &str) -> Value {
 /// What the filters REST API answers (the fields the bench reads).
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
-struct FilterDto {
-    id: String,
-    status: String,
+pub(crate) struct FilterDto {
+    pub id: String,
+    pub status: String,
     #[serde(default)]
-    matched_endpoints_count: Option<u64>,
+    pub matched_endpoints_count: Option<u64>,
 }
 
 fn parse_filter(r: Response, want: u16, what: &str) -> Result<FilterDto> {
@@ -244,7 +244,12 @@ fn parse_filter(r: Response, want: u16, what: &str) -> Result<FilterDto> {
     serde_json::from_slice(&r.body).with_context(|| format!("{what}: {}", body()))
 }
 
-async fn post_filter(conn: &mut Conn, app: &str, name: &str, query: &Value) -> Result<FilterDto> {
+pub(crate) async fn post_filter(
+    conn: &mut Conn,
+    app: &str,
+    name: &str,
+    query: &Value,
+) -> Result<FilterDto> {
     let body = json!({"name": name, "description": "epr-bench", "mongoQuery": query});
     let path = format!("/api/v1/applications/{app}/filters");
     let r = conn
@@ -304,13 +309,15 @@ async fn poll_active(
     }
 }
 
-/// Creates `n` filters ([`varied_filter`]) in `app` over 4 connections; returns their IDs.
-async fn create_filters(
+/// Creates `n` filters (`query(k, version)`, e.g. [`varied_filter`]) in `app` over 4
+/// connections; returns their IDs.
+pub(crate) async fn create_filters(
     addr: &str,
     app: &'static str,
     version: &str,
     n: usize,
     tag: &str,
+    query: fn(usize, &str) -> Value,
 ) -> Result<Vec<String>> {
     const CONNS: usize = 4;
     let handles: Vec<_> = (0..CONNS)
@@ -320,7 +327,7 @@ async fn create_filters(
             tokio::spawn(async move {
                 let mut ids = Vec::new();
                 for k in (c..n).step_by(CONNS) {
-                    let query = varied_filter(k, &version);
+                    let query = query(k, &version);
                     ids.push(
                         post_filter(&mut conn, app, &format!("{tag}-{k}"), &query)
                             .await?
@@ -339,7 +346,7 @@ async fn create_filters(
 }
 
 /// Waits until every filter of `ids` is active; returns the sum of their matched counts.
-async fn wait_all_active(addr: &str, app: &str, ids: &[String]) -> Result<u64> {
+pub(crate) async fn wait_all_active(addr: &str, app: &str, ids: &[String]) -> Result<u64> {
     let deadline = Instant::now() + ACTIVE_TIMEOUT;
     let mut conn = Conn::new(addr);
     let (mut pending, mut matched): (Vec<&String>, u64) = (ids.iter().collect(), 0);
@@ -414,7 +421,7 @@ impl std::fmt::Display for Cores {
 
 /// With `--quiet-wait`, after the server is idle ([`settle`]): waits until the rest of the
 /// machine has used under 0.2 cores over half a second, at most `--quiet-wait` seconds.
-async fn settle_quiet(targets: &[Target], args: &Args) {
+pub(crate) async fn settle_quiet(targets: &[Target], args: &Args) {
     let waited = settle(targets).await;
     if waited > Duration::from_secs(2) {
         eprintln!("settle: server busy for {:.1} s", waited.as_secs_f64());
@@ -562,9 +569,9 @@ pub struct BackfillResult {
     pub ok: bool,
 }
 
-const BACKFILL_HEADER: &str = "| round | filter | endpoints | matched (expected) | POST → active ms | last pending ms | polls | **endpoints/s** | server metrics: back-fill ms, endpoints/s | CPU cores server / bench / other | check |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|";
+pub(crate) const BACKFILL_HEADER: &str = "| round | filter | endpoints | matched (expected) | POST → active ms | last pending ms | polls | **endpoints/s** | server metrics: back-fill ms, endpoints/s | CPU cores server / bench / other | check |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|";
 
-fn fmt_backfill_row(r: &BackfillResult) -> String {
+pub(crate) fn fmt_backfill_row(r: &BackfillResult) -> String {
     let metric = match (r.metric_seconds, r.metric_endpoints_per_s) {
         (Some(s), Some(e)) => format!("{:.1}, {e:.0}", s * 1000.0),
         _ => "-".into(),
@@ -604,11 +611,14 @@ async fn backfill_metrics(addr: &str, m0: &Scrape) -> Option<(f64, f64)> {
     None
 }
 
-/// Creates `shape` in `fill` and waits until it is active.
-async fn measure_backfill(
+/// Creates filter `query` (of shape `shape`) named `name` in `app`, whose `n` endpoints
+/// hold `expected` matches, and waits until it is active.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn measure_backfill(
     conn: &mut Conn,
     t: &Target,
-    shape: &Shape,
+    app: &str,
+    (shape, query): (&'static str, &Value),
     name: &str,
     (n, expected): (u64, u64),
     round: usize,
@@ -617,17 +627,9 @@ async fn measure_backfill(
     let m0 = Scrape::take(&t.addr).await;
     let cpu0 = CpuSnap::take(t.pid(), args.nats_pid);
     let start = Instant::now();
-    let f = post_filter(conn, "fill", name, &shape.query).await?;
+    let f = post_filter(conn, app, name, query).await?;
     let poll = Duration::from_millis(args.poll_ms);
-    let p = poll_active(
-        conn,
-        "fill",
-        f,
-        Instant::now(),
-        poll,
-        start + ACTIVE_TIMEOUT,
-    )
-    .await?;
+    let p = poll_active(conn, app, f, Instant::now(), poll, start + ACTIVE_TIMEOUT).await?;
     let cpu = CpuSnap::take(t.pid(), args.nats_pid).since(&cpu0);
     let seconds = (p.active_at - start).as_secs_f64();
     let metric = match &m0 {
@@ -638,7 +640,7 @@ async fn measure_backfill(
     let matched = p.filter.matched_endpoints_count;
     Ok(BackfillResult {
         round,
-        shape: shape.name,
+        shape,
         filter_id: p.filter.id,
         endpoints: n,
         matched,
@@ -904,7 +906,8 @@ impl FilterBench {
             let r = measure_backfill(
                 &mut conn,
                 t,
-                shape,
+                "fill",
+                (shape.name, &shape.query),
                 &name,
                 (n as u64, expected),
                 round,
@@ -943,6 +946,7 @@ impl FilterBench {
                 version,
                 args.update_filters,
                 &format!("uf-{}", ctx.run_id),
+                varied_filter,
             )
             .await?;
             let create_s = created.elapsed().as_secs_f64();
@@ -1066,6 +1070,7 @@ impl FilterBench {
                 b_version,
                 args.register_filters,
                 &format!("rf-{}", ctx.run_id),
+                varied_filter,
             )
             .await?;
             let create_s = created.elapsed().as_secs_f64();

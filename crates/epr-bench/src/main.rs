@@ -7,8 +7,11 @@ mod cpu;
 mod ecap;
 mod events;
 mod filters;
+mod issue13;
+mod keymix;
 mod metalist;
 mod metrics;
+mod million;
 mod outbox;
 mod pgdb;
 mod selfreg;
@@ -46,10 +49,13 @@ struct Args {
     #[arg(long, short, default_value_t = 10.0)]
     duration: f64,
     /// Comma-separated subset of: health,register,get,put,latency,drain,backfill,
-    /// filter-update,filter-register,metalist,selfreg,ecap (always run in that order;
-    /// latency, drain and ecap need --nats-url). selfreg: operator registrations vs device
-    /// self-registrations (and with claim tokens), side by side; ecap: 16/ECAP token
-    /// validation over NATS (activation, then an open-loop load at --ecap-rate).
+    /// filter-update,filter-register,metalist,selfreg,ecap,mix,million (always run in that
+    /// order; latency, drain and ecap need --nats-url). selfreg: operator registrations vs
+    /// device self-registrations (and with claim tokens), side by side; ecap: 16/ECAP token
+    /// validation over NATS (activation, then an open-loop load at --ecap-rate); mix: issue
+    /// 13's sequence (health, register, get, register without then with 100 filters, health)
+    /// on a fresh server; million: issue 13's footprint and listing run at
+    /// --million-endpoints (needs --server-bin).
     #[arg(long, default_value = "health,register,get,put", value_delimiter = ',')]
     phases: Vec<String>,
     /// Run `health` again at the end of each round (the machine is noisy).
@@ -191,6 +197,12 @@ struct Args {
     /// ecap phase: validation requests in flight during the activation pass (closed loop).
     #[arg(long, default_value_t = 64)]
     ecap_window: usize,
+    /// mix and million phases: saved filters of issue 13's mix ([`keymix::filter`]).
+    #[arg(long, default_value_t = 100)]
+    mix_filters: usize,
+    /// million phase: endpoints (10 metadata keys each) loaded through the batch API.
+    #[arg(long, default_value_t = 1_000_000)]
+    million_endpoints: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -218,6 +230,10 @@ enum Phase {
     Ecap,
     /// `POST /api/v1/endpoints` with the selfreg key mix (part of `selfreg`).
     SrOperator,
+    /// Issue 13's sequence on a fresh server ([`issue13`]).
+    Mix,
+    /// Issue 13's million-endpoint footprint, back-fill, listing and restart ([`million`]).
+    Million,
     /// `POST /device/v1/applications/{app}/registrations` with the provisioning secret.
     SrDevice,
     /// The same with a pre-minted claim token instead.
@@ -225,7 +241,7 @@ enum Phase {
 }
 
 impl Phase {
-    const ALL: [Phase; 12] = [
+    const ALL: [Phase; 14] = [
         Phase::Health,
         Phase::Register,
         Phase::Get,
@@ -238,6 +254,8 @@ impl Phase {
         Phase::MetaList,
         Phase::SelfReg,
         Phase::Ecap,
+        Phase::Mix,
+        Phase::Million,
     ];
 
     fn name(self) -> &'static str {
@@ -254,6 +272,8 @@ impl Phase {
             Phase::MetaList => "metalist",
             Phase::SelfReg => "selfreg",
             Phase::Ecap => "ecap",
+            Phase::Mix => "mix",
+            Phase::Million => "million",
             Phase::SrOperator => "selfreg-operator",
             Phase::SrDevice => "selfreg-device",
             Phase::SrClaim => "selfreg-claim",
@@ -274,9 +294,11 @@ impl Phase {
             "metalist" => Phase::MetaList,
             "selfreg" => Phase::SelfReg,
             "ecap" => Phase::Ecap,
+            "mix" | "issue13" => Phase::Mix,
+            "million" => Phase::Million,
             _ => bail!(
                 "unknown phase {s:?} (use health,register,get,put,latency,drain,backfill,\
-                 filter-update,filter-register,metalist,selfreg,ecap)"
+                 filter-update,filter-register,metalist,selfreg,ecap,mix,million)"
             ),
         })
     }
@@ -357,6 +379,8 @@ struct Round {
     /// selfreg phase: per target, the rates side by side (the rows are in `phases`).
     selfreg: Vec<selfreg::SelfRegRow>,
     ecap: Vec<ecap::EcapResult>,
+    mix: Vec<issue13::MixRound>,
+    million: Vec<million::MillionOut>,
 }
 
 /// What the subscriber saw of one closed-loop phase against the events-on server.
@@ -429,6 +453,8 @@ enum RegMetadata {
     Basic,
     /// The 10 keys of mixed types of the filter phases' endpoints ([`filters::Md`]).
     Mixed,
+    /// The 5 keys of issue 13's mix ([`keymix::write_md`]).
+    Five,
 }
 
 impl Ctx {
@@ -487,6 +513,15 @@ impl Worker {
                             ctx.app_version
                         )?;
                         filters::Md::of(((self.idx as u64) << 40) | n).write_json(&mut self.body);
+                        self.body.push('}');
+                    }
+                    RegMetadata::Five => {
+                        write!(
+                            self.body,
+                            r#"{{"endpointId":"{id}","appVersion":{{"name":"{}"}},"metadata":"#,
+                            ctx.app_version
+                        )?;
+                        keymix::write_md(&mut self.body, issue13::key(self.idx, n));
                         self.body.push('}');
                     }
                 }
@@ -995,7 +1030,7 @@ fn spawn_server_in(bin: &Path, dir: &Path, events: EventsMode) -> Result<(Server
     for (app, versions) in [("bench", &["bench-v1", "bench-v2"][..])]
         .into_iter()
         .chain(filters::APPS.iter().copied())
-        .chain([metalist::APP])
+        .chain([metalist::APP, issue13::APP])
     {
         write!(yaml, "    {app}:\n      versions:\n")?;
         for v in versions {
@@ -1352,6 +1387,12 @@ async fn run(args: Args) -> Result<()> {
         bail!("--rate, --batch-size and --drain-endpoints must be positive");
     }
     filters::check_args(&args)?;
+    if seq.contains(&Phase::Million) && args.server_bin.is_none() {
+        bail!("the million phase needs --server-bin (it restarts the server)");
+    }
+    if seq.iter().any(|p| matches!(p, Phase::Mix | Phase::Million)) && args.mix_filters < 2 {
+        bail!("--mix-filters must be at least 2");
+    }
 
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let instance = match (&args.instance_name, &args.server_bin) {
@@ -1541,10 +1582,9 @@ async fn run(args: Args) -> Result<()> {
         "warmup: {} s, duration: {} s per phase\n",
         args.warmup, args.duration
     );
-    if seq
-        .iter()
-        .any(|p| p.closed_loop() || matches!(p, Phase::FilterRegister | Phase::SelfReg))
-    {
+    if seq.iter().any(|p| {
+        p.closed_loop() || matches!(p, Phase::FilterRegister | Phase::SelfReg | Phase::Mix)
+    }) {
         println!("{TABLE_HEADER}");
     }
     // Two servers, or phases that wait on the relay: let the servers go idle between
@@ -1577,7 +1617,18 @@ async fn run(args: Args) -> Result<()> {
         let mut meta_out = metalist::MetaOut::default();
         let mut selfreg_out = Vec::new();
         let mut ecap_out = Vec::new();
+        let (mut mix_out, mut million_out) = (Vec::new(), Vec::new());
         for &phase in &seq {
+            if phase == Phase::Mix {
+                settle(&targets).await;
+                mix_out.push(issue13::run(&targets, &run_id, round, &args).await?);
+                continue;
+            }
+            if phase == Phase::Million {
+                settle(&targets).await;
+                million_out.push(million::run(&run_id, round, &args).await?);
+                continue;
+            }
             if phase == Phase::SelfReg {
                 selfreg_bench
                     .run(
@@ -1711,6 +1762,8 @@ async fn run(args: Args) -> Result<()> {
             metalist: meta_out,
             selfreg: selfreg_out,
             ecap: ecap_out,
+            mix: mix_out,
+            million: million_out,
         });
     }
     println!();
@@ -1731,6 +1784,8 @@ async fn run(args: Args) -> Result<()> {
     filters::print_tables(&rounds, &filter_bench);
     selfreg::print_summary(&rounds);
     ecap::print_summary(&rounds, &args);
+    issue13::print_summary(&rounds);
+    million::print_summary(&rounds);
     if let Some(ev) = &events {
         let (slow, bad) = (ev.slow_consumer(), ev.malformed());
         if slow > 0 || bad > 0 {
@@ -2067,6 +2122,11 @@ mod tests {
         for p in [Phase::Backfill, Phase::FilterUpdate, Phase::FilterRegister] {
             assert_eq!(Phase::parse(p.name()).unwrap(), p);
             assert!(p.filters() && !p.closed_loop() && !p.needs_nats());
+        }
+        assert_eq!(Phase::parse("issue13").unwrap(), Phase::Mix);
+        for p in [Phase::Mix, Phase::Million] {
+            assert_eq!(Phase::parse(p.name()).unwrap(), p);
+            assert!(!p.filters() && !p.closed_loop() && !p.needs_nats());
         }
         assert!(Phase::parse("bogus").is_err());
     }

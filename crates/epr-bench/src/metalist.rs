@@ -1,7 +1,7 @@
 //! The `metalist` phase (issue 13): listing by a metadata value.
 //!
 //! Once per run, application `meta` gets `--meta-endpoints` endpoints through the batch API,
-//! with the issue's key mix ([`write_md`]): `city` (a string, 40 values), `level` (an
+//! with the issue's key mix ([`crate::keymix::write_md`]): `city` (a string, 40 values), `level` (an
 //! integer 0–49), `kind` (a string, 7 values), `on` (a boolean) and `fw` (a version string,
 //! 13 values). Each round then walks `city=c3` with cursors once (checking that the pages
 //! hold exactly the endpoints the bench knows match, and `totalElements`), and measures
@@ -13,6 +13,7 @@
 
 use crate::client::Conn;
 use crate::cpu::{CpuSnap, TICKS_PER_S};
+use crate::keymix::{city, write_md};
 use crate::outbox::{batch_conns, batch_register, write_batch};
 use crate::{new_hist, report_error, xorshift, Args, Phase, Target};
 use anyhow::{bail, Context, Result};
@@ -24,41 +25,6 @@ use std::time::{Duration, Instant};
 /// The application of this phase (added to a spawned server's config).
 pub const APP: (&str, &[&str]) = ("meta", &["meta-v1"]);
 const PAGE: u64 = 100;
-pub(crate) const KINDS: [&str; 7] = [
-    "sensor",
-    "gateway",
-    "meter",
-    "camera",
-    "lock",
-    "thermostat",
-    "tracker",
-];
-
-/// splitmix64 of (`i`, `k`).
-fn mix(i: u64, k: u64) -> u64 {
-    let mut z = (i << 3 | k).wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The city number (0..40) of endpoint `i`.
-pub fn city(i: u64) -> u64 {
-    mix(i, 0) % 40
-}
-
-/// The metadata of endpoint `i`: five keys of the issue's mix, derived from `i` alone.
-pub fn write_md(buf: &mut String, i: u64) {
-    let _ = write!(
-        buf,
-        r#"{{"city":"c{}","level":{},"kind":"{}","on":{},"fw":"1.{}.0"}}"#,
-        city(i),
-        mix(i, 1) % 50,
-        KINDS[(mix(i, 2) % 7) as usize],
-        mix(i, 3).is_multiple_of(2),
-        mix(i, 4) % 13
-    );
-}
 
 #[derive(Serialize, Clone, Debug)]
 pub struct ListRow {
@@ -98,6 +64,14 @@ pub struct MetaBench {
     loaded: Option<u64>,
 }
 
+impl MetaBench {
+    /// Endpoints `*-{i}`, `i` in `0..n`, with [`write_md`]'s keys (or more), are in `meta`
+    /// already (the `million` phase loads them).
+    pub fn preloaded(n: u64) -> MetaBench {
+        MetaBench { loaded: Some(n) }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Pages {
     First,
@@ -130,7 +104,7 @@ impl MetaBench {
         args: &Args,
         out: &mut MetaOut,
     ) -> Result<()> {
-        let n = args.meta_endpoints as u64;
+        let n = self.loaded.unwrap_or(args.meta_endpoints as u64);
         if self.loaded.is_none() {
             eprintln!("metalist: registering {n} endpoints (5 metadata keys) into `meta`");
             let prefix = format!("m{}", std::process::id());
@@ -262,6 +236,34 @@ async fn measure(
     cursors: &Arc<Vec<String>>,
     args: &Args,
 ) -> Result<ListRow> {
+    let cursors = cursors.clone();
+    let path = move |r: u64| match pages {
+        Pages::First => list_path(r % 40, ""),
+        Pages::Offset => {
+            let pages = expected.div_ceil(PAGE).max(1);
+            list_path(3, &format!("&offset={}", (r % pages) * PAGE))
+        }
+        Pages::Cursor if cursors.is_empty() => list_path(3, ""),
+        Pages::Cursor => list_path(
+            3,
+            &format!("&cursor={}", cursors[(r % cursors.len() as u64) as usize]),
+        ),
+    };
+    measure_paths(t, round, n, pages.name(), conns, args, path).await
+}
+
+/// Pages of `path(random)`, closed loop over `conns` connections for `--warmup` +
+/// `--duration` (only the latter recorded).
+pub async fn measure_paths(
+    t: &Target,
+    round: usize,
+    n: u64,
+    pages: &'static str,
+    conns: usize,
+    args: &Args,
+    path: impl Fn(u64) -> String + Send + Sync + 'static,
+) -> Result<ListRow> {
+    let path = Arc::new(path);
     let warmup = Duration::from_secs_f64(args.warmup);
     let measured = Duration::from_secs_f64(args.duration);
     let start = Instant::now();
@@ -271,7 +273,7 @@ async fn measure(
     let handles: Vec<_> = (0..conns)
         .map(|k| {
             let addr = t.addr.clone();
-            let cursors = cursors.clone();
+            let path = path.clone();
             let (pid, nats) = (t.pid(), args.nats_pid);
             let mark = cpu_mark.clone();
             tokio::spawn(async move {
@@ -280,19 +282,7 @@ async fn measure(
                 let (mut hist, mut errors) = (new_hist(), 0u64);
                 let mut marked = false;
                 loop {
-                    let r = xorshift(&mut rng);
-                    let path = match pages {
-                        Pages::First => list_path(r % 40, ""),
-                        Pages::Offset => {
-                            let pages = expected.div_ceil(PAGE).max(1);
-                            list_path(3, &format!("&offset={}", (r % pages) * PAGE))
-                        }
-                        Pages::Cursor if cursors.is_empty() => list_path(3, ""),
-                        Pages::Cursor => list_path(
-                            3,
-                            &format!("&cursor={}", cursors[(r % cursors.len() as u64) as usize]),
-                        ),
-                    };
+                    let path = path(xorshift(&mut rng));
                     let sent = Instant::now();
                     if sent >= end {
                         break;
@@ -342,7 +332,7 @@ async fn measure(
         target: t.name,
         round,
         endpoints: n,
-        pages: pages.name(),
+        pages,
         connections: conns,
         requests: hist.len(),
         pages_per_s: hist.len() as f64 / secs,
@@ -376,29 +366,4 @@ pub fn fmt_row(r: &ListRow) -> String {
         opt(r.server_cpu_cores),
         opt(r.other_cpu_cores)
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn key_mix_has_the_issues_cardinalities() {
-        let mut cities = std::collections::BTreeSet::new();
-        let mut values: [std::collections::BTreeSet<String>; 5] = Default::default();
-        for i in 0..20_000 {
-            let mut buf = String::new();
-            write_md(&mut buf, i);
-            let v: serde_json::Value = serde_json::from_str(&buf).unwrap();
-            for (k, key) in ["city", "level", "kind", "on", "fw"].iter().enumerate() {
-                values[k].insert(v[key].to_string());
-            }
-            cities.insert(city(i));
-            assert_eq!(v["city"], format!("c{}", city(i)));
-        }
-        let counts: Vec<usize> = values.iter().map(|s| s.len()).collect();
-        assert_eq!(counts, vec![40, 50, 7, 2, 13]);
-        let c3 = (0..20_000).filter(|&i| city(i) == 3).count();
-        assert!((400..600).contains(&c3), "about 1 in 40 match: {c3}");
-    }
 }

@@ -2,7 +2,7 @@
 //! side in one run.
 //!
 //! On each target, with the same connections, warm-up, duration and metadata (the five keys
-//! of issue 13's mix, [`crate::metalist::write_md`]), three closed-loop measurements:
+//! of issue 13's mix, [`crate::keymix::write_md`]), three closed-loop measurements:
 //! - `selfreg-operator`: `POST /api/v1/endpoints`;
 //! - `selfreg-device`: `POST /device/v1/applications/{app}/registrations` with the
 //!   application's provisioning secret, under a policy ([`policy`]) that checks every key
@@ -17,7 +17,7 @@
 //! 11: self-registrations/s ≥ 70 % of operator registrations/s.
 
 use crate::client::Conn;
-use crate::metalist::{write_md, KINDS};
+use crate::keymix::{write_md, KINDS};
 use crate::{measure_closed, Args, Ctx, EventsCheck, Phase, PhaseResult, Round, Target, Worker};
 use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
