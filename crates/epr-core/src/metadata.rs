@@ -36,6 +36,13 @@ pub struct MetadataKey(String);
 
 impl MetadataKey {
     pub fn parse(s: &str, limits: &Limits) -> Result<Self, ValidationError> {
+        Self::check(s, limits)?;
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The rules of [`MetadataKey::parse`] without making a key (a document's keys are
+    /// checked where they are).
+    pub fn check(s: &str, limits: &Limits) -> Result<(), ValidationError> {
         if s.is_empty() {
             return Err(ValidationError::new(
                 "metadataKey",
@@ -61,7 +68,7 @@ impl MetadataKey {
                 "metadata keys must not contain control characters",
             ));
         }
-        Ok(Self(s.to_owned()))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {
@@ -95,7 +102,7 @@ impl Metadata {
         limits: &Limits,
     ) -> Result<Self, DomainError> {
         for key in map.keys() {
-            MetadataKey::parse(key, limits).map_err(|e| e.at(format!("{field}.{key}")))?;
+            MetadataKey::check(key, limits).map_err(|e| e.at(format!("{field}.{key}")))?;
         }
         for (key, value) in &map {
             // PostgreSQL's jsonb cannot hold U+0000; refused on every backend alike.
@@ -166,6 +173,10 @@ impl Metadata {
 /// Nesting depth of a JSON value: scalars are 1, `[1]` is 2. Iterative, so a hostile
 /// document cannot overflow the stack.
 pub fn depth(v: &Value) -> usize {
+    // Most values are scalars: no stack to allocate.
+    if !matches!(v, Value::Array(_) | Value::Object(_)) {
+        return 1;
+    }
     let mut max = 0;
     let mut stack = vec![(v, 1usize)];
     while let Some((v, d)) = stack.pop() {
@@ -182,6 +193,12 @@ pub fn depth(v: &Value) -> usize {
 /// Whether a string anywhere in a JSON value (object keys included) holds U+0000.
 /// Iterative, like [`depth`].
 pub fn contains_nul(v: &Value) -> bool {
+    // Most values are scalars: no stack to allocate.
+    match v {
+        Value::String(s) => return s.contains('\0'),
+        Value::Array(_) | Value::Object(_) => {}
+        _ => return false,
+    }
     let mut stack = vec![v];
     while let Some(v) = stack.pop() {
         match v {

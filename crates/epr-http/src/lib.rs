@@ -84,8 +84,9 @@ pub struct AppState {
     /// False while starting and once shutdown begins; readiness reports it.
     pub ready: Arc<AtomicBool>,
     pub metrics: Option<MetricsRenderer>,
-    /// Reported by `/health` and `/health/ready`.
-    pub components: Vec<Arc<dyn HealthComponent>>,
+    /// Reported by `/health` and `/health/ready`. A shared slice: `State` clones the whole
+    /// state on every request, and a `Vec` clone allocates.
+    pub components: Arc<[Arc<dyn HealthComponent>]>,
     /// The device routes' tenants and rate limits.
     pub device: Arc<self_registration::DeviceState>,
 }

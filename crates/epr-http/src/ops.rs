@@ -32,7 +32,7 @@ pub async fn live() -> Response {
 /// store round trip (that is readiness).
 pub async fn health(State(s): State<AppState>) -> Response {
     let mut components = serde_json::Map::new();
-    for c in &s.components {
+    for c in s.components.iter() {
         components.insert(c.name().to_owned(), json!(c.check().status));
     }
     let body = json!({
@@ -64,7 +64,7 @@ pub async fn ready(State(s): State<AppState>) -> Response {
         }),
     );
     let mut components = serde_json::Map::new();
-    for c in &s.components {
+    for c in s.components.iter() {
         let h = c.check();
         components.insert(
             c.name().to_owned(),

@@ -10,7 +10,8 @@ use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::RequestExt;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::time::Instant;
 
 /// The request ID header, in requests and responses.
@@ -86,14 +87,14 @@ pub(crate) async fn track(
         Method::DELETE => "DELETE",
         Method::OPTIONS => "OPTIONS",
         _ => "other",
-    }
-    .to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let endpoint_id = if log_requests && route.contains("{endpointId}") {
+    };
+    // `MatchedPath` shares its text: a clone is a reference count, not a copy.
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", |p| p.as_str());
+    // Checked per request (the level can be changed at run time): below `info`, the line
+    // and the endpoint ID it needs cost nothing.
+    let log = log_requests && tracing::enabled!(tracing::Level::INFO);
+    let endpoint_id = if log && route.contains("{endpointId}") {
         endpoint_param(&mut req).await
     } else {
         None
@@ -103,16 +104,9 @@ pub(crate) async fn track(
         .insert(X_REQUEST_ID.clone(), request_id.clone());
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
-    let labels = [
-        ("method", method),
-        ("route", route),
-        ("status", status.to_string()),
-    ];
-    metrics::counter!("epr_http_requests_total", &labels).increment(1);
-    metrics::histogram!("epr_http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
-    if log_requests {
+    record(method, route, status, elapsed.as_secs_f64());
+    if log {
         let id = request_id.to_str().unwrap_or_default();
-        let (method, route) = (&labels[0].1, &labels[1].1);
         let latency_us = elapsed.as_micros() as u64;
         match endpoint_id {
             // Only IDs of the endpoint ID alphabet are written raw; anything else is quoted
@@ -132,6 +126,56 @@ pub(crate) async fn track(
         }
     }
     resp
+}
+
+/// The two request metrics of one (method, route, status).
+struct RouteMetrics {
+    method: &'static str,
+    status: u16,
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+thread_local! {
+    /// Metric handles per route template, then (method, status), on each worker thread:
+    /// resolving a labelled metric in the recorder allocates its three labels and hashes
+    /// and compares them, a sizeable share of a get by id; a handle is used directly. The
+    /// keys are bounded: route templates, the fixed methods, HTTP statuses.
+    static ROUTE_METRICS: RefCell<HashMap<String, Vec<RouteMetrics>>> = RefCell::new(HashMap::new());
+}
+
+/// Counts a request and records its duration under its method, route and status.
+fn record(method: &'static str, route: &str, status: u16, seconds: f64) {
+    ROUTE_METRICS.with(|cell| {
+        let mut routes = cell.borrow_mut();
+        let entries = match routes.get_mut(route) {
+            Some(entries) => entries,
+            None => routes.entry(route.to_owned()).or_default(),
+        };
+        let i = match entries
+            .iter()
+            .position(|m| m.method == method && m.status == status)
+        {
+            Some(i) => i,
+            None => {
+                let labels = [
+                    ("method", method.to_owned()),
+                    ("route", route.to_owned()),
+                    ("status", status.to_string()),
+                ];
+                entries.push(RouteMetrics {
+                    method,
+                    status,
+                    requests: metrics::counter!("epr_http_requests_total", &labels),
+                    duration: metrics::histogram!("epr_http_request_duration_seconds", &labels),
+                });
+                entries.len() - 1
+            }
+        };
+        let m = &entries[i];
+        m.requests.increment(1);
+        m.duration.record(seconds);
+    });
 }
 
 fn plain_id_byte(b: u8) -> bool {

@@ -128,7 +128,7 @@ async fn serve(auth_enabled: bool) -> Server {
         },
         ready: Arc::new(AtomicBool::new(true)),
         metrics: None,
-        components: Vec::new(),
+        components: Arc::new([]),
         device: Default::default(),
     };
     let cors = epr_http::cors::CorsSettings {

@@ -398,7 +398,7 @@ impl Application {
                         );
                     }
                 }
-                c
+                c.into()
             },
             device: Arc::new(epr_http::self_registration::DeviceState::new(
                 settings.self_registration.rate_limit.limits(),

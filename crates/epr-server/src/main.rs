@@ -6,6 +6,11 @@ use epr_server::summary::StartupSummary;
 use epr_server::{admin, telemetry, Application, Settings};
 use std::path::PathBuf;
 
+// glibc malloc cost a fifth of the instructions of a request (callgrind, BENCHMARKS.md issue 13
+// hot path); mimalloc's per-thread free lists take a fraction of that.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "epr",

@@ -542,19 +542,26 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// The text of column `i`, borrowed from the row: every read and write loads a row, and a
+/// `String` per column would be copied once more by the parsing newtypes.
+fn text_at<'r>(row: &'r Row<'_>, i: usize) -> rusqlite::Result<&'r str> {
+    row.get_ref(i)?.as_str().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
 pub(crate) fn endpoint_from_row(row: &Row<'_>) -> rusqlite::Result<Endpoint> {
-    let text = |i: usize| -> rusqlite::Result<String> { row.get(i) };
+    let text = |i: usize| text_at(row, i);
     let corrupt = |i: usize, e: String| {
         rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
     };
-    let metadata_text = text(6)?;
     let metadata: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&metadata_text).map_err(|e| corrupt(6, e.to_string()))?;
+        serde_json::from_str(text(6)?).map_err(|e| corrupt(6, e.to_string()))?;
     Ok(Endpoint {
         incarnation: row.get(0)?,
-        id: EndpointId::parse(&text(1)?).map_err(|e| corrupt(1, e.to_string()))?,
-        app: AppName::parse(&text(2)?).map_err(|e| corrupt(2, e.to_string()))?,
-        app_version: AppVersionName::parse(&text(3)?).map_err(|e| corrupt(3, e.to_string()))?,
+        id: EndpointId::parse(text(1)?).map_err(|e| corrupt(1, e.to_string()))?,
+        app: AppName::parse(text(2)?).map_err(|e| corrupt(2, e.to_string()))?,
+        app_version: AppVersionName::parse(text(3)?).map_err(|e| corrupt(3, e.to_string()))?,
         app_version_registered: Timestamp(row.get(4)?),
         created: Timestamp(row.get(5)?),
         metadata: Metadata::from_stored(metadata),
