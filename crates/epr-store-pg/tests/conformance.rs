@@ -42,7 +42,10 @@ async fn conformance() {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            assert!(store.is_outbox_leader(), "the only store of its database leads");
+            assert!(
+                store.is_outbox_leader(),
+                "the only store of its database leads"
+            );
             m.lock().unwrap().push((store.clone(), db));
             store as Arc<dyn Store>
         }

@@ -128,6 +128,13 @@ pub(crate) enum MemberChange {
     },
     /// The filter's membership is empty (its query changed, or it was deleted).
     Clear { tenant: TenantId, filter: FilterId },
+    /// Every endpoint of `incs` is a member (a back-fill step, or the evaluation at open:
+    /// one bitmap per filter rather than one change per member).
+    Add {
+        tenant: TenantId,
+        filter: FilterId,
+        incs: RoaringTreemap,
+    },
 }
 
 /// A page picked from the index: the incarnations to read, in listing order.
@@ -426,6 +433,22 @@ impl MetaIndex {
                         set.insert(*inc);
                     } else {
                         set.remove(*inc);
+                    }
+                }
+                MemberChange::Add {
+                    tenant,
+                    filter,
+                    incs,
+                } => {
+                    let filters = match state.members.get_mut(tenant.as_str()) {
+                        Some(f) => f,
+                        None => state.members.entry(tenant.to_string()).or_default(),
+                    };
+                    match filters.get_mut(filter.as_str()) {
+                        Some(set) => *set |= incs,
+                        None => {
+                            filters.insert(filter.to_string(), incs.clone());
+                        }
                     }
                 }
                 MemberChange::Clear { tenant, filter } => {

@@ -174,6 +174,53 @@ pub(crate) struct FilterCache {
     index: Arc<MetaIndex>,
     /// Membership changes of the open transaction, applied once it committed.
     staged: Vec<MemberChange>,
+    /// Members found by a back-fill step or the evaluation at open, per filter: staged as
+    /// one bitmap each (a million single changes would each copy two IDs). Only ever adds,
+    /// and never in the same transaction as `staged`'s changes of the same filter.
+    found: Found,
+}
+
+/// Members found, per tenant and filter.
+pub(crate) type Found = HashMap<TenantId, HashMap<FilterId, roaring::RoaringTreemap>>;
+
+/// Every filter's compiled query by application: what the evaluation at open needs, without
+/// the writer's state, so that several threads can share it.
+pub(crate) struct Evaluator {
+    apps: HashMap<(TenantId, AppName), Vec<Compiled>>,
+}
+
+/// A filter's ID and its compiled query.
+type Compiled = (FilterId, Arc<Filter>);
+
+impl Evaluator {
+    /// Notes in `found` every filter of its application that one stored endpoint matches
+    /// (pending filters included; see [`FilterCache::all_seen`]).
+    pub(crate) fn evaluate(&self, found: &mut Found, tenant: &TenantId, ep: &Endpoint) {
+        let Some(filters) = self.apps.get(&(tenant.clone(), ep.app.clone())) else {
+            return;
+        };
+        for (id, f) in filters {
+            if f.matches(ep.app_version.as_str(), ep.metadata.as_map()) {
+                note_member(found, tenant, id, ep.incarnation as u64);
+            }
+        }
+    }
+}
+
+/// Notes `inc` as a member of `filter` in `found`.
+fn note_member(found: &mut Found, tenant: &TenantId, filter: &FilterId, inc: u64) {
+    let filters = match found.get_mut(tenant) {
+        Some(f) => f,
+        None => found.entry(tenant.clone()).or_default(),
+    };
+    match filters.get_mut(filter) {
+        Some(set) => {
+            set.insert(inc);
+        }
+        None => {
+            filters.entry(filter.clone()).or_default().insert(inc);
+        }
+    }
 }
 
 /// How the back-fill is paced.
@@ -208,6 +255,7 @@ impl FilterCache {
             apps: HashMap::new(),
             index,
             staged: Vec::new(),
+            found: HashMap::new(),
         };
         let mut stmt = conn
             .prepare(
@@ -258,30 +306,44 @@ impl FilterCache {
     /// The membership changes of the transaction that is about to commit, to apply with
     /// [`MetaIndex::apply_members`] once it did (dropped with a rolled-back group).
     pub(crate) fn take_staged(&mut self) -> Vec<MemberChange> {
-        std::mem::take(&mut self.staged)
+        let mut out = std::mem::take(&mut self.staged);
+        for (tenant, filters) in self.found.drain() {
+            for (filter, incs) in filters {
+                out.push(MemberChange::Add {
+                    tenant: tenant.clone(),
+                    filter,
+                    incs,
+                });
+            }
+        }
+        out
     }
 
-    /// At open: stages the memberships of one stored endpoint in every filter of its
-    /// application (pending ones included; see [`Self::all_seen`]).
-    pub(crate) fn evaluate(&mut self, tenant: &TenantId, ep: &Endpoint) {
-        let Some(filters) = self.apps.get(&(tenant.clone(), ep.app.clone())) else {
-            return;
-        };
-        for f in filters {
-            if f.compiled
-                .matches(ep.app_version.as_str(), ep.metadata.as_map())
-            {
-                self.staged.push(MemberChange::Set {
-                    tenant: tenant.clone(),
-                    filter: f.id.clone(),
-                    inc: ep.incarnation as u64,
-                    member: true,
-                });
+    /// The filters' queries for the evaluation at open.
+    pub(crate) fn evaluator(&self) -> Evaluator {
+        Evaluator {
+            apps: self
+                .apps
+                .iter()
+                .map(|(k, fs)| {
+                    let fs = fs.iter().map(|f| (f.id.clone(), f.compiled.clone()));
+                    (k.clone(), fs.collect())
+                })
+                .collect(),
+        }
+    }
+
+    /// Stages the members an [`Evaluator`] found (applied with the next [`Self::take_staged`]).
+    pub(crate) fn add_found(&mut self, found: Found) {
+        for (tenant, filters) in found {
+            let mine = self.found.entry(tenant).or_default();
+            for (filter, incs) in filters {
+                *mine.entry(filter).or_default() |= incs;
             }
         }
     }
 
-    /// At open, once [`Self::evaluate`] saw every endpoint: pending filters have seen them
+    /// At open, once an [`Evaluator`] saw every endpoint: pending filters have seen them
     /// all, so their back-fill has only its `activated` left.
     pub(crate) fn all_seen(&mut self) {
         for f in self.apps.values_mut().flatten() {
@@ -611,7 +673,7 @@ impl FilterCache {
         now: Timestamp,
         events: &mut Vec<OutboxEvent>,
     ) -> Result<(), StoreError> {
-        let Self { apps, staged, .. } = self;
+        let Self { apps, found, .. } = self;
         let Some(((tenant, app), filters)) = apps
             .iter_mut()
             .find(|(_, fs)| fs.iter().any(|f| f.backfill.is_some()))
@@ -672,12 +734,7 @@ impl FilterCache {
                     }
                     b.evaluated += 1;
                     if f.compiled.matches(version, &metadata) {
-                        staged.push(MemberChange::Set {
-                            tenant: tenant.clone(),
-                            filter: f.id.clone(),
-                            inc: incarnation as u64,
-                            member: true,
-                        });
+                        note_member(found, tenant, &f.id, incarnation as u64);
                     }
                 }
                 cursor = incarnation;
