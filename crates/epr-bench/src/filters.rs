@@ -345,6 +345,23 @@ pub(crate) async fn create_filters(
     Ok(ids)
 }
 
+/// The issue-13 mix of filters (`keymix::filter`) created in `app` and waited for until all
+/// are active: their IDs, the seconds to create them and to see all active, and the sum of
+/// their `matchedEndpointsCount`.
+pub(crate) async fn create_mix_filters(
+    addr: &str,
+    app: &'static str,
+    version: &str,
+    n: usize,
+    tag: &str,
+) -> Result<(Vec<String>, f64, f64, u64)> {
+    let started = std::time::Instant::now();
+    let ids = create_filters(addr, app, version, n, tag, |k, _| crate::keymix::filter(k)).await?;
+    let created = started.elapsed().as_secs_f64();
+    let memberships = wait_all_active(addr, app, &ids).await?;
+    Ok((ids, created, started.elapsed().as_secs_f64(), memberships))
+}
+
 /// Waits until every filter of `ids` is active; returns the sum of their matched counts.
 pub(crate) async fn wait_all_active(addr: &str, app: &str, ids: &[String]) -> Result<u64> {
     let deadline = Instant::now() + ACTIVE_TIMEOUT;

@@ -16,7 +16,7 @@
 //! Then the filters' `matchedEndpointsCount` sum is checked against the bench's own count
 //! (the server's filter language run client-side over every endpoint it registered).
 
-use crate::filters::{create_filters, settle_quiet, wait_all_active};
+use crate::filters::{create_mix_filters, settle_quiet, wait_all_active};
 use crate::keymix;
 use crate::{
     fmt_row, new_workers, run_phase, spawn_server, wait_healthy, Args, Ctx, EventsMode, Phase,
@@ -25,7 +25,6 @@ use crate::{
 use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// The application of this phase (added to a spawned server's config).
 pub const APP: (&str, &[&str]) = ("mix", &["mix-v1"]);
@@ -122,19 +121,9 @@ pub async fn run(targets: &[Target], run_id: &str, round: usize, args: &Args) ->
     }
     let before: Vec<usize> = workers.iter().map(|w| w.ids.len()).collect();
     settle_quiet(std::slice::from_ref(&t), args).await;
-    let started = Instant::now();
-    let ids = create_filters(
-        &t.addr,
-        app,
-        version,
-        args.mix_filters,
-        &format!("mx-{run_id}-{round}"),
-        |k, _| keymix::filter(k),
-    )
-    .await?;
-    let filters_create_s = started.elapsed().as_secs_f64();
-    wait_all_active(&t.addr, app, &ids).await?;
-    let filters_active_s = started.elapsed().as_secs_f64();
+    let tag = format!("mx-{run_id}-{round}");
+    let (ids, filters_create_s, filters_active_s, _) =
+        create_mix_filters(&t.addr, app, version, args.mix_filters, &tag).await?;
     eprintln!(
         "mix: {} filters created in {filters_create_s:.1} s, all active after {filters_active_s:.1} s",
         ids.len()

@@ -18,8 +18,8 @@
 
 use crate::client::Conn;
 use crate::filters::{
-    create_filters, fmt_backfill_row, measure_backfill, settle_quiet, wait_all_active,
-    BackfillResult, BACKFILL_HEADER,
+    create_mix_filters, fmt_backfill_row, measure_backfill, settle_quiet, BackfillResult,
+    BACKFILL_HEADER,
 };
 use crate::keymix::{self, Five};
 use crate::metalist::{self, ListRow, MetaBench, MetaOut};
@@ -163,19 +163,9 @@ pub async fn run(run_id: &str, round: usize, args: &Args) -> Result<MillionOut> 
     settle(std::slice::from_ref(&t)).await;
     let after_load = Footprint::take(pid, &data);
 
-    let started = Instant::now();
-    let ids = create_filters(
-        &t.addr,
-        app,
-        version,
-        args.mix_filters,
-        &format!("mm-{run_id}-{round}"),
-        |k, _| keymix::filter(k),
-    )
-    .await?;
-    let filters_create_s = started.elapsed().as_secs_f64();
-    let memberships = wait_all_active(&t.addr, app, &ids).await?;
-    let filters_active_s = started.elapsed().as_secs_f64();
+    let tag = format!("mm-{run_id}-{round}");
+    let (ids, filters_create_s, filters_active_s, memberships) =
+        create_mix_filters(&t.addr, app, version, args.mix_filters, &tag).await?;
     eprintln!(
         "million: {} filters active after {filters_active_s:.1} s",
         ids.len()

@@ -421,14 +421,7 @@ impl MetaIndex {
                     inc,
                     member,
                 } => {
-                    let filters = match state.members.get_mut(tenant.as_str()) {
-                        Some(f) => f,
-                        None => state.members.entry(tenant.to_string()).or_default(),
-                    };
-                    let set = match filters.get_mut(filter.as_str()) {
-                        Some(s) => s,
-                        None => filters.entry(filter.to_string()).or_default(),
-                    };
+                    let set = members_mut(&mut state.members, tenant, filter);
                     if *member {
                         set.insert(*inc);
                     } else {
@@ -439,18 +432,7 @@ impl MetaIndex {
                     tenant,
                     filter,
                     incs,
-                } => {
-                    let filters = match state.members.get_mut(tenant.as_str()) {
-                        Some(f) => f,
-                        None => state.members.entry(tenant.to_string()).or_default(),
-                    };
-                    match filters.get_mut(filter.as_str()) {
-                        Some(set) => *set |= incs,
-                        None => {
-                            filters.insert(filter.to_string(), incs.clone());
-                        }
-                    }
-                }
+                } => *members_mut(&mut state.members, tenant, filter) |= incs,
                 MemberChange::Clear { tenant, filter } => {
                     if let Some(filters) = state.members.get_mut(tenant.as_str()) {
                         filters.remove(filter.as_str());
@@ -540,6 +522,22 @@ impl MetaIndex {
             more,
         }
     }
+}
+
+/// A filter's members, created empty when it has none (no allocation when it exists).
+fn members_mut<'a>(
+    members: &'a mut Memberships,
+    tenant: &TenantId,
+    filter: &FilterId,
+) -> &'a mut RoaringTreemap {
+    let filters = match members.get_mut(tenant.as_str()) {
+        Some(_) => members.get_mut(tenant.as_str()).expect("present"),
+        None => members.entry(tenant.to_string()).or_default(),
+    };
+    if !filters.contains_key(filter.as_str()) {
+        filters.insert(filter.to_string(), RoaringTreemap::new());
+    }
+    filters.get_mut(filter.as_str()).expect("inserted")
 }
 
 fn members_of<'a>(
