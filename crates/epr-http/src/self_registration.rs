@@ -617,6 +617,15 @@ pub async fn create_claims(
                 ),
             ));
         }
+        // No field is nullable (the OpenAPI document says so): a `null` binding must not
+        // pass for an absent one and mint a claim token good for any endpoint.
+        if let Some((k, _)) = obj.iter().find(|(_, v)| v.is_null()) {
+            return Err(ApiError::bad_request(
+                k.as_str(),
+                "type",
+                format!("'{k}' must not be null; leave it out instead"),
+            ));
+        }
     }
     let req: ClaimBody = parse_json(&body.bytes)?;
     let expires_at = req
