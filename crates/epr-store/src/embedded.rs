@@ -416,25 +416,14 @@ fn build_index(
             .name("epr-store-open".into())
             .spawn_scoped(scope, move || {
                 let mut found = sqlite_filters::Found::default();
-                for batch in rx {
-                    for c in &batch {
-                        if let Some(ep) = &c.new {
-                            evaluator.evaluate(&mut found, &c.tenant, ep);
-                        }
-                    }
-                    index.apply(&batch);
+                for mut batch in rx {
+                    open_batch(evaluator, index, &mut batch, &mut found);
                 }
                 found
             })
             .map_err(unavailable)?;
         let here = |batch: &mut Vec<IndexChange>, found: &mut sqlite_filters::Found| {
-            for c in batch.iter() {
-                if let Some(ep) = &c.new {
-                    evaluator.evaluate(found, &c.tenant, ep);
-                }
-            }
-            index.apply(batch);
-            batch.clear();
+            open_batch(evaluator, index, batch, found)
         };
         let mut batch = Vec::with_capacity(BATCH);
         let mut to_helper = false;
@@ -479,6 +468,23 @@ fn build_index(
         "listing index and filter memberships built"
     );
     Ok(())
+}
+
+/// At open: one batch of stored endpoints evaluated by every filter and added to the
+/// listing index (the batch is left empty).
+fn open_batch(
+    evaluator: &sqlite_filters::Evaluator,
+    index: &MetaIndex,
+    batch: &mut Vec<IndexChange>,
+    found: &mut sqlite_filters::Found,
+) {
+    for c in batch.iter() {
+        if let Some(ep) = &c.new {
+            evaluator.evaluate(found, &c.tenant, ep);
+        }
+    }
+    index.apply(batch);
+    batch.clear();
 }
 
 /// Creates or upgrades the schema, all in one transaction: an upgrade that fails leaves the
@@ -1326,11 +1332,7 @@ fn list(
     // By endpoint IDs: SQL narrows to those few rows.
     let (cond, args) = where_clause(tenant, q);
     let after = page.after.unwrap_or(i64::MIN);
-    let members = q
-        .filter
-        .as_ref()
-        .map(|f| index.members(tenant.as_str(), f.as_str()));
-    if q.metadata.is_empty() && members.is_none() {
+    if q.metadata.is_empty() && q.filter.is_none() {
         let total: i64 = conn
             .prepare_cached(&format!("SELECT COUNT(*) FROM endpoints WHERE {cond}"))?
             .query_row(rusqlite::params_from_iter(args.iter()), |r| r.get(0))?;
@@ -1363,11 +1365,8 @@ fn list(
     let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
     while let Some(row) = rows.next()? {
         let ep = endpoint_from_row(row)?;
-        if !q.matches(&ep)
-            || members
-                .as_ref()
-                .is_some_and(|m| !m.contains(ep.incarnation as u64))
-        {
+        let member = |f: &FilterId| index.is_member(tenant.as_str(), f.as_str(), ep.incarnation);
+        if !q.matches(&ep) || q.filter.as_ref().is_some_and(|f| !member(f)) {
             continue;
         }
         total += 1;

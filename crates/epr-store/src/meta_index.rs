@@ -451,13 +451,11 @@ impl MetaIndex {
         members_of(&state.members, tenant, filter).map_or(0, |s| s.len())
     }
 
-    /// Whether each of `incs` is a member of the filter.
-    pub(crate) fn are_members(&self, tenant: &str, filter: &str, incs: &[i64]) -> Vec<bool> {
+    /// Whether the endpoint `inc` is a member of the filter.
+    pub(crate) fn is_member(&self, tenant: &str, filter: &str, inc: i64) -> bool {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        let set = members_of(&state.members, tenant, filter);
-        incs.iter()
-            .map(|&i| i >= 0 && set.is_some_and(|s| s.contains(i as u64)))
-            .collect()
+        inc >= 0
+            && members_of(&state.members, tenant, filter).is_some_and(|s| s.contains(inc as u64))
     }
 
     /// A copy of a filter's members (a bitmap: a few bytes per member at most).

@@ -808,6 +808,8 @@ pub(crate) fn matched_filters(
          ORDER BY filter_id",
     )?;
     let mut out = Vec::new();
+    // The endpoints of a page mostly share one application: its active filters are read once.
+    let mut active_of: HashMap<String, Vec<String>> = HashMap::new();
     for ep in endpoints {
         let Some((inc, app)) = endpoint
             .query_row(params![tenant, ep.as_str()], |r| {
@@ -817,12 +819,18 @@ pub(crate) fn matched_filters(
         else {
             continue;
         };
-        let ids = active
-            .query_map(params![tenant, app], |r| r.get::<_, String>(0))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let ids = match active_of.get(&app) {
+            Some(ids) => ids,
+            None => {
+                let ids = active
+                    .query_map(params![tenant, app], |r| r.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                active_of.entry(app).or_insert(ids)
+            }
+        };
         for id in ids {
-            if index.are_members(tenant, &id, &[inc])[0] {
-                out.push((ep.clone(), FilterId::parse(&id).map_err(|e| corrupt(0, e))?));
+            if index.is_member(tenant, id, inc) {
+                out.push((ep.clone(), FilterId::parse(id).map_err(|e| corrupt(0, e))?));
             }
         }
     }
