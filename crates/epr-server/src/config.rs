@@ -245,7 +245,8 @@ pub struct StoreSettings {
     pub backfill_batch: u32,
     /// Rest between back-fill steps (a throttle; 0 = none).
     pub backfill_pause_ms: u64,
-    /// The writer's SQLite page cache, in MiB.
+    /// The writer's SQLite page cache, in MiB. Small by default: SQLite walks the whole cache
+    /// after most commits (see `EmbeddedConfig::cache_mib`).
     pub cache_mib: u32,
     /// Check of the database file at start: `quick` (`PRAGMA quick_check`), `full`
     /// (`PRAGMA integrity_check`, also compares indexes with tables) or `off`. A damaged
@@ -383,7 +384,7 @@ impl Default for StoreSettings {
             backfill_step_ms: 5,
             backfill_batch: 512,
             backfill_pause_ms: 0,
-            cache_mib: 64,
+            cache_mib: 8,
             integrity_check: "quick".into(),
             postgres: PostgresSettings::default(),
         }

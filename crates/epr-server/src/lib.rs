@@ -45,7 +45,8 @@ impl Clock for SystemClock {
     }
 }
 
-/// UUIDv4 everywhere: Kaa's endpoint IDs are UUIDs, and 122 random bits make a token.
+/// UUIDv4 for IDs and secrets: Kaa's endpoint IDs are UUIDs, and 122 random bits make a
+/// token. Token IDs are the exception (below).
 pub(crate) struct UuidIds;
 
 impl IdSource for UuidIds {
@@ -60,6 +61,13 @@ impl IdSource for UuidIds {
     }
     fn filter_id(&self) -> String {
         uuid::Uuid::new_v4().to_string()
+    }
+    /// UUIDv7 (time-ordered): every registration stores a token, and a random ID would land
+    /// each one on a random page of the token-ID index, which a group commit then writes out
+    /// whole; time-ordered IDs append. A token ID is a handle, not a secret, and its token's
+    /// `createdDate` already tells the time it carries.
+    fn token_id(&self) -> String {
+        uuid::Uuid::now_v7().to_string()
     }
 }
 

@@ -3,7 +3,7 @@
 //! the command's transaction); claim tokens and rejections have writer jobs of their own.
 //! Reads run on read-only connections.
 
-use crate::embedded::unavailable;
+use crate::embedded::{unavailable, unavailable_msg};
 use epr_core::credentials::{
     ClaimBinding, ClaimToken, ClaimUse, IdPattern, RefusalReason, Rejection, StoredToken,
     TokenListQuery, TokenOp, TokenStatus,
@@ -196,29 +196,65 @@ pub(crate) fn list_tokens(
 }
 
 /// Why a new token row cannot be stored: its hash is held in the application, or its ID in
-/// the tenant. Checked before a command's first write.
+/// the tenant, probed before any write (for commands with several new tokens).
 pub(crate) fn check_new_token(
     conn: &Connection,
     tenant: &str,
     token: &StoredToken,
 ) -> Result<(), StoreError> {
-    let (hash_taken, id_taken): (bool, bool) = conn
-        .prepare_cached(
-            "SELECT EXISTS(SELECT 1 FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3), \
+    let (hash_taken, id_taken) = token_taken(conn, tenant, token)?;
+    token_conflict(token, hash_taken, id_taken)
+}
+
+/// Inserts a new token, refusing it (`409`, nothing written) when its hash is taken in the
+/// application or its ID in the tenant: the table's primary key and `tokens_by_id` say so.
+pub(crate) fn insert_new_token(
+    conn: &Connection,
+    tenant: &str,
+    token: &StoredToken,
+) -> Result<(), StoreError> {
+    match insert_token(conn, tenant, token) {
+        Ok(()) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            // The message names the index; the error code alone does not say which one
+            // (the primary key of a WITHOUT ROWID table may report either code).
+            let (hash_taken, id_taken) = token_taken(conn, tenant, token)?;
+            token_conflict(token, hash_taken, id_taken)?;
+            Err(unavailable_msg(format!(
+                "a token insert broke a constraint without a taken hash or ID: {e}"
+            )))
+        }
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// Whether a token's hash is taken in its application, and its ID in the tenant.
+fn token_taken(
+    conn: &Connection,
+    tenant: &str,
+    token: &StoredToken,
+) -> Result<(bool, bool), StoreError> {
+    conn.prepare_cached(
+        "SELECT EXISTS(SELECT 1 FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3), \
              EXISTS(SELECT 1 FROM tokens WHERE tenant=?1 AND token_id=?4)",
+    )
+    .and_then(|mut s| {
+        s.query_row(
+            params![
+                tenant,
+                token.app.as_str(),
+                &token.hash.0[..],
+                token.id.as_str()
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
-        .and_then(|mut s| {
-            s.query_row(
-                params![
-                    tenant,
-                    token.app.as_str(),
-                    &token.hash.0[..],
-                    token.id.as_str()
-                ],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-        })
-        .map_err(unavailable)?;
+    })
+    .map_err(unavailable)
+}
+
+fn token_conflict(token: &StoredToken, hash_taken: bool, id_taken: bool) -> Result<(), StoreError> {
     if hash_taken {
         return Err(DomainError::Conflict {
             field: "endpointToken",
@@ -289,10 +325,12 @@ pub(crate) fn apply_ops(
     tenant: &str,
     endpoint: &EndpointId,
     ops: &[TokenOp],
+    with_inserts: bool,
 ) -> rusqlite::Result<()> {
     for op in ops {
         match op {
-            TokenOp::Insert(t) => insert_token(conn, tenant, t)?,
+            TokenOp::Insert(t) if with_inserts => insert_token(conn, tenant, t)?,
+            TokenOp::Insert(_) => {}
             TokenOp::SetStatus {
                 id,
                 status,
