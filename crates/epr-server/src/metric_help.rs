@@ -72,7 +72,12 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         "epr_store_commit_seconds",
         Histogram,
-        "Duration of one group commit of the store's writer (transaction and fsync).",
+        "Duration of one group commit of the store's writer (embedded: the transaction; its fsync is epr_store_sync_seconds; PostgreSQL: the transaction and its COMMIT).",
+    ),
+    (
+        "epr_store_sync_seconds",
+        Histogram,
+        "Duration of one fdatasync of the embedded store's write-ahead log; it makes every group committed before it durable, and only then are they answered.",
     ),
     (
         "epr_store_commit_group_size",

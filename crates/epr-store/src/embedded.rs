@@ -33,6 +33,7 @@ use epr_core::Timestamp;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -160,6 +161,8 @@ pub struct EmbeddedStore {
     store_id: String,
     /// Whether the file is known to be damaged (then writes are refused).
     health: Arc<StoreHealth>,
+    /// The last outbox ID known to be on disk: the relay publishes nothing past it.
+    durable_outbox: Arc<AtomicI64>,
     /// The data directory lock, released by `shutdown` (or on drop), so the directory can
     /// be opened again in the same process.
     lock: Mutex<Option<DataDirLock>>,
@@ -195,11 +198,14 @@ impl EmbeddedStore {
         conn.execute_batch("PRAGMA busy_timeout=5000;")
             .map_err(unavailable)?;
         integrity::check_at_open(&conn, &path, config.integrity_check)?;
-        // FULL: the WAL is fsync'd at every commit, so an acknowledged write survives power
-        // loss. Checkpoints run on their own thread (see `checkpointer`), off the commit path;
-        // the writer checkpoints itself only if the WAL grows past ~256 MiB.
+        // NORMAL: a commit writes the WAL without waiting for the disk; the syncer thread
+        // (see `syncer`) fsyncs the WAL after it and only then answers, so an acknowledged
+        // write survives power loss and the writer goes on to the next group meanwhile.
+        // SQLite still syncs the WAL before every checkpoint and its header when it is reused.
+        // Checkpoints run on their own thread (see `checkpointer`), off the commit path; the
+        // writer checkpoints itself only if the WAL grows past ~64 MiB.
         conn.execute_batch(
-            "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; \
+            "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; \
              PRAGMA temp_store=MEMORY; PRAGMA wal_autocheckpoint=65536;",
         )
         .map_err(unavailable)?;
@@ -246,10 +252,26 @@ impl EmbeddedStore {
         let mut filters = FilterCache::load(&conn, index.clone())?;
         build_index(&conn, &index, &mut filters)?;
         let health = Arc::new(StoreHealth::new(path.clone()));
+        // The WAL exists once the connection has read in WAL mode (above). What it holds now
+        // is made durable before anything is published from it.
+        let wal = std::fs::File::open(wal_path(&path)).map_err(unavailable)?;
+        wal.sync_data().map_err(unavailable)?;
+        let durable_outbox = Arc::new(AtomicI64::new(
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM outbox", [], |r| r.get(0))
+                .map_err(unavailable)?,
+        ));
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
+        let syncer_handle = {
+            let (health, waker, durable) = (health.clone(), waker.clone(), durable_outbox.clone());
+            std::thread::Builder::new()
+                .name("epr-store-sync".into())
+                .spawn(move || syncer(wal, sync_rx, durable, waker, health))
+                .map_err(unavailable)?
+        };
         let mut writer = Writer {
+            syncer: Some((sync_tx, syncer_handle)),
             health: health.clone(),
             failure_log: LogGate::default(),
-            waker: waker.clone(),
             filters,
             index: index.clone(),
             conn,
@@ -285,6 +307,7 @@ impl EmbeddedStore {
             waker,
             store_id: format!("{store_id:x}"),
             health,
+            durable_outbox,
             lock: Mutex::new(Some(lock)),
             index,
             read_slots: Arc::new(tokio::sync::Semaphore::new(config.readers.max(1))),
@@ -650,13 +673,17 @@ pub(crate) fn load(
 /// The single writer. Owns the read-write connection.
 struct Writer {
     conn: Connection,
+    /// Where committed groups go to be made durable and answered (see [`syncer`]); taken
+    /// and joined when the writer stops.
+    syncer: Option<(
+        std::sync::mpsc::Sender<Durable>,
+        std::thread::JoinHandle<()>,
+    )>,
     next_incarnation: i64,
     max_group: usize,
     batch_retention_ms: i64,
     record_events: bool,
     last_prune: Option<Instant>,
-    /// Told after a commit that appended events (the outbox relay's wake-up).
-    waker: Arc<Mutex<Option<OutboxWaker>>>,
     /// Every saved filter, compiled; mirrors the committed `filters` rows.
     filters: FilterCache,
     /// The listing index: a group's changes are applied once it committed.
@@ -756,6 +783,11 @@ impl Writer {
             }
             stop = jobs.iter().any(|j| matches!(j, Job::Shutdown(_)));
             self.commit_group(jobs);
+        }
+        // Every committed group is synced and answered before the final checkpoint.
+        if let Some((tx, handle)) = self.syncer.take() {
+            drop(tx);
+            let _ = handle.join();
         }
         // A clean stop folds the WAL into the database file, so the file alone holds every
         // commit (for copies and checks) and the next start replays nothing.
@@ -946,10 +978,15 @@ impl Writer {
                 // Before any answer: a listing started after an acknowledged write sees it.
                 self.index.apply(&changes);
                 self.index.apply_members(&self.filters.take_staged());
-                pending.into_iter().for_each(Pending::deliver);
-                if appended {
-                    self.wake_relay();
-                }
+                let outbox_through = if appended && self.record_events {
+                    self.last_outbox_id()
+                } else {
+                    None
+                };
+                self.make_durable(Durable {
+                    pending,
+                    outbox_through,
+                });
             }
             Err(e) => {
                 self.health.observe_sqlite(&e);
@@ -976,16 +1013,12 @@ impl Writer {
         }
     }
 
-    /// One bounded step of filter back-fill in its own transaction. It is committed without
-    /// waiting for the disk (`synchronous=NORMAL`): nothing acknowledged depends on it, the
-    /// rows and the cursor commit together, and the next durable commit syncs them anyway.
-    /// A step lost to power loss is simply done again.
+    /// One bounded step of filter back-fill in its own transaction. Nothing acknowledged
+    /// waits for it: the rows and the cursor commit together, and only its events go through
+    /// the syncer (none is published before it is on disk). A step lost to power loss is
+    /// simply done again.
     fn backfill_step(&mut self) {
         let result = (|| -> Result<bool, StoreError> {
-            // SQLite refuses to change the safety level inside a transaction.
-            self.conn
-                .execute_batch("PRAGMA synchronous=NORMAL")
-                .map_err(unavailable)?;
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -1000,16 +1033,18 @@ impl Writer {
             if self.record_events {
                 append_events(&tx, &events).map_err(unavailable)?;
             }
-            let committed = tx.commit().map_err(unavailable);
-            self.conn
-                .execute_batch("PRAGMA synchronous=FULL")
-                .map_err(unavailable)?;
-            committed?;
+            tx.commit().map_err(unavailable)?;
             Ok(!events.is_empty())
         })();
         match result {
-            Ok(true) => self.wake_relay(),
-            Ok(false) => {}
+            Ok(true) if self.record_events => {
+                let outbox_through = self.last_outbox_id();
+                self.make_durable(Durable {
+                    pending: Vec::new(),
+                    outbox_through,
+                });
+            }
+            Ok(_) => {}
             Err(e) => {
                 self.health.observe(&e);
                 if let Some(suppressed) = self.failure_log.admit(Instant::now()) {
@@ -1019,19 +1054,104 @@ impl Writer {
                         "filter back-fill step failed; retrying in 1 s"
                     );
                 }
-                let _ = self.conn.execute_batch("PRAGMA synchronous=FULL");
                 self.reload_filters();
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
     }
 
-    fn wake_relay(&self) {
-        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(wake) = waker {
-            wake();
+    /// The newest outbox row, read after a commit that may have appended events.
+    fn last_outbox_id(&self) -> Option<i64> {
+        match self.conn.query_row("SELECT MAX(id) FROM outbox", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        }) {
+            Ok(id) => id,
+            Err(e) => {
+                // The events stay unpublished until a later commit names a newer row.
+                tracing::warn!(error = %e, "reading the outbox's last ID failed");
+                None
+            }
         }
     }
+
+    /// Hands a committed group to the syncer, which answers it once the WAL is on disk.
+    fn make_durable(&self, group: Durable) {
+        match &self.syncer {
+            Some((tx, _)) => {
+                if let Err(std::sync::mpsc::SendError(group)) = tx.send(group) {
+                    // The syncer stopped (it panicked): nothing can be confirmed any more.
+                    let msg = "the store's syncer stopped; the write's durability is unknown";
+                    group.pending.into_iter().for_each(|p| p.fail(msg));
+                }
+            }
+            None => {
+                let msg = "the store is stopping";
+                group.pending.into_iter().for_each(|p| p.fail(msg));
+            }
+        }
+    }
+}
+
+/// A committed group on its way to the disk: its answers, and the last outbox row it wrote.
+struct Durable {
+    pending: Vec<Pending>,
+    outbox_through: Option<i64>,
+}
+
+/// Makes committed groups durable: one `fdatasync` of the WAL covers every group committed
+/// before it, so while it runs the writer commits the next groups, and the next sync takes
+/// them all. Only then are the groups answered and their events released to the relay.
+/// A failed sync leaves the commits' fate on disk unknown: their writers get `503`, and
+/// writes are refused from then on (the kernel may have dropped the pages it failed to
+/// write, so a later sync succeeding would prove nothing).
+fn syncer(
+    wal: std::fs::File,
+    rx: std::sync::mpsc::Receiver<Durable>,
+    durable_outbox: Arc<AtomicI64>,
+    waker: Arc<Mutex<Option<OutboxWaker>>>,
+    health: Arc<StoreHealth>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut groups = vec![first];
+        groups.extend(rx.try_iter());
+        let failed = health.corrupted().map(str::to_owned).or_else(|| {
+            let started = Instant::now();
+            let synced = wal.sync_data();
+            metrics::histogram!("epr_store_sync_seconds").record(started.elapsed().as_secs_f64());
+            synced.err().map(|e| {
+                let reason = format!("syncing the write-ahead log to disk failed: {e}");
+                health.refuse_writes(&reason);
+                reason
+            })
+        });
+        if let Some(reason) = failed {
+            for group in groups {
+                group.pending.into_iter().for_each(|p| p.fail(&reason));
+            }
+            continue;
+        }
+        let mut events = false;
+        for group in groups {
+            if let Some(id) = group.outbox_through {
+                durable_outbox.fetch_max(id, Ordering::AcqRel);
+                events = true;
+            }
+            group.pending.into_iter().for_each(Pending::deliver);
+        }
+        if events {
+            let waker = waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(wake) = waker {
+                wake();
+            }
+        }
+    }
+}
+
+/// The WAL file SQLite keeps beside the database file.
+fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
 }
 
 fn now_millis() -> i64 {
@@ -1638,12 +1758,16 @@ impl Store for EmbeddedStore {
         after: i64,
         limit: usize,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
+        // Rows past the durable mark may belong to a commit a power loss would undo.
+        let through = self.durable_outbox.load(Ordering::Acquire);
         self.read(move |c| {
             let mut stmt = c
-                .prepare_cached("SELECT id, event FROM outbox WHERE id>?1 ORDER BY id LIMIT ?2")
+                .prepare_cached(
+                    "SELECT id, event FROM outbox WHERE id>?1 AND id<=?3 ORDER BY id LIMIT ?2",
+                )
                 .map_err(unavailable)?;
             let rows = stmt
-                .query_map([after, limit as i64], |r| {
+                .query_map([after, limit as i64, through], |r| {
                     Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
                 })
                 .map_err(unavailable)?;
@@ -2311,6 +2435,43 @@ mod tests {
         };
         let next = store.execute(Command::Register(reg), ctx).await.unwrap();
         assert!(next.endpoint().incarnation > before.incarnation);
+        store.shutdown().await;
+    }
+
+    /// The relay reads only rows at or below the durable mark: a row committed but not yet
+    /// synced (here: one written beside the writer, which no sync of the store covered) is
+    /// not handed out, and the rows of an acknowledged write are.
+    #[tokio::test]
+    async fn the_relay_sees_only_rows_made_durable() {
+        use crate::conformance::register;
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        register(&store, "t1", "ep-1", "app-v1", serde_json::json!({"a": 1})).await;
+        let acknowledged = store.outbox_pending(0, 100).await.unwrap();
+        assert!(
+            !acknowledged.is_empty(),
+            "an acknowledged write's events are published"
+        );
+        let last = acknowledged.last().unwrap().id;
+        let side = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        side.execute_batch("PRAGMA busy_timeout=5000;").unwrap();
+        let unsynced = acknowledged[0].event.clone();
+        side.execute(
+            "INSERT INTO outbox(event) VALUES(?1)",
+            [codec::encode_outbox(&unsynced)],
+        )
+        .unwrap();
+        let pending = store.outbox_pending(0, 100).await.unwrap();
+        assert_eq!(
+            pending.last().unwrap().id,
+            last,
+            "no row past the durable mark"
+        );
+        // The next acknowledged write's sync covers the row written beside it too.
+        register(&store, "t1", "ep-2", "app-v1", serde_json::json!({"a": 2})).await;
+        let pending = store.outbox_pending(0, 100).await.unwrap();
+        assert!(pending.iter().any(|e| e.id == last + 1));
+        assert!(pending.len() > acknowledged.len() + 1);
         store.shutdown().await;
     }
 }

@@ -163,6 +163,24 @@ impl StoreHealth {
         }
     }
 
+    /// Refuses writes from now on for a failure that is not damage to the file (a failed
+    /// sync of the WAL): readiness goes DOWN, and a restart recovers what is on disk.
+    pub(crate) fn refuse_writes(&self, cause: &str) {
+        let mut first = false;
+        self.corrupted.get_or_init(|| {
+            first = true;
+            format!("{cause}; writes are refused until the server restarts")
+        });
+        if first {
+            tracing::error!(
+                path = %self.path.display(),
+                error = %cause,
+                "the store cannot make writes durable: writes are refused from now on and \
+                 readiness is DOWN; restart the server"
+            );
+        }
+    }
+
     fn latch(&self, cause: &str) {
         let mut first = false;
         self.corrupted.get_or_init(|| {
