@@ -384,7 +384,7 @@ impl Default for StoreSettings {
             backfill_step_ms: 5,
             backfill_batch: 512,
             backfill_pause_ms: 0,
-            cache_mib: 8,
+            cache_mib: 4,
             integrity_check: "quick".into(),
             postgres: PostgresSettings::default(),
         }

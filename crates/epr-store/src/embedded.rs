@@ -53,7 +53,7 @@ pub struct EmbeddedConfig {
     pub record_events: bool,
     /// How filter back-fill shares the writer with writes.
     pub backfill: BackfillPace,
-    /// SQLite page cache of the writer, in MiB. Keep it small (8 by default). When a page
+    /// SQLite page cache of the writer, in MiB. Keep it small (4 by default). When a page
     /// split reorders sibling pages, SQLite parks a page under the number of the lock page
     /// (byte offset 1 GiB) for a moment; the cache remembers that as its largest key, and the
     /// commit then trims every page past the end of the file by walking the whole cache. That
@@ -76,7 +76,7 @@ impl EmbeddedConfig {
             batch_retention_ms: 7 * 24 * 3_600_000,
             record_events: true,
             backfill: BackfillPace::default(),
-            cache_mib: 8,
+            cache_mib: 4,
             integrity_check: IntegrityCheck::default(),
             rejections_kept: epr_core::credentials::REJECTIONS_KEPT,
         }
