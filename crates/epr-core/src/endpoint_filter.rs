@@ -291,6 +291,18 @@ pub struct FilterPlan {
 /// ([`Filter::metadata_keys`]) and `changed_keys` those a metadata write changed: when the
 /// two are disjoint the answer cannot have changed and the filter is not evaluated. Both
 /// stores' live matching decides with this.
+/// Whether a write may change a filter's answer: `false` only when the filter says which
+/// metadata keys it reads (`reads`) and the write changed none of them.
+pub fn reads_changed(
+    reads: Option<&[String]>,
+    changed_keys: Option<&std::collections::BTreeSet<&str>>,
+) -> bool {
+    match (changed_keys, reads) {
+        (Some(changed), Some(reads)) => reads.iter().any(|k| changed.contains(k.as_str())),
+        _ => true,
+    }
+}
+
 pub fn membership_change(
     filter: &Filter,
     reads: Option<&[String]>,
@@ -298,10 +310,8 @@ pub fn membership_change(
     new: Option<&crate::endpoint::Endpoint>,
     changed_keys: Option<&std::collections::BTreeSet<&str>>,
 ) -> Option<bool> {
-    if let (Some(changed), Some(reads)) = (changed_keys, reads) {
-        if !reads.iter().any(|k| changed.contains(k.as_str())) {
-            return None;
-        }
+    if !reads_changed(reads, changed_keys) {
+        return None;
     }
     let matches =
         |e: &crate::endpoint::Endpoint| filter.matches(e.app_version.as_str(), e.metadata.as_map());

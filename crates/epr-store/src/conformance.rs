@@ -138,7 +138,7 @@ pub(crate) fn ctx(t: &str) -> WriteCtx {
     }
 }
 
-fn reg(id: &str, version: &str, token: &str, md: Value) -> Registration {
+pub(crate) fn reg(id: &str, version: &str, token: &str, md: Value) -> Registration {
     let app = AppName::parse(version.rsplit_once('-').unwrap().0).unwrap();
     Registration {
         id: EndpointId::parse(id).unwrap(),

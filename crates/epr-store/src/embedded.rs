@@ -14,7 +14,7 @@ use crate::lock::DataDirLock;
 use crate::meta_index::{IndexChange, MetaIndex};
 use crate::sqlite_credentials;
 pub use crate::sqlite_filters::BackfillPace;
-use crate::sqlite_filters::{self, FilterCache};
+use crate::sqlite_filters::{self, FilterCache, Precomputed, SharedFilterView};
 use async_trait::async_trait;
 use epr_core::command::{plan, Command, Effect, Loaded, WriteCtx};
 use epr_core::credentials::{ClaimToken, Rejection, StoredToken, TokenListQuery, TokenOp};
@@ -136,7 +136,8 @@ pub(crate) const ENDPOINT_COLUMNS: &str = "incarnation, endpoint_id, app, app_ve
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum Job {
-    Execute(Command, WriteCtx, Reply<Effect>),
+    /// With a new endpoint's filter matches when it was evaluated before the queue.
+    Execute(Command, WriteCtx, Option<Precomputed>, Reply<Effect>),
     Batch(BatchRequest, WriteCtx, Reply<BatchOutcome>),
     Filter(FilterCommand, WriteCtx, Reply<EndpointFilter>),
     OutboxAck(i64, Reply<()>),
@@ -163,6 +164,8 @@ pub struct EmbeddedStore {
     health: Arc<StoreHealth>,
     /// The last outbox ID known to be on disk: the relay publishes nothing past it.
     durable_outbox: Arc<AtomicI64>,
+    /// The writer's filters, for evaluating new endpoints before they reach the writer.
+    filter_view: SharedFilterView,
     /// The data directory lock, released by `shutdown` (or on drop), so the directory can
     /// be opened again in the same process.
     lock: Mutex<Option<DataDirLock>>,
@@ -249,7 +252,8 @@ impl EmbeddedStore {
         let (tx, rx) = mpsc::channel(config.max_group.max(1) * 4);
         let waker: Arc<Mutex<Option<OutboxWaker>>> = Arc::default();
         let index = Arc::new(MetaIndex::default());
-        let mut filters = FilterCache::load(&conn, index.clone())?;
+        let filter_view = SharedFilterView::default();
+        let mut filters = FilterCache::load(&conn, index.clone(), filter_view.clone())?;
         build_index(&conn, &index, &mut filters)?;
         let health = Arc::new(StoreHealth::new(path.clone()));
         // The WAL exists once the connection has read in WAL mode (above). What it holds now
@@ -308,6 +312,7 @@ impl EmbeddedStore {
             store_id: format!("{store_id:x}"),
             health,
             durable_outbox,
+            filter_view,
             lock: Mutex::new(Some(lock)),
             index,
             read_slots: Arc::new(tokio::sync::Semaphore::new(config.readers.max(1))),
@@ -861,7 +866,7 @@ impl Writer {
             }
             appended |= matches!(job, Job::Execute(..) | Job::Batch(..) | Job::Filter(..));
             let outcome = match job {
-                Job::Execute(cmd, ctx, reply) => {
+                Job::Execute(cmd, ctx, precomputed, reply) => {
                     let inc = self.next_incarnation;
                     self.next_incarnation += 1;
                     let result = execute(
@@ -872,6 +877,7 @@ impl Writer {
                         &ctx,
                         inc,
                         self.record_events,
+                        precomputed.as_ref(),
                     );
                     Pending::Effect(reply, result)
                 }
@@ -1006,7 +1012,7 @@ impl Writer {
 impl Writer {
     /// Makes the filter cache match the committed rows again after a rollback.
     fn reload_filters(&mut self) {
-        match FilterCache::load(&self.conn, self.index.clone()) {
+        match FilterCache::load(&self.conn, self.index.clone(), self.filters.view()) {
             Ok(cache) => self.filters = cache,
             // Keep the old copy: the next group's reads of stored membership still hold.
             Err(e) => tracing::error!(error = %e, "reloading filters after a rollback failed"),
@@ -1164,7 +1170,7 @@ fn now_millis() -> i64 {
 fn reply_unavailable(job: Job, msg: &str) {
     let err = || unavailable_msg(msg.to_owned());
     match job {
-        Job::Execute(_, _, r) => drop(r.send(Err(err()))),
+        Job::Execute(_, _, _, r) => drop(r.send(Err(err()))),
         Job::Batch(_, _, r) => drop(r.send(Err(err()))),
         Job::Filter(_, _, r) => drop(r.send(Err(err()))),
         Job::Import(_, r) => drop(r.send(Err(err()))),
@@ -1188,6 +1194,7 @@ fn execute(
     ctx: &WriteCtx,
     incarnation: i64,
     record_events: bool,
+    precomputed: Option<&Precomputed>,
 ) -> Result<Effect, StoreError> {
     let tenant = ctx.tenant.as_str();
     let endpoint_id = cmd.endpoint_id();
@@ -1301,24 +1308,26 @@ fn execute(
             .map_err(unavailable)?;
     }
     let changed_keys = plan.changed_metadata_keys(cmd);
-    // The endpoint's own events first, then its membership events.
+    // The endpoint's own events first, then its membership events (built only when they
+    // are recorded: with 100 filters that is a few dozen events per registration).
     let mut membership = Vec::new();
     filters.match_endpoint(
         &plan.effect,
         old.as_ref(),
         changed_keys.as_ref(),
         ctx,
-        &mut membership,
+        record_events.then_some(&mut membership),
+        precomputed,
     )?;
-    // Then the token events.
-    let events: Vec<OutboxEvent> = plan
-        .events
-        .into_iter()
-        .map(OutboxEvent::from)
-        .chain(membership)
-        .chain(plan.tokens.events.into_iter().map(OutboxEvent::from))
-        .collect();
     if record_events {
+        // Then the token events.
+        let events: Vec<OutboxEvent> = plan
+            .events
+            .into_iter()
+            .map(OutboxEvent::from)
+            .chain(membership)
+            .chain(plan.tokens.events.into_iter().map(OutboxEvent::from))
+            .collect();
         append_events(conn, &events).map_err(unavailable)?;
     }
     // Only now: a refused command changes nothing, the index included.
@@ -1404,7 +1413,7 @@ fn register_batch(
                 let inc = *next_incarnation;
                 *next_incarnation += 1;
                 let cmd = Command::Register(reg);
-                match execute(conn, filters, changes, &cmd, ctx, inc, record_events) {
+                match execute(conn, filters, changes, &cmd, ctx, inc, record_events, None) {
                     Ok(effect) => Ok(effect),
                     Err(StoreError::Rejected(e)) => Err(e.to_string()),
                     Err(e) => return Err(e),
@@ -1579,7 +1588,25 @@ fn list_indexed(
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn execute(&self, cmd: Command, ctx: WriteCtx) -> Result<Effect, StoreError> {
-        self.write(|r| Job::Execute(cmd, ctx, r)).await
+        // A registration's filters are evaluated here, on the request's thread, in parallel
+        // with the others; the writer checks the answer still applies.
+        let precomputed = match &cmd {
+            Command::Register(reg) => {
+                let view = self
+                    .filter_view
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                view.evaluate(
+                    ctx.tenant.as_str(),
+                    reg.app.as_str(),
+                    reg.app_version.as_str(),
+                    reg.metadata.as_map(),
+                )
+            }
+            _ => None,
+        };
+        self.write(|r| Job::Execute(cmd, ctx, precomputed, r)).await
     }
 
     async fn register_batch(
@@ -2472,6 +2499,53 @@ mod tests {
         let pending = store.outbox_pending(0, 100).await.unwrap();
         assert!(pending.iter().any(|e| e.id == last + 1));
         assert!(pending.len() > acknowledged.len() + 1);
+        store.shutdown().await;
+    }
+
+    /// A registration's filters evaluated before the queue are used only against the filter
+    /// set they were evaluated with: after a filter is added, a stale answer is ignored and
+    /// the writer evaluates again; with the current set, the answer is taken as given.
+    #[tokio::test]
+    async fn precomputed_filter_matches_apply_only_to_their_filter_set() {
+        use crate::conformance::filters::{create, members, wait_active};
+        use crate::conformance::{ctx, reg};
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        let high =
+            serde_json::json!({"metadata": {"$elemMatch": {"key": "n", "value": {"$gte": 10}}}});
+        create(&store, "t1", "app", "f-a", high.clone()).await;
+        wait_active(&store, "t1", "f-a").await;
+        let view = || store.filter_view.read().unwrap().clone();
+        let md = serde_json::json!({"n": 15});
+        let evaluate = || {
+            view()
+                .evaluate("t1", "app", "app-v1", md.as_object().unwrap())
+                .unwrap()
+        };
+        let stale = evaluate();
+        assert_eq!(stale.matches, vec![true]);
+        create(&store, "t1", "app", "f-b", high).await;
+        wait_active(&store, "t1", "f-b").await;
+        let send = |id: &str, pre: Precomputed| {
+            let cmd = Command::Register(reg(id, "app-v1", &format!("tok-{id}"), md.clone()));
+            store.write(move |r| Job::Execute(cmd, ctx("t1"), Some(pre), r))
+        };
+        send("ep-stale", stale).await.unwrap();
+        let mut current = evaluate();
+        assert_eq!(current.matches, vec![true, true]);
+        current.matches = vec![false, true];
+        send("ep-current", current).await.unwrap();
+        let ids = |m: BTreeSet<String>| -> Vec<String> { m.into_iter().collect() };
+        assert_eq!(
+            ids(members(&store, "t1", "f-b").await),
+            ["ep-current", "ep-stale"],
+            "the stale answer knew nothing of f-b; the writer evaluated again"
+        );
+        assert_eq!(
+            ids(members(&store, "t1", "f-a").await),
+            ["ep-stale"],
+            "the current answer (forged: not f-a) was taken as given"
+        );
         store.shutdown().await;
     }
 }

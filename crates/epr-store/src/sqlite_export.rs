@@ -150,9 +150,8 @@ fn import_endpoint(
         correlation_id: String::new(),
         limits: Default::default(),
     };
-    let mut discarded = Vec::new();
     let effect = Effect::Insert(endpoint);
-    filters.match_endpoint(&effect, None, None, &ctx, &mut discarded)?;
+    filters.match_endpoint(&effect, None, None, &ctx, None, None)?;
     changes.push(crate::meta_index::IndexChange {
         tenant: ctx.tenant,
         old: None,
