@@ -258,7 +258,13 @@ impl EmbeddedStore {
         let health = Arc::new(StoreHealth::new(path.clone()));
         // The WAL exists once the connection has read in WAL mode (above). What it holds now
         // is made durable before anything is published from it.
-        let wal = std::fs::File::open(wal_path(&path)).map_err(unavailable)?;
+        let wal = std::fs::File::open(wal_path(&path)).map_err(|e| {
+            unavailable_msg(format!(
+                "cannot open the write-ahead log beside {} ({e}); the store needs SQLite's WAL \
+                 mode, which some file systems (network mounts) do not support",
+                path.display()
+            ))
+        })?;
         wal.sync_data().map_err(unavailable)?;
         let durable_outbox = Arc::new(AtomicI64::new(
             conn.query_row("SELECT COALESCE(MAX(id), 0) FROM outbox", [], |r| r.get(0))
@@ -1117,22 +1123,27 @@ fn syncer(
     waker: Arc<Mutex<Option<OutboxWaker>>>,
     health: Arc<StoreHealth>,
 ) {
+    // Once a sync failed, every later group fails too: the WAL may lack frames the kernel
+    // dropped, and recovery stops at the first missing frame.
+    let mut failure: Option<String> = None;
     while let Ok(first) = rx.recv() {
         let mut groups = vec![first];
         groups.extend(rx.try_iter());
-        let failed = health.corrupted().map(str::to_owned).or_else(|| {
+        // Groups committed before a damaged page was found elsewhere are still synced and
+        // answered: their commits succeeded.
+        if failure.is_none() {
             let started = Instant::now();
             let synced = wal.sync_data();
             metrics::histogram!("epr_store_sync_seconds").record(started.elapsed().as_secs_f64());
-            synced.err().map(|e| {
+            if let Err(e) = synced {
                 let reason = format!("syncing the write-ahead log to disk failed: {e}");
                 health.refuse_writes(&reason);
-                reason
-            })
-        });
-        if let Some(reason) = failed {
+                failure = Some(reason);
+            }
+        }
+        if let Some(reason) = &failure {
             for group in groups {
-                group.pending.into_iter().for_each(|p| p.fail(&reason));
+                group.pending.into_iter().for_each(|p| p.fail(reason));
             }
             continue;
         }
