@@ -1,11 +1,13 @@
-//! The embedded backend: SQLite in WAL mode with `synchronous=FULL`, so every acknowledged
-//! commit is on disk and a torn write is rolled back by SQLite's recovery on open.
+//! The embedded backend: SQLite in WAL mode. A commit does not wait for the disk
+//! (`synchronous=NORMAL`); a syncer thread fdatasyncs the WAL and only then answers, so every
+//! acknowledged commit is on disk, and a torn write is rolled back by SQLite's recovery on open.
 //!
 //! Writes go through one writer thread that drains its queue and commits everything queued
-//! in one transaction (group commit): a durable commit costs one fsync, so batching is what
-//! lifts throughput above the few thousand commits per second a disk allows. Every command
-//! checks all its rules before its first write, so a refused command leaves nothing behind
-//! and does not affect its neighbours. Reads use
+//! in one transaction (group commit), and one sync covers every group committed before it
+//! while the writer goes on: batching is what lifts throughput above the few thousand syncs
+//! per second a disk allows. Every command checks all its rules before its first write (the
+//! new-token rule by that very insert), so a refused command leaves nothing behind and does
+//! not affect its neighbours. Reads use
 //! a pool of read-only connections on blocking threads; WAL lets them run beside the writer.
 
 use crate::codec;

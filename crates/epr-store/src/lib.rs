@@ -1,7 +1,8 @@
 //! Storage adapters of the Endpoint Register.
 //!
-//! - [`embedded`]: the zero-setup default, SQLite in WAL mode with `synchronous=FULL` behind
-//!   one group-committing writer thread and a pool of reader connections.
+//! - [`embedded`]: the zero-setup default, SQLite in WAL mode behind one group-committing
+//!   writer thread, a syncer thread that makes commits durable before answering them, and a
+//!   pool of reader connections.
 //! - [`conformance`]: the behaviour every backend of [`epr_core::ports::Store`] must show,
 //!   written against the trait only.
 //! - [`backup`]: online backup (`VACUUM INTO` on a read-only connection) and restore of the
