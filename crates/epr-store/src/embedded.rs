@@ -1252,7 +1252,13 @@ fn execute(
     }
     for op in &plan.tokens.ops {
         if let TokenOp::Insert(token) = op {
-            sqlite_credentials::insert_new_token(conn, tenant, token)?;
+            if new_tokens == 1 {
+                sqlite_credentials::insert_new_token(conn, tenant, token)?;
+            } else {
+                // Checked above; a failure now (two of them alike) must not leave the first
+                // behind under a refusal: it aborts the group instead.
+                sqlite_credentials::insert_token(conn, tenant, token).map_err(unavailable)?;
+            }
         }
     }
     let change = match &plan.effect {
