@@ -517,14 +517,14 @@ fn build_index(
 /// At open: one batch of stored endpoints evaluated by every filter and added to the
 /// listing index (the batch is left empty).
 fn open_batch(
-    evaluator: &sqlite_filters::Evaluator,
+    evaluator: &sqlite_filters::FilterView,
     index: &MetaIndex,
     batch: &mut Vec<IndexChange>,
     found: &mut sqlite_filters::Found,
 ) {
     for c in batch.iter() {
         if let Some(ep) = &c.new {
-            evaluator.evaluate(found, &c.tenant, ep);
+            evaluator.evaluate_stored(found, &c.tenant, ep);
         }
     }
     index.apply(batch);
@@ -1319,7 +1319,7 @@ fn execute(
         Effect::Unchanged(_) => {}
     }
     // The inserts went in first (above).
-    sqlite_credentials::apply_ops(conn, tenant, endpoint_id, &plan.tokens.ops, false)
+    sqlite_credentials::apply_ops(conn, tenant, endpoint_id, &plan.tokens.ops)
         .map_err(unavailable)?;
     if let Some((hash, used)) = &plan.tokens.claim_used {
         let app = &plan.effect.endpoint().app;

@@ -319,17 +319,17 @@ pub(crate) fn insert_token(
     Ok(())
 }
 
-/// Applies a plan's token operations to one endpoint's rows.
+/// Applies a plan's token operations to one endpoint's rows, all but the inserts (which
+/// `execute` makes first, each checking its own rule).
 pub(crate) fn apply_ops(
     conn: &Connection,
     tenant: &str,
     endpoint: &EndpointId,
     ops: &[TokenOp],
-    with_inserts: bool,
 ) -> rusqlite::Result<()> {
     for op in ops {
         match op {
-            TokenOp::Insert(t) if with_inserts => insert_token(conn, tenant, t)?,
+            // Made before the other writes (see the doc above).
             TokenOp::Insert(_) => {}
             TokenOp::SetStatus {
                 id,

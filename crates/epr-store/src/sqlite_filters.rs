@@ -167,15 +167,16 @@ struct Cached {
     correlation: String,
 }
 
-/// The writer's compiled filters as of one version of its filter set, shared with the request
-/// threads: a new endpoint is evaluated against it there, in parallel, instead of on the
-/// writer (with 100 filters that was a quarter of the writer's time per registration). The
-/// writer uses such an answer only if its filter set is still that version.
+/// The writer's compiled filters as of one version of its filter set, shared with other
+/// threads: a new endpoint is evaluated against it on the request's thread, in parallel,
+/// instead of on the writer (with 100 filters that was a quarter of the writer's time per
+/// registration), and the evaluation at open runs on two threads with it. The writer uses a
+/// request thread's answer only if its filter set is still that version.
 #[derive(Default)]
 pub(crate) struct FilterView {
     generation: u64,
     /// By tenant, then application: the filters in the writer's order.
-    apps: HashMap<String, HashMap<String, Vec<Arc<Filter>>>>,
+    apps: HashMap<String, HashMap<String, Vec<Compiled>>>,
 }
 
 /// The view the writer last published (see [`FilterView`]).
@@ -202,9 +203,26 @@ impl FilterView {
             generation: self.generation,
             matches: filters
                 .iter()
-                .map(|f| f.matches(version, metadata))
+                .map(|(_, f)| f.matches(version, metadata))
                 .collect(),
         })
+    }
+
+    /// Notes in `found` every filter of its application that one stored endpoint matches
+    /// (pending filters included; see [`FilterCache::all_seen`]).
+    pub(crate) fn evaluate_stored(&self, found: &mut Found, tenant: &TenantId, ep: &Endpoint) {
+        let Some(filters) = self
+            .apps
+            .get(tenant.as_str())
+            .and_then(|a| a.get(ep.app.as_str()))
+        else {
+            return;
+        };
+        for (id, f) in filters {
+            if f.matches(ep.app_version.as_str(), ep.metadata.as_map()) {
+                note_member(found, tenant, id, ep.incarnation as u64);
+            }
+        }
     }
 }
 
@@ -231,29 +249,8 @@ pub(crate) struct FilterCache {
 /// Members found, per tenant and filter.
 pub(crate) type Found = HashMap<TenantId, HashMap<FilterId, roaring::RoaringTreemap>>;
 
-/// Every filter's compiled query by application: what the evaluation at open needs, without
-/// the writer's state, so that several threads can share it.
-pub(crate) struct Evaluator {
-    apps: HashMap<(TenantId, AppName), Vec<Compiled>>,
-}
-
 /// A filter's ID and its compiled query.
 type Compiled = (FilterId, Arc<Filter>);
-
-impl Evaluator {
-    /// Notes in `found` every filter of its application that one stored endpoint matches
-    /// (pending filters included; see [`FilterCache::all_seen`]).
-    pub(crate) fn evaluate(&self, found: &mut Found, tenant: &TenantId, ep: &Endpoint) {
-        let Some(filters) = self.apps.get(&(tenant.clone(), ep.app.clone())) else {
-            return;
-        };
-        for (id, f) in filters {
-            if f.matches(ep.app_version.as_str(), ep.metadata.as_map()) {
-                note_member(found, tenant, id, ep.incarnation as u64);
-            }
-        }
-    }
-}
 
 /// Notes `inc` as a member of `filter` in `found`.
 fn note_member(found: &mut Found, tenant: &TenantId, filter: &FilterId, inc: u64) {
@@ -363,14 +360,17 @@ impl FilterCache {
     /// anything that may have added, removed, reordered or recompiled a filter.
     fn publish(&mut self) {
         self.generation = FILTER_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut apps: HashMap<String, HashMap<String, Vec<Arc<Filter>>>> = HashMap::new();
+        let mut apps: HashMap<String, HashMap<String, Vec<Compiled>>> = HashMap::new();
         for ((tenant, app), filters) in &self.apps {
             if filters.is_empty() {
                 continue;
             }
             apps.entry(tenant.to_string()).or_default().insert(
                 app.to_string(),
-                filters.iter().map(|f| f.compiled.clone()).collect(),
+                filters
+                    .iter()
+                    .map(|f| (f.id.clone(), f.compiled.clone()))
+                    .collect(),
             );
         }
         let view = Arc::new(FilterView {
@@ -401,20 +401,11 @@ impl FilterCache {
     }
 
     /// The filters' queries for the evaluation at open.
-    pub(crate) fn evaluator(&self) -> Evaluator {
-        Evaluator {
-            apps: self
-                .apps
-                .iter()
-                .map(|(k, fs)| {
-                    let fs = fs.iter().map(|f| (f.id.clone(), f.compiled.clone()));
-                    (k.clone(), fs.collect())
-                })
-                .collect(),
-        }
+    pub(crate) fn evaluator(&self) -> Arc<FilterView> {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Stages the members an [`Evaluator`] found (applied with the next [`Self::take_staged`]).
+    /// Stages the members a [`FilterView`] found (applied with the next [`Self::take_staged`]).
     pub(crate) fn add_found(&mut self, found: Found) {
         for (tenant, filters) in found {
             let mine = self.found.entry(tenant).or_default();
@@ -424,7 +415,7 @@ impl FilterCache {
         }
     }
 
-    /// At open, once an [`Evaluator`] saw every endpoint: pending filters have seen them
+    /// At open, once a [`FilterView`] saw every endpoint: pending filters have seen them
     /// all, so their back-fill has only its `activated` left.
     pub(crate) fn all_seen(&mut self) {
         for f in self.apps.values_mut().flatten() {
