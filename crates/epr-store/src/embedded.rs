@@ -199,18 +199,26 @@ impl EmbeddedStore {
         std::fs::create_dir_all(&config.data_dir).map_err(unavailable)?;
         let lock = DataDirLock::acquire(&config.data_dir).map_err(unavailable)?;
         let path = config.data_dir.join(DB_FILE);
-        let mut conn = Connection::open(&path).map_err(unavailable)?;
+        // The writer's connection writes its WAL through `epr_sqlite_vfs`: one `pwrite` per
+        // commit instead of two per page.
+        let vfs = epr_sqlite_vfs::register().map_err(unavailable_msg)?;
+        let mut conn =
+            Connection::open_with_flags_and_vfs(&path, rusqlite::OpenFlags::default(), vfs)
+                .map_err(unavailable)?;
         conn.execute_batch("PRAGMA busy_timeout=5000;")
             .map_err(unavailable)?;
         integrity::check_at_open(&conn, &path, config.integrity_check)?;
-        // NORMAL: a commit writes the WAL without waiting for the disk; the syncer thread
-        // (see `syncer`) fsyncs the WAL after it and only then answers, so an acknowledged
-        // write survives power loss and the writer goes on to the next group meanwhile.
-        // SQLite still syncs the WAL before every checkpoint and its header when it is reused.
-        // Checkpoints run on their own thread (see `checkpointer`), off the commit path; the
-        // writer checkpoints itself only if the WAL grows past ~64 MiB.
+        // A commit writes the WAL without waiting for the disk: `synchronous=FULL` makes SQLite
+        // call the WAL's sync at each commit, which the VFS shim turns into the flush of its
+        // buffer only; the syncer thread (see `syncer`) fsyncs the WAL after it and only then
+        // answers, so an acknowledged write survives power loss and the writer goes on to the
+        // next group meanwhile. `checkpoint_fullfsync` marks the syncs SQLite makes before a
+        // checkpoint and of the WAL header when the log is reused, which the shim passes
+        // through. Checkpoints run on their own thread (see `checkpointer`), off the commit
+        // path; the writer checkpoints itself only if the WAL grows past ~64 MiB.
         conn.execute_batch(
-            "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; \
+            "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
+             PRAGMA checkpoint_fullfsync=ON; PRAGMA busy_timeout=5000; \
              PRAGMA temp_store=MEMORY; PRAGMA wal_autocheckpoint=65536;",
         )
         .map_err(unavailable)?;
