@@ -91,8 +91,10 @@ pub const DB_FILE: &str = "epr.sqlite3";
 /// change, and added claim tokens and rejections. Older directories are upgraded in place at
 /// open, in one transaction (see [`migrate`]). 4 dropped `filter_matches` (memberships are
 /// derived at open); 5 dropped the `endpoints_by_version` index (the listing index answers
-/// every query by version, and each registration paid for one more B-tree insert).
-pub(crate) const SCHEMA_VERSION: i64 = 5;
+/// every query by version, and each registration paid for one more B-tree insert); 6 made
+/// the token table a rowid table found by endpoint through its incarnation (a registration
+/// appends its token instead of placing it at random twice).
+pub(crate) const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS schema_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -562,13 +564,16 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         // 1 → 2 only added tables (created below); 2 → 3 rebuilds the token table before the
         // new schema's indexes name its new columns; 3 → 4 drops `filter_matches` (the
         // filters' schema below: memberships are derived at open); 4 → 5 drops
-        // `endpoints_by_version` (the schema below).
-        Some(v @ (1 | 2)) => {
-            tx.execute_batch(sqlite_credentials::UPGRADE_TOKENS_TO_V3)
+        // `endpoints_by_version` (the schema below); 5 → 6 rebuilds the token table again.
+        Some(v @ (1..=5)) => {
+            if v <= 2 {
+                tx.execute_batch(sqlite_credentials::UPGRADE_TOKENS_TO_V3)
+                    .map_err(unavailable)?;
+            }
+            tx.execute_batch(sqlite_credentials::UPGRADE_TOKENS_TO_V6)
                 .map_err(unavailable)?;
             tracing::info!(from = v, to = SCHEMA_VERSION, "schema upgraded");
         }
-        Some(v @ (3 | 4)) => tracing::info!(from = v, to = SCHEMA_VERSION, "schema upgraded"),
         Some(v) => {
             return Err(unavailable_msg(format!(
                 "the data directory holds schema version {v}, this build knows {SCHEMA_VERSION}"
@@ -1228,11 +1233,11 @@ fn execute(
     // The listing index needs the state before an update (kept only if one happens).
     let before = current.clone();
     let loaded = Loaded {
-        tokens: if cmd.needs_tokens() {
-            sqlite_credentials::endpoint_tokens(conn, tenant, endpoint_id.as_str())
-                .map_err(unavailable)?
-        } else {
-            Vec::new()
+        // Tokens belong to an endpoint that exists (unregistering deletes them).
+        tokens: match (&before, cmd.needs_tokens()) {
+            (Some(ep), true) => sqlite_credentials::endpoint_tokens(conn, tenant, ep.incarnation)
+                .map_err(unavailable)?,
+            _ => Vec::new(),
         },
         claim: match cmd.claim() {
             Some((app, hash)) => sqlite_credentials::find_claim(conn, tenant, app.as_str(), hash)
@@ -1258,14 +1263,17 @@ fn execute(
             }
         }
     }
+    // The endpoint's incarnation after the command (a registration's new one).
+    let owner = plan.effect.endpoint().incarnation;
     for op in &plan.tokens.ops {
         if let TokenOp::Insert(token) = op {
             if new_tokens == 1 {
-                sqlite_credentials::insert_new_token(conn, tenant, token)?;
+                sqlite_credentials::insert_new_token(conn, tenant, owner, token)?;
             } else {
                 // Checked above; a failure now (two of them alike) must not leave the first
                 // behind under a refusal: it aborts the group instead.
-                sqlite_credentials::insert_token(conn, tenant, token).map_err(unavailable)?;
+                sqlite_credentials::insert_token(conn, tenant, owner, token)
+                    .map_err(unavailable)?;
             }
         }
     }
@@ -1327,7 +1335,7 @@ fn execute(
         Effect::Unchanged(_) => {}
     }
     // The inserts went in first (above).
-    sqlite_credentials::apply_ops(conn, tenant, endpoint_id, &plan.tokens.ops)
+    sqlite_credentials::apply_ops(conn, tenant, endpoint_id, owner, &plan.tokens.ops)
         .map_err(unavailable)?;
     if let Some((hash, used)) = &plan.tokens.claim_used {
         let app = &plan.effect.endpoint().app;

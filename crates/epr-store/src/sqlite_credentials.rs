@@ -15,22 +15,30 @@ use epr_core::{DomainError, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::collections::BTreeSet;
 
-/// The credential tables (schema version 3). Token hashes are unique per application, token
+/// The credential tables (schema version 6). Token hashes are unique per application, token
 /// and claim token IDs per tenant.
+///
+/// Token rows are kept in the order they were made (a rowid table) and found by endpoint
+/// through the endpoint's incarnation, so a registration appends its token to both instead
+/// of placing a whole row under a random hash and an index entry under a random endpoint ID:
+/// the one random insert left is the small entry of `tokens_by_hash`. An endpoint's tokens
+/// all belong to its current incarnation (unregistering deletes them).
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tokens(
+    id INTEGER PRIMARY KEY,
     tenant TEXT NOT NULL,
     app TEXT NOT NULL,
     token_hash BLOB NOT NULL,
     endpoint_id TEXT NOT NULL,
+    incarnation INTEGER NOT NULL,
     created INTEGER NOT NULL,
     token_id TEXT NOT NULL,
     status TEXT NOT NULL,
-    updated INTEGER,
-    PRIMARY KEY(tenant, app, token_hash)
-) WITHOUT ROWID;
+    updated INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_hash ON tokens(tenant, app, token_hash);
 CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_id ON tokens(tenant, token_id);
-CREATE INDEX IF NOT EXISTS tokens_by_endpoint ON tokens(tenant, endpoint_id, created, token_id);
+CREATE INDEX IF NOT EXISTS tokens_by_incarnation ON tokens(tenant, incarnation, created, token_id);
 CREATE TABLE IF NOT EXISTS claim_tokens(
     tenant TEXT NOT NULL,
     app TEXT NOT NULL,
@@ -86,6 +94,33 @@ DROP TABLE tokens;
 ALTER TABLE tokens_v3 RENAME TO tokens;
 ";
 
+/// Version 3, 4 or 5 → 6: the token table becomes a rowid table whose rows carry their
+/// endpoint's incarnation (see [`SCHEMA`]). Runs inside the migration's transaction, before
+/// [`SCHEMA`] creates the new indexes. A token whose endpoint is gone (none should be) gets
+/// incarnation 0: it stays unique and findable by hash and ID, and belongs to no endpoint.
+pub(crate) const UPGRADE_TOKENS_TO_V6: &str = "
+CREATE TABLE tokens_v6(
+    id INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    app TEXT NOT NULL,
+    token_hash BLOB NOT NULL,
+    endpoint_id TEXT NOT NULL,
+    incarnation INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    token_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    updated INTEGER
+);
+INSERT INTO tokens_v6(tenant, app, token_hash, endpoint_id, incarnation, created, token_id,
+        status, updated)
+    SELECT t.tenant, t.app, t.token_hash, t.endpoint_id, COALESCE(e.incarnation, 0), t.created,
+        t.token_id, t.status, t.updated
+    FROM tokens t LEFT JOIN endpoints e ON e.tenant = t.tenant AND e.endpoint_id = t.endpoint_id
+    ORDER BY t.created, t.token_id;
+DROP TABLE tokens;
+ALTER TABLE tokens_v6 RENAME TO tokens;
+";
+
 const TOKEN_COLUMNS: &str = "token_id, endpoint_id, app, token_hash, status, created, updated";
 
 fn corrupt(i: usize, e: impl std::fmt::Display) -> rusqlite::Error {
@@ -112,17 +147,17 @@ fn token_from_row(row: &Row<'_>) -> rusqlite::Result<StoredToken> {
     })
 }
 
-/// Every token of an endpoint, oldest first (ties by ID).
+/// Every token of an endpoint (by its incarnation), oldest first (ties by ID).
 pub(crate) fn endpoint_tokens(
     conn: &Connection,
     tenant: &str,
-    endpoint: &str,
+    incarnation: i64,
 ) -> rusqlite::Result<Vec<StoredToken>> {
     conn.prepare_cached(&format!(
-        "SELECT {TOKEN_COLUMNS} FROM tokens WHERE tenant=?1 AND endpoint_id=?2 \
+        "SELECT {TOKEN_COLUMNS} FROM tokens WHERE tenant=?1 AND incarnation=?2 \
          ORDER BY created, token_id"
     ))?
-    .query_map(params![tenant, endpoint], token_from_row)?
+    .query_map(params![tenant, incarnation], token_from_row)?
     .collect()
 }
 
@@ -160,7 +195,11 @@ pub(crate) fn list_tokens(
     query: &TokenListQuery,
     page: PageRequest,
 ) -> rusqlite::Result<Page<StoredToken>> {
-    let mut cond = String::from("tenant=?1 AND endpoint_id=?2");
+    // The endpoint's current incarnation, read in the same transaction as the tokens.
+    let mut cond = String::from(
+        "tenant=?1 AND incarnation=(SELECT incarnation FROM endpoints \
+         WHERE tenant=?1 AND endpoint_id=?2) AND endpoint_id=?2",
+    );
     if !query.statuses.is_empty() {
         // The states are an enumeration: their names go into the SQL as they are.
         let names: BTreeSet<&str> = query.statuses.iter().map(|s| s.as_str()).collect();
@@ -207,19 +246,19 @@ pub(crate) fn check_new_token(
 }
 
 /// Inserts a new token, refusing it (`409`, nothing written) when its hash is taken in the
-/// application or its ID in the tenant: the table's primary key and `tokens_by_id` say so.
+/// application or its ID in the tenant: the unique `tokens_by_hash` and `tokens_by_id` say so.
 pub(crate) fn insert_new_token(
     conn: &Connection,
     tenant: &str,
+    incarnation: i64,
     token: &StoredToken,
 ) -> Result<(), StoreError> {
-    match insert_token(conn, tenant, token) {
+    match insert_token(conn, tenant, incarnation, token) {
         Ok(()) => Ok(()),
         Err(rusqlite::Error::SqliteFailure(e, _))
             if e.code == rusqlite::ErrorCode::ConstraintViolation =>
         {
-            // The message names the index; the error code alone does not say which one
-            // (the primary key of a WITHOUT ROWID table may report either code).
+            // The message names the index; the error code alone does not say which one.
             let (hash_taken, id_taken) = token_taken(conn, tenant, token)?;
             token_conflict(token, hash_taken, id_taken)?;
             Err(unavailable_msg(format!(
@@ -297,20 +336,23 @@ pub(crate) fn token_holders(
     Ok((holder, id_taken))
 }
 
+/// Inserts a token of the endpoint whose incarnation is `incarnation`.
 pub(crate) fn insert_token(
     conn: &Connection,
     tenant: &str,
+    incarnation: i64,
     t: &StoredToken,
 ) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, created, token_id, status, \
-         updated) VALUES(?1,?2,?3,?4,?5,?6,?7,?8)",
+        "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, incarnation, created, \
+         token_id, status, updated) VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9)",
     )?
     .execute(params![
         tenant,
         t.app.as_str(),
         &t.hash.0[..],
         t.endpoint_id.as_str(),
+        incarnation,
         t.created.0,
         t.id.as_str(),
         t.status.as_str(),
@@ -325,6 +367,7 @@ pub(crate) fn apply_ops(
     conn: &Connection,
     tenant: &str,
     endpoint: &EndpointId,
+    incarnation: i64,
     ops: &[TokenOp],
 ) -> rusqlite::Result<()> {
     for op in ops {
@@ -349,8 +392,10 @@ pub(crate) fn apply_ops(
                 ])?;
             }
             TokenOp::DeleteAll => {
-                conn.prepare_cached("DELETE FROM tokens WHERE tenant=?1 AND endpoint_id=?2")?
-                    .execute(params![tenant, endpoint.as_str()])?;
+                conn.prepare_cached(
+                    "DELETE FROM tokens WHERE tenant=?1 AND incarnation=?2 AND endpoint_id=?3",
+                )?
+                .execute(params![tenant, incarnation, endpoint.as_str()])?;
             }
         }
     }

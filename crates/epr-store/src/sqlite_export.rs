@@ -71,7 +71,7 @@ pub(crate) fn endpoints(
     let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
     drop(stmt);
     for e in &mut out {
-        e.tokens = endpoint_tokens(&tx, tenant.as_str(), e.endpoint.id.as_str())?;
+        e.tokens = endpoint_tokens(&tx, tenant.as_str(), e.endpoint.incarnation)?;
     }
     tx.finish()?;
     Ok(out)
@@ -141,7 +141,7 @@ fn import_endpoint(
     *next_incarnation += 1;
     crate::embedded::insert_endpoint_row(conn, t, &endpoint, &token_hash).map_err(unavailable)?;
     for token in &tokens {
-        insert_token(conn, t, token).map_err(unavailable)?;
+        insert_token(conn, t, endpoint.incarnation, token).map_err(unavailable)?;
     }
     // Membership as for a registration; its events are dropped (an import emits none).
     let ctx = WriteCtx {
