@@ -245,8 +245,8 @@ pub struct StoreSettings {
     pub backfill_batch: u32,
     /// Rest between back-fill steps (a throttle; 0 = none).
     pub backfill_pause_ms: u64,
-    /// The writer's SQLite page cache, in MiB. Small by default: SQLite walks the whole cache
-    /// after most commits (see `EmbeddedConfig::cache_mib`).
+    /// The writer's SQLite page cache, in MiB. Small by default (see
+    /// `EmbeddedConfig::cache_mib`).
     pub cache_mib: u32,
     /// Check of the database file at start: `quick` (`PRAGMA quick_check`), `full`
     /// (`PRAGMA integrity_check`, also compares indexes with tables) or `off`. A damaged

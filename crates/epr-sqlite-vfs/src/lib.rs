@@ -570,7 +570,10 @@ mod tests {
     #[test]
     fn the_page_cache_wrapper_skips_walks_and_keeps_data_whole() {
         register().unwrap();
-        assert!(page_cache_wrapped(), "installed before SQLite was initialized");
+        assert!(
+            page_cache_wrapped(),
+            "installed before SQLite was initialized"
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
         let mut conn = Connection::open(&path).unwrap();
@@ -584,7 +587,9 @@ mod tests {
         for round in 0..60u64 {
             let tx = conn.transaction().unwrap();
             for i in 0..200u64 {
-                let v = (round * 200 + i).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes();
+                let v = (round * 200 + i)
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    .to_be_bytes();
                 tx.execute("INSERT INTO t(v) VALUES(?1)", [&v[..]]).unwrap();
             }
             if round % 5 == 4 {
@@ -596,14 +601,21 @@ mod tests {
             }
         }
         let n: i64 = conn
-            .query_row("SELECT count(*) FROM t INDEXED BY t_v WHERE v > x''", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM t INDEXED BY t_v WHERE v > x''",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!(n, kept);
         let check: String = conn
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .unwrap();
         assert_eq!(check, "ok");
-        assert!(pcache::SKIPPED.load(Ordering::Relaxed) > skipped + 20, "walks skipped");
+        assert!(
+            pcache::SKIPPED.load(Ordering::Relaxed) > skipped + 20,
+            "walks skipped"
+        );
     }
 
     #[test]

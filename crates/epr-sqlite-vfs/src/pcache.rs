@@ -58,7 +58,8 @@ pub(crate) fn install() -> bool {
     // (SQLITE_MISUSE) once SQLite is initialized, and then nothing is changed.
     unsafe {
         let mut default = std::mem::MaybeUninit::<ffi::sqlite3_pcache_methods2>::zeroed();
-        if ffi::sqlite3_config(ffi::SQLITE_CONFIG_GETPCACHE2, default.as_mut_ptr()) != ffi::SQLITE_OK
+        if ffi::sqlite3_config(ffi::SQLITE_CONFIG_GETPCACHE2, default.as_mut_ptr())
+            != ffi::SQLITE_OK
         {
             return false;
         }

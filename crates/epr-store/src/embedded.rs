@@ -55,13 +55,14 @@ pub struct EmbeddedConfig {
     pub record_events: bool,
     /// How filter back-fill shares the writer with writes.
     pub backfill: BackfillPace,
-    /// SQLite page cache of the writer, in MiB. Keep it small (4 by default). When a page
-    /// split reorders sibling pages, SQLite parks a page under the number of the lock page
-    /// (byte offset 1 GiB) for a moment; the cache remembers that as its largest key, and the
-    /// commit then trims every page past the end of the file by walking the whole cache. That
-    /// walk happens in most write groups and costs in proportion to the cache: with 64 MiB
-    /// (~58,000 pages of 1 KiB) it was 38 % of the writer's time. Pages the writer misses come
-    /// from the operating system's file cache.
+    /// SQLite page cache of the writer, in MiB (4 by default). When a page split reorders
+    /// sibling pages, SQLite parks a page under the number of the lock page (byte offset
+    /// 1 GiB) for a moment; its cache remembers that as its largest key, and the commit then
+    /// trims every page past the end of the file by walking the whole cache: with 64 MiB
+    /// (~58,000 pages of 1 KiB) that was 38 % of the writer's time. `epr_sqlite_vfs` wraps the
+    /// cache to skip that walk (when it is installed before SQLite starts, as in the server);
+    /// a bigger cache then saves page reads but costs as much in lookups, so the default
+    /// stayed small. Pages the writer misses come from the operating system's file cache.
     pub cache_mib: u32,
     /// The check of the database file when the store opens.
     pub integrity_check: IntegrityCheck,
