@@ -208,7 +208,9 @@ impl EmbeddedStore {
         let mut conn =
             Connection::open_with_flags_and_vfs(&path, rusqlite::OpenFlags::default(), vfs)
                 .map_err(unavailable)?;
-        conn.execute_batch("PRAGMA busy_timeout=5000;")
+        // Before anything else on this connection: every sync that protects the database file
+        // (a checkpoint's) must be marked FULL, which the shim passes through.
+        conn.execute_batch("PRAGMA checkpoint_fullfsync=ON; PRAGMA busy_timeout=5000;")
             .map_err(unavailable)?;
         integrity::check_at_open(&conn, &path, config.integrity_check)?;
         // A commit writes the WAL without waiting for the disk: `synchronous=FULL` makes SQLite
