@@ -15,16 +15,10 @@ use epr_core::{DomainError, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::collections::BTreeSet;
 
-/// The credential tables (schema version 6). Token hashes are unique per application, token
-/// and claim token IDs per tenant.
-///
-/// Token rows are kept in the order they were made (a rowid table) and found by endpoint
-/// through the endpoint's incarnation, so a registration appends its token to both instead
-/// of placing a whole row under a random hash and an index entry under a random endpoint ID:
-/// the one random insert left is the small entry of `tokens_by_hash`. An endpoint's tokens
-/// all belong to its current incarnation (unregistering deletes them).
-pub(crate) const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS tokens(
+// The token table's columns (schema 6), shared by `SCHEMA` and `UPGRADE_TOKENS_TO_V6`.
+macro_rules! token_table_v6 {
+    () => {
+        "(
     id INTEGER PRIMARY KEY,
     tenant TEXT NOT NULL,
     app TEXT NOT NULL,
@@ -35,7 +29,23 @@ CREATE TABLE IF NOT EXISTS tokens(
     token_id TEXT NOT NULL,
     status TEXT NOT NULL,
     updated INTEGER
-);
+);"
+    };
+}
+
+/// The credential tables (schema version 6). Token hashes are unique per application, token
+/// and claim token IDs per tenant.
+///
+/// Token rows are kept in the order they were made (a rowid table) and found by endpoint
+/// through the endpoint's incarnation, so a registration appends its token to both instead
+/// of placing a whole row under a random hash and an index entry under a random endpoint ID:
+/// the one random insert left is the small entry of `tokens_by_hash`. An endpoint's tokens
+/// all belong to its current incarnation (unregistering deletes them).
+pub(crate) const SCHEMA: &str = concat!(
+    "
+CREATE TABLE IF NOT EXISTS tokens",
+    token_table_v6!(),
+    "
 CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_hash ON tokens(tenant, app, token_hash);
 CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_id ON tokens(tenant, token_id);
 CREATE INDEX IF NOT EXISTS tokens_by_incarnation ON tokens(tenant, incarnation, created, token_id);
@@ -66,7 +76,8 @@ CREATE TABLE IF NOT EXISTS rejections(
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS rejections_by_app ON rejections(tenant, app, id);
-";
+"
+);
 
 /// Version 2 → 3: token rows gain an ID, a state and the time of their last change. SQLite
 /// adds no NOT NULL column without a default, so the table is rebuilt; every existing token
@@ -98,19 +109,11 @@ ALTER TABLE tokens_v3 RENAME TO tokens;
 /// endpoint's incarnation (see [`SCHEMA`]). Runs inside the migration's transaction, before
 /// [`SCHEMA`] creates the new indexes. A token whose endpoint is gone (none should be) gets
 /// incarnation 0: it stays unique and findable by hash and ID, and belongs to no endpoint.
-pub(crate) const UPGRADE_TOKENS_TO_V6: &str = "
-CREATE TABLE tokens_v6(
-    id INTEGER PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    app TEXT NOT NULL,
-    token_hash BLOB NOT NULL,
-    endpoint_id TEXT NOT NULL,
-    incarnation INTEGER NOT NULL,
-    created INTEGER NOT NULL,
-    token_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    updated INTEGER
-);
+pub(crate) const UPGRADE_TOKENS_TO_V6: &str = concat!(
+    "
+CREATE TABLE tokens_v6",
+    token_table_v6!(),
+    "
 INSERT INTO tokens_v6(tenant, app, token_hash, endpoint_id, incarnation, created, token_id,
         status, updated)
     SELECT t.tenant, t.app, t.token_hash, t.endpoint_id, COALESCE(e.incarnation, 0), t.created,
@@ -119,7 +122,8 @@ INSERT INTO tokens_v6(tenant, app, token_hash, endpoint_id, incarnation, created
     ORDER BY t.created, t.token_id;
 DROP TABLE tokens;
 ALTER TABLE tokens_v6 RENAME TO tokens;
-";
+"
+);
 
 const TOKEN_COLUMNS: &str = "token_id, endpoint_id, app, token_hash, status, created, updated";
 

@@ -50,16 +50,43 @@ pub(crate) async fn create(
     .expect("filter created")
 }
 
-/// Polls until the filter is active (back-fill runs in the background).
+/// Polls until the filter is active (back-fill runs in the background), and its activation
+/// event is in the outbox: a store may show a committed write a moment before the outbox
+/// releases its events (the embedded store releases them once they are durable).
 pub(crate) async fn wait_active(s: &dyn Store, t: &str, id: &str) -> EndpointFilter {
     for _ in 0..4000 {
         let f = s.get_filter(&tenant(t), &fid(id)).await.unwrap().unwrap();
-        if f.status == FilterStatus::Active {
+        if f.status == FilterStatus::Active && !activation_held_back(s, t, id).await {
             return f;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("filter {id} did not turn active in 20 s");
+}
+
+/// Whether the filter's latest lifecycle event in the outbox is still `pending` (its
+/// `activated` not released yet).
+async fn activation_held_back(s: &dyn Store, t: &str, id: &str) -> bool {
+    let last = s
+        .outbox_pending(0, 1_000_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.event {
+            OutboxEvent::Filter(f)
+                if f.tenant.as_str() == t
+                    && f.filter_id.as_str() == id
+                    && matches!(
+                        f.kind,
+                        FilterEventKind::Pending | FilterEventKind::Activated
+                    ) =>
+            {
+                Some(f.kind)
+            }
+            _ => None,
+        })
+        .last();
+    matches!(last, Some(FilterEventKind::Pending))
 }
 
 pub(crate) async fn members(s: &dyn Store, t: &str, id: &str) -> BTreeSet<String> {
