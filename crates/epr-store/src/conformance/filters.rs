@@ -85,7 +85,7 @@ async fn activation_held_back(s: &dyn Store, t: &str, id: &str) -> bool {
             }
             _ => None,
         })
-        .last();
+        .next_back();
     matches!(last, Some(FilterEventKind::Pending))
 }
 
