@@ -5,7 +5,8 @@
 //! page), so a group commit of a few hundred dirty 1 KiB pages costs several hundred system
 //! calls; on the registration path that was ~30 % of the writer thread's time. This shim,
 //! [`NAME`], wraps the platform VFS (`unix`) and, for WAL files only, gathers consecutive
-//! writes in a buffer, writing it out in one call when the commit ends.
+//! writes in a buffer, writing it out when the commit ends (in calls of at most 64 KiB).
+//! The crate also wraps SQLite's page cache (module `pcache`, installed by [`register`]).
 //!
 //! The contract it relies on, from SQLite's `walFrames` (checked by this crate's tests):
 //! - With `PRAGMA synchronous=FULL`, a commit calls `xSync` on the WAL with
