@@ -1,6 +1,8 @@
-//! The embedded backend: SQLite in WAL mode. A commit does not wait for the disk
-//! (`synchronous=NORMAL`); a syncer thread fdatasyncs the WAL and only then answers, so every
-//! acknowledged commit is on disk, and a torn write is rolled back by SQLite's recovery on open.
+//! The embedded backend: SQLite in WAL mode. A commit does not wait for the disk: the
+//! writer's connection writes its WAL through `epr_sqlite_vfs`, which turns the commit's sync
+//! into one write of its frames; a syncer thread fdatasyncs the WAL and only then answers, so
+//! every acknowledged commit is on disk, and a torn write is rolled back by SQLite's recovery
+//! on open.
 //!
 //! Writes go through one writer thread that drains its queue and commits everything queued
 //! in one transaction (group commit), and one sync covers every group committed before it
