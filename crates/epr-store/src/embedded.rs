@@ -14,6 +14,7 @@
 
 use crate::codec;
 use crate::integrity::{self, IntegrityCheck, StoreHealth};
+use crate::key_index::{KeyIndex, KeyJournal};
 use crate::lock::DataDirLock;
 use crate::meta_index::{IndexChange, MetaIndex};
 use crate::sqlite_credentials;
@@ -96,8 +97,9 @@ pub const DB_FILE: &str = "epr.sqlite3";
 /// derived at open); 5 dropped the `endpoints_by_version` index (the listing index answers
 /// every query by version, and each registration paid for one more B-tree insert); 6 made
 /// the token table a rowid table found by endpoint through its incarnation (a registration
-/// appends its token instead of placing it at random twice).
-pub(crate) const SCHEMA_VERSION: i64 = 6;
+/// appends its token instead of placing it at random twice); 7 dropped `tokens_by_hash` (the
+/// token hash index is in memory, rebuilt at open: see [`crate::key_index`]).
+pub(crate) const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS schema_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -178,6 +180,8 @@ pub struct EmbeddedStore {
     lock: Mutex<Option<DataDirLock>>,
     /// The listing index (application, version, metadata values), kept by the writer.
     index: Arc<MetaIndex>,
+    /// Token hash → candidate token rows (see [`crate::key_index`]), kept by the writer.
+    token_keys: Arc<KeyIndex>,
     /// One permit per pooled read connection: reads beyond the pool wait for one instead
     /// of opening (and then closing) a connection of their own, which cost more than a
     /// listing itself (BENCHMARKS.md, issue 13).
@@ -238,6 +242,14 @@ impl EmbeddedStore {
         // an evicted statement is parsed again on its next use.
         conn.set_prepared_statement_cache_capacity(128);
         migrate(&mut conn)?;
+        let token_keys = Arc::new(KeyIndex::default());
+        let started = Instant::now();
+        sqlite_credentials::load_token_keys(&conn, &token_keys).map_err(unavailable)?;
+        tracing::info!(
+            tokens = token_keys.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "token hash index built"
+        );
         // A random identity made once per data directory: outbox IDs are unique only within
         // one store, so `{store_id}-{outbox id}` names an event across replicas and restarts.
         conn.execute(
@@ -301,6 +313,7 @@ impl EmbeddedStore {
             failure_log: LogGate::default(),
             filters,
             index: index.clone(),
+            tokens: KeyJournal::new(token_keys.clone()),
             conn,
             next_incarnation,
             max_group: config.max_group.max(1),
@@ -338,6 +351,7 @@ impl EmbeddedStore {
             filter_view,
             lock: Mutex::new(Some(lock)),
             index,
+            token_keys,
             read_slots: Arc::new(tokio::sync::Semaphore::new(config.readers.max(1))),
         })
     }
@@ -569,14 +583,17 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         // 1 → 2 only added tables (created below); 2 → 3 rebuilds the token table before the
         // new schema's indexes name its new columns; 3 → 4 drops `filter_matches` (the
         // filters' schema below: memberships are derived at open); 4 → 5 drops
-        // `endpoints_by_version` (the schema below); 5 → 6 rebuilds the token table again.
-        Some(v @ (1..=5)) => {
+        // `endpoints_by_version` (the schema below); 5 → 6 rebuilds the token table again;
+        // 6 → 7 drops `tokens_by_hash` (the credentials' schema below).
+        Some(v @ (1..=6)) => {
             if v <= 2 {
                 tx.execute_batch(sqlite_credentials::UPGRADE_TOKENS_TO_V3)
                     .map_err(unavailable)?;
             }
-            tx.execute_batch(sqlite_credentials::UPGRADE_TOKENS_TO_V6)
-                .map_err(unavailable)?;
+            if v <= 5 {
+                tx.execute_batch(sqlite_credentials::UPGRADE_TOKENS_TO_V6)
+                    .map_err(unavailable)?;
+            }
             tracing::info!(from = v, to = SCHEMA_VERSION, "schema upgraded");
         }
         Some(v) => {
@@ -719,6 +736,8 @@ struct Writer {
     filters: FilterCache,
     /// The listing index: a group's changes are applied once it committed.
     index: Arc<MetaIndex>,
+    /// The token hash index, with this group's changes to it.
+    tokens: KeyJournal,
     backfill: BackfillPace,
     rejections_kept: u64,
     health: Arc<StoreHealth>,
@@ -898,6 +917,7 @@ impl Writer {
                     let result = execute(
                         &tx,
                         &mut self.filters,
+                        &mut self.tokens,
                         &mut changes,
                         &cmd,
                         &ctx,
@@ -911,6 +931,7 @@ impl Writer {
                     let result = register_batch(
                         &tx,
                         &mut self.filters,
+                        &mut self.tokens,
                         &mut changes,
                         batch,
                         &ctx,
@@ -940,6 +961,7 @@ impl Writer {
                     let result = crate::sqlite_export::import(
                         &tx,
                         &mut self.filters,
+                        &mut self.tokens,
                         &mut changes,
                         records,
                         &mut self.next_incarnation,
@@ -989,6 +1011,7 @@ impl Writer {
                 tracing::error!(error = %msg, suppressed, "write group aborted");
             }
             drop(tx); // rolls back
+            self.tokens.rolled_back();
             pending.into_iter().for_each(|p| p.fail(&msg));
             self.reload_filters();
             return;
@@ -1007,6 +1030,7 @@ impl Writer {
         }
         match tx.commit() {
             Ok(()) => {
+                self.tokens.committed();
                 // Before any answer: a listing started after an acknowledged write sees it.
                 self.index.apply(&changes);
                 self.index.apply_members(&self.filters.take_staged());
@@ -1026,6 +1050,7 @@ impl Writer {
                     tracing::error!(error = %e, suppressed, "group commit failed");
                 }
                 let msg = format!("commit failed: {e}");
+                self.tokens.rolled_back();
                 pending.into_iter().for_each(|p| p.fail(&msg));
                 self.reload_filters();
             }
@@ -1220,6 +1245,7 @@ fn reply_unavailable(job: Job, msg: &str) {
 fn execute(
     conn: &Connection,
     filters: &mut FilterCache,
+    keys: &mut KeyJournal,
     changes: &mut Vec<IndexChange>,
     cmd: &Command,
     ctx: &WriteCtx,
@@ -1264,7 +1290,7 @@ fn execute(
     if new_tokens > 1 {
         for op in &plan.tokens.ops {
             if let TokenOp::Insert(token) = op {
-                sqlite_credentials::check_new_token(conn, tenant, token)?;
+                sqlite_credentials::check_new_token(conn, keys.index(), tenant, token)?;
             }
         }
     }
@@ -1273,11 +1299,11 @@ fn execute(
     for op in &plan.tokens.ops {
         if let TokenOp::Insert(token) = op {
             if new_tokens == 1 {
-                sqlite_credentials::insert_new_token(conn, tenant, owner, token)?;
+                sqlite_credentials::insert_new_token(conn, keys, tenant, owner, token)?;
             } else {
                 // Checked above; a failure now (two of them alike) must not leave the first
                 // behind under a refusal: it aborts the group instead.
-                sqlite_credentials::insert_token(conn, tenant, owner, token)
+                sqlite_credentials::insert_token(conn, keys, tenant, owner, token)
                     .map_err(unavailable)?;
             }
         }
@@ -1340,7 +1366,7 @@ fn execute(
         Effect::Unchanged(_) => {}
     }
     // The inserts went in first (above).
-    sqlite_credentials::apply_ops(conn, tenant, endpoint_id, owner, &plan.tokens.ops)
+    sqlite_credentials::apply_ops(conn, keys, tenant, endpoint_id, owner, &plan.tokens.ops)
         .map_err(unavailable)?;
     if let Some((hash, used)) = &plan.tokens.claim_used {
         let app = &plan.effect.endpoint().app;
@@ -1430,9 +1456,11 @@ fn outbox_delete(conn: &Connection, through: i64) -> Result<(), StoreError> {
         .map_err(unavailable)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn register_batch(
     conn: &Connection,
     filters: &mut FilterCache,
+    keys: &mut KeyJournal,
     changes: &mut Vec<IndexChange>,
     batch: BatchRequest,
     ctx: &WriteCtx,
@@ -1453,7 +1481,17 @@ fn register_batch(
                 let inc = *next_incarnation;
                 *next_incarnation += 1;
                 let cmd = Command::Register(reg);
-                match execute(conn, filters, changes, &cmd, ctx, inc, record_events, None) {
+                match execute(
+                    conn,
+                    filters,
+                    keys,
+                    changes,
+                    &cmd,
+                    ctx,
+                    inc,
+                    record_events,
+                    None,
+                ) {
                     Ok(effect) => Ok(effect),
                     Err(StoreError::Rejected(e)) => Err(e.to_string()),
                     Err(e) => return Err(e),
@@ -1944,7 +1982,7 @@ impl Store for EmbeddedStore {
     ) -> Result<Option<StoredToken>, StoreError> {
         // The 16/ECAP hot path: one primary-key probe, in place like `get`.
         let found = self.readers.with_local(|c| {
-            sqlite_credentials::find_token(c, tenant.as_str(), app.as_str(), hash)
+            sqlite_credentials::find_token(c, &self.token_keys, tenant.as_str(), app.as_str(), hash)
                 .map_err(unavailable)
         });
         self.observed(found)
@@ -2586,6 +2624,74 @@ mod tests {
             ["ep-stale"],
             "the current answer (forged: not f-a) was taken as given"
         );
+        store.shutdown().await;
+    }
+
+    /// The token hash index is in memory (schema 7): rebuilt at open it still finds tokens and
+    /// refuses a taken hash, and a hash freed and taken again by commands queued together
+    /// belongs to the new endpoint, before and after another restart.
+    #[tokio::test]
+    async fn token_hashes_stay_unique_across_restarts_and_reuse() {
+        use crate::conformance::{ctx, reg, tenant};
+        let dir = tempfile::tempdir().unwrap();
+        let app = AppName::parse("app").unwrap();
+        let t1 = tenant("t1");
+        let hash = epr_core::ids::EndpointToken::parse("tok-1")
+            .unwrap()
+            .hash(&app);
+        let register =
+            |id: &str| Command::Register(reg(id, "app-v1", "tok-1", serde_json::json!({})));
+        let taken = |r: Result<Effect, StoreError>| {
+            matches!(
+                r,
+                Err(StoreError::Rejected(epr_core::DomainError::Conflict {
+                    field: "endpointToken",
+                    ..
+                }))
+            )
+        };
+        async fn holder(
+            store: &EmbeddedStore,
+            t: &TenantId,
+            app: &AppName,
+            h: &TokenHash,
+        ) -> Option<String> {
+            let found = store.find_token(t, app, h).await.unwrap();
+            found.map(|t| t.endpoint_id.as_str().to_owned())
+        }
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        store.execute(register("a"), ctx("t1")).await.unwrap();
+        store.shutdown().await;
+        drop(store);
+
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        assert_eq!(holder(&store, &t1, &app, &hash).await.as_deref(), Some("a"));
+        assert!(taken(store.execute(register("b"), ctx("t1")).await));
+        let b = EndpointId::parse("b").unwrap();
+        assert!(store.get(&t1, &b).await.unwrap().is_none());
+        // Another tenant's or application's rows do not hold it.
+        store.execute(register("a"), ctx("t2")).await.unwrap();
+        // Freed and taken again by commands queued together (in one group or two: the
+        // outcome is the same).
+        let unregister = Command::Unregister {
+            id: EndpointId::parse("a").unwrap(),
+            precondition: epr_core::endpoint::Precondition::None,
+        };
+        let (gone, again) = tokio::join!(
+            store.execute(unregister, ctx("t1")),
+            store.execute(register("c"), ctx("t1"))
+        );
+        gone.unwrap();
+        again.unwrap();
+        assert_eq!(holder(&store, &t1, &app, &hash).await.as_deref(), Some("c"));
+        assert!(taken(store.execute(register("d"), ctx("t1")).await));
+        store.shutdown().await;
+        drop(store);
+
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
+        assert_eq!(holder(&store, &t1, &app, &hash).await.as_deref(), Some("c"));
+        assert!(taken(store.execute(register("d"), ctx("t1")).await));
+        assert_eq!(store.token_keys.len(), 2, "c's token in t1 and a's in t2");
         store.shutdown().await;
     }
 }

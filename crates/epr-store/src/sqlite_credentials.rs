@@ -4,6 +4,7 @@
 //! Reads run on read-only connections.
 
 use crate::embedded::{unavailable, unavailable_msg};
+use crate::key_index::{KeyIndex, KeyJournal};
 use epr_core::credentials::{
     ClaimBinding, ClaimToken, ClaimUse, IdPattern, RefusalReason, Rejection, StoredToken,
     TokenListQuery, TokenOp, TokenStatus,
@@ -33,20 +34,22 @@ macro_rules! token_table_v6 {
     };
 }
 
-/// The credential tables (schema version 6). Token hashes are unique per application, token
+/// The credential tables (schema version 7). Token hashes are unique per application, token
 /// and claim token IDs per tenant.
 ///
 /// Token rows are kept in the order they were made (a rowid table) and found by endpoint
 /// through the endpoint's incarnation, so a registration appends its token to both instead
-/// of placing a whole row under a random hash and an index entry under a random endpoint ID:
-/// the one random insert left is the small entry of `tokens_by_hash`. An endpoint's tokens
-/// all belong to its current incarnation (unregistering deletes them).
+/// of placing a whole row under a random hash and an index entry under a random endpoint ID.
+/// They are found by hash through the store's in-memory [`KeyIndex`] (schema 7 dropped the
+/// `tokens_by_hash` B-tree, each of whose inserts dirtied a random page), which also enforces
+/// the hash's uniqueness (in [`insert_token`]). An endpoint's tokens all belong to its current
+/// incarnation (unregistering deletes them).
 pub(crate) const SCHEMA: &str = concat!(
     "
 CREATE TABLE IF NOT EXISTS tokens",
     token_table_v6!(),
     "
-CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_hash ON tokens(tenant, app, token_hash);
+DROP INDEX IF EXISTS tokens_by_hash;
 CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_id ON tokens(tenant, token_id);
 CREATE INDEX IF NOT EXISTS tokens_by_incarnation ON tokens(tenant, incarnation, created, token_id);
 CREATE TABLE IF NOT EXISTS claim_tokens(
@@ -178,17 +181,74 @@ pub(crate) fn get_token(
     .optional()
 }
 
+/// A token row's key in the token hash index.
+pub(crate) fn token_key(keys: &KeyIndex, tenant: &str, app: &str, hash: &[u8]) -> u64 {
+    keys.key(&[tenant.as_bytes(), app.as_bytes(), hash])
+}
+
+/// Every token row's entry for the token hash index (built at open).
+pub(crate) fn load_token_keys(conn: &Connection, keys: &KeyIndex) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare("SELECT id, tenant, app, token_hash FROM tokens")?;
+    let mut rows = stmt.query([])?;
+    let mut entries = Vec::new();
+    while let Some(row) = rows.next()? {
+        let id: i64 = row.get(0)?;
+        let tenant = row.get_ref(1)?.as_str()?;
+        let app = row.get_ref(2)?.as_str()?;
+        let hash = row.get_ref(3)?.as_blob()?;
+        entries.push((token_key(keys, tenant, app, hash), id));
+    }
+    keys.extend(entries);
+    Ok(())
+}
+
+/// The row holding a token hash in an application, found through the index: each candidate
+/// is checked in `conn`'s snapshot. If none matches and the candidates changed meanwhile (a
+/// commit replaced the row the lookup started from), the new ones are checked too, so a
+/// token never seems absent just because it was replaced in one commit.
+fn token_by_hash<T>(
+    conn: &Connection,
+    keys: &KeyIndex,
+    tenant: &str,
+    app: &str,
+    hash: &TokenHash,
+    columns: &str,
+    read: impl Fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Option<T>> {
+    let key = token_key(keys, tenant, app, &hash.0);
+    let mut candidates = keys.candidates(key);
+    for _ in 0..8 {
+        for &id in &candidates {
+            let found = conn
+                .prepare_cached(&format!(
+                    "SELECT {columns} FROM tokens \
+                     WHERE id=?1 AND tenant=?2 AND app=?3 AND token_hash=?4"
+                ))?
+                .query_row(params![id, tenant, app, &hash.0[..]], &read)
+                .optional()?;
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        let mut again = keys.candidates(key);
+        again.sort_unstable();
+        candidates.sort_unstable();
+        if again == candidates {
+            break;
+        }
+        candidates = again;
+    }
+    Ok(None)
+}
+
 pub(crate) fn find_token(
     conn: &Connection,
+    keys: &KeyIndex,
     tenant: &str,
     app: &str,
     hash: &TokenHash,
 ) -> rusqlite::Result<Option<StoredToken>> {
-    conn.prepare_cached(&format!(
-        "SELECT {TOKEN_COLUMNS} FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3"
-    ))?
-    .query_row(params![tenant, app, &hash.0[..]], token_from_row)
-    .optional()
+    token_by_hash(conn, keys, tenant, app, hash, TOKEN_COLUMNS, token_from_row)
 }
 
 /// The count and the page in one read transaction, so they agree.
@@ -242,28 +302,31 @@ pub(crate) fn list_tokens(
 /// the tenant, probed before any write (for commands with several new tokens).
 pub(crate) fn check_new_token(
     conn: &Connection,
+    keys: &KeyIndex,
     tenant: &str,
     token: &StoredToken,
 ) -> Result<(), StoreError> {
-    let (hash_taken, id_taken) = token_taken(conn, tenant, token)?;
+    let (hash_taken, id_taken) = token_taken(conn, keys, tenant, token)?;
     token_conflict(token, hash_taken, id_taken)
 }
 
 /// Inserts a new token, refusing it (`409`, nothing written) when its hash is taken in the
-/// application or its ID in the tenant: the unique `tokens_by_hash` and `tokens_by_id` say so.
+/// application or its ID in the tenant: [`insert_token`]'s check and the unique `tokens_by_id`
+/// say so.
 pub(crate) fn insert_new_token(
     conn: &Connection,
+    keys: &mut KeyJournal,
     tenant: &str,
     incarnation: i64,
     token: &StoredToken,
 ) -> Result<(), StoreError> {
-    match insert_token(conn, tenant, incarnation, token) {
+    match insert_token(conn, keys, tenant, incarnation, token) {
         Ok(()) => Ok(()),
         Err(rusqlite::Error::SqliteFailure(e, _))
             if e.code == rusqlite::ErrorCode::ConstraintViolation =>
         {
-            // The message names the index; the error code alone does not say which one.
-            let (hash_taken, id_taken) = token_taken(conn, tenant, token)?;
+            // The error code alone does not say which rule refused the token.
+            let (hash_taken, id_taken) = token_taken(conn, keys.index(), tenant, token)?;
             token_conflict(token, hash_taken, id_taken)?;
             Err(unavailable_msg(format!(
                 "a token insert broke a constraint without a taken hash or ID: {e}"
@@ -276,25 +339,12 @@ pub(crate) fn insert_new_token(
 /// Whether a token's hash is taken in its application, and its ID in the tenant.
 fn token_taken(
     conn: &Connection,
+    keys: &KeyIndex,
     tenant: &str,
     token: &StoredToken,
 ) -> Result<(bool, bool), StoreError> {
-    conn.prepare_cached(
-        "SELECT EXISTS(SELECT 1 FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3), \
-             EXISTS(SELECT 1 FROM tokens WHERE tenant=?1 AND token_id=?4)",
-    )
-    .and_then(|mut s| {
-        s.query_row(
-            params![
-                tenant,
-                token.app.as_str(),
-                &token.hash.0[..],
-                token.id.as_str()
-            ],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-    })
-    .map_err(unavailable)
+    let (holder, id_taken) = token_holders(conn, keys, tenant, token).map_err(unavailable)?;
+    Ok((holder.is_some(), id_taken))
 }
 
 fn token_conflict(token: &StoredToken, hash_taken: bool, id_taken: bool) -> Result<(), StoreError> {
@@ -322,18 +372,19 @@ fn token_conflict(token: &StoredToken, hash_taken: bool, id_taken: bool) -> Resu
 /// (for imports, which report conflicts instead of refusing).
 pub(crate) fn token_holders(
     conn: &Connection,
+    keys: &KeyIndex,
     tenant: &str,
     token: &StoredToken,
 ) -> rusqlite::Result<(Option<String>, bool)> {
-    let holder: Option<String> = conn
-        .prepare_cached(
-            "SELECT endpoint_id FROM tokens WHERE tenant=?1 AND app=?2 AND token_hash=?3",
-        )?
-        .query_row(
-            params![tenant, token.app.as_str(), &token.hash.0[..]],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let holder = token_by_hash(
+        conn,
+        keys,
+        tenant,
+        token.app.as_str(),
+        &token.hash,
+        "endpoint_id",
+        |r| r.get::<_, String>(0),
+    )?;
     let id_taken: bool = conn
         .prepare_cached("SELECT EXISTS(SELECT 1 FROM tokens WHERE tenant=?1 AND token_id=?2)")?
         .query_row(params![tenant, token.id.as_str()], |r| r.get(0))?;
@@ -341,12 +392,24 @@ pub(crate) fn token_holders(
 }
 
 /// Inserts a token of the endpoint whose incarnation is `incarnation`.
+///
+/// A hash already held in the application fails the insert as a unique index would (a
+/// constraint violation, nothing written): the token hash index is in memory.
 pub(crate) fn insert_token(
     conn: &Connection,
+    keys: &mut KeyJournal,
     tenant: &str,
     incarnation: i64,
     t: &StoredToken,
 ) -> rusqlite::Result<()> {
+    let app = t.app.as_str();
+    let held = token_by_hash(conn, keys.index(), tenant, app, &t.hash, "1", |_| Ok(()))?;
+    if held.is_some() {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE),
+            Some("the token hash is already held in the application".into()),
+        ));
+    }
     conn.prepare_cached(
         "INSERT INTO tokens(tenant, app, token_hash, endpoint_id, incarnation, created, \
          token_id, status, updated) VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9)",
@@ -362,6 +425,8 @@ pub(crate) fn insert_token(
         t.status.as_str(),
         t.updated.map(|u| u.0)
     ])?;
+    let key = token_key(keys.index(), tenant, app, &t.hash.0);
+    keys.inserted(key, conn.last_insert_rowid());
     Ok(())
 }
 
@@ -369,6 +434,7 @@ pub(crate) fn insert_token(
 /// `execute` makes first, each checking its own rule).
 pub(crate) fn apply_ops(
     conn: &Connection,
+    keys: &mut KeyJournal,
     tenant: &str,
     endpoint: &EndpointId,
     incarnation: i64,
@@ -396,10 +462,18 @@ pub(crate) fn apply_ops(
                 ])?;
             }
             TokenOp::DeleteAll => {
-                conn.prepare_cached(
-                    "DELETE FROM tokens WHERE tenant=?1 AND incarnation=?2 AND endpoint_id=?3",
-                )?
-                .execute(params![tenant, incarnation, endpoint.as_str()])?;
+                let mut stmt = conn.prepare_cached(
+                    "DELETE FROM tokens WHERE tenant=?1 AND incarnation=?2 AND endpoint_id=?3 \
+                     RETURNING id, app, token_hash",
+                )?;
+                let mut rows = stmt.query(params![tenant, incarnation, endpoint.as_str()])?;
+                while let Some(row) = rows.next()? {
+                    let id: i64 = row.get(0)?;
+                    let app = row.get_ref(1)?.as_str()?;
+                    let hash = row.get_ref(2)?.as_blob()?;
+                    let key = token_key(keys.index(), tenant, app, hash);
+                    keys.deleted(key, id);
+                }
             }
         }
     }

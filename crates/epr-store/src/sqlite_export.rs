@@ -4,6 +4,7 @@
 
 use crate::codec::initial_token_id;
 use crate::embedded::{endpoint_from_row, load, unavailable, ENDPOINT_COLUMNS};
+use crate::key_index::{KeyIndex, KeyJournal};
 use crate::sqlite_credentials::{endpoint_tokens, insert_token, token_holders};
 use crate::sqlite_filters::{filter_from_row, FilterCache, FILTER_COLUMNS};
 use epr_core::command::{Effect, WriteCtx};
@@ -93,6 +94,7 @@ pub(crate) fn filters(
 pub(crate) fn import(
     conn: &Connection,
     filters: &mut FilterCache,
+    keys: &mut KeyJournal,
     changes: &mut Vec<crate::meta_index::IndexChange>,
     records: Vec<ImportRecord>,
     next_incarnation: &mut i64,
@@ -101,7 +103,7 @@ pub(crate) fn import(
     for record in records {
         let outcome = match record {
             ImportRecord::Endpoint(e) => {
-                import_endpoint(conn, filters, changes, e, next_incarnation)?
+                import_endpoint(conn, filters, keys, changes, e, next_incarnation)?
             }
             ImportRecord::Filter { tenant, filter } => {
                 filters.import(conn, &tenant, &filter, *next_incarnation - 1)?
@@ -115,6 +117,7 @@ pub(crate) fn import(
 fn import_endpoint(
     conn: &Connection,
     filters: &mut FilterCache,
+    keys: &mut KeyJournal,
     changes: &mut Vec<crate::meta_index::IndexChange>,
     record: EndpointExport,
     next_incarnation: &mut i64,
@@ -133,7 +136,7 @@ fn import_endpoint(
         return Ok(ImportOutcome::Exists);
     }
     let tokens = restored_tokens(&endpoint, token_hash, tokens);
-    if let Some(conflict) = token_conflict(conn, t, &endpoint, &tokens)? {
+    if let Some(conflict) = token_conflict(conn, keys.index(), t, &endpoint, &tokens)? {
         return Ok(ImportOutcome::Conflict(conflict));
     }
     // A fresh incarnation: this store's own entity tags and registration order.
@@ -141,7 +144,7 @@ fn import_endpoint(
     *next_incarnation += 1;
     crate::embedded::insert_endpoint_row(conn, t, &endpoint, &token_hash).map_err(unavailable)?;
     for token in &tokens {
-        insert_token(conn, t, endpoint.incarnation, token).map_err(unavailable)?;
+        insert_token(conn, keys, t, endpoint.incarnation, token).map_err(unavailable)?;
     }
     // Membership as for a registration; its events are dropped (an import emits none).
     let ctx = WriteCtx {
@@ -194,6 +197,7 @@ pub(crate) fn restored_tokens(
 /// tenant.
 fn token_conflict(
     conn: &Connection,
+    keys: &KeyIndex,
     tenant: &str,
     endpoint: &Endpoint,
     tokens: &[StoredToken],
@@ -207,7 +211,7 @@ fn token_conflict(
                 token.id
             )));
         }
-        let (holder, id_taken) = token_holders(conn, tenant, token).map_err(unavailable)?;
+        let (holder, id_taken) = token_holders(conn, keys, tenant, token).map_err(unavailable)?;
         if let Some(other) = holder {
             return Ok(Some(format!(
                 "the endpoint token is already in use by endpoint '{other}' in application '{}'",
