@@ -1,7 +1,7 @@
 //! An in-memory hash index of the embedded store: a key's 64-bit hash → the IDs of the rows
 //! that may hold it. It replaces a unique B-tree index whose keys are random (token hashes):
 //! such an index makes every insert dirty a random page, which the WAL writes whole at the
-//! commit and a checkpoint writes again. The map costs ~20 bytes per row in memory and is
+//! commit and a checkpoint writes again. The map costs 17–35 bytes per row in memory and is
 //! rebuilt from the table at open.
 //!
 //! The map is only a source of **candidates**: every lookup checks each candidate row in the
