@@ -2310,6 +2310,15 @@ mod tests {
             )
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+        // Schema 7 finds tokens by hash in memory: the hash-ordered B-tree is gone.
+        let hash_index: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name='tokens_by_hash'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(hash_index, 0);
         let claims: i64 = conn
             .query_row("SELECT COUNT(*) FROM claim_tokens", [], |r| r.get(0))
             .unwrap();
