@@ -14,7 +14,7 @@
 
 use crate::codec;
 use crate::integrity::{self, IntegrityCheck, StoreHealth};
-use crate::key_index::{KeyIndex, KeyJournal};
+use crate::key_index::{KeyIndex, KeyJournal, WriterKeys};
 use crate::lock::DataDirLock;
 use crate::meta_index::{IndexChange, MetaIndex};
 use crate::sqlite_credentials;
@@ -98,8 +98,9 @@ pub const DB_FILE: &str = "epr.sqlite3";
 /// every query by version, and each registration paid for one more B-tree insert); 6 made
 /// the token table a rowid table found by endpoint through its incarnation (a registration
 /// appends its token instead of placing it at random twice); 7 dropped `tokens_by_hash` (the
-/// token hash index is in memory, rebuilt at open: see [`crate::key_index`]).
-pub(crate) const SCHEMA_VERSION: i64 = 7;
+/// token hash index is in memory, rebuilt at open: see [`crate::key_index`]); 8 dropped
+/// `endpoints_by_id` (the endpoint ID index is in memory too).
+pub(crate) const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS schema_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -117,7 +118,7 @@ CREATE TABLE IF NOT EXISTS endpoints(
     metadata_version INTEGER NOT NULL,
     token_hash BLOB NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS endpoints_by_id ON endpoints(tenant, endpoint_id);
+DROP INDEX IF EXISTS endpoints_by_id;
 CREATE INDEX IF NOT EXISTS endpoints_by_app ON endpoints(tenant, app, incarnation);
 DROP INDEX IF EXISTS endpoints_by_version;
 CREATE TABLE IF NOT EXISTS outbox(
@@ -180,7 +181,9 @@ pub struct EmbeddedStore {
     lock: Mutex<Option<DataDirLock>>,
     /// The listing index (application, version, metadata values), kept by the writer.
     index: Arc<MetaIndex>,
-    /// Token hash → candidate token rows (see [`crate::key_index`]), kept by the writer.
+    /// Endpoint ID → candidate incarnations (see [`crate::key_index`]), kept by the writer.
+    endpoint_keys: Arc<KeyIndex>,
+    /// Token hash → candidate token rows, kept by the writer.
     token_keys: Arc<KeyIndex>,
     /// One permit per pooled read connection: reads beyond the pool wait for one instead
     /// of opening (and then closing) a connection of their own, which cost more than a
@@ -283,7 +286,8 @@ impl EmbeddedStore {
         let index = Arc::new(MetaIndex::default());
         let filter_view = SharedFilterView::default();
         let mut filters = FilterCache::load(&conn, index.clone(), filter_view.clone())?;
-        build_index(&conn, &index, &mut filters)?;
+        let endpoint_keys = Arc::new(KeyIndex::default());
+        build_index(&conn, &index, &endpoint_keys, &mut filters)?;
         let health = Arc::new(StoreHealth::new(path.clone()));
         // The WAL exists once the connection has read in WAL mode (above). What it holds now
         // is made durable before anything is published from it.
@@ -313,7 +317,10 @@ impl EmbeddedStore {
             failure_log: LogGate::default(),
             filters,
             index: index.clone(),
-            tokens: KeyJournal::new(token_keys.clone()),
+            keys: WriterKeys {
+                endpoints: KeyJournal::new(endpoint_keys.clone()),
+                tokens: KeyJournal::new(token_keys.clone()),
+            },
             conn,
             next_incarnation,
             max_group: config.max_group.max(1),
@@ -351,6 +358,7 @@ impl EmbeddedStore {
             filter_view,
             lock: Mutex::new(Some(lock)),
             index,
+            endpoint_keys,
             token_keys,
             read_slots: Arc::new(tokio::sync::Semaphore::new(config.readers.max(1))),
         })
@@ -466,6 +474,7 @@ fn checkpointer(
 fn build_index(
     conn: &Connection,
     index: &MetaIndex,
+    endpoint_keys: &KeyIndex,
     filters: &mut FilterCache,
 ) -> Result<(), StoreError> {
     const BATCH: usize = 4096;
@@ -479,6 +488,7 @@ fn build_index(
     let mut rows = stmt.query([]).map_err(unavailable)?;
     let mut n = 0u64;
     let mut mine = sqlite_filters::Found::default();
+    let mut ids = Vec::new();
     // Every filter is evaluated on every endpoint (a million endpoints and 100 filters: 100
     // million evaluations), so a helper thread takes every other batch: it evaluates the
     // filters on it and adds it to the index while this thread reads and parses the rows.
@@ -504,6 +514,10 @@ fn build_index(
             let ep = endpoint_from_row(row).map_err(unavailable)?;
             let tenant: String = row.get(10).map_err(unavailable)?;
             let tenant = TenantId::parse(&tenant).map_err(|e| unavailable_msg(e.to_string()))?;
+            ids.push((
+                endpoint_key(endpoint_keys, tenant.as_str(), ep.id.as_str()),
+                ep.incarnation,
+            ));
             batch.push(IndexChange {
                 tenant,
                 old: None,
@@ -530,6 +544,7 @@ fn build_index(
             .join()
             .map_err(|_| unavailable_msg("the store's open-time evaluation thread panicked"))
     })?;
+    endpoint_keys.extend(ids);
     filters.add_found(mine);
     filters.add_found(theirs);
     index.apply_members(&filters.take_staged());
@@ -584,8 +599,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         // new schema's indexes name its new columns; 3 → 4 drops `filter_matches` (the
         // filters' schema below: memberships are derived at open); 4 → 5 drops
         // `endpoints_by_version` (the schema below); 5 → 6 rebuilds the token table again;
-        // 6 → 7 drops `tokens_by_hash` (the credentials' schema below).
-        Some(v @ (1..=6)) => {
+        // 6 → 7 drops `tokens_by_hash` (the credentials' schema below), 7 → 8
+        // `endpoints_by_id` (the schema below).
+        Some(v @ (1..=7)) => {
             if v <= 2 {
                 tx.execute_batch(sqlite_credentials::UPGRADE_TOKENS_TO_V3)
                     .map_err(unavailable)?;
@@ -703,19 +719,46 @@ pub(crate) fn endpoint_from_row(row: &Row<'_>) -> rusqlite::Result<Endpoint> {
     })
 }
 
+/// An endpoint's key in the endpoint ID index.
+pub(crate) fn endpoint_key(keys: &KeyIndex, tenant: &str, id: &str) -> u64 {
+    keys.key(&[tenant.as_bytes(), id.as_bytes()])
+}
+
+/// An endpoint by ID, found through the endpoint ID index (each candidate checked in
+/// `conn`'s snapshot: see [`KeyIndex::find`]).
 pub(crate) fn load(
     conn: &Connection,
+    keys: &KeyIndex,
     tenant: &str,
     id: &str,
 ) -> rusqlite::Result<Option<Endpoint>> {
     // A literal (not format!) so the hot path does not allocate to find its statement.
     const LOAD: &str = "SELECT incarnation, endpoint_id, app, app_version, \
         app_version_registered, created, metadata, metadata_updated, version, metadata_version \
-        FROM endpoints WHERE tenant=?1 AND endpoint_id=?2";
+        FROM endpoints WHERE incarnation=?1 AND tenant=?2 AND endpoint_id=?3";
     debug_assert!(LOAD.contains(ENDPOINT_COLUMNS));
-    conn.prepare_cached(LOAD)?
-        .query_row(params![tenant, id], endpoint_from_row)
+    keys.find(endpoint_key(keys, tenant, id), |inc| {
+        conn.prepare_cached(LOAD)?
+            .query_row(params![inc, tenant, id], endpoint_from_row)
+            .optional()
+    })
+}
+
+/// An endpoint's incarnation by ID (as [`load`], reading less).
+pub(crate) fn incarnation_of(
+    conn: &Connection,
+    keys: &KeyIndex,
+    tenant: &str,
+    id: &str,
+) -> rusqlite::Result<Option<i64>> {
+    keys.find(endpoint_key(keys, tenant, id), |inc| {
+        conn.prepare_cached(
+            "SELECT incarnation FROM endpoints WHERE incarnation=?1 AND tenant=?2 \
+             AND endpoint_id=?3",
+        )?
+        .query_row(params![inc, tenant, id], |r| r.get(0))
         .optional()
+    })
 }
 
 /// The single writer. Owns the read-write connection.
@@ -736,8 +779,8 @@ struct Writer {
     filters: FilterCache,
     /// The listing index: a group's changes are applied once it committed.
     index: Arc<MetaIndex>,
-    /// The token hash index, with this group's changes to it.
-    tokens: KeyJournal,
+    /// The endpoint ID and token hash indexes, with this group's changes to them.
+    keys: WriterKeys,
     backfill: BackfillPace,
     rejections_kept: u64,
     health: Arc<StoreHealth>,
@@ -917,7 +960,7 @@ impl Writer {
                     let result = execute(
                         &tx,
                         &mut self.filters,
-                        &mut self.tokens,
+                        &mut self.keys,
                         &mut changes,
                         &cmd,
                         &ctx,
@@ -931,7 +974,7 @@ impl Writer {
                     let result = register_batch(
                         &tx,
                         &mut self.filters,
-                        &mut self.tokens,
+                        &mut self.keys,
                         &mut changes,
                         batch,
                         &ctx,
@@ -961,7 +1004,7 @@ impl Writer {
                     let result = crate::sqlite_export::import(
                         &tx,
                         &mut self.filters,
-                        &mut self.tokens,
+                        &mut self.keys,
                         &mut changes,
                         records,
                         &mut self.next_incarnation,
@@ -1011,7 +1054,7 @@ impl Writer {
                 tracing::error!(error = %msg, suppressed, "write group aborted");
             }
             drop(tx); // rolls back
-            self.tokens.rolled_back();
+            self.keys.rolled_back();
             pending.into_iter().for_each(|p| p.fail(&msg));
             self.reload_filters();
             return;
@@ -1030,7 +1073,7 @@ impl Writer {
         }
         match tx.commit() {
             Ok(()) => {
-                self.tokens.committed();
+                self.keys.committed();
                 // Before any answer: a listing started after an acknowledged write sees it.
                 self.index.apply(&changes);
                 self.index.apply_members(&self.filters.take_staged());
@@ -1050,7 +1093,7 @@ impl Writer {
                     tracing::error!(error = %e, suppressed, "group commit failed");
                 }
                 let msg = format!("commit failed: {e}");
-                self.tokens.rolled_back();
+                self.keys.rolled_back();
                 pending.into_iter().for_each(|p| p.fail(&msg));
                 self.reload_filters();
             }
@@ -1245,7 +1288,7 @@ fn reply_unavailable(job: Job, msg: &str) {
 fn execute(
     conn: &Connection,
     filters: &mut FilterCache,
-    keys: &mut KeyJournal,
+    keys: &mut WriterKeys,
     changes: &mut Vec<IndexChange>,
     cmd: &Command,
     ctx: &WriteCtx,
@@ -1255,7 +1298,8 @@ fn execute(
 ) -> Result<Effect, StoreError> {
     let tenant = ctx.tenant.as_str();
     let endpoint_id = cmd.endpoint_id();
-    let current = load(conn, tenant, endpoint_id.as_str()).map_err(unavailable)?;
+    let current =
+        load(conn, keys.endpoints.index(), tenant, endpoint_id.as_str()).map_err(unavailable)?;
     // The state before the write, for membership changes (only where filters exist).
     let old = current
         .as_ref()
@@ -1290,7 +1334,7 @@ fn execute(
     if new_tokens > 1 {
         for op in &plan.tokens.ops {
             if let TokenOp::Insert(token) = op {
-                sqlite_credentials::check_new_token(conn, keys.index(), tenant, token)?;
+                sqlite_credentials::check_new_token(conn, keys.tokens.index(), tenant, token)?;
             }
         }
     }
@@ -1299,11 +1343,11 @@ fn execute(
     for op in &plan.tokens.ops {
         if let TokenOp::Insert(token) = op {
             if new_tokens == 1 {
-                sqlite_credentials::insert_new_token(conn, keys, tenant, owner, token)?;
+                sqlite_credentials::insert_new_token(conn, &mut keys.tokens, tenant, owner, token)?;
             } else {
                 // Checked above; a failure now (two of them alike) must not leave the first
                 // behind under a refusal: it aborts the group instead.
-                sqlite_credentials::insert_token(conn, keys, tenant, owner, token)
+                sqlite_credentials::insert_token(conn, &mut keys.tokens, tenant, owner, token)
                     .map_err(unavailable)?;
             }
         }
@@ -1337,17 +1381,18 @@ fn execute(
             let reg = cmd
                 .registration()
                 .ok_or_else(|| unavailable_msg("plan inserted for a non-registration command"))?;
-            insert_endpoint_row(conn, tenant, ep, &reg.token_hash).map_err(unavailable)?;
+            insert_endpoint_row(conn, &mut keys.endpoints, tenant, ep, &reg.token_hash)
+                .map_err(unavailable)?;
         }
         Effect::Update(ep) => {
             conn.prepare_cached(
                 "UPDATE endpoints SET app_version=?3, app_version_registered=?4, metadata=?5, \
-                 metadata_updated=?6, version=?7, metadata_version=?8 WHERE tenant=?1 AND endpoint_id=?2",
+                 metadata_updated=?6, version=?7, metadata_version=?8 WHERE tenant=?1 AND incarnation=?2",
             )
             .and_then(|mut s| {
                 s.execute(params![
                     tenant,
-                    ep.id.as_str(),
+                    ep.incarnation,
                     ep.app_version.as_str(),
                     ep.app_version_registered.0,
                     ep.metadata.to_json_string(),
@@ -1359,15 +1404,24 @@ fn execute(
             .map_err(unavailable)?;
         }
         Effect::Delete(ep) => {
-            conn.prepare_cached("DELETE FROM endpoints WHERE tenant=?1 AND endpoint_id=?2")
-                .and_then(|mut s| s.execute(params![tenant, ep.id.as_str()]))
+            conn.prepare_cached("DELETE FROM endpoints WHERE tenant=?1 AND incarnation=?2")
+                .and_then(|mut s| s.execute(params![tenant, ep.incarnation]))
                 .map_err(unavailable)?;
+            let key = endpoint_key(keys.endpoints.index(), tenant, ep.id.as_str());
+            keys.endpoints.deleted(key, ep.incarnation);
         }
         Effect::Unchanged(_) => {}
     }
     // The inserts went in first (above).
-    sqlite_credentials::apply_ops(conn, keys, tenant, endpoint_id, owner, &plan.tokens.ops)
-        .map_err(unavailable)?;
+    sqlite_credentials::apply_ops(
+        conn,
+        &mut keys.tokens,
+        tenant,
+        endpoint_id,
+        owner,
+        &plan.tokens.ops,
+    )
+    .map_err(unavailable)?;
     if let Some((hash, used)) = &plan.tokens.claim_used {
         let app = &plan.effect.endpoint().app;
         sqlite_credentials::mark_claim_used(conn, tenant, app.as_str(), hash, used)
@@ -1404,10 +1458,11 @@ fn execute(
 /// The endpoint row (registration and import share it).
 pub(crate) fn insert_endpoint_row(
     conn: &Connection,
+    keys: &mut KeyJournal,
     tenant: &str,
     ep: &Endpoint,
     token_hash: &epr_core::ids::TokenHash,
-) -> rusqlite::Result<usize> {
+) -> rusqlite::Result<()> {
     conn.prepare_cached(&format!(
         "INSERT INTO endpoints(tenant, {ENDPOINT_COLUMNS}, token_hash) \
          VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
@@ -1425,7 +1480,12 @@ pub(crate) fn insert_endpoint_row(
         ep.version as i64,
         ep.metadata_version as i64,
         &token_hash.0[..]
-    ])
+    ])?;
+    keys.inserted(
+        endpoint_key(keys.index(), tenant, ep.id.as_str()),
+        ep.incarnation,
+    );
+    Ok(())
 }
 
 fn append_events(conn: &Connection, events: &[OutboxEvent]) -> rusqlite::Result<()> {
@@ -1460,7 +1520,7 @@ fn outbox_delete(conn: &Connection, through: i64) -> Result<(), StoreError> {
 fn register_batch(
     conn: &Connection,
     filters: &mut FilterCache,
-    keys: &mut KeyJournal,
+    keys: &mut WriterKeys,
     changes: &mut Vec<IndexChange>,
     batch: BatchRequest,
     ctx: &WriteCtx,
@@ -1529,8 +1589,10 @@ fn register_batch(
     Ok(outcome)
 }
 
-/// SQL condition and parameters for the parts of a query SQLite can evaluate.
-fn where_clause(tenant: &TenantId, q: &EndpointQuery) -> (String, Vec<String>) {
+/// SQL condition and parameters for the parts of a query SQLite can evaluate. A query by
+/// endpoint IDs also names the incarnations the endpoint ID index gives for them
+/// (`candidates`), so SQLite reads those rows by key instead of scanning the tenant's.
+fn where_clause(tenant: &TenantId, q: &EndpointQuery, candidates: &[i64]) -> (String, Vec<String>) {
     let mut sql = String::from("tenant=?1");
     let mut args = vec![tenant.to_string()];
     if let Some(app) = &q.app {
@@ -1548,6 +1610,8 @@ fn where_clause(tenant: &TenantId, q: &EndpointQuery) -> (String, Vec<String>) {
             marks.push(format!("?{}", args.len()));
         }
         sql.push_str(&format!(" AND endpoint_id IN ({})", marks.join(",")));
+        let incs: Vec<String> = candidates.iter().map(i64::to_string).collect();
+        sql.push_str(&format!(" AND incarnation IN ({})", incs.join(",")));
     }
     (sql, args)
 }
@@ -1555,6 +1619,7 @@ fn where_clause(tenant: &TenantId, q: &EndpointQuery) -> (String, Vec<String>) {
 fn list(
     conn: &Connection,
     index: &MetaIndex,
+    keys: &KeyIndex,
     tenant: &TenantId,
     q: &EndpointQuery,
     page: PageRequest,
@@ -1562,8 +1627,40 @@ fn list(
     if MetaIndex::serves(q) {
         return list_indexed(conn, index, tenant, q, page);
     }
-    // By endpoint IDs: SQL narrows to those few rows.
-    let (cond, args) = where_clause(tenant, q);
+    // By endpoint IDs: SQL narrows to those few rows. If their candidates changed while the
+    // query ran (a commit replaced one of the endpoints), it runs again with the new ones, so
+    // an endpoint replaced in one commit is not left out (as in `KeyIndex::find`).
+    let candidates = || {
+        let mut all: Vec<i64> = q
+            .endpoint_ids
+            .iter()
+            .flat_map(|id| keys.candidates(endpoint_key(keys, tenant.as_str(), id.as_str())))
+            .collect();
+        all.sort_unstable();
+        all
+    };
+    let mut found = candidates();
+    for _ in 0..8 {
+        let page = list_rows(conn, index, tenant, q, page, &found)?;
+        let again = candidates();
+        if again == found {
+            return Ok(page);
+        }
+        found = again;
+    }
+    list_rows(conn, index, tenant, q, page, &found)
+}
+
+/// [`list`]'s SQL part, given the candidate incarnations of the queried endpoint IDs.
+fn list_rows(
+    conn: &Connection,
+    index: &MetaIndex,
+    tenant: &TenantId,
+    q: &EndpointQuery,
+    page: PageRequest,
+    candidates: &[i64],
+) -> rusqlite::Result<Page<Endpoint>> {
+    let (cond, args) = where_clause(tenant, q, candidates);
     let after = page.after.unwrap_or(i64::MIN);
     if q.metadata.is_empty() && q.filter.is_none() {
         let total: i64 = conn
@@ -1700,11 +1797,11 @@ impl Store for EmbeddedStore {
         tenant: &TenantId,
         id: &EndpointId,
     ) -> Result<Option<Endpoint>, StoreError> {
-        // A point read by unique index takes microseconds from the page cache: cheaper to
+        // A point read by rowid takes microseconds from the page cache: cheaper to
         // run in place on a per-thread connection than to hop to a blocking thread.
-        let found = self
-            .readers
-            .with_local(|c| load(c, tenant.as_str(), id.as_str()).map_err(unavailable));
+        let found = self.readers.with_local(|c| {
+            load(c, &self.endpoint_keys, tenant.as_str(), id.as_str()).map_err(unavailable)
+        });
         self.observed(found)
     }
 
@@ -1715,7 +1812,8 @@ impl Store for EmbeddedStore {
         page: PageRequest,
     ) -> Result<Page<Endpoint>, StoreError> {
         let (tenant, query, index) = (tenant.clone(), query.clone(), self.index.clone());
-        self.read(move |c| list(c, &index, &tenant, &query, page).map_err(unavailable))
+        let keys = self.endpoint_keys.clone();
+        self.read(move |c| list(c, &index, &keys, &tenant, &query, page).map_err(unavailable))
             .await
     }
 
@@ -1833,9 +1931,11 @@ impl Store for EmbeddedStore {
         endpoints: &[EndpointId],
     ) -> Result<BTreeMap<EndpointId, Vec<FilterId>>, StoreError> {
         let (tenant, endpoints, index) = (tenant.clone(), endpoints.to_vec(), self.index.clone());
+        let keys = self.endpoint_keys.clone();
         self.read(move |c| {
             let mut out: BTreeMap<EndpointId, Vec<FilterId>> = BTreeMap::new();
-            for (ep, f) in sqlite_filters::matched_filters(c, &index, tenant.as_str(), &endpoints)
+            let t = tenant.as_str();
+            for (ep, f) in sqlite_filters::matched_filters(c, &index, &keys, t, &endpoints)
                 .map_err(unavailable)?
             {
                 out.entry(ep).or_default().push(f);
@@ -1996,9 +2096,10 @@ impl Store for EmbeddedStore {
         page: PageRequest,
     ) -> Result<Page<StoredToken>, StoreError> {
         let (tenant, endpoint, query) = (tenant.clone(), endpoint.clone(), query.clone());
+        let keys = self.endpoint_keys.clone();
         self.read(move |c| {
-            sqlite_credentials::list_tokens(c, tenant.as_str(), endpoint.as_str(), &query, page)
-                .map_err(unavailable)
+            let (t, e) = (tenant.as_str(), endpoint.as_str());
+            sqlite_credentials::list_tokens(c, &keys, t, e, &query, page).map_err(unavailable)
         })
         .await
     }
@@ -2310,15 +2411,17 @@ mod tests {
             )
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        // Schema 7 finds tokens by hash in memory: the hash-ordered B-tree is gone.
-        let hash_index: i64 = conn
+        // Schemas 7 and 8 find tokens by hash and endpoints by ID in memory: the B-trees in
+        // those orders are gone.
+        let random_indexes: i64 = conn
             .query_row(
-                "SELECT COUNT(*) FROM sqlite_master WHERE name='tokens_by_hash'",
+                "SELECT COUNT(*) FROM sqlite_master \
+                 WHERE name IN ('tokens_by_hash', 'endpoints_by_id')",
                 [],
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(hash_index, 0);
+        assert_eq!(random_indexes, 0);
         let claims: i64 = conn
             .query_row("SELECT COUNT(*) FROM claim_tokens", [], |r| r.get(0))
             .unwrap();
@@ -2636,11 +2739,12 @@ mod tests {
         store.shutdown().await;
     }
 
-    /// The token hash index is in memory (schema 7): rebuilt at open it still finds tokens and
-    /// refuses a taken hash, and a hash freed and taken again by commands queued together
-    /// belongs to the new endpoint, before and after another restart.
+    /// The token hash and endpoint ID indexes are in memory (schemas 7 and 8): rebuilt at open
+    /// they still find tokens and endpoints and refuse a taken hash, and a hash (and an
+    /// endpoint ID) freed and taken again by commands queued together belong to the new
+    /// endpoint, before and after another restart.
     #[tokio::test]
-    async fn token_hashes_stay_unique_across_restarts_and_reuse() {
+    async fn key_indexes_stay_right_across_restarts_and_reuse() {
         use crate::conformance::{ctx, reg, tenant};
         let dir = tempfile::tempdir().unwrap();
         let app = AppName::parse("app").unwrap();
@@ -2694,13 +2798,78 @@ mod tests {
         again.unwrap();
         assert_eq!(holder(&store, &t1, &app, &hash).await.as_deref(), Some("c"));
         assert!(taken(store.execute(register("d"), ctx("t1")).await));
+        // The endpoint ID too: "c" unregistered and registered again in one go (with another
+        // token: its own is still held until the unregistration commits).
+        let c = EndpointId::parse("c").unwrap();
+        let first = store.get(&t1, &c).await.unwrap().unwrap().incarnation;
+        let unregister_c = Command::Unregister {
+            id: c.clone(),
+            precondition: epr_core::endpoint::Precondition::None,
+        };
+        let (gone, again) = tokio::join!(
+            store.execute(unregister_c, ctx("t1")),
+            store.execute(
+                Command::Register(reg("c", "app-v1", "tok-2", serde_json::json!({}))),
+                ctx("t1")
+            )
+        );
+        gone.unwrap();
+        again.unwrap();
+        let second = store.get(&t1, &c).await.unwrap().unwrap().incarnation;
+        assert!(second > first);
         store.shutdown().await;
         drop(store);
 
         let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap();
-        assert_eq!(holder(&store, &t1, &app, &hash).await.as_deref(), Some("c"));
-        assert!(taken(store.execute(register("d"), ctx("t1")).await));
+        let hash_2 = epr_core::ids::EndpointToken::parse("tok-2")
+            .unwrap()
+            .hash(&app);
+        assert_eq!(
+            holder(&store, &t1, &app, &hash_2).await.as_deref(),
+            Some("c")
+        );
+        assert!(holder(&store, &t1, &app, &hash).await.is_none());
+        assert!(taken(store.execute(register("d"), ctx("t2")).await));
         assert_eq!(store.token_keys.len(), 2, "c's token in t1 and a's in t2");
+        assert_eq!(store.endpoint_keys.len(), 2, "c in t1 and a in t2");
+        let got = store.get(&t1, &c).await.unwrap().unwrap();
+        assert_eq!(got.incarnation, second);
+        let a = EndpointId::parse("a").unwrap();
+        assert!(store.get(&t1, &a).await.unwrap().is_none());
+        assert!(store.get(&tenant("t2"), &a).await.unwrap().is_some());
+        // Listing by IDs, the tokens of an endpoint, its filters.
+        let q = EndpointQuery {
+            endpoint_ids: vec![a.clone(), c.clone(), b.clone()],
+            ..Default::default()
+        };
+        let page = store.list(&t1, &q, PageRequest::new(0, 10)).await.unwrap();
+        let ids: Vec<&str> = page.items.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!((ids, page.total), (vec!["c"], 1));
+        let tokens = store
+            .list_tokens(&t1, &c, &Default::default(), PageRequest::new(0, 10))
+            .await
+            .unwrap();
+        assert_eq!(tokens.total, 1);
+        assert_eq!(tokens.items[0].hash, hash_2);
+        let none = store
+            .list_tokens(&t1, &a, &Default::default(), PageRequest::new(0, 10))
+            .await
+            .unwrap();
+        assert_eq!((none.total, none.items.len()), (0, 0));
+        let matched = store.matched_filters(&t1, &[a, c.clone()]).await.unwrap();
+        assert!(matched.values().all(Vec::is_empty), "{matched:?}");
+        // A second registration of "c" is refused or leaves it as it is, as before.
+        let _ = store
+            .execute(
+                Command::Register(reg("c", "app-v1", "tok-3", serde_json::json!({}))),
+                ctx("t1"),
+            )
+            .await;
+        assert_eq!(
+            store.get(&t1, &c).await.unwrap().unwrap().incarnation,
+            second
+        );
+        assert_eq!(store.endpoint_keys.len(), 2);
         store.shutdown().await;
     }
 }

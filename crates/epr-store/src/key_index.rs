@@ -1,5 +1,6 @@
 //! An in-memory hash index of the embedded store: a key's 64-bit hash → the IDs of the rows
-//! that may hold it. It replaces a unique B-tree index whose keys are random (token hashes):
+//! that may hold it. It replaces a unique B-tree index whose keys are random (endpoint IDs,
+//! token hashes):
 //! such an index makes every insert dirty a random page, which the WAL writes whole at the
 //! commit and a checkpoint writes again. The map costs 17–35 bytes per row in memory and is
 //! rebuilt from the table at open.
@@ -89,6 +90,33 @@ impl KeyIndex {
             }
         }
         out
+    }
+
+    /// The first candidate row of `key` that `probe` finds (it reads the row in the caller's
+    /// snapshot and checks its key columns). If none is found and the candidates changed
+    /// meanwhile (a commit replaced the row the lookup started from), the new ones are probed
+    /// too, so a row replaced in one commit never seems absent.
+    pub(crate) fn find<T, E>(
+        &self,
+        key: u64,
+        mut probe: impl FnMut(i64) -> Result<Option<T>, E>,
+    ) -> Result<Option<T>, E> {
+        let mut candidates = self.candidates(key);
+        for _ in 0..8 {
+            for &row in &candidates {
+                if let Some(found) = probe(row)? {
+                    return Ok(Some(found));
+                }
+            }
+            let mut again = self.candidates(key);
+            again.sort_unstable();
+            candidates.sort_unstable();
+            if again == candidates {
+                break;
+            }
+            candidates = again;
+        }
+        Ok(None)
     }
 
     pub(crate) fn insert(&self, key: u64, row: i64) {
@@ -216,6 +244,26 @@ impl KeyJournal {
         for (key, row) in self.added.drain(..) {
             self.index.remove(key, row);
         }
+    }
+}
+
+/// The writer's journals of the embedded store's two key indexes.
+pub(crate) struct WriterKeys {
+    /// (tenant, endpoint ID) → incarnation.
+    pub(crate) endpoints: KeyJournal,
+    /// (tenant, application, token hash) → token row ID.
+    pub(crate) tokens: KeyJournal,
+}
+
+impl WriterKeys {
+    pub(crate) fn committed(&mut self) {
+        self.endpoints.committed();
+        self.tokens.committed();
+    }
+
+    pub(crate) fn rolled_back(&mut self) {
+        self.endpoints.rolled_back();
+        self.tokens.rolled_back();
     }
 }
 

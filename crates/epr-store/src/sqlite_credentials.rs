@@ -202,10 +202,8 @@ pub(crate) fn load_token_keys(conn: &Connection, keys: &KeyIndex) -> rusqlite::R
     Ok(())
 }
 
-/// The row holding a token hash in an application, found through the index: each candidate
-/// is checked in `conn`'s snapshot. If none matches and the candidates changed meanwhile (a
-/// commit replaced the row the lookup started from), the new ones are checked too, so a
-/// token never seems absent just because it was replaced in one commit.
+/// The row holding a token hash in an application, found through the index (each candidate
+/// checked in `conn`'s snapshot: see [`KeyIndex::find`]).
 fn token_by_hash<T>(
     conn: &Connection,
     keys: &KeyIndex,
@@ -215,30 +213,13 @@ fn token_by_hash<T>(
     columns: &str,
     read: impl Fn(&Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<Option<T>> {
-    let key = token_key(keys, tenant, app, &hash.0);
-    let mut candidates = keys.candidates(key);
-    for _ in 0..8 {
-        for &id in &candidates {
-            let found = conn
-                .prepare_cached(&format!(
-                    "SELECT {columns} FROM tokens \
-                     WHERE id=?1 AND tenant=?2 AND app=?3 AND token_hash=?4"
-                ))?
-                .query_row(params![id, tenant, app, &hash.0[..]], &read)
-                .optional()?;
-            if found.is_some() {
-                return Ok(found);
-            }
-        }
-        let mut again = keys.candidates(key);
-        again.sort_unstable();
-        candidates.sort_unstable();
-        if again == candidates {
-            break;
-        }
-        candidates = again;
-    }
-    Ok(None)
+    keys.find(token_key(keys, tenant, app, &hash.0), |id| {
+        conn.prepare_cached(&format!(
+            "SELECT {columns} FROM tokens WHERE id=?1 AND tenant=?2 AND app=?3 AND token_hash=?4"
+        ))?
+        .query_row(params![id, tenant, app, &hash.0[..]], &read)
+        .optional()
+    })
 }
 
 pub(crate) fn find_token(
@@ -254,16 +235,24 @@ pub(crate) fn find_token(
 /// The count and the page in one read transaction, so they agree.
 pub(crate) fn list_tokens(
     conn: &Connection,
+    endpoint_keys: &KeyIndex,
     tenant: &str,
     endpoint: &str,
     query: &TokenListQuery,
     page: PageRequest,
 ) -> rusqlite::Result<Page<StoredToken>> {
+    let tx = conn.unchecked_transaction()?;
     // The endpoint's current incarnation, read in the same transaction as the tokens.
-    let mut cond = String::from(
-        "tenant=?1 AND incarnation=(SELECT incarnation FROM endpoints \
-         WHERE tenant=?1 AND endpoint_id=?2) AND endpoint_id=?2",
-    );
+    let Some(incarnation) = crate::embedded::incarnation_of(&tx, endpoint_keys, tenant, endpoint)?
+    else {
+        tx.finish()?;
+        return Ok(Page {
+            total: 0,
+            items: Vec::new(),
+            next: None,
+        });
+    };
+    let mut cond = String::from("tenant=?1 AND incarnation=?5 AND endpoint_id=?2");
     if !query.statuses.is_empty() {
         // The states are an enumeration: their names go into the SQL as they are.
         let names: BTreeSet<&str> = query.statuses.iter().map(|s| s.as_str()).collect();
@@ -271,22 +260,25 @@ pub(crate) fn list_tokens(
         cond.push_str(&format!(" AND status IN ({})", list.join(",")));
     }
     let order = if query.ascending { "ASC" } else { "DESC" };
-    let tx = conn.unchecked_transaction()?;
+    // ?3 and ?4 are the page's: the count leaves them unused (SQLite allows that), so both
+    // statements take the same parameters.
+    let paging = (
+        i64::from(page.limit),
+        page.offset.min(i64::MAX as u64) as i64,
+    );
     let total: i64 = tx
         .prepare_cached(&format!("SELECT COUNT(*) FROM tokens WHERE {cond}"))?
-        .query_row(params![tenant, endpoint], |r| r.get(0))?;
+        .query_row(
+            params![tenant, endpoint, paging.0, paging.1, incarnation],
+            |r| r.get(0),
+        )?;
     let items = tx
         .prepare_cached(&format!(
             "SELECT {TOKEN_COLUMNS} FROM tokens WHERE {cond} \
              ORDER BY created {order}, token_id {order} LIMIT ?3 OFFSET ?4"
         ))?
         .query_map(
-            params![
-                tenant,
-                endpoint,
-                i64::from(page.limit),
-                page.offset.min(i64::MAX as u64) as i64
-            ],
+            params![tenant, endpoint, paging.0, paging.1, incarnation],
             token_from_row,
         )?
         .collect::<rusqlite::Result<Vec<_>>>()?;

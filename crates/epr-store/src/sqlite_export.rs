@@ -4,7 +4,7 @@
 
 use crate::codec::initial_token_id;
 use crate::embedded::{endpoint_from_row, load, unavailable, ENDPOINT_COLUMNS};
-use crate::key_index::{KeyIndex, KeyJournal};
+use crate::key_index::{KeyIndex, WriterKeys};
 use crate::sqlite_credentials::{endpoint_tokens, insert_token, token_holders};
 use crate::sqlite_filters::{filter_from_row, FilterCache, FILTER_COLUMNS};
 use epr_core::command::{Effect, WriteCtx};
@@ -94,7 +94,7 @@ pub(crate) fn filters(
 pub(crate) fn import(
     conn: &Connection,
     filters: &mut FilterCache,
-    keys: &mut KeyJournal,
+    keys: &mut WriterKeys,
     changes: &mut Vec<crate::meta_index::IndexChange>,
     records: Vec<ImportRecord>,
     next_incarnation: &mut i64,
@@ -117,7 +117,7 @@ pub(crate) fn import(
 fn import_endpoint(
     conn: &Connection,
     filters: &mut FilterCache,
-    keys: &mut KeyJournal,
+    keys: &mut WriterKeys,
     changes: &mut Vec<crate::meta_index::IndexChange>,
     record: EndpointExport,
     next_incarnation: &mut i64,
@@ -129,22 +129,24 @@ fn import_endpoint(
         tokens,
     } = record;
     let t = tenant.as_str();
-    if load(conn, t, endpoint.id.as_str())
+    if load(conn, keys.endpoints.index(), t, endpoint.id.as_str())
         .map_err(unavailable)?
         .is_some()
     {
         return Ok(ImportOutcome::Exists);
     }
     let tokens = restored_tokens(&endpoint, token_hash, tokens);
-    if let Some(conflict) = token_conflict(conn, keys.index(), t, &endpoint, &tokens)? {
+    if let Some(conflict) = token_conflict(conn, keys.tokens.index(), t, &endpoint, &tokens)? {
         return Ok(ImportOutcome::Conflict(conflict));
     }
     // A fresh incarnation: this store's own entity tags and registration order.
     endpoint.incarnation = *next_incarnation;
     *next_incarnation += 1;
-    crate::embedded::insert_endpoint_row(conn, t, &endpoint, &token_hash).map_err(unavailable)?;
+    crate::embedded::insert_endpoint_row(conn, &mut keys.endpoints, t, &endpoint, &token_hash)
+        .map_err(unavailable)?;
     for token in &tokens {
-        insert_token(conn, keys, t, endpoint.incarnation, token).map_err(unavailable)?;
+        insert_token(conn, &mut keys.tokens, t, endpoint.incarnation, token)
+            .map_err(unavailable)?;
     }
     // Membership as for a registration; its events are dropped (an import emits none).
     let ctx = WriteCtx {

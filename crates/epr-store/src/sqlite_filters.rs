@@ -30,6 +30,7 @@ use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use epr_core::ports::{ImportOutcome, StoreError};
 use epr_core::{DomainError, Timestamp};
 
+use crate::key_index::KeyIndex;
 use crate::meta_index::{MemberChange, MetaIndex};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde_json::Value;
@@ -922,12 +923,10 @@ impl Backfill {
 pub(crate) fn matched_filters(
     conn: &Connection,
     index: &MetaIndex,
+    keys: &KeyIndex,
     tenant: &str,
     endpoints: &[EndpointId],
 ) -> rusqlite::Result<Vec<(EndpointId, FilterId)>> {
-    let mut endpoint = conn.prepare_cached(
-        "SELECT incarnation, app FROM endpoints WHERE tenant=?1 AND endpoint_id=?2",
-    )?;
     let mut active = conn.prepare_cached(
         "SELECT filter_id FROM filters WHERE tenant=?1 AND app=?2 AND status='active' \
          ORDER BY filter_id",
@@ -936,12 +935,18 @@ pub(crate) fn matched_filters(
     // The endpoints of a page mostly share one application: its active filters are read once.
     let mut active_of: HashMap<String, Vec<String>> = HashMap::new();
     for ep in endpoints {
-        let Some((inc, app)) = endpoint
-            .query_row(params![tenant, ep.as_str()], |r| {
+        let key = crate::embedded::endpoint_key(keys, tenant, ep.as_str());
+        let found = keys.find(key, |inc| {
+            conn.prepare_cached(
+                "SELECT incarnation, app FROM endpoints \
+                 WHERE incarnation=?1 AND tenant=?2 AND endpoint_id=?3",
+            )?
+            .query_row(params![inc, tenant, ep.as_str()], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
             })
-            .optional()?
-        else {
+            .optional()
+        })?;
+        let Some((inc, app)) = found else {
             continue;
         };
         let ids = match active_of.get(&app) {
