@@ -15,8 +15,8 @@
 //! - `sqlite_filters`: saved filters in the embedded store (rows, live matching, back-fill).
 //! - `meta_index`: the embedded store's in-memory listing index (application, version and
 //!   metadata values as bitmaps of incarnations).
-//! - `key_index`: the embedded store's in-memory hash index of token hashes (row candidates,
-//!   checked in the reader's snapshot).
+//! - `key_index`: the embedded store's in-memory hash indexes of endpoint IDs and token
+//!   hashes (row candidates, checked in the reader's snapshot).
 
 pub mod backup;
 pub mod codec;

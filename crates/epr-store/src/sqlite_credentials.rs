@@ -34,7 +34,7 @@ macro_rules! token_table_v6 {
     };
 }
 
-/// The credential tables (schema version 7). Token hashes are unique per application, token
+/// The credential tables (schema version 8). Token hashes are unique per application, token
 /// and claim token IDs per tenant.
 ///
 /// Token rows are kept in the order they were made (a rowid table) and found by endpoint
