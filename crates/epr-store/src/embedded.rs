@@ -744,23 +744,6 @@ pub(crate) fn load(
     })
 }
 
-/// An endpoint's incarnation by ID (as [`load`], reading less).
-pub(crate) fn incarnation_of(
-    conn: &Connection,
-    keys: &KeyIndex,
-    tenant: &str,
-    id: &str,
-) -> rusqlite::Result<Option<i64>> {
-    keys.find(endpoint_key(keys, tenant, id), |inc| {
-        conn.prepare_cached(
-            "SELECT incarnation FROM endpoints WHERE incarnation=?1 AND tenant=?2 \
-             AND endpoint_id=?3",
-        )?
-        .query_row(params![inc, tenant, id], |r| r.get(0))
-        .optional()
-    })
-}
-
 /// The single writer. Owns the read-write connection.
 struct Writer {
     conn: Connection,

@@ -243,7 +243,8 @@ pub(crate) fn list_tokens(
 ) -> rusqlite::Result<Page<StoredToken>> {
     let tx = conn.unchecked_transaction()?;
     // The endpoint's current incarnation, read in the same transaction as the tokens.
-    let Some(incarnation) = crate::embedded::incarnation_of(&tx, endpoint_keys, tenant, endpoint)?
+    let Some(incarnation) =
+        crate::embedded::load(&tx, endpoint_keys, tenant, endpoint)?.map(|e| e.incarnation)
     else {
         tx.finish()?;
         return Ok(Page {

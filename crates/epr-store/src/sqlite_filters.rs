@@ -935,20 +935,10 @@ pub(crate) fn matched_filters(
     // The endpoints of a page mostly share one application: its active filters are read once.
     let mut active_of: HashMap<String, Vec<String>> = HashMap::new();
     for ep in endpoints {
-        let key = crate::embedded::endpoint_key(keys, tenant, ep.as_str());
-        let found = keys.find(key, |inc| {
-            conn.prepare_cached(
-                "SELECT incarnation, app FROM endpoints \
-                 WHERE incarnation=?1 AND tenant=?2 AND endpoint_id=?3",
-            )?
-            .query_row(params![inc, tenant, ep.as_str()], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-            })
-            .optional()
-        })?;
-        let Some((inc, app)) = found else {
+        let Some(found) = crate::embedded::load(conn, keys, tenant, ep.as_str())? else {
             continue;
         };
+        let (inc, app) = (found.incarnation, found.app.to_string());
         let ids = match active_of.get(&app) {
             Some(ids) => ids,
             None => {
