@@ -21,8 +21,14 @@
 //! with `SQLITE_SYNC_NORMAL` (a commit) only flushes: the store's syncer thread `fdatasync`s
 //! the WAL after the commit and answers its writes only then, as it did with
 //! `synchronous=NORMAL`. Reads, size queries, truncation, file controls and close flush first,
-//! so the connection itself never sees a file without its buffered writes. Other files (the
-//! database, its shared-memory index) are the platform VFS's own, untouched.
+//! so the connection itself never sees a file without its buffered writes. Other files are the
+//! platform VFS's own, untouched, except the database file's read locks (below).
+//!
+//! Both of the crate's VFSes, [`NAME`] for the writer and [`READ_NAME`] for every other
+//! connection of the process, take the WAL index's read-slot locks through module `shm`: a
+//! read slot's platform lock (an `fcntl`) lingers in the process after its last reader leaves
+//! and is dropped only when a connection of the process wants the slot exclusively, so a
+//! read transaction takes no system call in the common case.
 //!
 //! A buffer never holds a committed frame: it is empty at the end of every commit (the sync
 //! flushes it), so a process crash loses only a transaction that was never committed.
@@ -37,10 +43,19 @@ use std::sync::OnceLock;
 use rusqlite::ffi;
 
 mod pcache;
+mod shm;
+
+pub use shm::read_lock_stats;
 
 /// The name the shim is registered under; pass it to `Connection::open_with_flags_and_vfs`.
 pub const NAME: &str = "epr-wal-batch";
 const NAME_C: &CStr = c"epr-wal-batch";
+
+/// The name of the VFS for the process's other connections to the store (readers, the
+/// checkpointer): the platform VFS with [`shm`]'s read locks, WAL files untouched. Every
+/// connection to a database the writer has open must use one of the two (see [`shm`]).
+pub const READ_NAME: &str = "epr-read";
+const READ_NAME_C: &CStr = c"epr-read";
 
 /// A buffer this large is written out at once, even in the middle of a transaction.
 const FLUSH_AT: usize = 1 << 20;
@@ -97,25 +112,30 @@ pub fn register() -> Result<&'static str, String> {
         .get_or_init(|| {
             PAGE_CACHE_WRAPPED.store(pcache::install(), Ordering::Relaxed);
             // SAFETY: `sqlite3_vfs_find` returns a registered VFS that lives as long as the
-            // process (the platform VFS is never unregistered); the copy made from it is
-            // leaked, as `sqlite3_vfs_register` requires a pointer that stays valid.
+            // process (the platform VFS is never unregistered); the copies made from it are
+            // leaked, as `sqlite3_vfs_register` requires pointers that stay valid.
             unsafe {
                 let inner = ffi::sqlite3_vfs_find(c"unix".as_ptr());
                 if inner.is_null() {
                     return Err("SQLite has no \"unix\" VFS on this platform".into());
                 }
-                let mut vfs: ffi::sqlite3_vfs = *inner;
-                vfs.pNext = ptr::null_mut();
-                vfs.zName = NAME_C.as_ptr();
-                vfs.szOsFile = c_int::try_from(INNER_OFFSET)
-                    .ok()
-                    .and_then(|o| o.checked_add((*inner).szOsFile))
-                    .ok_or("VFS file size overflow")?;
-                vfs.xOpen = Some(x_open);
                 INNER.store(inner, Ordering::Release);
-                let rc = ffi::sqlite3_vfs_register(Box::leak(Box::new(vfs)), 0);
-                if rc != ffi::SQLITE_OK {
-                    return Err(format!("sqlite3_vfs_register failed ({rc})"));
+                for (name, open) in [
+                    (NAME_C, x_open as XOpen),
+                    (READ_NAME_C, x_open_read as XOpen),
+                ] {
+                    let mut vfs: ffi::sqlite3_vfs = *inner;
+                    vfs.pNext = ptr::null_mut();
+                    vfs.zName = name.as_ptr();
+                    vfs.szOsFile = c_int::try_from(INNER_OFFSET)
+                        .ok()
+                        .and_then(|o| o.checked_add((*inner).szOsFile))
+                        .ok_or("VFS file size overflow")?;
+                    vfs.xOpen = Some(open);
+                    let rc = ffi::sqlite3_vfs_register(Box::leak(Box::new(vfs)), 0);
+                    if rc != ffi::SQLITE_OK {
+                        return Err(format!("sqlite3_vfs_register failed ({rc})"));
+                    }
                 }
                 Ok(())
             }
@@ -123,6 +143,20 @@ pub fn register() -> Result<&'static str, String> {
         .clone()
         .map(|()| NAME)
 }
+
+/// Registers the shim (see [`register`]) and returns the name of its VFS for every connection
+/// other than the writer's: the platform VFS with the read locks of [`shm`], WAL files untouched.
+pub fn register_read() -> Result<&'static str, String> {
+    register().map(|_| READ_NAME)
+}
+
+type XOpen = unsafe extern "C" fn(
+    *mut ffi::sqlite3_vfs,
+    ffi::sqlite3_filename,
+    *mut ffi::sqlite3_file,
+    c_int,
+    *mut c_int,
+) -> c_int;
 
 /// A WAL file opened through the shim: SQLite's file header, the buffer, then the platform
 /// VFS's own file object at `INNER_OFFSET`.
@@ -134,7 +168,12 @@ struct WalFile {
     buf_off: i64,
 }
 
-const INNER_OFFSET: usize = std::mem::size_of::<WalFile>().next_multiple_of(16);
+/// Where the platform VFS's file object starts inside ours (WAL and database files alike).
+const INNER_OFFSET: usize = {
+    let wal = std::mem::size_of::<WalFile>();
+    let db = std::mem::size_of::<shm::DbFile>();
+    (if wal > db { wal } else { db }).next_multiple_of(16)
+};
 
 fn inner_vfs() -> *mut ffi::sqlite3_vfs {
     INNER.load(Ordering::Acquire)
@@ -144,7 +183,7 @@ fn inner_vfs() -> *mut ffi::sqlite3_vfs {
 ///
 /// # Safety
 /// `file` points to a file object of at least `szOsFile` bytes allocated by SQLite for this VFS.
-unsafe fn inner(file: *mut ffi::sqlite3_file) -> *mut ffi::sqlite3_file {
+pub(crate) unsafe fn inner(file: *mut ffi::sqlite3_file) -> *mut ffi::sqlite3_file {
     // SAFETY: the allocation is `INNER_OFFSET + inner szOsFile` bytes (see `register`).
     unsafe { file.cast::<u8>().add(INNER_OFFSET).cast() }
 }
@@ -153,33 +192,69 @@ unsafe fn inner(file: *mut ffi::sqlite3_file) -> *mut ffi::sqlite3_file {
 ///
 /// # Safety
 /// As for [`inner`], and the inner file is open.
-unsafe fn inner_methods(file: *mut ffi::sqlite3_file) -> &'static ffi::sqlite3_io_methods {
+pub(crate) unsafe fn inner_methods(
+    file: *mut ffi::sqlite3_file,
+) -> &'static ffi::sqlite3_io_methods {
     // SAFETY: an open unix file's methods are a static table.
     unsafe { &*(*inner(file)).pMethods }
 }
 
 unsafe extern "C" fn x_open(
-    _vfs: *mut ffi::sqlite3_vfs,
+    vfs: *mut ffi::sqlite3_vfs,
     name: ffi::sqlite3_filename,
     file: *mut ffi::sqlite3_file,
     flags: c_int,
     out_flags: *mut c_int,
 ) -> c_int {
+    // SAFETY: as for `open_wrapped`.
+    unsafe { open_wrapped(vfs, name, file, flags, out_flags, true) }
+}
+
+unsafe extern "C" fn x_open_read(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: ffi::sqlite3_filename,
+    file: *mut ffi::sqlite3_file,
+    flags: c_int,
+    out_flags: *mut c_int,
+) -> c_int {
+    // SAFETY: as for `open_wrapped`.
+    unsafe { open_wrapped(vfs, name, file, flags, out_flags, false) }
+}
+
+/// Opens a file through the platform VFS: a main database file wrapped for its read locks
+/// (`shm`), a WAL file wrapped for its buffer when `batch_wal`, anything else as it is.
+///
+/// # Safety
+/// SQLite's `xOpen` contract, for a VFS registered by [`register`].
+unsafe fn open_wrapped(
+    _vfs: *mut ffi::sqlite3_vfs,
+    name: ffi::sqlite3_filename,
+    file: *mut ffi::sqlite3_file,
+    flags: c_int,
+    out_flags: *mut c_int,
+    batch_wal: bool,
+) -> c_int {
     let vfs = inner_vfs();
     // SAFETY: SQLite hands us a file object of our `szOsFile` bytes; the platform VFS's object
-    // fits at its start (non-WAL files, which then carry its methods and never reach this
-    // shim again) or at `INNER_OFFSET` (WAL files).
+    // fits at its start (files not wrapped, which then carry its methods and never reach this
+    // shim again) or at `INNER_OFFSET` (wrapped files).
     unsafe {
         let Some(open) = (*vfs).xOpen else {
             return ffi::SQLITE_ERROR;
         };
-        if flags & ffi::SQLITE_OPEN_WAL == 0 {
+        let db = flags & ffi::SQLITE_OPEN_MAIN_DB != 0 && !name.is_null();
+        let wal = batch_wal && flags & ffi::SQLITE_OPEN_WAL != 0;
+        if !db && !wal {
             return open(vfs, name, file, flags, out_flags);
         }
         (*file).pMethods = ptr::null();
         let rc = open(vfs, name, inner(file), flags, out_flags);
         if rc != ffi::SQLITE_OK {
             return rc;
+        }
+        if db {
+            shm::opened(file, CStr::from_ptr(name).to_bytes());
+            return ffi::SQLITE_OK;
         }
         let wal = file.cast::<WalFile>();
         ptr::addr_of_mut!((*wal).buf).write(Vec::new());
@@ -623,5 +698,129 @@ mod tests {
     fn registering_twice_names_the_same_vfs() {
         assert_eq!(register().unwrap(), NAME);
         assert_eq!(register().unwrap(), NAME);
+    }
+
+    fn open_on(path: &std::path::Path, vfs: &str, flags: OpenFlags) -> Connection {
+        let conn = Connection::open_with_flags_and_vfs(path, flags, vfs).unwrap();
+        conn.execute_batch("PRAGMA busy_timeout=5000;").unwrap();
+        conn
+    }
+
+    fn count(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// The other process of `read_locks_linger_and_give_way`: a plain reader on the platform
+    /// VFS, as an online backup's. Does nothing unless that test started it.
+    #[test]
+    fn other_process_reader() {
+        let Ok(path) = std::env::var("EPR_VFS_OTHER_PROCESS_DB") else {
+            return;
+        };
+        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        conn.execute_batch("PRAGMA busy_timeout=5000;").unwrap();
+        println!("rows={}", count(&conn));
+    }
+
+    fn count_in_other_process(path: &std::path::Path) -> i64 {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::other_process_reader", "--nocapture"])
+            .env("EPR_VFS_OTHER_PROCESS_DB", path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix("rows="))
+            .unwrap_or_else(|| panic!("no count in {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn read_locks_linger_and_give_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let rw = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE;
+        let ro = OpenFlags::SQLITE_OPEN_READ_ONLY;
+        // All on the read VFS: the WAL counters of the other test stay its own.
+        let read = register_read().unwrap();
+        let writer = open_on(&path, read, rw);
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; \
+                 CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB);",
+            )
+            .unwrap();
+        let readers: Vec<Connection> = (0..3).map(|_| open_on(&path, read, ro)).collect();
+
+        // Reads between commits: every reader sees every commit.
+        for i in 1..=20i64 {
+            writer
+                .execute("INSERT INTO t(v) VALUES(randomblob(100))", [])
+                .unwrap();
+            for r in &readers {
+                assert_eq!(count(r), i);
+            }
+        }
+        // Reads with no commit between them take the platform lock once.
+        let (asked, passed) = read_lock_stats(&path).unwrap();
+        for _ in 0..100 {
+            for r in &readers {
+                assert_eq!(count(r), 20);
+            }
+        }
+        let (asked2, passed2) = read_lock_stats(&path).unwrap();
+        assert!(asked2 - asked >= 300, "{asked} -> {asked2} asked");
+        assert!(passed2 - passed <= 1, "{passed} -> {passed2} passed");
+
+        // Another process reads past the lingering locks and sees every commit.
+        assert_eq!(count_in_other_process(&path), 20);
+
+        // The lingering locks give way to a checkpoint that must wait for no reader.
+        let (busy, log, done): (i64, i64, i64) = writer
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((busy, log, done), (0, 0, 0), "a truncated log");
+        let wal = std::fs::metadata(dir.path().join("db.sqlite-wal")).unwrap();
+        assert_eq!(wal.len(), 0);
+
+        // A reader inside a transaction holds its snapshot while another leaves, closes (it
+        // may own the slot) and the writer commits; a checkpoint cannot truncate under it.
+        let mut readers = readers;
+        let mut holder = readers.pop().unwrap();
+        let tx = holder.transaction().unwrap();
+        assert_eq!(count(&tx), 20);
+        for r in &readers {
+            assert_eq!(count(r), 20);
+        }
+        drop(readers);
+        writer
+            .execute("INSERT INTO t(v) VALUES(randomblob(100))", [])
+            .unwrap();
+        assert_eq!(count(&tx), 20, "the snapshot holds");
+        writer.execute_batch("PRAGMA busy_timeout=50;").unwrap();
+        let busy: i64 = writer
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .unwrap_or(1);
+        assert_eq!(busy, 1, "a reader still uses the log");
+        assert_eq!(count_in_other_process(&path), 21);
+        tx.commit().unwrap();
+        assert_eq!(count(&holder), 21);
+        let (busy, log): (i64, i64) = writer
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((busy, log), (0, 0));
+
+        // The last connection closes: the file's node goes.
+        drop(holder);
+        drop(writer);
+        assert_eq!(read_lock_stats(&path), None);
     }
 }

@@ -335,7 +335,12 @@ impl EmbeddedStore {
             .spawn(move || writer.run(rx))
             .map_err(unavailable)?;
         let stop_checkpointer = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let checkpoint_conn = Connection::open(&path).map_err(unavailable)?;
+        let checkpoint_conn = Connection::open_with_flags_and_vfs(
+            &path,
+            rusqlite::OpenFlags::default(),
+            epr_sqlite_vfs::READ_NAME,
+        )
+        .map_err(unavailable)?;
         checkpoint_conn
             .execute_batch("PRAGMA busy_timeout=5000;")
             .map_err(unavailable)?;
@@ -679,9 +684,13 @@ impl ReaderPool {
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
+    // Through the shim's read VFS, as every connection of the store: its read locks linger in
+    // the process instead of costing two `fcntl`s per read (`epr_sqlite_vfs`, module `shm`).
+    let vfs = epr_sqlite_vfs::register_read().map_err(unavailable_msg)?;
+    let conn = Connection::open_with_flags_and_vfs(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        vfs,
     )
     .map_err(unavailable)?;
     conn.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")
