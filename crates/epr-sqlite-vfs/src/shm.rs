@@ -17,9 +17,11 @@
 //! what they may read, only which slot they end up on.
 //!
 //! Only the read slots linger; the writer, checkpointer and recovery slots go straight through.
-//! Every connection of the process on the same database must go through this module (the
-//! store opens them all on [`crate::NAME`] or [`crate::READ_NAME`]): a connection on the
-//! platform VFS alone would meet a lingering lock as a reader that never leaves.
+//! The store opens all its connections on [`crate::NAME`] or [`crate::READ_NAME`]. A
+//! connection of the same process on the platform VFS alone still reads and writes correctly
+//! (the platform VFS counts the process's holders underneath), but its exclusive requests on a
+//! read slot meet a lingering lock as a reader that has not left: a checkpoint from it may
+//! report itself blocked, a log restart from it is put off.
 
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
