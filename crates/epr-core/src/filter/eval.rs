@@ -77,6 +77,10 @@ impl Lit {
 
 #[derive(Debug, Clone)]
 pub(super) struct InSet {
+    /// The string values, hashed: a string only ever equals a string, and `$in` lists of
+    /// tens of names are common (a registration tests every filter of its application).
+    pub strings: std::collections::HashSet<Box<str>>,
+    /// The other values (never a string).
     pub values: Box<[Value]>,
     pub regexes: Box<[Regex]>,
     /// `null` in `$in` also matches a missing field, as `{"$eq": null}` does.
@@ -485,12 +489,14 @@ impl Test {
             Test::Cmp(op, Lit::Str(s)) => e.as_str().is_some_and(|x| op.holds(x.cmp(s))),
             Test::Cmp(op, Lit::Num(n)) => e.as_num().is_some_and(|x| op.holds(cmp_num(x, *n))),
             Test::Cmp(op, Lit::Json(lit)) => compare(*op, e, Elem::Json(lit)),
-            Test::In(set) => {
-                (set.has_null && matches!(e, Elem::Missing))
-                    || set.values.iter().any(|v| equal(e, Elem::Json(v)))
-                    || e.as_str()
-                        .is_some_and(|s| set.regexes.iter().any(|r| r.is_match(s)))
-            }
+            Test::In(set) => match e.as_str() {
+                // A string equals only a string (`equal`), and only strings meet regexes.
+                Some(s) => set.strings.contains(s) || set.regexes.iter().any(|r| r.is_match(s)),
+                None => {
+                    (set.has_null && matches!(e, Elem::Missing))
+                        || set.values.iter().any(|v| equal(e, Elem::Json(v)))
+                }
+            },
             Test::Exists => !matches!(e, Elem::Missing),
             Test::Type(mask) => e.type_code().is_some_and(|c| mask & (1 << c) != 0),
             Test::Regex(r) => e.as_str().is_some_and(|s| r.is_match(s)),

@@ -403,8 +403,14 @@ impl Parser {
                 values.push(it.clone());
             }
         }
+        let strings = values
+            .iter()
+            .filter_map(|v| v.as_str().map(Box::from))
+            .collect();
+        values.retain(|v| !v.is_string());
         Ok(InSet {
             has_null: values.iter().any(Value::is_null),
+            strings,
             values: values.into(),
             regexes: regexes.into(),
         })
