@@ -121,8 +121,8 @@ pub fn register() -> Result<&'static str, String> {
                 }
                 INNER.store(inner, Ordering::Release);
                 for (name, open) in [
-                    (NAME_C, x_open as XOpen),
-                    (READ_NAME_C, x_open_read as XOpen),
+                    (NAME_C, x_open::<true> as XOpen),
+                    (READ_NAME_C, x_open::<false> as XOpen),
                 ] {
                     let mut vfs: ffi::sqlite3_vfs = *inner;
                     vfs.pNext = ptr::null_mut();
@@ -199,7 +199,8 @@ pub(crate) unsafe fn inner_methods(
     unsafe { &*(*inner(file)).pMethods }
 }
 
-unsafe extern "C" fn x_open(
+/// SQLite's `xOpen` of both VFSes: `BATCH_WAL` for the writer's (see `open_wrapped`).
+unsafe extern "C" fn x_open<const BATCH_WAL: bool>(
     vfs: *mut ffi::sqlite3_vfs,
     name: ffi::sqlite3_filename,
     file: *mut ffi::sqlite3_file,
@@ -207,18 +208,7 @@ unsafe extern "C" fn x_open(
     out_flags: *mut c_int,
 ) -> c_int {
     // SAFETY: as for `open_wrapped`.
-    unsafe { open_wrapped(vfs, name, file, flags, out_flags, true) }
-}
-
-unsafe extern "C" fn x_open_read(
-    vfs: *mut ffi::sqlite3_vfs,
-    name: ffi::sqlite3_filename,
-    file: *mut ffi::sqlite3_file,
-    flags: c_int,
-    out_flags: *mut c_int,
-) -> c_int {
-    // SAFETY: as for `open_wrapped`.
-    unsafe { open_wrapped(vfs, name, file, flags, out_flags, false) }
+    unsafe { open_wrapped(vfs, name, file, flags, out_flags, BATCH_WAL) }
 }
 
 /// Opens a file through the platform VFS: a main database file wrapped for its read locks
