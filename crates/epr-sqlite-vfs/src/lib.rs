@@ -1,4 +1,4 @@
-//! A SQLite VFS shim for the embedded store's writer connection: **one `pwrite` per commit**
+//! SQLite VFS shims for the embedded store. For the writer connection: **one `pwrite` per commit**
 //! to the write-ahead log, and **the commit's sync left to the store's syncer thread**.
 //!
 //! Why: SQLite writes each WAL frame with two `write` calls (its 24-byte header, then the
@@ -107,6 +107,7 @@ pub fn stats() -> Stats {
 /// made the default VFS: only connections that name it use it. Called before anything else
 /// in the process initializes SQLite, it also wraps SQLite's page cache for every connection
 /// (see [`page_cache_wrapped`]).
+/// Both VFSes are registered: [`NAME`] (returned) and [`READ_NAME`].
 pub fn register() -> Result<&'static str, String> {
     REGISTERED
         .get_or_init(|| {
@@ -142,12 +143,6 @@ pub fn register() -> Result<&'static str, String> {
         })
         .clone()
         .map(|()| NAME)
-}
-
-/// Registers the shim (see [`register`]) and returns the name of its VFS for every connection
-/// other than the writer's: the platform VFS with the read locks of [`shm`], WAL files untouched.
-pub fn register_read() -> Result<&'static str, String> {
-    register().map(|_| READ_NAME)
 }
 
 type XOpen = unsafe extern "C" fn(
@@ -736,7 +731,8 @@ mod tests {
         let rw = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE;
         let ro = OpenFlags::SQLITE_OPEN_READ_ONLY;
         // All on the read VFS: the WAL counters of the other test stay its own.
-        let read = register_read().unwrap();
+        register().unwrap();
+        let read = READ_NAME;
         let writer = open_on(&path, read, rw);
         writer
             .execute_batch(

@@ -684,13 +684,13 @@ impl ReaderPool {
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    // Through the shim's read VFS, as every connection of the store: its read locks linger in
-    // the process instead of costing two `fcntl`s per read (`epr_sqlite_vfs`, module `shm`).
-    let vfs = epr_sqlite_vfs::register_read().map_err(unavailable_msg)?;
+    // Through the shim's read VFS (registered by `EmbeddedStore::open`), as every connection of
+    // the store: its read locks linger in the process instead of costing two `fcntl`s per read
+    // (`epr_sqlite_vfs`, module `shm`).
     let conn = Connection::open_with_flags_and_vfs(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        vfs,
+        epr_sqlite_vfs::READ_NAME,
     )
     .map_err(unavailable)?;
     conn.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")
