@@ -25,7 +25,7 @@ use epr_core::endpoint_filter::{
     FilterId, FilterSpec, FilterStatus,
 };
 use epr_core::event::{FilterEvent, FilterEventKind, OutboxEvent};
-use epr_core::filter::Filter;
+use epr_core::filter::{Filter, FilterSet};
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use epr_core::ports::{ImportOutcome, StoreError};
 use epr_core::{DomainError, Timestamp};
@@ -177,7 +177,13 @@ struct Cached {
 pub(crate) struct FilterView {
     generation: u64,
     /// By tenant, then application: the filters in the writer's order.
-    apps: HashMap<String, HashMap<String, Vec<Compiled>>>,
+    apps: HashMap<String, HashMap<String, AppFilters>>,
+}
+
+/// One application's filters: their IDs, and their queries indexed to be evaluated together.
+struct AppFilters {
+    ids: Vec<FilterId>,
+    set: FilterSet,
 }
 
 /// The view the writer last published (see [`FilterView`]).
@@ -191,6 +197,10 @@ pub(crate) struct Precomputed {
 }
 
 impl FilterView {
+    fn app(&self, tenant: &str, app: &str) -> Option<&AppFilters> {
+        self.apps.get(tenant)?.get(app)
+    }
+
     /// Evaluates a new endpoint (`None` when its application has no filter).
     pub(crate) fn evaluate(
         &self,
@@ -199,30 +209,24 @@ impl FilterView {
         version: &str,
         metadata: &serde_json::Map<String, Value>,
     ) -> Option<Precomputed> {
-        let filters = self.apps.get(tenant)?.get(app)?;
+        let filters = self.app(tenant, app)?;
         Some(Precomputed {
             generation: self.generation,
-            matches: filters
-                .iter()
-                .map(|(_, f)| f.matches(version, metadata))
-                .collect(),
+            matches: filters.set.matches(version, metadata),
         })
     }
 
     /// Notes in `found` every filter of its application that one stored endpoint matches
     /// (pending filters included; see [`FilterCache::all_seen`]).
     pub(crate) fn evaluate_stored(&self, found: &mut Found, tenant: &TenantId, ep: &Endpoint) {
-        let Some(filters) = self
-            .apps
-            .get(tenant.as_str())
-            .and_then(|a| a.get(ep.app.as_str()))
-        else {
+        let Some(filters) = self.app(tenant.as_str(), ep.app.as_str()) else {
             return;
         };
-        for (id, f) in filters {
-            if f.matches(ep.app_version.as_str(), ep.metadata.as_map()) {
-                note_member(found, tenant, id, ep.incarnation as u64);
-            }
+        let matches = filters
+            .set
+            .matches(ep.app_version.as_str(), ep.metadata.as_map());
+        for (id, _) in filters.ids.iter().zip(matches).filter(|(_, m)| *m) {
+            note_member(found, tenant, id, ep.incarnation as u64);
         }
     }
 }
@@ -249,9 +253,6 @@ pub(crate) struct FilterCache {
 
 /// Members found, per tenant and filter.
 pub(crate) type Found = HashMap<TenantId, HashMap<FilterId, roaring::RoaringTreemap>>;
-
-/// A filter's ID and its compiled query.
-type Compiled = (FilterId, Arc<Filter>);
 
 /// Notes `inc` as a member of `filter` in `found`.
 fn note_member(found: &mut Found, tenant: &TenantId, filter: &FilterId, inc: u64) {
@@ -361,17 +362,17 @@ impl FilterCache {
     /// anything that may have added, removed, reordered or recompiled a filter.
     fn publish(&mut self) {
         self.generation = FILTER_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut apps: HashMap<String, HashMap<String, Vec<Compiled>>> = HashMap::new();
+        let mut apps: HashMap<String, HashMap<String, AppFilters>> = HashMap::new();
         for ((tenant, app), filters) in &self.apps {
             if filters.is_empty() {
                 continue;
             }
             apps.entry(tenant.to_string()).or_default().insert(
                 app.to_string(),
-                filters
-                    .iter()
-                    .map(|f| (f.id.clone(), f.compiled.clone()))
-                    .collect(),
+                AppFilters {
+                    ids: filters.iter().map(|f| f.id.clone()).collect(),
+                    set: FilterSet::new(filters.iter().map(|f| f.compiled.clone()).collect()),
+                },
             );
         }
         let view = Arc::new(FilterView {

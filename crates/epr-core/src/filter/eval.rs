@@ -170,7 +170,7 @@ pub(super) enum Num {
 }
 
 impl Num {
-    fn of(n: &Number) -> Self {
+    pub(super) fn of(n: &Number) -> Self {
         if let Some(i) = n.as_i64() {
             Num::Int(i128::from(i))
         } else if let Some(u) = n.as_u64() {
@@ -190,7 +190,7 @@ impl Num {
 }
 
 /// Exact numeric order across integers and floats (MongoDB compares long and double exactly).
-fn cmp_num(a: Num, b: Num) -> Ordering {
+pub(super) fn cmp_num(a: Num, b: Num) -> Ordering {
     match (a, b) {
         (Num::Int(x), Num::Int(y)) => x.cmp(&y),
         (Num::Float(x), Num::Float(y)) => x.partial_cmp(&y).unwrap_or(Ordering::Equal),

@@ -11,7 +11,10 @@
 //! forced a choice MongoDB did not have to make are in `docs/filters.md`.
 
 mod eval;
+mod index;
 mod parse;
+
+pub use index::FilterSet;
 
 #[cfg(test)]
 mod proptests;

@@ -701,3 +701,82 @@ proptest! {
         }
     }
 }
+
+// ----- the index of an application's filters -----
+
+/// A condition on one metadata value of the shapes `FilterSet` indexes (equality, numeric
+/// comparisons and ranges, `$in`, `$exists`), with some it does not (`null`, string order).
+fn atom_cond() -> BoxedStrategy<Value> {
+    let op = |ops: Vec<&'static str>| (select(ops), scalar()).prop_map(|(op, v)| obj(op, v));
+    prop_oneof![
+        3 => scalar(),
+        3 => op(vec!["$eq", "$gt", "$gte", "$lt", "$lte"]),
+        2 => (op(vec!["$gt", "$gte"]), op(vec!["$lt", "$lte"])).prop_map(|(a, b)| merge(a, b)),
+        1 => (op(vec!["$gt", "$gte", "$lt"]), op(vec!["$gte", "$lt", "$lte"]))
+            .prop_map(|(a, b)| merge(a, b)),
+        2 => prop::collection::vec(scalar(), 0..4).prop_map(|v| json!({"$in": v})),
+        1 => Just(json!({"$exists": true})),
+    ]
+    .boxed()
+}
+
+/// A filter of Kaa's usual shape: `$elemMatch` on a key and its value (or the key alone),
+/// conditions on the application version, under `$and`; sometimes with a part the index
+/// cannot take, which it then evaluates.
+fn indexed_query() -> BoxedStrategy<Value> {
+    let keys = vec!["a", "b", "city", "k.x", "zz"];
+    let part = prop_oneof![
+        6 => (select(keys.clone()), atom_cond())
+            .prop_map(|(k, c)| json!({"metadata": {"$elemMatch": {"key": k, "value": c}}})),
+        1 => select(keys).prop_map(|k| json!({"metadata": {"$elemMatch": {"key": k}}})),
+        1 => prop_oneof![
+            select(vec!["v1", "v2"]).prop_map(Value::from),
+            prop::collection::vec(select(vec!["v1", "v2", "v3"]), 0..3)
+                .prop_map(|v| json!({"$in": v})),
+            Just(json!({"$exists": true})),
+        ]
+        .prop_map(|c| json!({"application_version": c})),
+        1 => query(1, Ctx::Root),
+    ];
+    prop::collection::vec(part, 0..4)
+        .prop_map(|parts| match parts.len() {
+            0 => json!({}),
+            1 => parts.into_iter().next().expect("one part"),
+            _ => json!({"$and": parts}),
+        })
+        .boxed()
+}
+
+/// Metadata of scalars (and the odd object), the values the index answers without
+/// evaluating.
+fn scalar_metadata() -> BoxedStrategy<Map<String, Value>> {
+    let value = prop_oneof![6 => scalar(), 1 => object_of(scalar())];
+    prop::collection::btree_map(select(vec!["a", "b", "city", "k.x"]), value, 0..4)
+        .prop_map(|m| m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+        .boxed()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// `FilterSet::matches` gives each filter's own answer, in order.
+    #[test]
+    fn filter_set_agrees_with_each_filter(
+        qs in prop::collection::vec(
+            prop_oneof![4 => indexed_query(), 1 => query(2, Ctx::Root)], 1..10),
+        endpoints in prop::collection::vec(
+            (select(vec!["v1", "v2"]), prop_oneof![4 => scalar_metadata(), 1 => metadata()]),
+            1..6),
+    ) {
+        let filters = qs
+            .iter()
+            .map(|q| Filter::parse(q).map(std::sync::Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TestCaseError::fail(format!("{qs:?} was rejected: {e} ({})", e.rule)))?;
+        let set = super::FilterSet::new(filters.clone());
+        for (app, md) in &endpoints {
+            let each: Vec<bool> = filters.iter().map(|f| f.matches(app, md)).collect();
+            prop_assert_eq!(set.matches(app, md), each, "queries {:?} on {} {:?}", qs, app, md);
+        }
+    }
+}
