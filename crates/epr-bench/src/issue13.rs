@@ -122,8 +122,13 @@ pub async fn run(targets: &[Target], run_id: &str, round: usize, args: &Args) ->
     let before: Vec<usize> = workers.iter().map(|w| w.ids.len()).collect();
     settle_quiet(std::slice::from_ref(&t), args).await;
     let tag = format!("mx-{run_id}-{round}");
+    let (filter_app, filter_version) = if args.mix_filters_elsewhere {
+        ("bench", "bench-v1")
+    } else {
+        (app, version)
+    };
     let (ids, filters_create_s, filters_active_s, _) =
-        create_mix_filters(&t.addr, app, version, args.mix_filters, &tag).await?;
+        create_mix_filters(&t.addr, filter_app, filter_version, args.mix_filters, &tag).await?;
     eprintln!(
         "mix: {} filters created in {filters_create_s:.1} s, all active after {filters_active_s:.1} s",
         ids.len()
@@ -133,7 +138,7 @@ pub async fn run(targets: &[Target], run_id: &str, round: usize, args: &Args) ->
         workers = back;
         rows.push(res);
     }
-    let memberships_server = wait_all_active(&t.addr, app, &ids).await?;
+    let memberships_server = wait_all_active(&t.addr, filter_app, &ids).await?;
 
     // The bench's own count, outside the measured windows.
     let parsed = keymix::parsed(args.mix_filters);
@@ -155,6 +160,10 @@ pub async fn run(targets: &[Target], run_id: &str, round: usize, args: &Args) ->
             }
         }
     }
+    if args.mix_filters_elsewhere {
+        // The filters see none of the mix's endpoints.
+        all = 0;
+    }
     if all != memberships_server {
         eprintln!(
             "FILTER MISMATCH (mix round {round}): the server counts {memberships_server} memberships, the bench {all}"
@@ -165,7 +174,7 @@ pub async fn run(targets: &[Target], run_id: &str, round: usize, args: &Args) ->
         // without filters.
         let mut conn = crate::client::Conn::new(&t.addr);
         for id in &ids {
-            let path = format!("/api/v1/applications/{app}/filters/{id}");
+            let path = format!("/api/v1/applications/{filter_app}/filters/{id}");
             let r = conn.request("DELETE", &path, None).await?;
             if r.status != 204 {
                 bail!("DELETE {path}: HTTP {}", r.status);

@@ -6,6 +6,7 @@ mod client;
 mod cpu;
 mod ecap;
 mod events;
+mod filter_eval;
 mod filters;
 mod issue13;
 mod keymix;
@@ -200,6 +201,10 @@ struct Args {
     /// mix and million phases: saved filters of issue 13's mix ([`keymix::filter`]).
     #[arg(long, default_value_t = 100)]
     mix_filters: usize,
+    /// mix phase, a control run: the filters are saved in another application (`bench`),
+    /// so the step "with filters" measures what the store's growth alone costs.
+    #[arg(long)]
+    mix_filters_elsewhere: bool,
     /// million phase: endpoints (10 metadata keys each) loaded through the batch API.
     #[arg(long, default_value_t = 1_000_000)]
     million_endpoints: usize,
@@ -2002,6 +2007,9 @@ async fn print_server_event_metrics(addr: &str) {
 }
 
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("filter-eval") {
+        return filter_eval::run(filter_eval::Args::parse_from(std::env::args().skip(1)));
+    }
     if std::env::args().nth(1).as_deref() == Some("auth-verify") {
         let args = auth::VerifyArgs::parse_from(std::env::args().skip(1));
         return tokio::runtime::Builder::new_current_thread()

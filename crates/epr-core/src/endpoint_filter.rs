@@ -8,7 +8,7 @@
 use crate::command::WriteCtx;
 use crate::endpoint::Precondition;
 use crate::event::{FilterEvent, FilterEventKind};
-use crate::filter::Filter;
+use crate::filter::{Filter, FilterSet};
 use crate::ids::AppName;
 use crate::{DomainError, Timestamp, ValidationError};
 use serde_json::{Map, Value};
@@ -283,14 +283,6 @@ pub struct FilterPlan {
     pub events: Vec<FilterEvent>,
 }
 
-/// Decides what a filter command does given the stored filter (`None` if there is none with
-/// that ID in the tenant). Name uniqueness needs an index, so stores check it.
-/// Whether an endpoint write changes its membership in a filter: `Some(now_member)` when it
-/// does, `None` when it does not. `old` is the state before the write, `new` the state
-/// after it (`None` for a deletion). `reads` are the metadata keys the filter reads
-/// ([`Filter::metadata_keys`]) and `changed_keys` those a metadata write changed: when the
-/// two are disjoint the answer cannot have changed and the filter is not evaluated. Both
-/// stores' live matching decides with this.
 /// Whether a write may change a filter's answer: `false` only when the filter says which
 /// metadata keys it reads (`reads`) and the write changed none of them.
 pub fn reads_changed(
@@ -303,6 +295,12 @@ pub fn reads_changed(
     }
 }
 
+/// Whether an endpoint write changes its membership in a filter: `Some(now_member)` when it
+/// does, `None` when it does not. `old` is the state before the write, `new` the state
+/// after it (`None` for a deletion). `reads` are the metadata keys the filter reads
+/// ([`Filter::metadata_keys`]) and `changed_keys` those a metadata write changed: when the
+/// two are disjoint the answer cannot have changed and the filter is not evaluated. Both
+/// stores' live matching decides with this.
 pub fn membership_change(
     filter: &Filter,
     reads: Option<&[String]>,
@@ -320,6 +318,28 @@ pub fn membership_change(
     (was != is).then_some(is)
 }
 
+/// [`membership_change`] of every filter of `set` at once (in its order), for a write that
+/// may change anything about the endpoint (a registration, a deletion): the endpoint is
+/// evaluated through the set's index, once before and once after the write.
+pub fn membership_changes(
+    set: &FilterSet,
+    old: Option<&crate::endpoint::Endpoint>,
+    new: Option<&crate::endpoint::Endpoint>,
+) -> Vec<Option<bool>> {
+    let matches =
+        |e: &crate::endpoint::Endpoint| set.matches(e.app_version.as_str(), e.metadata.as_map());
+    let (was, is) = (old.map(matches), new.map(matches));
+    (0..set.len())
+        .map(|i| {
+            let was = was.as_ref().is_some_and(|w| w[i]);
+            let is = is.as_ref().is_some_and(|n| n[i]);
+            (was != is).then_some(is)
+        })
+        .collect()
+}
+
+/// Decides what a filter command does given the stored filter (`None` if there is none with
+/// that ID in the tenant). Name uniqueness needs an index, so stores check it.
 pub fn plan_filter(
     current: Option<EndpointFilter>,
     cmd: &FilterCommand,

@@ -23,11 +23,11 @@ use crate::{app_lock_key, Inner};
 use epr_core::command::{Effect, WriteCtx};
 use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::{
-    membership_change, plan_filter, EndpointFilter, FilterCommand, FilterEffect, FilterId,
-    FilterSpec, FilterStatus,
+    membership_change, membership_changes, plan_filter, EndpointFilter, FilterCommand,
+    FilterEffect, FilterId, FilterSpec, FilterStatus,
 };
 use epr_core::event::{FilterEvent, FilterEventKind, OutboxEvent};
-use epr_core::filter::Filter;
+use epr_core::filter::{Filter, FilterSet};
 use epr_core::ids::{AppName, AppVersionName, EndpointId, TenantId};
 use epr_core::log_gate::LogGate;
 use epr_core::ports::{ImportOutcome, StoreError};
@@ -74,6 +74,8 @@ pub(crate) struct FilterCache {
 pub(crate) struct AppFilters {
     version: i64,
     filters: Vec<Cached>,
+    /// The same filters indexed, to evaluate a registration against all of them at once.
+    set: FilterSet,
 }
 
 /// What live matching needs of one filter, compiled once per version.
@@ -129,7 +131,12 @@ impl FilterCache {
             return Ok(hit.clone());
         }
         let filters = load_app(tx, tenant, app).await?;
-        let loaded = Arc::new(AppFilters { version, filters });
+        let set = FilterSet::new(filters.iter().map(|f| f.compiled.clone()).collect());
+        let loaded = Arc::new(AppFilters {
+            version,
+            filters,
+            set,
+        });
         let mut apps = self.apps.write().unwrap_or_else(|p| p.into_inner());
         // Concurrent writers may load different versions; versions only grow, so the newest
         // copy wins.
@@ -213,10 +220,16 @@ impl AppFilters {
         };
         let mut out = Vec::new();
         let new = (!deleted).then_some(ep);
-        for f in &self.filters {
-            let Some(is) =
-                membership_change(&f.compiled, f.keys.as_deref(), old, new, changed_keys)
-            else {
+        // A write of the whole endpoint: every filter at once, through the index.
+        let at_once = changed_keys
+            .is_none()
+            .then(|| membership_changes(&self.set, old, new));
+        for (i, f) in self.filters.iter().enumerate() {
+            let change = match &at_once {
+                Some(changes) => changes[i],
+                None => membership_change(&f.compiled, f.keys.as_deref(), old, new, changed_keys),
+            };
+            let Some(is) = change else {
                 continue;
             };
             out.push(MatchChange {

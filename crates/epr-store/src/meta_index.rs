@@ -137,6 +137,16 @@ pub(crate) enum MemberChange {
     },
 }
 
+impl MemberChange {
+    fn tenant(&self) -> &TenantId {
+        match self {
+            MemberChange::Set { tenant, .. }
+            | MemberChange::Clear { tenant, .. }
+            | MemberChange::Add { tenant, .. } => tenant,
+        }
+    }
+}
+
 /// A page picked from the index: the incarnations to read, in listing order.
 #[derive(Debug, PartialEq)]
 pub(crate) struct IndexPage {
@@ -413,34 +423,41 @@ impl MetaIndex {
             return;
         }
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-        for c in changes {
-            match c {
-                MemberChange::Set {
-                    tenant,
-                    filter,
-                    inc,
-                    member,
-                } => {
-                    let set = members_mut(&mut state.members, tenant, filter);
-                    if *member {
-                        set.insert(*inc);
-                    } else {
-                        set.remove(*inc);
-                    }
-                }
-                MemberChange::Add {
-                    tenant,
-                    filter,
-                    incs,
-                } => *members_mut(&mut state.members, tenant, filter) |= incs,
-                MemberChange::Clear { tenant, filter } => {
-                    if let Some(filters) = state.members.get_mut(tenant.as_str()) {
-                        filters.remove(filter.as_str());
-                        if filters.is_empty() {
-                            state.members.remove(tenant.as_str());
+        let mut i = 0;
+        while i < changes.len() {
+            // A group's changes are mostly one tenant's: look it up once per run.
+            let tenant = changes[i].tenant();
+            let filters = match state.members.get_mut(tenant.as_str()) {
+                Some(f) => f,
+                None => state.members.entry(tenant.to_string()).or_default(),
+            };
+            while let Some(c) = changes.get(i).filter(|c| c.tenant() == tenant) {
+                i += 1;
+                match c {
+                    MemberChange::Set {
+                        filter,
+                        inc,
+                        member,
+                        ..
+                    } => with_members(filters, filter, |set| {
+                        // Not `try_push` for new endpoints: a bitmap container finds its
+                        // maximum by scanning its 1,024 words from the end.
+                        if *member {
+                            set.insert(*inc);
+                        } else {
+                            set.remove(*inc);
                         }
+                    }),
+                    MemberChange::Add { filter, incs, .. } => {
+                        with_members(filters, filter, |set| *set |= incs)
+                    }
+                    MemberChange::Clear { filter, .. } => {
+                        filters.remove(filter.as_str());
                     }
                 }
+            }
+            if filters.is_empty() {
+                state.members.remove(tenant.as_str());
             }
         }
     }
@@ -522,20 +539,21 @@ impl MetaIndex {
     }
 }
 
-/// A filter's members, created empty when it has none (no allocation when it exists).
-fn members_mut<'a>(
-    members: &'a mut Memberships,
-    tenant: &TenantId,
+/// Applies `f` to a filter's members, created empty when it has none (one lookup, and no
+/// allocation, when it exists).
+fn with_members(
+    filters: &mut HashMap<String, RoaringTreemap>,
     filter: &FilterId,
-) -> &'a mut RoaringTreemap {
-    let filters = match members.get_mut(tenant.as_str()) {
-        Some(_) => members.get_mut(tenant.as_str()).expect("present"),
-        None => members.entry(tenant.to_string()).or_default(),
-    };
-    if !filters.contains_key(filter.as_str()) {
-        filters.insert(filter.to_string(), RoaringTreemap::new());
+    f: impl FnOnce(&mut RoaringTreemap),
+) {
+    match filters.get_mut(filter.as_str()) {
+        Some(set) => f(set),
+        None => {
+            let mut set = RoaringTreemap::new();
+            f(&mut set);
+            filters.insert(filter.to_string(), set);
+        }
     }
-    filters.get_mut(filter.as_str()).expect("inserted")
 }
 
 fn members_of<'a>(

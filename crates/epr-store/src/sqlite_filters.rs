@@ -21,8 +21,8 @@
 use epr_core::command::{Effect, WriteCtx};
 use epr_core::endpoint::Endpoint;
 use epr_core::endpoint_filter::{
-    membership_change, plan_filter, reads_changed, EndpointFilter, FilterCommand, FilterEffect,
-    FilterId, FilterSpec, FilterStatus,
+    membership_change, membership_changes, plan_filter, reads_changed, EndpointFilter,
+    FilterCommand, FilterEffect, FilterId, FilterSpec, FilterStatus,
 };
 use epr_core::event::{FilterEvent, FilterEventKind, OutboxEvent};
 use epr_core::filter::{Filter, FilterSet};
@@ -465,6 +465,7 @@ impl FilterCache {
             apps,
             staged,
             generation,
+            view,
             ..
         } = self;
         let Some(filters) = apps.get(&(ctx.tenant.clone(), ep.app.clone())) else {
@@ -479,15 +480,31 @@ impl FilterCache {
                 && p.generation == *generation
                 && p.matches.len() == filters.len()
         });
+        // Otherwise a write of the whole endpoint (a registration in a batch, a deletion) is
+        // evaluated by every filter at once, through the published view's index when it is
+        // this very filter set.
+        let at_once = if precomputed.is_none() && changed_keys.is_none() {
+            let view = view.read().unwrap_or_else(|p| p.into_inner()).clone();
+            (view.generation == *generation)
+                .then(|| view.app(ctx.tenant.as_str(), ep.app.as_str()))
+                .flatten()
+                .filter(|a| a.ids.len() == filters.len())
+                .map(|a| membership_changes(&a.set, old, new))
+        } else {
+            None
+        };
         let mut changed = 0;
         for (i, f) in filters.iter().enumerate() {
-            let change = match precomputed {
+            let change = match (precomputed, &at_once) {
                 // Nothing was a member before: a match is the one change there can be.
-                Some(p) if reads_changed(f.keys.as_deref(), changed_keys) => {
+                (Some(p), _) if reads_changed(f.keys.as_deref(), changed_keys) => {
                     p.matches[i].then_some(true)
                 }
-                Some(_) => None,
-                None => membership_change(&f.compiled, f.keys.as_deref(), old, new, changed_keys),
+                (Some(_), _) => None,
+                (None, Some(changes)) => changes[i],
+                (None, None) => {
+                    membership_change(&f.compiled, f.keys.as_deref(), old, new, changed_keys)
+                }
             };
             let Some(is) = change else {
                 continue;

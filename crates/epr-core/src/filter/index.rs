@@ -60,12 +60,14 @@ struct Accepts {
     present: bool,
 }
 
+/// A bound of a range, with whether it is inclusive.
+type Bound = Option<(Num, bool)>;
+
 #[derive(Debug, Clone)]
 enum NumTest {
-    /// Bounds, each with whether it is inclusive.
     Range {
-        lo: Option<(Num, bool)>,
-        hi: Option<(Num, bool)>,
+        lo: Bound,
+        hi: Bound,
     },
     /// One of these values (`$in` of numbers).
     Points(Box<[Num]>),
@@ -146,7 +148,14 @@ impl Found {
 fn entry_atoms(x: &Expr, out: &mut Vec<Accepts>) -> bool {
     match x {
         Expr::Const(true) => true,
-        Expr::And(xs) => xs.iter().fold(true, |all, x| entry_atoms(x, out) && all),
+        Expr::And(xs) => {
+            // Every part, even after one that is not an atom: more atoms, fewer evaluations.
+            let mut all = true;
+            for x in xs.iter() {
+                all &= entry_atoms(x, out);
+            }
+            all
+        }
         Expr::Field(path, cond) if path.len() == 1 && path[0].known == Known::Value => {
             value_atoms(cond, out)
         }
@@ -161,7 +170,7 @@ fn value_atoms(cond: &Cond, out: &mut Vec<Accepts>) -> bool {
         Cond::And(cs) => {
             // `{"$gte": 5, "$lt": 45}`: one range rather than two atoms.
             let mut all = true;
-            let mut range: Option<(Option<(Num, bool)>, Option<(Num, bool)>)> = None;
+            let mut range: Option<(Bound, Bound)> = None;
             for c in cs.iter() {
                 if let Cond::Leaf(Test::Cmp(
                     op @ (CmpOp::Gt | CmpOp::Gte | CmpOp::Lt | CmpOp::Lte),
